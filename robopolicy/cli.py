@@ -1,0 +1,380 @@
+"""The `robopolicy` console script: one command word, then Hydra overrides (`key=value`).
+
+Configs live in `configs/<command>.yaml` (groups: task/, policy/, algo/, robot/). We compose them with Hydra's
+compose API rather than `@hydra.main`, so commands neither change the working directory nor write `outputs/`
+folders, and so that each command prints one JSON object as the last line of standard output (logs and progress
+bars go to standard error).
+
+This is the one module of `robopolicy` that imports the simulators (`sim`) and the robot side (`real`); the rest
+takes environments through the gymnasium API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+COMMANDS = {
+    "collect": "roll out a task's scripted expert into a demonstration store",
+    "data": "inspect, check and convert stores: data info|validate|stats store=STORE",
+    "train": "offline training of a policy on a store, with periodic evaluation in simulation",
+    "eval": "success rate (95% Wilson interval), returns and videos of a checkpoint in simulation",
+    "quickstart": "the embedded default: collect, train, evaluate on a built-in task",
+}
+DATA_COMMANDS = ("info", "validate", "stats")
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one sentence and a non-zero exit, never a traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [UserError, FileNotFoundError, FileExistsError, ValueError]
+    try:
+        from robopolicy.data import StoreError
+
+        errors.append(StoreError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def compose(command: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return hydra_compose(config_name=command, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        message = str(e).strip().splitlines()[0]
+        raise UserError(f"Bad setting for `robopolicy {command}`: {message} (see `robopolicy {command} --help`).") from e
+
+
+def require(cfg: DictConfig, key: str, command: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+    if value is None or value == "???":
+        raise UserError(f"`robopolicy {command}` needs {key}=... (see `robopolicy {command} --help`).")
+    return value
+
+
+def emit(summary: dict) -> None:
+    """The command's figures: one JSON object, the last line of standard output."""
+    sys.stdout.write(json.dumps(summary, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, disable=None)
+
+
+# --------------------------------------------------------------------------------------------- simulation glue
+
+
+def env_kwargs(cfg: DictConfig) -> dict:
+    """Keyword arguments for `sim.make_env` from a command's `obs:` section."""
+    obs = cfg.get("obs") or {}
+    images: Any = obs.get("images", False)
+    if images and obs.get("cameras"):
+        images = list(obs.cameras)
+    kwargs: dict[str, Any] = {"images": images, "image_size": int(obs.get("image_size", 96))}
+    if cfg.get("max_episode_steps"):
+        kwargs["max_episode_steps"] = int(cfg.max_episode_steps)
+    return kwargs
+
+
+def make_vector_env(task: str, num_envs: int, kwargs: dict):
+    """Workers in subprocesses (shared-memory observations); we reset finished workers ourselves."""
+    import sim
+    from sim.vector import make_vector_env as make
+
+    sim.make_env(task, **kwargs).close()  # fail fast, in this process, on an unknown task or bad option
+    return make(task, num_envs, autoreset="disabled", **kwargs)
+
+
+# -------------------------------------------------------------------------------------------------- commands
+
+
+def cmd_collect(cfg: DictConfig) -> dict:
+    import sim
+    from robopolicy.collect import collect
+    from robopolicy.data import DemoStore
+    from robopolicy.features import features_from_env
+
+    task, out = require(cfg, "task", "collect"), require(cfg, "out", "collect")
+    episodes = int(cfg.episodes)
+    if episodes < 1:
+        raise UserError(f"episodes must be at least 1, got {episodes}.")
+    kwargs = env_kwargs(cfg)
+    probe = sim.make_env(task, **kwargs)
+    features = features_from_env(probe.observation_space, probe.action_space,
+                                 getattr(probe.unwrapped, "feature_names", None))
+    fps, description = probe.unwrapped.fps, probe.unwrapped.task_description
+    probe.close()
+    experts = [sim.make_expert(task, noise=float(cfg.expert.noise), sloppy=bool(cfg.expert.sloppy))
+               for _ in range(int(cfg.num_envs))]
+    if Path(out).exists() and not cfg.overwrite:
+        store = DemoStore.open(out, mode="a")
+        mismatch = _spec_mismatch(store.features, features)
+        if mismatch:
+            raise UserError(f"{out} already holds a store with other features ({mismatch}); "
+                            "pick another out= or pass overwrite=true.")
+    else:
+        store = DemoStore.create(out, features=features, fps=fps, overwrite=bool(cfg.overwrite),
+                                 info={"task": task, "robot": task.split("/")[0]})
+    first = store.num_episodes
+    envs = make_vector_env(task, min(int(cfg.num_envs), episodes), kwargs)
+    try:
+        with progress(episodes, f"collect {task}") as bar:
+            summary = collect(envs, experts, store, episodes, seed=int(cfg.seed), task=description,
+                              source=str(cfg.source), progress=bar)
+    finally:
+        envs.close()
+    return {"command": "collect", "task": task, "store": str(out), "first_episode": first,
+            "store_episodes": store.num_episodes, **summary}
+
+
+def _spec_mismatch(a: dict, b: dict) -> str | None:
+    from robopolicy.features import feature_mismatch
+
+    return feature_mismatch(b, a, "store features")
+
+
+def cmd_data(cfg: DictConfig, sub: str) -> dict:
+    from robopolicy.data import DemoStore, validate_store
+
+    path = require(cfg, "store", f"data {sub}")
+    if not Path(path).exists():
+        raise UserError(f"No store at {path}: check the path (stores are made by `robopolicy collect`).")
+    if sub == "validate":
+        problems = validate_store(path)
+        summary = {"command": "data validate", "store": str(path), "valid": not problems, "problems": problems}
+        if problems:
+            emit(summary)
+            raise UserError(f"{path} is damaged: {problems[0]}" + (f" (and {len(problems) - 1} more problems)"
+                                                                   if len(problems) > 1 else ""))
+        return summary
+    store = DemoStore.open(path)
+    if sub == "info":
+        successes = [e.get("success") for e in store.episodes]
+        sources: dict[str, int] = {}
+        for e in store.episodes:
+            sources[e["source"]] = sources.get(e["source"], 0) + 1
+        return {
+            "command": "data info", "store": str(path), "episodes": store.num_episodes,
+            "frames": store.num_frames, "fps": store.fps, "features": store.features,
+            "tasks": sorted({e["task"] for e in store.episodes}), "sources": sources,
+            "success_rate": (sum(bool(s) for s in successes) / len(successes)) if successes else None,
+        }
+    stats = store.compute_stats()
+    return {"command": "data stats", "store": str(path),
+            "stats": {k: {s: v.tolist() for s, v in d.items()} for k, d in stats.items()}}
+
+
+def env_kwargs_for_features(features: dict, cfg: DictConfig) -> dict:
+    """Env options that produce the observation keys a store or a checkpoint was made with."""
+    cams = [k.split(".", 2)[2] for k in features if k.startswith("observation.images.")]
+    kwargs: dict[str, Any] = {"images": cams or False}
+    if cams:
+        kwargs["image_size"] = int(features[f"observation.images.{cams[0]}"]["shape"][0])
+    if cfg.get("max_episode_steps"):
+        kwargs["max_episode_steps"] = int(cfg.max_episode_steps)
+    return kwargs
+
+
+def cmd_train(cfg: DictConfig) -> dict:
+    from robopolicy.data import DemoStore
+    from robopolicy.train import select_features, train
+
+    task, data = require(cfg, "task", "train"), require(cfg, "data", "train")
+    require(cfg, "out", "train")
+    if not Path(data).exists():
+        raise UserError(f"No store at {data}: make one with `robopolicy collect task={task} out={data}`.")
+    store = DemoStore.open(data)
+    has_images = any(k.startswith("observation.images.") for k in store.features)
+    features = select_features(store.features, has_images if cfg.use_images == "auto" else bool(cfg.use_images))
+    kwargs = env_kwargs_for_features(features, cfg)
+    _check_env_matches(task, kwargs, features, f"the store {data}")
+    with progress(int(cfg.steps), f"train {cfg.policy.name}") as bar:
+        return train(cfg, make_envs=lambda: make_vector_env(task, int(cfg.eval.num_envs), kwargs), progress=bar,
+                     log=lambda m: print(m, file=sys.stderr))
+
+
+def _check_env_matches(task: str, kwargs: dict, features: dict, what: str) -> None:
+    import sim
+    from robopolicy.features import feature_mismatch, features_from_env
+
+    env = sim.make_env(task, **kwargs)
+    env_features = features_from_env(env.observation_space, env.action_space)
+    env.close()
+    wanted = {k: v for k, v in features.items() if k.startswith("observation.") or k == "action"}
+    mismatch = feature_mismatch(wanted, env_features, f"features of {what} and of task {task}")
+    if mismatch:
+        raise UserError(mismatch)
+
+
+def resolve_checkpoint(path: str) -> Path:
+    p = Path(path)
+    if (p / "checkpoints" / "last").exists():
+        return (p / "checkpoints" / "last").resolve()
+    if not p.exists():
+        raise UserError(f"No checkpoint at {path}: pass a checkpoint folder or a training run folder.")
+    return p.resolve()
+
+
+def cmd_eval(cfg: DictConfig) -> dict:
+    from robopolicy.checkpoint import load_policy, read_checkpoint_info
+    from robopolicy.evaluate import evaluate
+
+    ckpt = resolve_checkpoint(require(cfg, "ckpt", "eval"))
+    info = read_checkpoint_info(ckpt)
+    task = cfg.task or (info.get("config") or {}).get("task")
+    if not task:
+        raise UserError(f"The checkpoint {ckpt} names no task: pass task=...")
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
+    features = info["features"]
+    kwargs = env_kwargs_for_features(features, cfg)
+    _check_env_matches(task, kwargs, features, f"the checkpoint {ckpt}")
+    policy = load_policy(ckpt)
+    out = Path(cfg.out) if cfg.out else ckpt / f"eval_{task.replace('/', '_')}"
+    out.mkdir(parents=True, exist_ok=True)
+    envs = make_vector_env(task, min(int(cfg.num_envs), int(cfg.episodes)), kwargs)
+    try:
+        with progress(int(cfg.episodes), f"eval {task}") as bar:
+            result = evaluate(envs, policy, int(cfg.episodes), seed=int(cfg.seed), video_dir=out / "videos",
+                              n_videos=int(cfg.videos), progress=bar)
+    finally:
+        envs.close()
+    summary = {"command": "eval", "checkpoint": str(ckpt), "task": task, **result}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    brief = {k: v for k, v in summary.items() if k != "per_episode"}
+    brief["summary"] = str(out / "summary.json")
+    return brief
+
+
+def cmd_quickstart(cfg: DictConfig) -> dict:
+    """collect -> train -> eval on the embedded default, then a small table on standard error."""
+    import shutil
+
+    from robopolicy.data import DemoStore, validate_store
+
+    store, out, task = Path(cfg.store), Path(cfg.out), str(cfg.task)
+    stages: dict[str, dict] = {}
+    reuse = store.exists() and not validate_store(store) and DemoStore.open(store).num_episodes >= int(cfg.episodes)
+    if reuse:
+        print(f"reusing the demonstrations in {store}", file=sys.stderr)
+        stages["collect"] = {k: v for k, v in cmd_data(compose("data", [f"store={store}"]), "info").items()
+                             if k in ("episodes", "frames", "success_rate")}
+    else:
+        stages["collect"] = cmd_collect(compose("collect", [
+            f"task={task}", f"episodes={cfg.episodes}", f"out={store}", f"seed={cfg.seed}", "overwrite=true"]))
+    if out.exists():
+        shutil.rmtree(out)
+    stages["train"] = cmd_train(compose("train", [
+        f"task={task}", f"data={store}", f"out={out / 'train'}", f"policy={cfg.policy}",
+        f"steps={cfg.train_steps}", "eval.episodes=0", "eval.final_episodes=0", f"seed={cfg.seed}"]))
+    stages["eval"] = cmd_eval(compose("eval", [
+        f"ckpt={out / 'train'}", f"episodes={cfg.eval_episodes}", f"out={out / 'eval'}"]))
+    ev = stages["eval"]
+    rows = [
+        ("task", task),
+        ("demonstrations", f"{stages['collect']['episodes']} (expert success {stages['collect']['success_rate']:.2f})"),
+        ("policy", f"{cfg.policy}, {stages['train']['parameters'] / 1e6:.2f}M parameters"),
+        ("training time", f"{stages['train']['train_seconds']:.0f} s for {stages['train']['steps']} steps"),
+        ("success rate", f"{ev['success_rate']:.2f} [{ev['success_ci95'][0]:.2f}, {ev['success_ci95'][1]:.2f}]"
+                         f" over {ev['episodes']} episodes"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(["", "robopolicy quickstart", *[f"  {k:<{width}}  {v}" for k, v in rows], ""]),
+          file=sys.stderr)
+    summary = {"command": "quickstart", "task": task, "store": str(store), "run": str(out),
+               "demonstrations": stages["collect"]["episodes"], "policy": cfg.policy,
+               "train_seconds": stages["train"]["train_seconds"], "checkpoint": stages["train"]["checkpoint"],
+               "success_rate": ev["success_rate"], "success_ci95": ev["success_ci95"],
+               "eval_episodes": ev["episodes"]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["summary"] = str(out / "summary.json")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def _print_help(command: str | None) -> None:
+    if command is None:
+        lines = ["usage: robopolicy COMMAND [key=value ...]", "", "commands:"]
+        lines += [f"  {name:<11} {doc}" for name, doc in COMMANDS.items()]
+        lines += ["", "`robopolicy COMMAND --help` shows that command's configuration and how to override it."]
+        print("\n".join(lines))
+        return
+    config_name = "data" if command == "data" else command
+    cfg = compose(config_name, [])
+    print(f"usage: robopolicy {command}{' info|validate|stats' if command == 'data' else ''} [key=value ...]")
+    print(f"\n{COMMANDS[command]}.\n\nconfiguration (configs/{config_name}.yaml; override any key as key=value,"
+          " e.g. task=builtin/push episodes=10, nested keys as expert.noise=0.1):\n")
+    print(OmegaConf.to_yaml(cfg, resolve=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        _print_help(None)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; commands are {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 2
+    if "-h" in rest or "--help" in rest:
+        _print_help(command)
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        if command == "data":
+            if not rest or rest[0] not in DATA_COMMANDS:
+                raise UserError(f"`robopolicy data` needs a subcommand: {', '.join(DATA_COMMANDS)}.")
+            summary = cmd_data(compose("data", rest[1:]), rest[0])
+        else:
+            handler = globals()[f"cmd_{command}"]
+            summary = handler(compose(command, rest))
+    except KeyboardInterrupt:
+        print("error: interrupted.", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        if os.environ.get("ROBOPOLICY_DEBUG"):
+            raise
+        message = str(e).strip().strip("'\"") or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    emit(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""Vectorized episode runner shared by collection, evaluation and online refinement.
+
+Episode k always runs with seed `seed + k`, whichever worker it lands on, so results are reproducible and
+comparable across policies and worker counts. The vector env must be built with
+`autoreset_mode=AutoresetMode.DISABLED`: we reset finished workers ourselves, with the next episode's seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+class Agent(Protocol):
+    """Acts for a batch of workers; `reset(i, seed)` starts a new episode on worker i."""
+
+    def reset(self, index: int, seed: int) -> None: ...
+
+    def act(self, obs: dict[str, np.ndarray], active: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class Episode:
+    index: int
+    seed: int
+    success: bool = False
+    ret: float = 0.0
+    recording: bool = False
+    frames: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return len(self.frames.get("action", ()))
+
+    def stacked(self) -> dict[str, np.ndarray]:
+        return {k: np.stack(v) for k, v in self.frames.items()}
+
+
+def _slice(obs: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    return {k: v[i] for k, v in obs.items()}
+
+
+def run_episodes(
+    envs,
+    agent: Agent,
+    n_episodes: int,
+    *,
+    seed: int = 0,
+    record: bool | Callable[[int], bool] = False,
+    on_episode: Callable[[Episode], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> list[Episode]:
+    """Run `n_episodes` episodes on a gymnasium vector env; returns them in episode order.
+
+    With `record` (a bool, or a predicate on the episode index), each episode keeps its frames (observation before the action, action, reward, success), ready
+    for `DemoStore.append_episode`. `on_episode` is called as each episode finishes (e.g. to append it to a store
+    at once, so a killed process keeps every finished episode).
+    """
+    n_workers = envs.num_envs
+    episodes: list[Episode] = []
+    current: list[Episode | None] = [None] * n_workers
+    next_index = 0
+
+    def start(i: int) -> None:
+        nonlocal next_index
+        current[i] = Episode(index=next_index, seed=seed + next_index,
+                             recording=record(next_index) if callable(record) else record)
+        agent.reset(i, seed + next_index)
+        next_index += 1
+
+    first = min(n_workers, n_episodes)
+    seeds = [seed + i if i < first else seed + 10**9 + i for i in range(n_workers)]
+    obs, _ = envs.reset(seed=seeds)
+    for i in range(first):
+        start(i)
+    done_count = 0
+    while done_count < n_episodes:
+        active = np.array([ep is not None for ep in current])
+        action = agent.act(obs, active)
+        next_obs, reward, terminated, truncated, info = envs.step(action)
+        success = np.asarray(info.get("success", np.zeros(n_workers, bool)), dtype=bool)
+        finished = np.zeros(n_workers, dtype=bool)
+        for i in np.flatnonzero(active):
+            ep = current[i]
+            if ep.recording:
+                for k, v in _slice(obs, i).items():
+                    ep.frames.setdefault(k, []).append(v)
+                ep.frames.setdefault("action", []).append(np.asarray(action[i], dtype=np.float32))
+                ep.frames.setdefault("next.reward", []).append(np.float32(reward[i]))
+                ep.frames.setdefault("next.success", []).append(np.bool_(success[i]))
+            else:
+                ep.frames.setdefault("action", []).append(None)  # only the length is kept
+            ep.ret += float(reward[i])
+            ep.success |= bool(success[i])
+            if terminated[i] or truncated[i]:
+                episodes.append(ep)
+                done_count += 1
+                if on_episode is not None:
+                    on_episode(ep)
+                current[i] = None
+                finished[i] = True
+        if on_step is not None:
+            on_step(int(active.sum()))
+        # Assign the next episodes to the workers that just finished, lowest worker first.
+        restart_idx = list(np.flatnonzero(finished))[: max(0, n_episodes - next_index)]
+        restart = np.zeros(n_workers, dtype=bool)
+        restart[restart_idx] = True
+        if restart.any():
+            reset_seeds = [seed + next_index + int(np.sum(restart[:i])) if restart[i] else None
+                           for i in range(n_workers)]
+            new_obs, _ = envs.reset(seed=reset_seeds, options={"reset_mask": restart})
+            for i in restart_idx:
+                start(i)
+            obs = {k: np.where(_expand(restart, v), new_obs[k], next_obs[k]) for k, v in next_obs.items()}
+        else:
+            obs = next_obs
+    episodes.sort(key=lambda e: e.index)
+    return episodes
+
+
+def _expand(mask: np.ndarray, like: np.ndarray) -> np.ndarray:
+    return mask.reshape(mask.shape + (1,) * (like.ndim - 1))

@@ -1,0 +1,236 @@
+"""`robopolicy train`: offline training of an action-chunk policy on a demonstration store, one linear loop.
+
+AdamW with warmup + cosine decay, gradient clipping, an EMA copy of the weights (the one evaluated and saved),
+periodic evaluation in vectorized simulation, checkpoints, TensorBoard logs, and exact resume after a kill: the
+batch indices and the torch random state of step s are both derived from (seed, s) alone, so a resumed run draws
+exactly what the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from robopolicy.checkpoint import save_checkpoint
+from robopolicy.data import DemoStore, WindowDataset
+from robopolicy.evaluate import evaluate
+from robopolicy.policies import make_policy, policy_features
+from robopolicy.train_state import has_train_state, load_train_state, save_train_state
+
+
+class TrainError(ValueError):
+    """A training run that cannot start as asked (the message says why and what to do)."""
+
+
+def select_features(store_features: dict, use_images: bool) -> dict:
+    features = policy_features(store_features)
+    if not use_images:
+        features = {k: v for k, v in features.items() if not k.startswith("observation.images.")}
+    return features
+
+
+def select_episodes(store: DemoStore, only_success: bool, max_episodes: int | None) -> list[int]:
+    episodes = [e["index"] for e in store.episodes if e.get("success") or not only_success]
+    if max_episodes:
+        episodes = episodes[: int(max_episodes)]
+    if not episodes:
+        raise TrainError(f"{store.path} has no {'successful ' if only_success else ''}episodes to train on.")
+    return episodes
+
+
+class EMA:
+    """Exponential moving average of the weights with the usual warmup (decay grows with the step count)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p, 1.0 - decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+
+def _latest_state(ckpt_root: Path) -> Path | None:
+    steps = sorted((p for p in ckpt_root.glob("step_*") if has_train_state(p)), key=lambda p: p.name)
+    return steps[-1] if steps else None
+
+
+def _point_last(ckpt_root: Path, target: Path) -> None:
+    tmp = ckpt_root / ".last.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.name)
+    os.replace(tmp, ckpt_root / "last")  # atomic: `last` always names a complete checkpoint
+
+
+def train(cfg: DictConfig, *, make_envs: Callable[[], object] | None = None, progress=None,
+          log: Callable[[str], None] = print) -> dict:
+    """Train per `cfg` (configs/train.yaml); `make_envs()` returns a vector env for evaluation (or None)."""
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+    if ckpt_root.exists() and not cfg.resume:
+        if not cfg.overwrite:
+            raise TrainError(f"{out} already holds a training run: pass resume=true to continue it, "
+                             "overwrite=true to start over, or another out=.")
+        shutil.rmtree(out)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(int(cfg.threads or os.cpu_count() or 1))
+
+    store = DemoStore.open(cfg.data)
+    has_images = any(k.startswith("observation.images.") for k in store.features)
+    use_images = has_images if cfg.use_images == "auto" else bool(cfg.use_images)
+    features = select_features(store.features, use_images)
+    episodes = select_episodes(store, bool(cfg.only_success), cfg.max_episodes)
+    policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
+    policy = make_policy(policy_cfg, features, store.stats)
+    dataset = WindowDataset(store, policy.n_obs_steps, policy.horizon, keys=list(features), episodes=episodes)
+    weights = None
+    if cfg.quality_weighting:
+        weights = np.asarray(dataset.sample_weights(), dtype=np.float64)
+        weights = weights / weights.sum()
+
+    optim_cfg = {**(policy_cfg.get("optim") or {}), **{k: v for k, v in cfg.optim.items() if v is not None}}
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=float(optim_cfg.get("lr", 1e-3)),
+                                  weight_decay=float(optim_cfg.get("weight_decay", 1e-6)),
+                                  betas=tuple(optim_cfg.get("betas", (0.95, 0.999))))
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    steps = int(cfg.steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(optim_cfg.get("warmup_steps", 100)), steps)
+    ema = EMA(policy, float(optim_cfg.get("ema_decay", 0.995)))
+    start_step = 0
+    history: dict[str, list] = {"loss": [], "eval": []}
+    if cfg.resume:
+        state_dir = _latest_state(ckpt_root)
+        if state_dir is not None:
+            meta = load_train_state(state_dir, model=policy, optimizer=optimizer, scheduler=scheduler)
+            ema.model.load_state_dict(_ema_weights(state_dir))
+            start_step, history = meta["step"], meta["extra"]["history"]
+            log(f"resumed from {state_dir} at step {start_step}")
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tensorboard"))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    n_params = sum(p.numel() for p in policy.parameters())
+    log(f"training {policy_cfg['name']} ({n_params / 1e6:.2f}M parameters) on {len(episodes)} episodes, "
+        f"{len(dataset)} windows, for {steps} steps")
+    wants_eval = int(cfg.eval.episodes) > 0 or int(cfg.eval.final_episodes) > 0
+    envs = make_envs() if (make_envs is not None and wants_eval) else None
+    started = time.perf_counter()
+    train_seconds = 0.0
+    policy.train()
+    try:
+        for step in range(start_step, steps):
+            tick = time.perf_counter()
+            rng = np.random.default_rng([int(cfg.seed), step])
+            if weights is None:
+                idx = rng.integers(0, len(dataset), int(cfg.batch_size))
+            else:
+                idx = rng.choice(len(dataset), int(cfg.batch_size), p=weights)
+            batch = {k: torch.from_numpy(v) for k, v in dataset.get_batch(idx).items()}
+            torch.manual_seed(int(cfg.seed) * 1_000_003 + step)
+            loss, metrics = policy.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), float(optim_cfg.get("grad_clip", 1.0)))
+            optimizer.step()
+            scheduler.step()
+            ema.update(policy, step)
+            train_seconds += time.perf_counter() - tick
+            done = step + 1
+            if done % int(cfg.log_every) == 0 or done == steps:
+                history["loss"].append([done, float(loss)])
+                writer.add_scalar("train/loss", float(loss), done)
+                writer.add_scalar("train/grad_norm", float(grad_norm), done)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
+                for k, v in metrics.items():
+                    writer.add_scalar(f"train/{k}", float(v), done)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+            if (envs is not None and int(cfg.eval.episodes) > 0 and cfg.eval.every
+                    and done % int(cfg.eval.every) == 0 and done < steps):
+                result = evaluate(envs, ema.model, int(cfg.eval.episodes))
+                history["eval"].append([done, result["success_rate"]])
+                writer.add_scalar("eval/success_rate", result["success_rate"], done)
+                log(f"step {done}: success {result['success_rate']:.2f} over {result['episodes']} episodes")
+            if done % int(cfg.checkpoint_every) == 0 or done == steps:
+                _save(ckpt_root, done, ema.model, policy, optimizer, scheduler, resolved, history)
+
+        train_time = time.perf_counter() - started
+        final = None
+        if envs is not None and int(cfg.eval.final_episodes) > 0:
+            final = evaluate(envs, ema.model, int(cfg.eval.final_episodes), video_dir=out / "videos",
+                             n_videos=int(cfg.eval.videos))
+            history["eval"].append([steps, final["success_rate"]])
+            writer.add_scalar("eval/success_rate", final["success_rate"], steps)
+    finally:
+        writer.close()
+        if envs is not None:
+            envs.close()
+    plot_curves(history, out / "curves.png")
+    summary = {
+        "command": "train", "run": str(out), "checkpoint": str((ckpt_root / "last").resolve()),
+        "policy": policy_cfg["name"], "parameters": n_params, "episodes": len(episodes), "steps": steps,
+        "resumed_from_step": start_step, "train_seconds": round(train_seconds, 1),
+        "wall_seconds": round(train_time, 1), "final_loss": history["loss"][-1][1] if history["loss"] else None,
+        "eval": {k: v for k, v in (final or {}).items() if k != "per_episode"} or None,
+        "curves": str(out / "curves.png"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["summary"] = str(out / "summary.json")
+    return summary
+
+
+def _ema_weights(state_dir: Path) -> dict:
+    """The EMA weights of a step checkpoint (its model.safetensors)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(state_dir / "model.safetensors"))
+
+
+def _save(ckpt_root: Path, step: int, ema_model, policy, optimizer, scheduler, config: dict,
+          history: dict) -> None:
+    target = ckpt_root / f"step_{step:07d}"
+    if target.exists():
+        shutil.rmtree(target)
+    save_checkpoint(target, ema_model, config=config, extra_json={"step": step})
+    save_train_state(target, step=step, model=policy, optimizer=optimizer, scheduler=scheduler,
+                     extra={"history": history})
+    _point_last(ckpt_root, target)
+    for old in sorted(ckpt_root.glob("step_*"))[:-2]:  # keep the last two
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def plot_curves(history: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.5))
+    if history["loss"]:
+        steps, losses = zip(*history["loss"])
+        ax_loss.plot(steps, losses)
+        ax_loss.set_yscale("log")
+    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
+    if history["eval"]:
+        steps, rates = zip(*history["eval"])
+        ax_eval.plot(steps, rates, marker="o")
+    ax_eval.set(xlabel="step", ylabel="success rate", ylim=(-0.02, 1.02), title="evaluation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,164 @@
+"""MetaWorld v3 tasks (`metaworld/<name>`) behind the project's observation keys, with MetaWorld's scripted experts.
+
+We build the task class directly rather than through `gym.make("Meta-World/MT1")`: MT1 hides the goal from the
+observation and draws from 50 fixed goal variations, while a policy learned from demonstrations needs to see the
+goal, and `reset(seed=s)` should fully determine an episode (the goal-observable setting of
+`metaworld.env_dict.ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE`, but reseedable at every reset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import gymnasium as gym
+import numpy as np
+
+from sim.rendering import OffscreenRenderer
+
+# MetaWorld's 39-d observation: hand, gripper, two object poses, the previous frame of those, goal.
+_FRAME_NAMES = ["hand_x", "hand_y", "hand_z", "gripper"] + [
+    f"obj{i}_{c}" for i in (1, 2) for c in ("x", "y", "z", "qw", "qx", "qy", "qz")
+]
+STATE_NAMES = _FRAME_NAMES + [f"prev_{n}" for n in _FRAME_NAMES] + ["goal_x", "goal_y", "goal_z"]
+ACTION_NAMES = ["dx", "dy", "dz", "gripper"]
+DEFAULT_CAMERAS = ("corner4",)  # an oblique view of the whole table (corner2 renders upside down)
+# Long enough for every scripted expert (the slowest need ~250 steps); MetaWorld's own limit is 500.
+DEFAULT_MAX_EPISODE_STEPS = 300
+
+
+def metaworld_task_names() -> list[str]:
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    return sorted(ALL_V3_ENVIRONMENTS)
+
+
+def _task_class(name: str):
+    try:
+        from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+    except ImportError as e:
+        raise ImportError("MetaWorld tasks need the metaworld extra: pip install -e '.[metaworld]'.") from e
+    if name not in ALL_V3_ENVIRONMENTS:
+        raise ValueError(
+            f"Unknown MetaWorld task {name!r}: use a v3 task name such as push-v3 "
+            f"(available: {', '.join(sorted(ALL_V3_ENVIRONMENTS))})."
+        )
+    return ALL_V3_ENVIRONMENTS[name]
+
+
+class MetaWorldTask(gym.Env):
+    """One MetaWorld v3 task, goal observable, reseedable, terminated on success."""
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        images: bool | Sequence[str] = False,
+        image_size: int = 96,
+        max_episode_steps: int | None = None,
+        render_mode: str | None = None,
+    ):
+        self._env = _task_class(name)()
+        env = self._env
+        # Goal-observable, freshly randomized object and goal positions at every reset.
+        env._partially_observable = False
+        env._freeze_rand_vec = False
+        env.seeded_rand_vec = True
+        env._set_task_called = True
+        if "sawyer_observation_space" in env.__dict__:
+            del env.sawyer_observation_space  # a cached_property computed for the partially observable case
+        env.max_path_length = 10**9  # we count steps ourselves (MetaWorld raises past its own limit)
+        self.task_name = name
+        self.max_episode_steps = max_episode_steps or DEFAULT_MAX_EPISODE_STEPS
+        self.render_mode = render_mode
+        self.cameras = list(DEFAULT_CAMERAS if images is True else (images or []))
+        self.image_size = image_size
+        self._renderer = None
+        self.fps = int(round(1.0 / (env.frame_skip * env.model.opt.timestep)))
+        self.task_description = name.removesuffix("-v3").replace("-", " ")
+        self.feature_names = {"observation.state": STATE_NAMES, "action": ACTION_NAMES}
+        spaces = {"observation.state": gym.spaces.Box(-np.inf, np.inf, (39,), np.float32)}
+        for cam in self.cameras:
+            spaces[f"observation.images.{cam}"] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
+        self.observation_space = gym.spaces.Dict(spaces)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+        self._steps = 0
+
+    def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
+        obs = {"observation.state": state.astype(np.float32)}
+        if self.cameras:
+            if self._renderer is None:
+                self._renderer = OffscreenRenderer(self._env.model, self.image_size, self.image_size)
+                self._camera_ids = [self._renderer.camera_id(cam) for cam in self.cameras]
+            for cam, cam_id in zip(self.cameras, self._camera_ids):
+                obs[f"observation.images.{cam}"] = self._renderer.render(self._env.data, cam_id)
+        return obs
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._env.seed(seed)
+        self._steps = 0
+        state, _ = self._env.reset()
+        return self._observation(state), {"success": False}
+
+    def step(self, action: np.ndarray):
+        action = np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
+        state, reward, _, _, info = self._env.step(action)
+        self._steps += 1
+        success = bool(info["success"])
+        truncated = self._steps >= self.max_episode_steps and not success
+        return self._observation(state), float(reward), success, truncated, {"success": success}
+
+    def render(self):
+        """A frame for videos: the first observation camera (or the default camera) at observation size."""
+        if self._renderer is None:
+            self._renderer = OffscreenRenderer(self._env.model, self.image_size, self.image_size)
+        return self._renderer.render(self._env.data, self._renderer.camera_id((self.cameras or DEFAULT_CAMERAS)[0]))
+
+    def close(self):
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+        self._env.close()
+
+
+def make_metaworld_env(name: str, **kwargs) -> MetaWorldTask:
+    return MetaWorldTask(name, **kwargs)
+
+
+class MetaWorldExpert:
+    """MetaWorld's own scripted policy for the task, acting on `observation.state`.
+
+    `noise` adds Gaussian action noise (std, action units). `sloppy` imitates a poor teleoperator: slowly
+    drifting (Ornstein-Uhlenbeck) action noise and occasional pauses, so demonstrations are suboptimal but often
+    still succeed.
+    """
+
+    def __init__(self, name: str, *, noise: float = 0.0, sloppy: bool = False, seed: int | None = None):
+        from metaworld.policies import ENV_POLICY_MAP
+
+        _task_class(name)
+        self._policy = ENV_POLICY_MAP[name]()
+        self.noise, self.sloppy = noise, sloppy
+        self.reset(seed)
+
+    def reset(self, seed: int | None = None) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._drift = np.zeros(4)
+        self._pause = 0
+
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        action = np.asarray(self._policy.get_action(obs["observation.state"].astype(np.float64)), dtype=np.float64)
+        if self.sloppy:
+            self._drift += 0.3 * (-self._drift) + 0.25 * self._rng.standard_normal(4)
+            action = action + self._drift
+            if self._pause > 0:
+                self._pause -= 1
+                action[:3] = 0.0
+            elif self._rng.random() < 0.03:
+                self._pause = int(self._rng.integers(3, 10))
+        if self.noise > 0:
+            action = action + self.noise * self._rng.standard_normal(4)
+        return np.clip(action, -1.0, 1.0).astype(np.float32)

@@ -1,0 +1,67 @@
+"""The console script as a user meets it: help, bad commands and settings, missing files."""
+
+import json
+
+from conftest import last_json
+
+
+def test_help_lists_commands(cli):
+    proc = cli("--help", check=True)
+    for command in ("collect", "data", "train", "eval", "quickstart"):
+        assert command in proc.stdout
+
+
+def test_command_help_shows_its_configuration(cli):
+    proc = cli("collect", "--help", check=True)
+    assert "episodes:" in proc.stdout and "expert:" in proc.stdout and "key=value" in proc.stdout
+    proc = cli("train", "--help", check=True)
+    assert "batch_size:" in proc.stdout and "policy" in proc.stdout
+
+
+def test_unknown_command_fails_with_one_line(cli):
+    proc = cli("fly")
+    assert proc.returncode != 0
+    assert "unknown command 'fly'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_setting_is_named(cli, tmp_path):
+    proc = cli("collect", "task=builtin/reach", f"out={tmp_path / 's'}", "episodez=3")
+    assert proc.returncode != 0 and "episodez" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_missing_required_setting(cli):
+    proc = cli("collect", "task=builtin/reach")
+    assert proc.returncode != 0 and "out=" in proc.stderr
+
+
+def test_unknown_task(cli, tmp_path):
+    proc = cli("collect", "task=builtin/fly", f"out={tmp_path / 's'}", "episodes=1")
+    assert proc.returncode != 0 and "fly" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_data_commands_on_missing_store(cli, tmp_path):
+    for sub in ("info", "validate", "stats"):
+        proc = cli("data", sub, f"store={tmp_path / 'nothing'}")
+        assert proc.returncode != 0 and "nothing" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("data", "frobnicate", "store=x")
+    assert proc.returncode != 0 and "info" in proc.stderr
+
+
+def test_collect_metaworld_then_inspect(cli, tmp_path):
+    store = tmp_path / "mw_push"
+    proc = cli("collect", "task=metaworld/push-v3", "episodes=3", f"out={store}", check=True)
+    summary = last_json(proc)
+    assert summary["episodes"] == 3 and summary["success_rate"] == 1.0
+    info = last_json(cli("data", "info", f"store={store}", check=True))
+    assert info["episodes"] == 3 and info["features"]["observation.state"]["shape"] == [39]
+    assert info["sources"] == {"expert": 3}
+    assert last_json(cli("data", "validate", f"store={store}", check=True))["valid"] is True
+    stats = last_json(cli("data", "stats", f"store={store}", check=True))["stats"]
+    assert len(stats["action"]["mean"]) == 4
+    # Appending to an existing store with other features is refused and changes nothing.
+    before = json.dumps(info)
+    proc = cli("collect", "task=builtin/reach", "episodes=1", f"out={store}")
+    assert proc.returncode != 0 and "features" in proc.stderr
+    assert json.dumps(last_json(cli("data", "info", f"store={store}", check=True))) == before
