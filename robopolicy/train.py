@@ -149,18 +149,19 @@ def train(cfg: DictConfig, *, make_envs: Callable[[], object] | None = None, pro
             optimizer.step()
             scheduler.step()
             ema.update(policy, step)
+            loss_value = loss.item()
             train_seconds += time.perf_counter() - tick
             done = step + 1
             if done % int(cfg.log_every) == 0 or done == steps:
-                history["loss"].append([done, float(loss)])
-                writer.add_scalar("train/loss", float(loss), done)
+                history["loss"].append([done, loss_value])
+                writer.add_scalar("train/loss", loss_value, done)
                 writer.add_scalar("train/grad_norm", float(grad_norm), done)
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
                 for k, v in metrics.items():
                     writer.add_scalar(f"train/{k}", float(v), done)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+                progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             if (envs is not None and int(cfg.eval.episodes) > 0 and cfg.eval.every
                     and done % int(cfg.eval.every) == 0 and done < steps):
                 result = evaluate(envs, ema.model, int(cfg.eval.episodes))

@@ -1,0 +1,122 @@
+"""Pieces every action-chunk policy shares: config fields, feature bookkeeping, the normalizer, the observation
+encoder and the masked loss. Each method's own file (diffusion.py, flow.py, mlp.py) adds only `loss` and
+`sample_chunk`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from robopolicy.policies.encoders import IMAGE_PREFIX, ObservationEncoder
+from robopolicy.policies.normalizer import Normalizer
+from robopolicy.policies.transformer import TransformerDenoiser
+from robopolicy.policies.unet1d import ConditionalUnet1D
+
+
+class PolicyConfigError(ValueError):
+    """A policy config or its features are unusable; the message names the field."""
+
+
+def policy_features(features: Mapping[str, Mapping]) -> dict[str, dict]:
+    """The subset of a store's feature specs a policy consumes: `observation.*` and `action`."""
+    return {k: dict(v) for k, v in features.items() if k.startswith("observation.") or k == "action"}
+
+
+class ActionChunkPolicy(nn.Module):
+    """Base of every policy: `sample_chunk`, `loss` and `encode` over the batch conventions of common.md."""
+
+    name: str = ""
+
+    def __init__(self, cfg: Mapping[str, Any], features: Mapping[str, Mapping],
+                 stats: Mapping[str, Mapping[str, np.ndarray]] | None):
+        super().__init__()
+        self.config = dict(cfg)
+        self.features = policy_features(features)
+        if "action" not in self.features:
+            raise PolicyConfigError("the policy's features have no 'action' key; the store must record actions.")
+        for field in ("horizon", "n_obs_steps", "n_action_steps"):
+            if field not in cfg:
+                raise PolicyConfigError(f"policy config {cfg.get('name')!r} lacks the field {field!r}.")
+        self.horizon = int(cfg["horizon"])
+        self.n_obs_steps = int(cfg["n_obs_steps"])
+        self.n_action_steps = int(cfg["n_action_steps"])
+        if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
+            raise PolicyConfigError(
+                f"n_obs_steps - 1 + n_action_steps = {self.n_obs_steps - 1 + self.n_action_steps} exceeds "
+                f"horizon {self.horizon}; the executed actions must lie inside the chunk."
+            )
+        self.action_dim = int(np.prod(self.features["action"]["shape"]))
+        self.obs_keys = sorted(k for k in self.features if k.startswith("observation."))
+
+        norm_cfg = dict(cfg.get("normalization") or {})
+        modes = {"action": norm_cfg.get("action", "min_max")}
+        for key in self.obs_keys:
+            modes[key] = norm_cfg.get("images", "mean_std") if key.startswith(IMAGE_PREFIX) \
+                else norm_cfg.get("state", "min_max")
+        self.normalizer = Normalizer(self.features, modes, stats)
+        self.obs_encoder = ObservationEncoder(self.features, self.n_obs_steps, dict(cfg.get("encoder") or {}))
+
+    @property
+    def noise_shape(self) -> tuple[int, int]:
+        return (self.horizon, self.action_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.normalizer.norms["action"].center.device
+
+    def normalize_obs(self, obs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Normalized observations of the last `n_obs_steps` frames: low-dim [B, To, D], images [B, To, 3, H, W]."""
+        out = {}
+        for key in self.obs_keys:
+            if key not in obs:
+                raise KeyError(f"observation lacks {key!r}; this policy needs {self.obs_keys}.")
+            x = torch.as_tensor(obs[key], device=self.device)[:, -self.n_obs_steps:]
+            out[key] = self.normalizer.normalize(key, x)
+        return out
+
+    def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Observation features [B, F] (the denoiser's global condition; reused by residual / value heads)."""
+        return self.obs_encoder(self.normalize_obs(obs))
+
+    def normalized_actions(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.normalizer.normalize("action", torch.as_tensor(batch["action"], device=self.device))
+
+    def unnormalize_actions(self, action_chunk: torch.Tensor) -> torch.Tensor:
+        return self.normalizer.unnormalize("action", action_chunk)
+
+    def masked_mean(self, error: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean of a per-element error [B, H, A] over the actions that are not padding."""
+        if "action_is_pad" not in batch:
+            return error.mean()
+        valid = (~torch.as_tensor(batch["action_is_pad"], device=error.device)).to(error.dtype)[..., None]
+        return (error * valid).sum() / (valid.sum() * error.shape[-1]).clamp_min(1.0)
+
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def make_denoiser(cfg: Mapping[str, Any], action_dim: int, cond_dim: int, horizon: int) -> nn.Module:
+    """The network shared by diffusion (predicts epsilon) and flow (predicts velocity): `denoiser: unet|transformer`."""
+    kind = cfg.get("denoiser", "unet")
+    if kind == "unet":
+        unet = dict(cfg.get("unet") or {})
+        down_dims = list(unet.get("down_dims", [64, 128, 256]))
+        if horizon % (2 ** (len(down_dims) - 1)):
+            raise PolicyConfigError(
+                f"horizon {horizon} must be divisible by 2**(len(unet.down_dims) - 1) = {2 ** (len(down_dims) - 1)}."
+            )
+        return ConditionalUnet1D(action_dim, cond_dim, down_dims, int(unet.get("kernel_size", 5)),
+                                 int(unet.get("n_groups", 8)), int(unet.get("step_embed_dim", 64)))
+    if kind == "transformer":
+        tf = dict(cfg.get("transformer") or {})
+        return TransformerDenoiser(action_dim, cond_dim, horizon, int(tf.get("d_model", 128)),
+                                   int(tf.get("n_layers", 4)), int(tf.get("n_heads", 4)), float(tf.get("dropout", 0.0)))
+    raise PolicyConfigError(f"policy config denoiser {kind!r} is unknown; use 'unet' or 'transformer'.")

@@ -1,0 +1,69 @@
+"""Diffusion policy (Chi et al. 2023): a denoiser predicts the noise added to a normalized action chunk,
+conditioned on the encoded observation history.
+
+Training: DDPM forward process (diffusers `DDPMScheduler`, squaredcos_cap_v2, 100 steps), epsilon MSE over the
+non-padded actions. Sampling: DDIM with eta = 0 (deterministic given the initial noise, ~10 steps) or ancestral
+DDPM (`sampler: ddpm`, stochastic even for a fixed initial noise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from robopolicy.policies.base import ActionChunkPolicy, PolicyConfigError, make_denoiser
+
+
+class DiffusionPolicy(ActionChunkPolicy):
+    name = "diffusion"
+
+    def __init__(self, cfg: Mapping[str, Any], features: Mapping[str, Mapping],
+                 stats: Mapping[str, Mapping[str, np.ndarray]] | None):
+        super().__init__(cfg, features, stats)
+        self.denoiser = make_denoiser(cfg, self.action_dim, self.obs_encoder.out_dim, self.horizon)
+        schedule = dict(
+            num_train_timesteps=int(cfg.get("num_train_timesteps", 100)),
+            beta_schedule=cfg.get("beta_schedule", "squaredcos_cap_v2"),
+            # Clipping the predicted clean chunk to [-1, 1] is only right when actions are min/max normalized.
+            clip_sample=self.normalizer.modes["action"] == "min_max",
+            prediction_type="epsilon",
+        )
+        self.noise_scheduler = DDPMScheduler(**schedule)
+        sampler = cfg.get("sampler", "ddim")
+        if sampler == "ddim":
+            self.sample_scheduler = DDIMScheduler(**schedule)
+        elif sampler == "ddpm":
+            self.sample_scheduler = DDPMScheduler(**schedule)
+        else:
+            raise PolicyConfigError(f"diffusion sampler {sampler!r} is unknown; use 'ddim' or 'ddpm'.")
+        self.sampler = sampler
+        steps = cfg.get("num_inference_steps") or schedule["num_train_timesteps"]
+        self.sample_scheduler.set_timesteps(int(steps))
+
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        action_chunk = self.normalized_actions(batch)  # [B, H, A] in normalized units
+        global_cond = self.encode(batch)  # [B, F]
+        noise = torch.randn_like(action_chunk)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (action_chunk.shape[0],),
+                                  device=action_chunk.device)
+        noisy = self.noise_scheduler.add_noise(action_chunk, noise, timesteps)
+        predicted_noise = self.denoiser(noisy, timesteps, global_cond)
+        loss = self.masked_mean((predicted_noise - noise) ** 2, batch)
+        return loss, {"loss": loss.item()}
+
+    @torch.no_grad()
+    def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
+        global_cond = self.encode(obs)
+        batch_size = global_cond.shape[0]
+        if noise is None:
+            noise = torch.randn(batch_size, *self.noise_shape, device=global_cond.device)
+        action_chunk = noise.to(global_cond.device, torch.float32)
+        for t in self.sample_scheduler.timesteps:
+            predicted_noise = self.denoiser(action_chunk, t.expand(batch_size).to(global_cond.device), global_cond)
+            step_kwargs = {"eta": 0.0} if self.sampler == "ddim" else {}
+            action_chunk = self.sample_scheduler.step(predicted_noise, t, action_chunk, **step_kwargs).prev_sample
+        return self.unnormalize_actions(action_chunk)

@@ -1,0 +1,157 @@
+"""Observation encoders: low-dim state history and per-camera image CNNs, concatenated into one feature vector.
+
+Inputs are already normalized by the policy's `Normalizer`: low-dim keys [B, To, D], images [B, To, 3, H, W].
+GroupNorm everywhere (not BatchNorm) so EMA weights and batch-size-1 inference behave like training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from einops import rearrange
+from torch import nn
+
+IMAGE_PREFIX = "observation.images."
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+class ResidualConvBlock(nn.Module):
+    """conv-GN-Mish-conv-GN plus a (strided 1x1) shortcut, ResNet basic-block style."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            _group_norm(out_channels),
+            nn.Mish(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            _group_norm(out_channels),
+        )
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and in_channels == out_channels
+            else nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                               _group_norm(out_channels))
+        )
+        self.act = nn.Mish()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class SpatialSoftmax(nn.Module):
+    """Keypoints as the expected (x, y) of a softmax over each feature map (Levine et al. 2016)."""
+
+    def __init__(self, in_channels: int, num_keypoints: int):
+        super().__init__()
+        self.keypoints = nn.Conv2d(in_channels, num_keypoints, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heat = self.keypoints(x)  # [N, K, h, w]
+        n, k, h, w = heat.shape
+        attention = heat.flatten(2).softmax(-1)  # [N, K, h*w]
+        ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        grid = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)  # [h*w, 2]
+        return (attention @ grid).reshape(n, 2 * k)  # "n k (x y) -> n (k 2)"
+
+
+class ImageEncoder(nn.Module):
+    """Small ResNet: a strided stem, one strided residual block per extra width, pooled to `feature_dim`."""
+
+    def __init__(self, channels: list[int], feature_dim: int, pooling: str = "spatial_softmax",
+                 num_keypoints: int = 32):
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, channels[0], 3, stride=2, padding=1, bias=False),
+            _group_norm(channels[0]),
+            nn.Mish(),
+        ]
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            layers.append(ResidualConvBlock(c_in, c_out, stride=2))
+        self.backbone = nn.Sequential(*layers)
+        if pooling == "spatial_softmax":
+            self.pool = SpatialSoftmax(channels[-1], num_keypoints)
+            pooled = 2 * num_keypoints
+        elif pooling == "avg":
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            pooled = channels[-1]
+        else:
+            raise ValueError(f"encoder.pooling {pooling!r} is unknown; use 'spatial_softmax' or 'avg'.")
+        self.head = nn.Sequential(nn.Linear(pooled, feature_dim), nn.LayerNorm(feature_dim))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # [N, 3, H, W] -> [N, F]
+        return self.head(self.pool(self.backbone(images)))
+
+
+def crop_images(images: torch.Tensor, size: int, random: bool) -> torch.Tensor:
+    """Square crop of [B, To, C, H, W]: a random offset per window (same for its To frames) or the centre."""
+    b, _, _, h, w = images.shape
+    if size >= h and size >= w:
+        return images
+    if not random:
+        top, left = (h - size) // 2, (w - size) // 2
+        return images[..., top:top + size, left:left + size]
+    top = torch.randint(0, h - size + 1, (b,), device=images.device)
+    left = torch.randint(0, w - size + 1, (b,), device=images.device)
+    offsets = torch.arange(size, device=images.device)
+    rows = (top[:, None] + offsets)[:, None, None, :, None]  # [B, 1, 1, size, 1]
+    cols = (left[:, None] + offsets)[:, None, None, None, :]  # [B, 1, 1, 1, size]
+    batch = torch.arange(b, device=images.device)[:, None, None, None, None]
+    t_idx = torch.arange(images.shape[1], device=images.device)[None, :, None, None, None]
+    c_idx = torch.arange(images.shape[2], device=images.device)[None, None, :, None, None]
+    return images[batch, t_idx, c_idx, rows, cols]
+
+
+class ObservationEncoder(nn.Module):
+    """Encodes an observation history into one vector [B, F].
+
+    Low-dim keys (every non-image `observation.*`) are concatenated per frame and flattened over time
+    ("b t d -> b (t d)"), optionally through an MLP (`state_dim > 0`). Each camera gets its own CNN (or one
+    shared CNN with `share_image_encoder`); per-frame image features are flattened over time and concatenated
+    after the state features.
+    """
+
+    def __init__(self, features: Mapping[str, Mapping], n_obs_steps: int, cfg: Mapping):
+        super().__init__()
+        obs_keys = sorted(k for k in features if k.startswith("observation."))
+        self.image_keys = [k for k in obs_keys if k.startswith(IMAGE_PREFIX)]
+        self.lowdim_keys = [k for k in obs_keys if k not in self.image_keys]
+        if not obs_keys:
+            raise ValueError("the policy's features have no observation.* key; it needs at least one.")
+        self.crop = cfg.get("crop")
+        lowdim = sum(int(features[k]["shape"][-1]) for k in self.lowdim_keys) * n_obs_steps
+        state_dim = int(cfg.get("state_dim", 0))
+        self.state_mlp = (
+            nn.Sequential(nn.Linear(lowdim, state_dim), nn.Mish(), nn.Linear(state_dim, state_dim))
+            if state_dim > 0 and lowdim > 0 else nn.Identity()
+        )
+        self.out_dim = state_dim if state_dim > 0 and lowdim > 0 else lowdim
+
+        def image_encoder() -> ImageEncoder:
+            return ImageEncoder(list(cfg.get("image_channels", [32, 64, 128])), int(cfg.get("image_feature_dim", 64)),
+                                cfg.get("pooling", "spatial_softmax"), int(cfg.get("num_keypoints", 32)))
+
+        self.share_image_encoder = bool(cfg.get("share_image_encoder", False))
+        n_encoders = min(len(self.image_keys), 1) if self.share_image_encoder else len(self.image_keys)
+        self.image_encoders = nn.ModuleList(image_encoder() for _ in range(n_encoders))
+        self.out_dim += len(self.image_keys) * n_obs_steps * int(cfg.get("image_feature_dim", 64))
+
+    def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        parts = []
+        if self.lowdim_keys:
+            lowdim = torch.cat([obs[k] for k in self.lowdim_keys], dim=-1)  # [B, To, D]
+            parts.append(self.state_mlp(rearrange(lowdim, "b t d -> b (t d)")))
+        for i, key in enumerate(self.image_keys):
+            images = obs[key]  # [B, To, 3, H, W]
+            if self.crop:
+                images = crop_images(images, int(self.crop), random=self.training)
+            encoder = self.image_encoders[0 if self.share_image_encoder else i]
+            feats = encoder(rearrange(images, "b t c h w -> (b t) c h w"))
+            parts.append(rearrange(feats, "(b t) f -> b (t f)", b=images.shape[0]))
+        return torch.cat(parts, dim=-1)

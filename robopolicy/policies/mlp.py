@@ -1,0 +1,49 @@
+"""Behaviour-cloning baseline: an MLP regresses the whole normalized action chunk from the encoded observation
+history (L1 or MSE). Unimodal by construction: on multimodal demonstrations it averages the modes, which is
+what the generative policies are compared against.
+
+`sample_chunk` accepts `noise` and ignores it, so every caller can use one runtime for all policies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import nn
+
+from robopolicy.policies.base import ActionChunkPolicy, PolicyConfigError
+
+
+class MLPPolicy(ActionChunkPolicy):
+    name = "mlp"
+
+    def __init__(self, cfg: Mapping[str, Any], features: Mapping[str, Mapping],
+                 stats: Mapping[str, Mapping[str, np.ndarray]] | None):
+        super().__init__(cfg, features, stats)
+        widths = [self.obs_encoder.out_dim, *[int(w) for w in cfg.get("hidden_dims", [256, 256])]]
+        layers: list[nn.Module] = []
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(w_in, w_out), nn.LayerNorm(w_out), nn.Mish()]
+        layers.append(nn.Linear(widths[-1], self.horizon * self.action_dim))
+        self.head = nn.Sequential(*layers)
+        self.loss_type = cfg.get("loss_type", "l1")
+        if self.loss_type not in ("l1", "mse"):
+            raise PolicyConfigError(f"mlp loss_type {self.loss_type!r} is unknown; use 'l1' or 'mse'.")
+
+    def predict(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Normalized action chunk [B, H, A]."""
+        return rearrange(self.head(self.encode(obs)), "b (h a) -> b h a", h=self.horizon)
+
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        error = self.predict(batch) - self.normalized_actions(batch)
+        loss = self.masked_mean(error.abs() if self.loss_type == "l1" else error ** 2, batch)
+        return loss, {"loss": loss.item()}
+
+    @torch.no_grad()
+    def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
+        del noise  # deterministic regression: accepted for a uniform runtime, not used
+        return self.unnormalize_actions(self.predict(obs))
