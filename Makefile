@@ -13,15 +13,15 @@ EXTRAS ?= metaworld,pusht,interop,dev
 # pytest-xdist workers: 2 cores.
 TEST_WORKERS ?= 2
 
-.PHONY: quickstart test test-slow setup system-deps lint bench clean
+.PHONY: quickstart test test-slow setup lerobot-env system-deps lint bench clean
 
 quickstart: setup
 	$(BIN)/robopolicy quickstart
 
-test: setup
+test: setup lerobot-env
 	MUJOCO_GL=$${MUJOCO_GL:-egl} $(BIN)/python -m pytest -n $(TEST_WORKERS) -q --durations=15
 
-test-slow: setup
+test-slow: setup lerobot-env
 	MUJOCO_GL=$${MUJOCO_GL:-egl} $(BIN)/python -m pytest -n $(TEST_WORKERS) -q -m slow
 
 setup: $(STAMP)
@@ -35,14 +35,30 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
-# MuJoCo renders camera images offscreen through EGL or OSMesa.
+# LeRobot 0.4.4 in its own virtualenv (it pins torch < 2.11 and needs torchvision): the interoperability tests
+# and benchmarks run LeRobot's own loader and writer there, side by side with ours. Our package never imports it.
+LEROBOT_VENV := .venv-lerobot
+lerobot-env: $(LEROBOT_VENV)/.installed
+
+$(LEROBOT_VENV)/.installed:
+	$(PYTHON) -m venv $(LEROBOT_VENV)
+	$(LEROBOT_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(LEROBOT_VENV)/bin/pip install -q --no-deps lerobot==0.4.4
+	$(LEROBOT_VENV)/bin/pip install -q "datasets<5" "diffusers<0.36" "huggingface-hub<0.36" accelerate einops \
+		"opencv-python-headless<4.13" "av<16" jsonlines "packaging<26" pyserial draccus==0.10.0 gymnasium "deepdiff<9" \
+		"imageio[ffmpeg]" termcolor "setuptools<81" pynput torchcodec==0.13.0
+	@touch $@
+
+# MuJoCo renders camera images offscreen through EGL or OSMesa; ffmpeg decodes LeRobot's videos (torchcodec).
+SYSTEM_PACKAGES := libosmesa6 libegl1 libgl1 ffmpeg
 system-deps:
-	@if ldconfig -p 2>/dev/null | grep -q libOSMesa && ldconfig -p 2>/dev/null | grep -q libEGL.so; then :; \
+	@if ldconfig -p 2>/dev/null | grep -q libOSMesa && ldconfig -p 2>/dev/null | grep -q libEGL.so \
+		&& command -v ffmpeg >/dev/null; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		echo "installing offscreen rendering libraries (libosmesa6 libegl1 libgl1)"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libosmesa6 libegl1 libgl1 >/dev/null) \
-		|| echo "warning: could not install libosmesa6/libegl1/libgl1: camera images will not render"; \
-	else echo "note: install libosmesa6 libegl1 libgl1 (or a GPU EGL driver) for camera images"; fi
+		echo "installing $(SYSTEM_PACKAGES)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null) \
+		|| echo "warning: could not install $(SYSTEM_PACKAGES): camera images or LeRobot videos may not work"; \
+	else echo "note: install $(SYSTEM_PACKAGES) (or a GPU EGL driver) for camera images and LeRobot videos"; fi
 
 lint: setup
 	$(BIN)/ruff check robopolicy sim real tests benchmarks
@@ -51,4 +67,4 @@ bench: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LEROBOT_VENV) .pytest_cache .ruff_cache

@@ -23,12 +23,12 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 COMMANDS = {
     "collect": "roll out a task's scripted expert into a demonstration store",
-    "data": "inspect, check and convert stores: data info|validate|stats store=STORE",
+    "data": "inspect, check, convert and curate stores: data info|validate|stats|export|import|quality|filter",
     "train": "offline training of a policy on a store, with periodic evaluation in simulation",
     "eval": "success rate (95% Wilson interval), returns and videos of a checkpoint in simulation",
     "quickstart": "the embedded default: collect, train, evaluate on a built-in task",
 }
-DATA_COMMANDS = ("info", "validate", "stats")
+DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "filter")
 
 
 class UserError(Exception):
@@ -146,14 +146,17 @@ def cmd_collect(cfg: DictConfig) -> dict:
         store = DemoStore.create(out, features=features, fps=fps, overwrite=bool(cfg.overwrite),
                                  info={"task": task, "robot": task.split("/")[0]})
     first = store.num_episodes
+    # Appending continues after the seeds already recorded, so a store never holds the same episode twice.
+    seeds = [e.get("extra", {}).get("seed") for e in store.episodes]
+    seed = max([int(cfg.seed) - 1] + [s for s in seeds if s is not None]) + 1
     envs = make_vector_env(task, min(int(cfg.num_envs), episodes), kwargs)
     try:
         with progress(episodes, f"collect {task}") as bar:
-            summary = collect(envs, experts, store, episodes, seed=int(cfg.seed), task=description,
+            summary = collect(envs, experts, store, episodes, seed=seed, task=description,
                               source=str(cfg.source), progress=bar)
     finally:
         envs.close()
-    return {"command": "collect", "task": task, "store": str(out), "first_episode": first,
+    return {"command": "collect", "task": task, "store": str(out), "first_episode": first, "first_seed": seed,
             "store_episodes": store.num_episodes, **summary}
 
 
@@ -166,17 +169,38 @@ def _spec_mismatch(a: dict, b: dict) -> str | None:
 def cmd_data(cfg: DictConfig, sub: str) -> dict:
     from robopolicy.data import DemoStore, validate_store
 
-    path = require(cfg, "store", f"data {sub}")
+    command = f"data {sub}"
+    if sub == "import":
+        return _data_import(cfg)
+    path = require(cfg, "store", command)
     if not Path(path).exists():
         raise UserError(f"No store at {path}: check the path (stores are made by `robopolicy collect`).")
     if sub == "validate":
         problems = validate_store(path)
-        summary = {"command": "data validate", "store": str(path), "valid": not problems, "problems": problems}
+        summary = {"command": command, "store": str(path), "valid": not problems, "problems": problems}
         if problems:
             emit(summary)
             raise UserError(f"{path} is damaged: {problems[0]}" + (f" (and {len(problems) - 1} more problems)"
                                                                    if len(problems) > 1 else ""))
         return summary
+    if sub == "export":
+        from robopolicy.data.lerobot import export_lerobot
+
+        if cfg.format != "lerobot":
+            raise UserError(f"data export writes format=lerobot only, not {cfg.format!r}.")
+        out = require(cfg, "out", command)
+        return {"command": command, **export_lerobot(path, out, repo_id=cfg.repo_id, video=bool(cfg.video))}
+    if sub == "quality":
+        from robopolicy.data.quality import quality_report
+
+        out = cfg.out or str(Path(path).with_name(Path(path).name + "_quality"))
+        return {"command": command, **quality_report(path, out)}
+    if sub == "filter":
+        from robopolicy.data.quality import filter_store
+
+        out = require(cfg, "out", command)
+        return {"command": command, **filter_store(path, out, min_quality=float(cfg.min_quality),
+                                                   overwrite=bool(cfg.overwrite))}
     store = DemoStore.open(path)
     if sub == "info":
         successes = [e.get("success") for e in store.episodes]
@@ -324,6 +348,23 @@ def cmd_quickstart(cfg: DictConfig) -> dict:
     return summary
 
 
+def _data_import(cfg: DictConfig) -> dict:
+    src, out = require(cfg, "src", "data import"), require(cfg, "out", "data import")
+    if not Path(src).exists():
+        raise UserError(f"No dataset at {src}: pass src= a LeRobot dataset folder or a robomimic .hdf5 file.")
+    if cfg.format == "lerobot":
+        from robopolicy.data.lerobot import import_lerobot
+
+        summary = import_lerobot(src, out, overwrite=bool(cfg.overwrite))
+    elif cfg.format == "robomimic":
+        from robopolicy.data.robomimic import import_robomimic
+
+        summary = import_robomimic(src, out, overwrite=bool(cfg.overwrite), filter_key=cfg.filter_key)
+    else:
+        raise UserError(f"data import reads format=lerobot or format=robomimic, not {cfg.format!r}.")
+    return {"command": "data import", **summary}
+
+
 # ------------------------------------------------------------------------------------------------------ main
 
 
@@ -336,7 +377,7 @@ def _print_help(command: str | None) -> None:
         return
     config_name = "data" if command == "data" else command
     cfg = compose(config_name, [])
-    print(f"usage: robopolicy {command}{' info|validate|stats' if command == 'data' else ''} [key=value ...]")
+    print(f"usage: robopolicy {command}{' ' + '|'.join(DATA_COMMANDS) if command == 'data' else ''} [key=value ...]")
     print(f"\n{COMMANDS[command]}.\n\nconfiguration (configs/{config_name}.yaml; override any key as key=value,"
           " e.g. task=builtin/push episodes=10, nested keys as expert.noise=0.1):\n")
     print(OmegaConf.to_yaml(cfg, resolve=False))

@@ -65,3 +65,25 @@ def test_collect_metaworld_then_inspect(cli, tmp_path):
     proc = cli("collect", "task=builtin/reach", "episodes=1", f"out={store}")
     assert proc.returncode != 0 and "features" in proc.stderr
     assert json.dumps(last_json(cli("data", "info", f"store={store}", check=True))) == before
+
+
+def test_data_export_import_quality_filter_through_the_cli(cli, tmp_path):
+    store, exported, back = tmp_path / "push", tmp_path / "lerobot", tmp_path / "back"
+    cli("collect", "task=builtin/push", "episodes=4", f"out={store}", check=True)
+    cli("collect", "task=builtin/push", "episodes=4", f"out={store}", "expert.sloppy=true",
+        "expert.noise=0.3", check=True)
+    out = last_json(cli("data", "export", f"store={store}", f"out={exported}", check=True))
+    assert (exported / "meta" / "info.json").exists() and out["command"] == "data export"
+    imported = last_json(cli("data", "import", "format=lerobot", f"src={exported}", f"out={back}", check=True))
+    assert imported["command"] == "data import"
+    assert last_json(cli("data", "info", f"store={back}", check=True))["episodes"] == 8
+    report = last_json(cli("data", "quality", f"store={store}", f"out={tmp_path / 'q'}", check=True))
+    assert (tmp_path / "q" / "report.png").exists() and report["command"] == "data quality"
+    kept = last_json(cli("data", "filter", f"store={store}", f"out={tmp_path / 'f'}", "min_quality=0.0",
+                         check=True))
+    assert kept["command"] == "data filter"
+    assert last_json(cli("data", "info", f"store={tmp_path / 'f'}", check=True))["episodes"] == 8
+    # Importing over an existing store without overwrite=true is refused and keeps it intact.
+    proc = cli("data", "import", "format=lerobot", f"src={exported}", f"out={back}")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert last_json(cli("data", "info", f"store={back}", check=True))["episodes"] == 8

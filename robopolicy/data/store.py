@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -440,6 +440,43 @@ class DemoStore:
             self._write_attrs({**self._attrs, "stats": as_json})
         self._stats = stats
         return stats
+
+
+@contextlib.contextmanager
+def staged_store(
+    path: str | os.PathLike,
+    features: dict[str, dict],
+    fps: int,
+    *,
+    overwrite: bool = False,
+    info: dict | None = None,
+) -> Iterator[DemoStore]:
+    """A new store, filled inside the `with` block and moved to `path` only when the block succeeds.
+
+    Importers and copies use it so that a bad source file found half-way leaves `path` exactly as it was.
+    """
+    path = Path(path)
+    existing = path.exists() and (path.is_file() or any(path.iterdir()))
+    if existing and not overwrite:
+        raise StoreError(f"{path} already exists and is not empty; pass overwrite=True or choose another path.")
+    if existing and not _is_store_dir(path):
+        raise StoreError(f"{path} exists and is not a demonstration store; refusing to overwrite it.")
+    staging = path.parent / f".{path.name}.{uuid.uuid4().hex}.staging"
+    try:
+        store = DemoStore.create(staging, features, fps, info=info)
+        with store:
+            yield store
+        if existing:  # swap: old store aside, new one in, old one gone
+            old = path.parent / f".{path.name}.{uuid.uuid4().hex}.old"
+            path.rename(old)
+            staging.rename(path)
+            shutil.rmtree(old)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.rmdir()  # an empty directory the user made for us
+            staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _check_quality(value: Any, what: str) -> float:

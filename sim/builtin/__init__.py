@@ -1,0 +1,55 @@
+"""Built-in MuJoCo tasks (a 7-DoF arm with a parallel gripper on a table) and their scripted experts.
+
+env = make_builtin_env("pick_place", images=True)      # observation.state + observation.images.front
+expert = make_builtin_expert("pick_place", sloppy=True, seed=0)
+obs, _ = env.reset(seed=0); expert.reset(seed=0)
+obs, reward, terminated, truncated, info = env.step(expert.act(obs))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sim.rendering  # noqa: F401  (sets MUJOCO_GL before anything imports mujoco's GL backend)
+from sim.builtin.base import ArmTaskEnv
+from sim.builtin.experts import EXPERT_CLASSES, Expert
+from sim.builtin.tasks import TASK_CLASSES
+
+BUILTIN_TASKS: tuple[str, ...] = ("reach", "push", "pick_place", "push_two_ways")
+
+__all__ = ["BUILTIN_TASKS", "ArmTaskEnv", "Expert", "make_builtin_env", "make_builtin_expert"]
+
+
+def _check(name: str) -> None:
+    if name not in BUILTIN_TASKS:
+        raise ValueError(f"Unknown built-in task {name!r}: available are {', '.join(BUILTIN_TASKS)}.")
+
+
+def make_builtin_env(
+    name: str,
+    *,
+    images: bool | Sequence[str] = False,
+    image_size: int = 96,
+    control: str = "ee_delta",
+    max_episode_steps: int | None = None,
+    render_mode: str | None = None,
+) -> ArmTaskEnv:
+    """One built-in task env; `images=True` adds the task's default camera(s), a list picks cameras
+    (front, wrist, top); `control` is "ee_delta" (default) or "joint_pos"."""
+    _check(name)
+    return TASK_CLASSES[name](
+        images=images,
+        image_size=image_size,
+        control=control,
+        max_episode_steps=max_episode_steps,
+        render_mode=render_mode,
+    )
+
+
+def make_builtin_expert(
+    name: str, *, noise: float = 0.0, sloppy: bool = False, seed: int | None = None, control: str = "ee_delta"
+) -> Expert:
+    """The task's scripted expert, acting from observation.state alone; `noise` is the Gaussian action noise
+    std (action units), `sloppy` imitates a poor teleoperator, `control` matches the env's control mode."""
+    _check(name)
+    return EXPERT_CLASSES[name](name, noise=noise, sloppy=sloppy, seed=seed, control=control)

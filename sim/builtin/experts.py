@@ -1,0 +1,268 @@
+"""Scripted experts for the built-in tasks, acting from `observation.state` alone.
+
+Each expert is a small phase machine in end-effector space producing `ee_delta` actions
+(dx, dy, dz in [-1, 1] scaled by MAX_DELTA, gripper -1 open .. +1 closed). `noise` adds Gaussian action
+noise; `sloppy=True` imitates a poor teleoperator: slower and uneven speed, pauses, jerks, detours and
+imprecise grasp/placement points, drawn anew each episode. With `control="joint_pos"` the expert turns
+its end-effector decision into absolute joint targets with the env's own IK on a private copy of the arm
+(the joint positions are in the state), so joint-space demonstrations replay the same behaviour.
+"""
+
+from __future__ import annotations
+
+import mujoco
+import numpy as np
+
+from sim.builtin.base import MAX_DELTA, ROBOT_STATE_NAMES, arm_controller, ee_delta_joint_targets
+from sim.builtin.scene import scene_xml
+from sim.builtin.tasks import BLOCK_HALF, CUBE_HALF, OBSTACLE_HALF, OBSTACLE_POS, TASK_CLASSES
+
+OPEN, CLOSED = -1.0, 1.0
+TRAVEL_Z = 0.08  # clear of the blocks when moving over them
+PUSH_Z = 0.02
+PUSH_OFFSET = BLOCK_HALF * np.sqrt(2) + 0.02  # behind the block's farthest corner plus finger half-width
+
+
+class Expert:
+    """Base: state parsing, the sloppy/noise layer, and a proportional move towards a point."""
+
+    def __init__(
+        self,
+        task: str,
+        noise: float = 0.0,
+        sloppy: bool = False,
+        seed: int | None = None,
+        control: str = "ee_delta",
+    ):
+        task_cls = TASK_CLASSES[task]
+        names = list(ROBOT_STATE_NAMES) + list(task_cls.task_state_names)
+        self._index = {n: i for i, n in enumerate(names)}
+        self.noise, self.sloppy, self.control = noise, sloppy, control
+        if control == "joint_pos":
+            self._model = mujoco.MjModel.from_xml_string(scene_xml(task, task_cls.objects_xml))
+            self._data = mujoco.MjData(self._model)
+            self._ik = arm_controller(self._model)
+        elif control != "ee_delta":
+            raise ValueError(
+                f"Unknown control {control!r} for the builtin/{task} expert: use ee_delta or joint_pos."
+            )
+        self._rng = np.random.default_rng(seed)
+        self.reset(seed)
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start a new episode; a seed makes its random choices (mode, sloppiness, noise) reproducible."""
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+        rng = self._rng
+        self.phase = "start"
+        self._timer = 0
+        self._pause = 0
+        self._jerk = np.zeros(3)
+        # sloppy teleoperator traits of this episode
+        self.speed = rng.uniform(0.5, 0.85) if self.sloppy else 1.0
+        self.aim_error = rng.normal(0.0, 0.006, size=2) if self.sloppy else np.zeros(2)
+        wanders = self.sloppy and rng.random() < 0.4  # sets off towards a wrong spot first
+        self._detour = rng.uniform([0.35, -0.2, 0.1], [0.6, 0.2, 0.2]) if wanders else None
+        self._reset_task(rng)
+
+    def _reset_task(self, rng: np.random.Generator) -> None:
+        pass
+
+    def _get(self, state: np.ndarray, *names: str) -> np.ndarray:
+        return state[[self._index[n] for n in names]].astype(np.float64)
+
+    def _move(self, ee: np.ndarray, goal: np.ndarray, gain: float = 1.0) -> np.ndarray:
+        """Proportional step towards `goal` [3], at most full speed per axis."""
+        return np.clip(gain * (goal - ee) / MAX_DELTA, -1.0, 1.0) * self.speed
+
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        state = np.asarray(obs["observation.state"])
+        ee = self._get(state, "ee.x", "ee.y", "ee.z")
+        if self._detour is not None and np.linalg.norm(self._detour - ee) < 0.03:
+            self._detour = None
+        if self._detour is not None:
+            action = np.append(self._move(ee, self._detour), OPEN)
+        else:
+            action = np.asarray(self._plan(state, ee), dtype=np.float64)
+        if self.sloppy:
+            action = self._sloppify(action)
+        if self.noise > 0:
+            action[:3] += self._rng.normal(0.0, self.noise, size=3)
+        action = np.clip(action, -1.0, 1.0)
+        if self.control == "joint_pos":
+            self._data.qpos[self._ik.qpos_adr] = self._get(state, *ROBOT_STATE_NAMES[:7])
+            mujoco.mj_kinematics(self._model, self._data)
+            mujoco.mj_comPos(self._model, self._data)
+            action = np.append(ee_delta_joint_targets(self._ik, self._data, action), action[3])
+        return action.astype(np.float32)
+
+    def _plan(self, state: np.ndarray, ee: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _sloppify(self, action: np.ndarray) -> np.ndarray:
+        rng = self._rng
+        if self._pause > 0:  # hesitation: the arm stops, the gripper keeps its command
+            self._pause -= 1
+            action[:3] = 0.0
+        elif rng.random() < 0.04:
+            self._pause = int(rng.integers(1, 5))
+        if rng.random() < 0.06:  # a jerk that decays over the next steps
+            self._jerk = rng.normal(0.0, 0.6, size=3)
+            self._jerk[2] *= 0.3
+        action[:3] += self._jerk
+        self._jerk *= 0.5
+        action[:3] *= rng.uniform(0.6, 1.4)  # uneven speed
+        return action
+
+
+class ReachExpert(Expert):
+    def _plan(self, state: np.ndarray, ee: np.ndarray) -> np.ndarray:
+        target = self._get(state, "target.x", "target.y", "target.z")
+        target[:2] += self.aim_error * 0.5
+        return np.append(self._move(ee, target), OPEN)
+
+
+class PushExpert(Expert):
+    """Pushes the block through a list of waypoints, re-approaching from behind whenever alignment is lost."""
+
+    waypoint_tolerance = 0.025
+
+    def _waypoints(self, block: np.ndarray, target: np.ndarray) -> list[np.ndarray]:
+        return [target]
+
+    def _reset_task(self, rng: np.random.Generator) -> None:
+        self._route: list[np.ndarray] | None = None
+
+    def _passed(self, block: np.ndarray, waypoint: np.ndarray, next_waypoint: np.ndarray) -> bool:
+        """Close enough to a via point, or already beyond it and on the next leg's line (pushing back
+        would cost a detour, but cutting the corner could hit the wall)."""
+        leg = (next_waypoint - waypoint) / np.linalg.norm(next_waypoint - waypoint)
+        rel = block - waypoint
+        off_line = abs(rel[0] * leg[1] - rel[1] * leg[0])
+        return np.linalg.norm(rel) < self.waypoint_tolerance or (
+            rel @ leg > 0 and off_line < self.waypoint_tolerance
+        )
+
+    def _plan(self, state: np.ndarray, ee: np.ndarray) -> np.ndarray:
+        block = self._get(state, "object.x", "object.y")
+        target = self._get(state, "target.x", "target.y")
+        if self._route is None:
+            self._route = self._waypoints(block, target)
+        while len(self._route) > 1 and self._passed(block, self._route[0], self._route[1]):
+            self._route.pop(0)
+        goal = self._route[0]
+        to_goal = goal - block
+        dist = np.linalg.norm(to_goal)
+        u = to_goal / max(dist, 1e-6)
+        perp = np.array([-u[1], u[0]])
+        rel = ee[:2] - block
+        along, lateral = rel @ u, rel @ perp
+        behind = block - u * PUSH_OFFSET + self.aim_error
+
+        if self.phase == "push" and (along > -BLOCK_HALF or abs(lateral) > 0.02 or ee[2] > PUSH_Z + 0.02):
+            self.phase = "approach"
+        if self.phase != "push":
+            near_behind = np.linalg.norm(ee[:2] - behind) < 0.012
+            if near_behind:
+                self.phase = "push" if ee[2] < PUSH_Z + 0.01 else "descend"
+            else:
+                self.phase = "approach"
+        if self.phase == "approach":
+            # lift before travelling if low, so the fingers do not sweep the block (or the wall); a short
+            # correction well clear of the block may slide at push height instead
+            if ee[2] < TRAVEL_Z - 0.015:
+                slide = np.linalg.norm(rel) > 0.09 and np.linalg.norm(ee[:2] - behind) < 0.03
+                goal3 = np.array([*behind, PUSH_Z]) if slide else np.array([ee[0], ee[1], TRAVEL_Z])
+            else:
+                goal3 = np.array([*behind, TRAVEL_Z])
+            return np.append(self._move(ee, goal3), CLOSED)
+        if self.phase == "descend":
+            return np.append(self._move(ee, np.array([*behind, PUSH_Z])), CLOSED)
+        # push: drive through the block's centre towards the goal, slowing near the end, correcting drift
+        speed = np.clip(dist / MAX_DELTA, 0.25, 0.6) if len(self._route) == 1 else 0.6
+        xy = u * speed - perp * np.clip(lateral / MAX_DELTA, -0.5, 0.5)
+        z = (PUSH_Z - ee[2]) / MAX_DELTA
+        return np.array([xy[0] * self.speed, xy[1] * self.speed, z, CLOSED])
+
+
+class PushTwoWaysExpert(PushExpert):
+    """Goes around the wall on a side drawn 50/50 per episode: the demonstrations are bimodal."""
+
+    def _reset_task(self, rng: np.random.Generator) -> None:
+        super()._reset_task(rng)
+        self.side = 1.0 if rng.random() < 0.5 else -1.0
+        self.lane = OBSTACLE_HALF[1] + BLOCK_HALF + (rng.uniform(0.045, 0.06) if self.sloppy else 0.05)
+
+    def _waypoints(self, block: np.ndarray, target: np.ndarray) -> list[np.ndarray]:
+        y = self.side * self.lane
+        x0 = OBSTACLE_POS[0] - OBSTACLE_HALF[0]
+        x1 = OBSTACLE_POS[0] + OBSTACLE_HALF[0]
+        return [np.array([x0 - 0.05, y]), np.array([x1 + 0.03, y]), target]
+
+
+class PickPlaceExpert(Expert):
+    """Above the cube, down, close, lift, carry above the marker, lower, open; regrasps after a drop."""
+
+    def _plan(self, state: np.ndarray, ee: np.ndarray) -> np.ndarray:
+        cube = self._get(state, "object.x", "object.y", "object.z")
+        target = self._get(state, "target.x", "target.y")
+        grasp_xy = cube[:2] + self.aim_error
+        place_xy = target + self.aim_error
+        held = np.linalg.norm(cube - ee) < 0.03 and cube[2] > CUBE_HALF - 0.005
+        if self.phase in ("lift", "carry", "lower") and not held:
+            self.phase = "start"  # dropped: start over
+        if self.phase == "start":
+            self.phase = "above"
+        if self.phase == "above":
+            if np.linalg.norm(ee[:2] - grasp_xy) < 0.01:
+                self.phase = "down"
+            else:
+                goal = np.array(
+                    [
+                        *grasp_xy,
+                        max(TRAVEL_Z, ee[2]) if np.linalg.norm(ee[:2] - grasp_xy) > 0.03 else TRAVEL_Z,
+                    ]
+                )
+                return np.append(self._move(ee, goal), OPEN)
+        if self.phase == "down":
+            if ee[2] < CUBE_HALF + 0.006:
+                self.phase, self._timer = "close", 0
+            else:
+                return np.append(self._move(ee, np.array([*grasp_xy, CUBE_HALF])), OPEN)
+        if self.phase == "close":
+            self._timer += 1
+            if self._timer > 3:
+                self.phase = "lift"
+            return np.array([0.0, 0.0, 0.0, CLOSED])
+        if self.phase == "lift":
+            if ee[2] > TRAVEL_Z + 0.02:
+                self.phase = "carry"
+            else:
+                return np.append(self._move(ee, np.array([ee[0], ee[1], TRAVEL_Z + 0.04])), CLOSED)
+        if self.phase == "carry":
+            if np.linalg.norm(ee[:2] - place_xy) < 0.01:
+                self.phase = "lower"
+            else:
+                return np.append(self._move(ee, np.array([*place_xy, TRAVEL_Z + 0.03])), CLOSED)
+        if self.phase == "lower":
+            if cube[2] < CUBE_HALF + 0.004:
+                self.phase, self._timer = "release", 0
+            else:
+                return np.append(self._move(ee, np.array([*place_xy, CUBE_HALF + 0.002]), gain=0.6), CLOSED)
+        if self.phase == "release":
+            self._timer += 1
+            if self._timer > 2:
+                self.phase = "retreat"
+            return np.array([0.0, 0.0, 0.0, OPEN])
+        # retreat; if the episode is still running the cube missed the marker: pick it up again
+        if ee[2] > TRAVEL_Z + 0.03:
+            self.phase = "above"
+        return np.append(self._move(ee, np.array([ee[0], ee[1], TRAVEL_Z + 0.05])), OPEN)
+
+
+EXPERT_CLASSES: dict[str, type[Expert]] = {
+    "reach": ReachExpert,
+    "push": PushExpert,
+    "pick_place": PickPlaceExpert,
+    "push_two_ways": PushTwoWaysExpert,
+}

@@ -1,0 +1,193 @@
+"""The four built-in tasks: reach, push, pick_place, push_two_ways.
+
+Each is the arm scene plus its objects, a seeded reset, its extra state dimensions, a dense shaped reward
+and a success test. Positions are in metres in the world frame (table top at z = 0).
+"""
+
+from __future__ import annotations
+
+import mujoco
+import numpy as np
+
+from sim.builtin.base import ArmTaskEnv
+
+_TARGET_MARKER = """
+<body name="target" mocap="true" pos="0.5 0 0.001">
+  <geom class="marker" type="cylinder" size="{radius} 0.001" rgba=".2 .8 .3 1"/>
+</body>
+"""
+BLOCK_HALF = 0.025
+CUBE_HALF = 0.02
+OBSTACLE_POS = np.array([0.5, 0.0])
+OBSTACLE_HALF = np.array([0.03, 0.07, 0.025])  # lower than the hand, so only the fingers go around it
+
+
+def _object_xml(name: str, half: float, rgba: str, mass: float) -> str:
+    return f"""
+<body name="{name}" pos="0.5 0 {half}">
+  <freejoint name="{name}"/>
+  <geom class="object" type="box" size="{half} {half} {half}" mass="{mass}" rgba="{rgba}"/>
+</body>
+"""
+
+
+class _ObjectTask(ArmTaskEnv):
+    """A task with one free box (`object_name`) and a target marker (mocap body `target`) on the table."""
+
+    object_name = "block"
+    object_half = BLOCK_HALF
+    task_state_names = (
+        "object.x", "object.y", "object.z", "object.qw", "object.qx", "object.qy", "object.qz",
+        "target.x", "target.y", "target.z",
+    )  # fmt: skip
+
+    def _bind_task(self) -> None:
+        joint = self.model.joint(self.object_name)
+        self._obj_qpos = slice(joint.qposadr[0], joint.qposadr[0] + 7)
+        self._obj_body = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_BODY, self.object_name)
+        self._target_mocap = self.model.body("target").mocapid[0]
+
+    def _place(self, xy: np.ndarray, yaw: float, target_xy: np.ndarray) -> None:
+        self.data.qpos[self._obj_qpos] = [
+            xy[0],
+            xy[1],
+            self.object_half,
+            np.cos(yaw / 2),
+            0,
+            0,
+            np.sin(yaw / 2),
+        ]
+        self.data.mocap_pos[self._target_mocap] = [target_xy[0], target_xy[1], 0.001]
+
+    def _write_task_state(self, out: np.ndarray) -> None:
+        out[0:7] = self.data.qpos[self._obj_qpos]
+        out[7:10] = self.data.mocap_pos[self._target_mocap]
+
+    def object_pos(self) -> np.ndarray:
+        return self.data.xpos[self._obj_body]
+
+    def target_pos(self) -> np.ndarray:
+        return self.data.mocap_pos[self._target_mocap]
+
+
+class ReachTask(ArmTaskEnv):
+    name = "reach"
+    task_description = "move the gripper to the green sphere"
+    objects_xml = """
+<body name="target" mocap="true" pos="0.5 0 0.2">
+  <geom class="marker" type="sphere" size="0.02" rgba=".2 .8 .3 1"/>
+</body>
+"""
+    task_state_names = ("target.x", "target.y", "target.z")
+    default_max_episode_steps = 60
+    success_radius = 0.02
+
+    def _bind_task(self) -> None:
+        self._target_mocap = self.model.body("target").mocapid[0]
+
+    def _sample_task(self, rng: np.random.Generator) -> None:
+        self.data.mocap_pos[self._target_mocap] = rng.uniform([0.35, -0.25, 0.05], [0.65, 0.25, 0.35])
+
+    def _write_task_state(self, out: np.ndarray) -> None:
+        out[:] = self.data.mocap_pos[self._target_mocap]
+
+    def _reward_and_success(self) -> tuple[float, bool]:
+        dist = float(
+            np.linalg.norm(self.data.mocap_pos[self._target_mocap] - self.data.site_xpos[self._site])
+        )
+        success = dist < self.success_radius
+        return 1.0 - np.tanh(10.0 * dist) + 10.0 * success, success
+
+
+class PushTask(_ObjectTask):
+    name = "push"
+    task_description = "push the red block onto the green target"
+    objects_xml = _object_xml("block", BLOCK_HALF, ".85 .2 .2 1", 0.2) + _TARGET_MARKER.format(radius=0.04)
+    default_max_episode_steps = 150
+    success_radius = 0.03
+
+    def _sample_task(self, rng: np.random.Generator) -> None:
+        block = rng.uniform([0.4, -0.15], [0.55, 0.15])
+        while True:  # a target 12-25 cm away that stays inside the pushable area
+            angle, dist = rng.uniform(-np.pi, np.pi), rng.uniform(0.12, 0.25)
+            target = block + dist * np.array([np.cos(angle), np.sin(angle)])
+            if 0.35 <= target[0] <= 0.65 and abs(target[1]) <= 0.25:
+                break
+        self._place(block, rng.uniform(-np.pi / 4, np.pi / 4), target)
+
+    def _reward_and_success(self) -> tuple[float, bool]:
+        obj, target, ee = self.object_pos(), self.target_pos(), self.data.site_xpos[self._site]
+        obj_to_target = float(np.linalg.norm(obj[:2] - target[:2]))
+        ee_to_obj = float(np.linalg.norm(obj - ee))
+        success = obj_to_target < self.success_radius
+        return 0.5 * (1 - np.tanh(10 * ee_to_obj)) + (
+            1 - np.tanh(10 * obj_to_target)
+        ) + 10.0 * success, success
+
+
+class PickPlaceTask(_ObjectTask):
+    name = "pick_place"
+    task_description = "pick up the red cube and place it on the green marker"
+    object_name = "cube"
+    object_half = CUBE_HALF
+    objects_xml = _object_xml("cube", CUBE_HALF, ".85 .2 .2 1", 0.05) + _TARGET_MARKER.format(radius=0.03)
+    default_max_episode_steps = 150
+    success_radius = 0.03
+
+    def _sample_task(self, rng: np.random.Generator) -> None:
+        cube = rng.uniform([0.38, -0.2], [0.62, 0.2])
+        while True:
+            target = rng.uniform([0.38, -0.2], [0.62, 0.2])
+            if np.linalg.norm(target - cube) > 0.12:
+                break
+        self._place(cube, rng.uniform(-0.3, 0.3), target)
+
+    def _reward_and_success(self) -> tuple[float, bool]:
+        obj, target, ee = self.object_pos(), self.target_pos(), self.data.site_xpos[self._site]
+        ee_to_obj = float(np.linalg.norm(obj - ee))
+        obj_to_target = float(np.linalg.norm(obj[:2] - target[:2]))
+        lifted = obj[2] > CUBE_HALF + 0.01
+        # placed: resting on the table (not held in the air) inside the marker
+        success = obj_to_target < self.success_radius and obj[2] < CUBE_HALF + 0.005
+        reward = 0.5 * (1 - np.tanh(10 * ee_to_obj)) + 0.5 * lifted + (1 - np.tanh(10 * obj_to_target))
+        return reward + 10.0 * success, success
+
+
+class PushTwoWaysTask(_ObjectTask):
+    """Push a block past a wall to a target straight behind it: around the left or the right side.
+
+    Start and target sit on the x axis on either side of the wall, so both detours are equally good and a
+    policy that averages them pushes straight into the wall.
+    """
+
+    name = "push_two_ways"
+    task_description = "push the red block around the gray wall onto the green target"
+    objects_xml = (
+        _object_xml("block", BLOCK_HALF, ".85 .2 .2 1", 0.2)
+        + _TARGET_MARKER.format(radius=0.04)
+        + f"""
+<geom name="wall" class="object" type="box" size="{OBSTACLE_HALF[0]} {OBSTACLE_HALF[1]} {OBSTACLE_HALF[2]}"
+      pos="{OBSTACLE_POS[0]} {OBSTACLE_POS[1]} {OBSTACLE_HALF[2]}" rgba=".5 .5 .55 1"/>
+"""
+    )
+    default_max_episode_steps = 200
+    success_radius = 0.03
+
+    def _sample_task(self, rng: np.random.Generator) -> None:
+        block = np.array([rng.uniform(0.36, 0.39), rng.uniform(-0.02, 0.02)])
+        target = np.array([rng.uniform(0.63, 0.66), rng.uniform(-0.02, 0.02)])
+        self._place(block, rng.uniform(-0.2, 0.2), target)
+
+    def _reward_and_success(self) -> tuple[float, bool]:
+        obj, target, ee = self.object_pos(), self.target_pos(), self.data.site_xpos[self._site]
+        obj_to_target = float(np.linalg.norm(obj[:2] - target[:2]))
+        ee_to_obj = float(np.linalg.norm(obj - ee))
+        success = obj_to_target < self.success_radius
+        return 0.5 * (1 - np.tanh(10 * ee_to_obj)) + (
+            1 - np.tanh(5 * obj_to_target)
+        ) + 10.0 * success, success
+
+
+TASK_CLASSES: dict[str, type[ArmTaskEnv]] = {
+    cls.name: cls for cls in (ReachTask, PushTask, PickPlaceTask, PushTwoWaysTask)
+}
