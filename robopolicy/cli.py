@@ -26,6 +26,8 @@ COMMANDS = {
     "data": "inspect, check, convert and curate stores: data info|validate|stats|export|import|quality|filter",
     "train": "offline training of a policy on a store, with periodic evaluation in simulation",
     "eval": "success rate (95% Wilson interval), returns and videos of a checkpoint in simulation",
+    "serve": "a policy server for remote robots (msgpack protocol, loopback by default)",
+    "deploy": "a control node driving a robot (robot=sim: a MuJoCo task in real time) with a local or remote policy",
     "quickstart": "the embedded default: collect, train, evaluate on a built-in task",
 }
 DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "filter")
@@ -37,6 +39,13 @@ class UserError(Exception):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UserError, FileNotFoundError, FileExistsError, ValueError]
+    try:
+        from real.control_node import ControlNodeError
+        from real.sim_robot import SimRobotError
+
+        errors += [ControlNodeError, SimRobotError]
+    except ImportError:
+        pass
     try:
         from robopolicy.data import StoreError
 
@@ -346,6 +355,25 @@ def cmd_quickstart(cfg: DictConfig) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["summary"] = str(out / "summary.json")
     return summary
+
+
+def cmd_serve(cfg: DictConfig) -> dict:
+    from real.deploy import serve
+
+    ckpt = resolve_checkpoint(require(cfg, "ckpt", "serve"))
+
+    def ready(address: tuple) -> None:
+        print(f"serving {ckpt} on {address[0]}:{address[1]} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+
+    serve(ckpt, str(cfg.host), int(cfg.port), cfg.token, fps=cfg.fps, threads=cfg.threads, on_ready=ready)
+    return {"command": "serve", "checkpoint": str(ckpt), "stopped": True}
+
+
+def cmd_deploy(cfg: DictConfig) -> dict:
+    from real.deploy import deploy
+
+    require(cfg, "out", "deploy")
+    return {"command": "deploy", **deploy(cfg)}
 
 
 def _data_import(cfg: DictConfig) -> dict:

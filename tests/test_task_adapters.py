@@ -11,7 +11,7 @@ def run_expert(task: str, seed: int, max_steps: int = 300) -> tuple[bool, int]:
     env, expert = sim.make_env(task), sim.make_expert(task)
     obs, _ = env.reset(seed=seed)
     expert.reset(seed)
-    for t in range(max_steps):
+    for t in range(max_steps):  # noqa: B007  (t is the episode length afterwards)
         obs, _, terminated, truncated, info = env.step(expert.act(obs))
         if terminated or truncated:
             break

@@ -1,0 +1,233 @@
+"""Chunk execution modes: how action chunks arriving from (slow) inference become one action per control tick.
+
+Every chunk is placed on the time axis at the observation it was computed from: with n_obs_steps = To, action
+j of a chunk is due at t_obs + (j - (To - 1)) * action_dt. Sampling a chunk at the current time drops the
+actions whose time has passed during inference (latency compensation) and interpolates between neighbours
+when the control loop runs faster than the policy's action rate (linear, or zero-order hold).
+
+    sync      naive: ask, wait (the robot holds), execute n_action_steps from the moment the chunk arrives, ask again
+    ensemble  ACT temporal ensembling: a new chunk every action step, the actions all chunks hold for the current
+              time averaged with weights exp(-decay * i), i = 0 for the oldest prediction
+    rtc       real-time chunking: the next chunk is asked for `d` steps before the current one runs out (d = the
+              measured inference delay in action steps); the actions the robot will execute meanwhile are sent
+              as `prefix_actions`, frozen in the new chunk, and the rest is generated to continue them. When the
+              policy cannot take a prefix, old and new chunks are cross-faded over `blend_steps` instead.
+
+Executors are used from the control-loop thread only. numpy only (runs on the robot computer).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+MODES = ("sync", "ensemble", "rtc")
+_EPS = 1e-9
+
+
+@dataclass
+class ChunkPlan:
+    """An action chunk [H, A] on the time axis: action j is due at t0 + j * dt; indices first..last execute."""
+
+    chunk: np.ndarray
+    t0: float
+    dt: float
+    first: int
+    last: int
+
+    @classmethod
+    def anchored(cls, chunk: np.ndarray, t_anchor: float, dt: float, n_obs_steps: int, n_execute: int) -> ChunkPlan:
+        """Index n_obs_steps - 1 (the 'now' of the observation) due at t_anchor; n_execute actions from there."""
+        first = n_obs_steps - 1
+        last = min(first + n_execute - 1, len(chunk) - 1)
+        return cls(np.asarray(chunk, dtype=np.float64), t_anchor - first * dt, dt, first, last)
+
+    def index_at(self, t: float) -> float:
+        return (t - self.t0) / self.dt
+
+    def time_of(self, index: float) -> float:
+        return self.t0 + index * self.dt
+
+    def end_time(self) -> float:
+        """When the last executable action's slot is over."""
+        return self.time_of(self.last + 1)
+
+    def sample(self, t: float, interpolate: bool = True, any_index: bool = False) -> np.ndarray | None:
+        """The action due at time t (None outside the executable range; `any_index`: the whole chunk)."""
+        first, last = (0, len(self.chunk) - 1) if any_index else (self.first, self.last)
+        x = self.index_at(t)
+        if x < first - _EPS or x >= last + 1 - _EPS:
+            return None
+        x = max(x, first)
+        j = min(int(math.floor(x + _EPS)), last)
+        if not interpolate:
+            return self.chunk[j].copy()
+        frac = min(max(x - j, 0.0), 1.0)
+        nxt = self.chunk[min(j + 1, len(self.chunk) - 1)]
+        return (1.0 - frac) * self.chunk[j] + frac * nxt
+
+
+class Executor(ABC):
+    """Turns chunks into per-tick actions. `wants_inference(now)` is asked only while no request is in flight."""
+
+    mode: str = ""
+
+    def __init__(self, n_obs_steps: int, horizon: int, n_action_steps: int, action_dt: float,
+                 interpolate: bool = True) -> None:
+        if not (n_obs_steps >= 1 and horizon >= n_obs_steps and n_action_steps >= 1 and action_dt > 0):
+            raise ValueError(
+                f"Executor needs n_obs_steps >= 1, horizon >= n_obs_steps, n_action_steps >= 1 and action_dt > 0; "
+                f"got {n_obs_steps}, {horizon}, {n_action_steps}, {action_dt}."
+            )
+        self.n_obs_steps, self.horizon, self.n_action_steps = n_obs_steps, horizon, n_action_steps
+        self.dt = float(action_dt)
+        self.interpolate = interpolate
+        self.reset()
+
+    @abstractmethod
+    def reset(self) -> None: ...
+
+    @abstractmethod
+    def wants_inference(self, now: float) -> bool: ...
+
+    @abstractmethod
+    def add_chunk(self, chunk: np.ndarray, t_obs: float, now: float) -> None:
+        """A validated chunk [H, A] computed from the observation captured at t_obs, arriving at `now`."""
+
+    @abstractmethod
+    def action_at(self, now: float) -> np.ndarray | None:
+        """The action to command now, or None when there is none (the node then holds)."""
+
+    def prefix_for(self, t_obs: float) -> np.ndarray | None:
+        """Actions [k, A] to freeze at the start of the chunk asked for now (rtc only)."""
+        return None
+
+
+class SyncExecutor(Executor):
+    mode = "sync"
+
+    def reset(self) -> None:
+        self.plan: ChunkPlan | None = None
+
+    def wants_inference(self, now: float) -> bool:
+        return self.plan is None or now >= self.plan.end_time() - _EPS
+
+    def add_chunk(self, chunk: np.ndarray, t_obs: float, now: float) -> None:
+        # naive: the robot held while waiting, so the chunk starts when it arrives, not at its observation
+        self.plan = ChunkPlan.anchored(chunk, now, self.dt, self.n_obs_steps, self.n_action_steps)
+
+    def action_at(self, now: float) -> np.ndarray | None:
+        return None if self.plan is None else self.plan.sample(now, self.interpolate)
+
+
+class EnsembleExecutor(Executor):
+    mode = "ensemble"
+
+    def __init__(self, *args, decay: float = 0.01, **kwargs) -> None:
+        self.decay = float(decay)
+        super().__init__(*args, **kwargs)
+
+    def reset(self) -> None:
+        self.plans: list[ChunkPlan] = []  # oldest first
+        self._last_t_obs = -math.inf
+
+    def wants_inference(self, now: float) -> bool:
+        return now - self._last_t_obs >= self.dt - _EPS
+
+    def add_chunk(self, chunk: np.ndarray, t_obs: float, now: float) -> None:
+        self._last_t_obs = t_obs
+        execute = self.horizon - (self.n_obs_steps - 1)  # every prediction for the future takes part
+        self.plans.append(ChunkPlan.anchored(chunk, t_obs, self.dt, self.n_obs_steps, execute))
+
+    def action_at(self, now: float) -> np.ndarray | None:
+        self.plans = [p for p in self.plans if now < p.end_time() - _EPS]
+        samples = [a for p in self.plans if (a := p.sample(now, self.interpolate)) is not None]
+        if not samples:
+            return None
+        weights = np.exp(-self.decay * np.arange(len(samples)))  # i = 0: the oldest prediction
+        return np.einsum("i,ia->a", weights / weights.sum(), np.stack(samples))
+
+
+class RTCExecutor(Executor):
+    mode = "rtc"
+
+    def __init__(self, *args, supports_prefix: bool = True, blend_steps: int = 4, expected_latency_s: float = 0.0,
+                 latency_smoothing: float = 0.5, **kwargs) -> None:
+        self.supports_prefix = supports_prefix
+        self.blend_steps = int(blend_steps)
+        self.expected_latency_s = float(expected_latency_s)
+        self.latency_smoothing = float(latency_smoothing)
+        super().__init__(*args, **kwargs)
+
+    def reset(self) -> None:
+        self.plan: ChunkPlan | None = None
+        self.previous: ChunkPlan | None = None  # cross-fade source when no prefix could be frozen
+        self.blend_start = self.blend_end = -math.inf
+        self.latency_s = self.expected_latency_s
+        self.last_prefix_len = 0
+
+    @property
+    def delay_steps(self) -> int:
+        """The inference delay in action steps (how many actions the robot executes while a chunk is computed)."""
+        return int(math.ceil(self.latency_s / self.dt - 1e-6))
+
+    def wants_inference(self, now: float) -> bool:
+        if self.plan is None:
+            return True
+        execute_end = self.plan.time_of(self.n_obs_steps - 1 + self.n_action_steps)
+        return now >= execute_end - self.delay_steps * self.dt - _EPS
+
+    def prefix_for(self, t_obs: float) -> np.ndarray | None:
+        if self.plan is None or not self.supports_prefix:
+            return None
+        t0 = t_obs - (self.n_obs_steps - 1) * self.dt
+        # past actions and those the robot will execute while this chunk is computed, one free action at least
+        wanted = min(self.n_obs_steps + self.delay_steps, self.horizon - 1)
+        prefix = []
+        for j in range(wanted):
+            t = max(t0 + j * self.dt, self.plan.t0)
+            action = self.plan.sample(t, interpolate=True, any_index=True)
+            if action is None:
+                break
+            prefix.append(action)
+        return np.stack(prefix) if prefix else None
+
+    def add_chunk(self, chunk: np.ndarray, t_obs: float, now: float) -> None:
+        latency = max(now - t_obs, 0.0)
+        self.latency_s = latency if self.plan is None else (
+            self.latency_smoothing * self.latency_s + (1.0 - self.latency_smoothing) * latency
+        )
+        if not self.supports_prefix and self.plan is not None and self.blend_steps > 0:
+            self.previous, self.blend_start, self.blend_end = self.plan, now, now + self.blend_steps * self.dt
+        # the tail past n_action_steps keeps the robot going if the next chunk is late
+        execute = self.horizon - (self.n_obs_steps - 1)
+        self.plan = ChunkPlan.anchored(chunk, t_obs, self.dt, self.n_obs_steps, execute)
+
+    def action_at(self, now: float) -> np.ndarray | None:
+        if self.plan is None:
+            return None
+        action = self.plan.sample(now, self.interpolate)
+        if action is not None and now < self.blend_end:
+            old = self.previous.sample(now, self.interpolate, any_index=True)
+            if old is not None:
+                w = (now - self.blend_start) / (self.blend_end - self.blend_start)
+                action = (1.0 - w) * old + w * action
+        return action
+
+
+def make_executor(mode: str, *, n_obs_steps: int, horizon: int, n_action_steps: int, action_dt: float,
+                  interpolate: bool = True, ensemble_decay: float = 0.01, supports_prefix: bool = True,
+                  blend_steps: int = 4, expected_latency_s: float = 0.0) -> Executor:
+    shape = dict(n_obs_steps=n_obs_steps, horizon=horizon, n_action_steps=n_action_steps, action_dt=action_dt,
+                 interpolate=interpolate)
+    if mode == "sync":
+        return SyncExecutor(**shape)
+    if mode == "ensemble":
+        return EnsembleExecutor(**shape, decay=ensemble_decay)
+    if mode == "rtc":
+        return RTCExecutor(**shape, supports_prefix=supports_prefix, blend_steps=blend_steps,
+                           expected_latency_s=expected_latency_s)
+    raise ValueError(f"Unknown execution mode {mode!r}; choose one of {', '.join(MODES)}.")

@@ -1,0 +1,86 @@
+"""A scripted intervener for the simulated robot: the task's expert takes over when the policy stalls.
+
+It plays the human with a takeover pedal: it watches the end-effector (entries `ee.x, ee.y, ee.z` of
+`observation.state`), and when it has moved less than `stall_distance` over the last `stall_s` seconds
+(without success) it intervenes for `takeover_s` seconds, acting with the scripted expert from the robot's own
+observations. The expert is asked at the task's own rate (its phase machine counts task steps) and its action
+held in between. Imports `sim` lazily (the intervener runs on the workstation, beside the simulator).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from real.hal import Robot, Teleoperator
+
+
+class ScriptedIntervener(Teleoperator):
+    def __init__(self, robot: Robot, task: str, *, stall_s: float = 2.0, stall_distance: float = 0.01,
+                 takeover_s: float = 3.0, seed: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.robot, self.task = robot, task
+        self.stall_s, self.stall_distance, self.takeover_s = stall_s, stall_distance, takeover_s
+        self.seed = seed
+        self._clock = clock
+        self._expert = None
+        self._ee_slice: slice | None = None
+        self.interventions = 0
+
+    def connect(self) -> None:
+        import sim
+
+        self._expert = sim.make_expert(self.task, seed=self.seed)
+        names = self.robot.observation_features["observation.state"]["names"]
+        start = names.index("ee.x")
+        self._ee_slice = slice(start, start + 3)
+        self.reset(self.seed)
+
+    def disconnect(self) -> None:
+        self._expert = None
+
+    def reset(self, seed: int | None = None) -> None:
+        """A new episode: forget the motion history, the expert starts over."""
+        if self._expert is not None:
+            self._expert.reset(seed)
+        self._track: deque[tuple[float, np.ndarray]] = deque()
+        self._until = -np.inf
+        self._action: np.ndarray | None = None
+        self._next_expert_t = -np.inf
+
+    @property
+    def is_intervening(self) -> bool:
+        return self._clock() < self._until
+
+    def get_action(self) -> np.ndarray | None:
+        if self._expert is None:
+            raise RuntimeError("ScriptedIntervener is not connected; use it in a `with` block.")
+        now = self._clock()
+        obs = self.robot.get_observation()
+        state = np.asarray(obs["observation.state"], dtype=np.float64)
+        if not np.isfinite(state).all():
+            return self._action if self.is_intervening else None
+        if not self.is_intervening and self._stalled(now, state[self._ee_slice]):
+            self._until = now + self.takeover_s
+            self._next_expert_t = now
+            self.interventions += 1
+        if not self.is_intervening:
+            return None
+        if now >= self._next_expert_t:  # the expert's phase machine runs at the task rate
+            self._action = np.asarray(self._expert.act({"observation.state": state.astype(np.float32)}))
+            self._next_expert_t = now + 1.0 / getattr(self.robot, "fps", 10)
+        return self._action
+
+    def _stalled(self, now: float, ee: np.ndarray) -> bool:
+        if getattr(self.robot, "status", {}).get("success"):
+            return False
+        self._track.append((now, ee.copy()))
+        while self._track and self._track[0][0] < now - self.stall_s:
+            self._track.popleft()
+        t_first, ee_first = self._track[0]
+        # stalled: the whole window spans stall_s and the hand stayed within stall_distance of where it was
+        return now - t_first >= 0.9 * self.stall_s and all(
+            np.linalg.norm(p - ee_first) < self.stall_distance for _, p in self._track
+        )

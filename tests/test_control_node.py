@@ -1,0 +1,234 @@
+"""Execution modes, prefix-preserving sampling and the control node on the real simulated robot."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from real.control_node import ControlConfig, ControlNode, LocalInference, ObservationBuffer
+from real.execution import ChunkPlan, EnsembleExecutor, RTCExecutor, SyncExecutor, make_executor
+from real.recording import EpisodeRecorder
+from real.sim_robot import SimRobot
+from robopolicy.data import DemoStore, validate_store
+from robopolicy.policies import make_policy
+from robopolicy.policies.inpainting import PrefixInpaintingPolicy, servable_policy
+
+STATE_DIM, ACTION_DIM = 28, 4  # builtin/pick_place
+FEATURES = {
+    "observation.state": {"dtype": "float32", "shape": [STATE_DIM], "names": None},
+    "action": {"dtype": "float32", "shape": [ACTION_DIM], "names": None},
+}
+
+
+def small_policy(name: str, **overrides):
+    with open(f"configs/policy/{name}.yaml") as f:
+        cfg = yaml.safe_load(f)
+    cfg.update({"unet": {"down_dims": [16, 32], "kernel_size": 3, "n_groups": 4, "step_embed_dim": 16}}, **overrides)
+    stats = {k: {s: np.full(v["shape"], x, np.float32) for s, x in
+                 {"mean": 0, "std": 1, "min": -1, "max": 1, "q01": -1, "q99": 1}.items()} for k, v in FEATURES.items()}
+    torch.manual_seed(0)
+    return make_policy(cfg, FEATURES, stats).eval()
+
+
+def ramp_chunk(horizon: int = 16, start: float = 0.0) -> np.ndarray:
+    return np.stack([np.full(ACTION_DIM, start + j, dtype=np.float64) for j in range(horizon)])
+
+
+# ------------------------------------------------------------------------------------------ chunk timing
+
+
+def test_plan_drops_actions_whose_time_passed_and_interpolates():
+    # To = 2: index 1 is due at the observation time t_obs = 10.0; dt = 0.1
+    plan = ChunkPlan.anchored(ramp_chunk(), 10.0, 0.1, n_obs_steps=2, n_execute=8)
+    assert plan.sample(10.0)[0] == pytest.approx(1.0)
+    # arriving 0.25 s after the observation, the first actions are gone: 1.0 + 2.5 steps
+    assert plan.sample(10.25)[0] == pytest.approx(3.5)
+    assert plan.sample(10.25, interpolate=False)[0] == pytest.approx(3.0)
+    assert plan.sample(9.95) is None  # before the observation's own action
+    assert plan.sample(10.0 + 8 * 0.1) is None  # past the 8 executed actions
+
+
+def test_sync_holds_while_waiting_and_starts_chunk_on_arrival():
+    ex = SyncExecutor(2, 16, 8, 0.1)
+    assert ex.wants_inference(0.0) and ex.action_at(0.0) is None  # nothing yet: the node holds
+    ex.add_chunk(ramp_chunk(), t_obs=0.0, now=0.3)  # 300 ms late; sync starts from index To-1 anyway
+    assert ex.action_at(0.3)[0] == pytest.approx(1.0)
+    assert not ex.wants_inference(0.5)
+    assert ex.action_at(0.3 + 0.8) is None and ex.wants_inference(0.3 + 0.8)
+
+
+def test_ensemble_averages_overlapping_chunks_with_exponential_weights():
+    ex = EnsembleExecutor(1, 8, 4, 0.1, decay=0.5)
+    ex.add_chunk(np.zeros((8, ACTION_DIM)), t_obs=0.0, now=0.0)
+    assert not ex.wants_inference(0.05) and ex.wants_inference(0.1)
+    ex.add_chunk(np.ones((8, ACTION_DIM)), t_obs=0.1, now=0.1)
+    w_old, w_new = 1.0, np.exp(-0.5)  # i = 0 for the oldest prediction
+    assert ex.action_at(0.2)[0] == pytest.approx(w_new / (w_old + w_new))
+    assert ex.action_at(0.85)[0] == pytest.approx(1.0)  # only the newer chunk reaches that far
+
+
+def test_rtc_asks_early_by_the_measured_delay_and_freezes_the_prefix():
+    ex = RTCExecutor(2, 16, 8, 0.1)
+    ex.add_chunk(ramp_chunk(), t_obs=0.0, now=0.25)  # 250 ms inference: 3 action steps
+    assert ex.delay_steps == 3
+    # the execution horizon of 8 actions ends at t = 0.8; ask 3 steps before
+    assert not ex.wants_inference(0.45) and ex.wants_inference(0.5)
+    prefix = ex.prefix_for(t_obs=0.5)
+    # past action (index 0 at t=0.4) and the ones due while the next chunk is computed (t = 0.5 .. 0.8)
+    assert prefix.shape == (2 + 3, ACTION_DIM)
+    np.testing.assert_allclose(prefix[:, 0], [5.0, 6.0, 7.0, 8.0, 9.0])
+    # a chunk that continues the prefix switches seamlessly
+    new = ramp_chunk(start=5.0)
+    before = ex.action_at(0.72)
+    ex.add_chunk(new, t_obs=0.5, now=0.72)
+    np.testing.assert_allclose(ex.action_at(0.72), before)
+
+
+def test_rtc_without_prefix_support_cross_fades():
+    ex = make_executor("rtc", n_obs_steps=1, horizon=8, n_action_steps=4, action_dt=0.1, supports_prefix=False,
+                       blend_steps=2)
+    ex.add_chunk(np.zeros((8, ACTION_DIM)), 0.0, 0.0)
+    assert ex.prefix_for(0.2) is None
+    ex.add_chunk(np.ones((8, ACTION_DIM)), 0.2, 0.2)
+    assert ex.action_at(0.2)[0] == pytest.approx(0.0)
+    assert ex.action_at(0.3)[0] == pytest.approx(0.5)
+    assert ex.action_at(0.4)[0] == pytest.approx(1.0)
+
+
+def test_observation_history_is_spaced_at_the_action_rate():
+    buf = ObservationBuffer(["observation.state"], n_obs_steps=3, dt=0.1)
+    for i in range(20):  # a 50 Hz sensor
+        buf.add(i * 0.02, {"observation.state": np.array([i * 0.02])})
+    history, t_obs = buf.history()
+    assert t_obs == pytest.approx(0.38)
+    np.testing.assert_allclose(history["observation.state"][:, 0], [0.18, 0.28, 0.38], atol=0.021)
+
+
+# --------------------------------------------------------------------------------- prefix inpainting
+
+
+@pytest.mark.parametrize("name", ["flow", "diffusion"])
+def test_prefix_inpainting_freezes_the_prefix_and_generates_the_rest(name):
+    policy = small_policy(name, num_inference_steps=4)
+    wrapped = servable_policy(policy)
+    assert isinstance(wrapped, PrefixInpaintingPolicy)
+    obs = {"observation.state": torch.randn(2, 2, STATE_DIM)}
+    noise = torch.randn(2, 16, ACTION_DIM, generator=torch.Generator().manual_seed(1))
+    prefix = torch.rand(2, 5, ACTION_DIM) * 1.6 - 0.8
+    chunk = wrapped.sample_chunk(obs, noise, prefix_actions=prefix)
+    torch.testing.assert_close(chunk[:, :5], prefix, atol=1e-5, rtol=0)
+    # without a prefix it is the policy itself; with one, the free part depends on it
+    torch.testing.assert_close(wrapped.sample_chunk(obs, noise), policy.sample_chunk(obs, noise))
+    other = wrapped.sample_chunk(obs, noise, prefix_actions=-prefix)
+    assert not torch.allclose(chunk[:, 5:], other[:, 5:])
+
+
+def test_mlp_policy_is_served_without_prefix_support():
+    policy = small_policy("mlp")
+    assert servable_policy(policy) is policy
+
+
+# ------------------------------------------------------------------------------- the node on the sim robot
+
+
+@pytest.fixture(scope="module")
+def robot():
+    with SimRobot("builtin/pick_place", control_hz=20, sensor_latency_s=0.01) as robot:
+        yield robot
+
+
+def assert_commands_within_limits(actions: np.ndarray, robot: SimRobot) -> None:
+    limits = robot.limits
+    assert (actions >= limits.position_lower - 1e-6).all() and (actions <= limits.position_upper + 1e-6).all()
+    steps = np.abs(np.diff(np.vstack([robot.command_state(), actions]), axis=0))
+    assert (steps <= limits.max_step + 1e-5).all()
+
+
+@pytest.mark.parametrize("mode", ["sync", "ensemble", "rtc"])
+def test_node_runs_each_mode_within_limits_and_records(robot, tmp_path, mode):
+    backend = LocalInference(servable_policy(small_policy("flow", num_inference_steps=2)))
+    recorder = EpisodeRecorder(tmp_path / "store", robot.observation_features, robot.action_features["action"], 20)
+    node = ControlNode(robot, backend, ControlConfig(control_hz=20, mode=mode, max_episode_s=1.5),
+                       recorder=recorder, task="pick")
+    try:
+        result = node.run_episode(seed=3)
+    finally:
+        node.close()
+        recorder.close()
+    assert result.counts["chunks"] >= 2 and result.counts["chunk_errors"] == 0
+    assert 25 <= result.ticks <= 31  # 1.5 s at 20 Hz
+    assert validate_store(tmp_path / "store") == []
+    with DemoStore.open(tmp_path / "store") as store:
+        episode = store.get_episode(0)
+        assert store.episodes[0]["source"] == "policy"
+        assert store.episodes[0]["extra"]["mode"] == mode
+    assert_commands_within_limits(episode["action"], robot)
+    # latency compensation: every chunk in use was computed from an observation before its command
+    used = episode["timing.chunk_obs_timestamp"][:, 0] > 0
+    assert (episode["timing.chunk_obs_timestamp"][used, 0] < episode["timing.command_time"][used, 0]).all()
+    assert robot.status["stopped"] or _wait_for(lambda: robot.status["stopped"])
+
+
+def _wait_for(condition, timeout_s: float = 1.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_robot_is_stopped_when_the_episode_raises(robot):
+    class FailingTeleop:
+        calls = 0
+
+        def get_action(self):
+            self.calls += 1
+            if self.calls == 10:
+                raise RuntimeError("teleoperator unplugged")
+            return None
+
+    backend = LocalInference(small_policy("mlp"))
+    node = ControlNode(robot, backend, ControlConfig(control_hz=20, max_episode_s=5), teleop=FailingTeleop())
+    try:
+        with pytest.raises(RuntimeError, match="unplugged"):
+            node.run_episode(seed=0)
+    finally:
+        node.close()
+    assert _wait_for(lambda: robot.status["stopped"])
+
+
+def test_estop_ends_the_episode_and_stops_the_robot(robot):
+    backend = LocalInference(small_policy("mlp"))
+    node = ControlNode(robot, backend, ControlConfig(control_hz=20, max_episode_s=10))
+    timer = threading.Timer(0.5, node.watchdog.trigger_estop, args=("operator button",))
+    timer.start()
+    try:
+        result = node.run_episode(seed=0)
+    finally:
+        node.close()
+    assert result.aborted == "operator button" and result.duration_s < 2.0
+    assert _wait_for(lambda: robot.status["stopped"])
+
+
+def test_policy_that_does_not_fit_the_robot_is_refused(robot):
+    features = {"observation.state": {"dtype": "float32", "shape": [5], "names": None}, **{"action": FEATURES["action"]}}
+
+    class Wrong:
+        n_obs_steps, horizon, n_action_steps, fps, supports_prefix = 1, 4, 2, 10, False
+
+        def infer(self, *args):
+            raise AssertionError("never called")
+
+        def close(self):
+            pass
+
+    backend = Wrong()
+    backend.features = features
+    with pytest.raises(Exception, match=r"observation.state' is \[28\] on the robot but \[5\]"):
+        ControlNode(robot, backend)
