@@ -373,6 +373,12 @@ def cmd_deploy(cfg: DictConfig) -> dict:
     from real.deploy import deploy
 
     require(cfg, "out", "deploy")
+    if cfg.task is None and "task" in cfg.robot:
+        if not cfg.ckpt:
+            raise UserError("Pass task=... for the simulated robot (with server=, the checkpoint is not local).")
+        from robopolicy.checkpoint import read_checkpoint_info
+
+        cfg.task = read_checkpoint_info(resolve_checkpoint(cfg.ckpt))["config"].get("task")
     return {"command": "deploy", **deploy(cfg)}
 
 

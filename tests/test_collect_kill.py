@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import ROBOPOLICY, run_cli
+
 from robopolicy.data import DemoStore, validate_store
 
 TASK = "builtin/push"
