@@ -189,7 +189,7 @@ def cmd_data(cfg: DictConfig, sub: str) -> dict:
         summary = {"command": command, "store": str(path), "valid": not problems, "problems": problems}
         if problems:
             emit(summary)
-            raise UserError(f"{path} is damaged: {problems[0]}" + (f" (and {len(problems) - 1} more problems)"
+            raise UserError(f"The store is damaged: {problems[0]}" + (f" (and {len(problems) - 1} more problems)"
                                                                    if len(problems) > 1 else ""))
         return summary
     if sub == "export":

@@ -87,3 +87,40 @@ def test_data_export_import_quality_filter_through_the_cli(cli, tmp_path):
     proc = cli("data", "import", "format=lerobot", f"src={exported}", f"out={back}")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert last_json(cli("data", "info", f"store={back}", check=True))["episodes"] == 8
+
+
+def test_collect_with_images_stores_frames_that_show_the_scene(cli, tmp_path):
+    from robopolicy.data import DemoStore
+
+    store = tmp_path / "push_img"
+    summary = last_json(cli("collect", "task=builtin/push", "episodes=2", f"out={store}", "obs.images=true",
+                            check=True))
+    assert summary["success_rate"] == 1.0
+    s = DemoStore.open(store)
+    [key] = [k for k in s.features if k.startswith("observation.images.")]
+    frames = s.get_episode(0)[key]
+    assert frames.shape[1:] == (96, 96, 3) and frames.dtype.name == "uint8"
+    assert frames[0].std() > 10, "the first image is blank"
+    moved = abs(frames[-1].astype(int) - frames[0].astype(int)).mean()
+    assert moved > 1.0, "images must change as the arm moves"
+
+
+def test_validate_names_a_truncated_chunk_and_edited_metadata(cli, tmp_path):
+    store = tmp_path / "s"
+    cli("collect", "task=builtin/reach", "episodes=3", f"out={store}", check=True)
+    chunk = next(p for p in sorted((store / "data" / "action").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[:-7])
+    proc = cli("data", "validate", f"store={store}")
+    assert proc.returncode != 0 and "action" in proc.stderr and "Traceback" not in proc.stderr
+
+    store2 = tmp_path / "s2"
+    cli("collect", "task=builtin/reach", "episodes=3", f"out={store2}", check=True)
+    meta = store2 / "zarr.json"
+    text = meta.read_text()
+    doc = json.loads(text)
+    attrs = doc["attributes"]
+    key = next(k for k in attrs if isinstance(attrs[k], dict) and "observation.state" in attrs[k])
+    del attrs[key]["observation.state"]
+    meta.write_text(json.dumps(doc))
+    proc = cli("data", "validate", f"store={store2}")
+    assert proc.returncode != 0 and "observation.state" in proc.stderr
