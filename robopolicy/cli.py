@@ -26,6 +26,7 @@ COMMANDS = {
     "data": "inspect, check, convert and curate stores: data info|validate|stats|export|import|quality|filter",
     "train": "offline training of a policy on a store, with periodic evaluation in simulation",
     "eval": "success rate (95% Wilson interval), returns and videos of a checkpoint in simulation",
+    "finetune": "online refinement of a frozen base checkpoint in simulation (algo=steer|steer_na|residual|value_guided)",
     "serve": "a policy server for remote robots (msgpack protocol, loopback by default)",
     "deploy": "a control node driving a robot (robot=sim: a MuJoCo task in real time) with a local or remote policy",
     "quickstart": "the embedded default: collect, train, evaluate on a built-in task",
@@ -143,8 +144,9 @@ def cmd_collect(cfg: DictConfig) -> dict:
                                  getattr(probe.unwrapped, "feature_names", None))
     fps, description = probe.unwrapped.fps, probe.unwrapped.task_description
     probe.close()
+    num_envs = min(int(cfg.num_envs), episodes)
     experts = [sim.make_expert(task, noise=float(cfg.expert.noise), sloppy=bool(cfg.expert.sloppy))
-               for _ in range(int(cfg.num_envs))]
+               for _ in range(num_envs)]
     if Path(out).exists() and not cfg.overwrite:
         store = DemoStore.open(out, mode="a")
         mismatch = _spec_mismatch(store.features, features)
@@ -158,7 +160,7 @@ def cmd_collect(cfg: DictConfig) -> dict:
     # Appending continues after the seeds already recorded, so a store never holds the same episode twice.
     seeds = [e.get("extra", {}).get("seed") for e in store.episodes]
     seed = max([int(cfg.seed) - 1] + [s for s in seeds if s is not None]) + 1
-    envs = make_vector_env(task, min(int(cfg.num_envs), episodes), kwargs)
+    envs = make_vector_env(task, num_envs, kwargs)
     try:
         with progress(episodes, f"collect {task}") as bar:
             summary = collect(envs, experts, store, episodes, seed=seed, task=description,
@@ -355,6 +357,24 @@ def cmd_quickstart(cfg: DictConfig) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["summary"] = str(out / "summary.json")
     return summary
+
+
+def cmd_finetune(cfg: DictConfig) -> dict:
+    from robopolicy.checkpoint import read_checkpoint_info
+    from robopolicy.rl.finetune import finetune
+
+    base = resolve_checkpoint(require(cfg, "ckpt", "finetune"))
+    require(cfg, "out", "finetune")
+    info = read_checkpoint_info(base)
+    task = cfg.task or info["config"].get("task")
+    if not task:
+        raise UserError(f"The checkpoint {base} names no task: pass task=...")
+    kwargs = env_kwargs_for_features(info["features"], cfg)
+    _check_env_matches(task, kwargs, info["features"], f"the checkpoint {base}")
+    cfg.task = task
+    with progress(int(cfg.env_steps), f"finetune {cfg.algo.name}") as bar:
+        return {"command": "finetune", **finetune(cfg, lambda n: make_vector_env(task, n, kwargs),
+                                                  log=lambda m: print(m, file=sys.stderr), progress=bar)}
 
 
 def cmd_serve(cfg: DictConfig) -> dict:
