@@ -2,14 +2,16 @@
 
     .venv/bin/python benchmarks/policy_latency.py --threads 1 --calls 200
 
-Cases: state-only (40-d state, 4-d action) and one 96x96 camera + state. Prints one JSON object as the last line
-and writes benchmarks/results/policy_latency.json.
+Cases: state-only (40-d state, 4-d action) and one 96x96 camera + state. Reports wall-clock medians and the
+process CPU time per call (the cost with a core to itself; wall time on a shared machine is inflated by load,
+also recorded). Prints one JSON object as the last line and writes benchmarks/results/policy_latency.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -50,16 +52,19 @@ def measure(config_name: str, with_image: bool, calls: int, warmup: int) -> dict
                                                         dtype=torch.uint8)
     for _ in range(warmup):
         policy.sample_chunk(obs)
-    times = []
+    times, cpu_times = [], []
     for _ in range(calls):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         policy.sample_chunk(obs)
         times.append(time.perf_counter() - start)
-    ms = np.array(times) * 1e3
+        cpu_times.append(time.process_time() - cpu_start)
+    ms, cpu_ms = np.array(times) * 1e3, np.array(cpu_times) * 1e3
     return {"policy": config_name, "obs": "state+image96" if with_image else "state",
             "params": sum(p.numel() for p in policy.parameters()),
             "inference_steps": int(cfg.get("num_inference_steps", 0)),
-            "median_ms": round(float(np.median(ms)), 3), "p90_ms": round(float(np.percentile(ms, 90)), 3)}
+            "median_ms": round(float(np.median(ms)), 3), "p90_ms": round(float(np.percentile(ms, 90)), 3),
+            # CPU time of this process: what the call costs when it has a core to itself (robust to load)
+            "cpu_median_ms": round(float(np.median(cpu_ms)), 3)}
 
 
 def main() -> None:
@@ -73,8 +78,11 @@ def main() -> None:
     results = [measure(name, with_image, args.calls, args.warmup)
                for name in args.policies for with_image in (False, True)]
     for row in results:
-        print(f"{row['policy']:>22} {row['obs']:>14}: median {row['median_ms']:7.2f} ms  p90 {row['p90_ms']:7.2f} ms")
+        print(f"{row['policy']:>22} {row['obs']:>14}: median {row['median_ms']:7.2f} ms  p90 {row['p90_ms']:7.2f} ms  "
+              f"cpu median {row['cpu_median_ms']:7.2f} ms")
+    # The machine may be shared: the load average says how much the medians are inflated by other work.
     summary = {"benchmark": "policy_latency", "batch_size": 1, "threads": args.threads, "calls": args.calls,
+               "load_avg_1min": round(os.getloadavg()[0], 2),
                "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                "targets_ms": {"flow/state": 2.0, "flow/state+image96": 15.0}, "results": results}
     out = ROOT / "benchmarks" / "results" / "policy_latency.json"

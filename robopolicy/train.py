@@ -94,6 +94,7 @@ def train(cfg: DictConfig, *, make_envs: Callable[[], object] | None = None, pro
     features = select_features(store.features, use_images)
     episodes = select_episodes(store, bool(cfg.only_success), cfg.max_episodes)
     policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
+    torch.manual_seed(int(cfg.seed))  # the initial weights depend on the seed alone
     policy = make_policy(policy_cfg, features, store.stats)
     dataset = WindowDataset(store, policy.n_obs_steps, policy.horizon, keys=list(features), episodes=episodes)
     weights = None

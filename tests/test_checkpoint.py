@@ -88,7 +88,7 @@ def test_weights_of_another_policy_type_fail_clearly(tmp_path):
     # An edited architecture: same policy type, other sizes.
     save_checkpoint(tmp_path / "flow", flow, config={})
     config = yaml.safe_load((tmp_path / "flow" / "config.yaml").read_text())
-    config["policy"]["unet"]["down_dims"] = [16, 32]
+    config["policy"]["mlp"]["hidden_dim"] = 16  # the denoiser flow uses by default
     (tmp_path / "flow" / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(CheckpointError, match="does not match the 'flow' policy.*of another shape"):
         load_policy(tmp_path / "flow")

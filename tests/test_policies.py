@@ -34,6 +34,8 @@ def small_config(config_name: str, **overrides) -> dict:
     cfg["encoder"].update(image_channels=[8, 16], image_feature_dim=16, num_keypoints=8, crop=28)
     if "unet" in cfg:
         cfg["unet"].update(down_dims=[32, 64], step_embed_dim=32)
+    if "mlp" in cfg:
+        cfg["mlp"].update(hidden_dim=64, n_blocks=2, step_embed_dim=32)
     if "transformer" in cfg:
         cfg["transformer"].update(d_model=32, n_layers=2, n_heads=2)
     if "hidden_dims" in cfg:
@@ -140,6 +142,25 @@ def test_sample_chunk_shape_units_and_determinism(config_name):
         assert not torch.allclose(chunk, policy.sample_chunk(obs, torch.randn(5, *policy.noise_shape)))
     else:
         assert torch.equal(chunk, policy.sample_chunk(obs, torch.randn(5, *policy.noise_shape)))
+
+
+@pytest.mark.parametrize("config_name, options", [
+    ("flow", {"denoiser": "mlp"}), ("flow", {"denoiser": "unet"}), ("flow", {"denoiser": "transformer"}),
+    ("diffusion", {"denoiser": "mlp", "prediction_type": "sample"}),
+    ("diffusion", {"denoiser": "mlp", "prediction_type": "epsilon"}),
+    ("diffusion", {"denoiser": "unet", "prediction_type": "epsilon"}),
+])
+def test_every_denoiser_learns_and_samples_deterministically(config_name, options):
+    torch.manual_seed(0)
+    features = make_features()
+    cfg = small_config(config_name, **options)
+    cfg.setdefault("transformer", {"d_model": 32, "n_layers": 2, "n_heads": 2})
+    policy = make_policy(cfg, features, make_stats(features))
+    losses = overfit(policy, make_batch(features, 64), steps=60)
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
+    obs, noise = observation(make_batch(features, 3)), torch.randn(3, *policy.noise_shape)
+    chunk = policy.eval().sample_chunk(obs, noise)
+    assert chunk.shape == (3, 8, ACTION_DIM) and torch.equal(chunk, policy.sample_chunk(obs, noise.clone()))
 
 
 def test_normalizer_round_trip_in_robot_units():

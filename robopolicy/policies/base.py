@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from robopolicy.policies.encoders import IMAGE_PREFIX, ObservationEncoder
+from robopolicy.policies.mlp_denoiser import MLPDenoiser
 from robopolicy.policies.normalizer import Normalizer
 from robopolicy.policies.transformer import TransformerDenoiser
 from robopolicy.policies.unet1d import ConditionalUnet1D
@@ -104,7 +105,8 @@ class ActionChunkPolicy(nn.Module):
 
 
 def make_denoiser(cfg: Mapping[str, Any], action_dim: int, cond_dim: int, horizon: int) -> nn.Module:
-    """The network shared by diffusion (predicts epsilon) and flow (predicts velocity): `denoiser: unet|transformer`."""
+    """The network shared by diffusion (predicts epsilon or the clean chunk) and flow (predicts velocity or the
+    clean chunk): `denoiser: mlp|unet|transformer`."""
     kind = cfg.get("denoiser", "unet")
     if kind == "unet":
         unet = dict(cfg.get("unet") or {})
@@ -119,4 +121,8 @@ def make_denoiser(cfg: Mapping[str, Any], action_dim: int, cond_dim: int, horizo
         tf = dict(cfg.get("transformer") or {})
         return TransformerDenoiser(action_dim, cond_dim, horizon, int(tf.get("d_model", 128)),
                                    int(tf.get("n_layers", 4)), int(tf.get("n_heads", 4)), float(tf.get("dropout", 0.0)))
-    raise PolicyConfigError(f"policy config denoiser {kind!r} is unknown; use 'unet' or 'transformer'.")
+    if kind == "mlp":
+        mlp = dict(cfg.get("mlp") or {})
+        return MLPDenoiser(action_dim, cond_dim, horizon, int(mlp.get("hidden_dim", 256)), int(mlp.get("n_blocks", 3)),
+                           int(mlp.get("step_embed_dim", 64)))
+    raise PolicyConfigError(f"policy config denoiser {kind!r} is unknown; use 'mlp', 'unet' or 'transformer'.")

@@ -2,7 +2,9 @@
 normalized action chunk, conditioned on the encoded observation history.
 
 Path x_t = (1 - t) x0 + t x1 from noise x0 (t = 0) to data x1 (t = 1); loss ||v(x_t, t) - (x1 - x0)||^2 over
-the non-padded actions. Sampling integrates the ODE from the given noise with a few Euler or midpoint steps, so
+the non-padded actions. With `prediction_type: sample` the denoiser predicts the clean chunk x1 instead (loss
+||x1_hat - x1||^2) and the velocity is (x1_hat - x_t) / (1 - t): the same ODE, a target that is easier to fit
+for the small MLP denoiser. Sampling integrates the ODE from the given noise with a few Euler or midpoint steps, so
 the chunk is a deterministic function of the noise (what latent-steering methods drive).
 """
 
@@ -30,6 +32,10 @@ class FlowPolicy(ActionChunkPolicy):
         self.num_inference_steps = int(cfg.get("num_inference_steps", 5))
         self.ode_solver = cfg.get("ode_solver", "euler")
         self.time_sampling = cfg.get("time_sampling", "beta")
+        self.prediction_type = cfg.get("prediction_type", "velocity")
+        if self.prediction_type not in ("velocity", "sample"):
+            raise PolicyConfigError(f"flow prediction_type {self.prediction_type!r} is unknown; "
+                                    "use 'velocity' or 'sample'.")
         if self.ode_solver not in ("euler", "midpoint"):
             raise PolicyConfigError(f"flow ode_solver {self.ode_solver!r} is unknown; use 'euler' or 'midpoint'.")
         if self.time_sampling not in ("uniform", "beta"):
@@ -46,7 +52,8 @@ class FlowPolicy(ActionChunkPolicy):
 
     def velocity(self, x: torch.Tensor, t: float, global_cond: torch.Tensor) -> torch.Tensor:
         timestep = torch.full((x.shape[0],), t * TIME_SCALE, device=x.device)
-        return self.denoiser(x, timestep, global_cond)
+        out = self.denoiser(x, timestep, global_cond)
+        return out if self.prediction_type == "velocity" else (out - x) / (1.0 - t)
 
     def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         x1 = self.normalized_actions(batch)  # [B, H, A] data
@@ -54,8 +61,9 @@ class FlowPolicy(ActionChunkPolicy):
         x0 = torch.randn_like(x1)  # noise
         t = self.sample_time(x1.shape[0], x1.device)[:, None, None]
         x_t = (1 - t) * x0 + t * x1
-        predicted_velocity = self.denoiser(x_t, t.flatten() * TIME_SCALE, global_cond)
-        loss = self.masked_mean((predicted_velocity - (x1 - x0)) ** 2, batch)
+        prediction = self.denoiser(x_t, t.flatten() * TIME_SCALE, global_cond)
+        target = x1 - x0 if self.prediction_type == "velocity" else x1
+        loss = self.masked_mean((prediction - target) ** 2, batch)
         return loss, {"loss": loss.item()}
 
     @torch.no_grad()
@@ -68,10 +76,10 @@ class FlowPolicy(ActionChunkPolicy):
         for i in range(self.num_inference_steps):
             t = i * dt
             if self.ode_solver == "euler":
-                x = x + dt * self.velocity(x, t, global_cond)
+                x = torch.add(x, self.velocity(x, t, global_cond), alpha=dt)
             else:
-                x_mid = x + 0.5 * dt * self.velocity(x, t, global_cond)
-                x = x + dt * self.velocity(x_mid, t + 0.5 * dt, global_cond)
+                x_mid = torch.add(x, self.velocity(x, t, global_cond), alpha=0.5 * dt)
+                x = torch.add(x, self.velocity(x_mid, t + 0.5 * dt, global_cond), alpha=dt)
         if self.clip_sample:
             x = x.clamp(-1.0, 1.0)
         return self.unnormalize_actions(x)
