@@ -192,6 +192,8 @@ def load_policy(dir: str | os.PathLike, *, expect_features: Mapping[str, Mapping
     policy_cfg = info["config"]["policy"]
     name = policy_cfg.get("name")
     if name not in POLICIES:
+        import robopolicy.rl  # noqa: F401  (registers the refined policies: steer, residual, value_guided)
+    if name not in POLICIES:
         raise CheckpointError(
             f"{folder / CONFIG_FILE} names policy {name!r}, which is not registered (known: {sorted(POLICIES)})."
         )

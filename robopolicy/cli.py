@@ -297,6 +297,10 @@ def cmd_eval(cfg: DictConfig) -> dict:
     kwargs = env_kwargs_for_features(features, cfg)
     _check_env_matches(task, kwargs, features, f"the checkpoint {ckpt}")
     policy = load_policy(ckpt)
+    if cfg.guidance is not None:  # value-guided selection (guidance=value n_samples=N) or none (the base alone)
+        from robopolicy.rl.value_guidance import apply_guidance
+
+        policy = apply_guidance(policy, cfg.guidance, cfg.n_samples, ckpt=str(ckpt))
     out = Path(cfg.out) if cfg.out else ckpt / f"eval_{task.replace('/', '_')}"
     out.mkdir(parents=True, exist_ok=True)
     envs = make_vector_env(task, min(int(cfg.num_envs), int(cfg.episodes)), kwargs)
@@ -371,7 +375,10 @@ def cmd_finetune(cfg: DictConfig) -> dict:
         raise UserError(f"The checkpoint {base} names no task: pass task=...")
     kwargs = env_kwargs_for_features(info["features"], cfg)
     _check_env_matches(task, kwargs, info["features"], f"the checkpoint {base}")
-    cfg.task = task
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.task = task
     with progress(int(cfg.env_steps), f"finetune {cfg.algo.name}") as bar:
         return {"command": "finetune", **finetune(cfg, lambda n: make_vector_env(task, n, kwargs),
                                                   log=lambda m: print(m, file=sys.stderr), progress=bar)}

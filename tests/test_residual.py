@@ -1,0 +1,63 @@
+"""Residual RL: a few updates on a real env give finite losses; the executed actions stay within `scale` of the
+base's (in normalized units); progressive exploration enables the residual for a growing fraction of episodes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from test_rl_core import base_ckpt, finetune_cfg, make_envs  # noqa: F401  (base_ckpt is a fixture)
+
+from robopolicy.checkpoint import load_policy
+from robopolicy.rl.core import base_reference
+from robopolicy.rl.finetune import finetune
+from robopolicy.rl.residual import Residual, ResidualPolicy
+
+
+def test_residual_runs_updates_with_finite_losses(tmp_path, base_ckpt):  # noqa: F811
+    summary = finetune(finetune_cfg({"name": "residual", "explore_steps": 32}, base_ckpt, tmp_path / "run"),
+                       make_envs, log=lambda m: None)
+    assert summary["env_steps"] == 64 and summary["updates"] > 0
+    assert all(math.isfinite(v) for v in summary["last_metrics"].values())
+    assert isinstance(load_policy(summary["checkpoint"]), ResidualPolicy)
+
+
+def test_residual_bound_holds(base_ckpt):  # noqa: F811
+    policy = ResidualPolicy({"name": "residual", "base": base_reference(base_ckpt), "scale": 0.05, "hidden": [16]})
+    with torch.no_grad():
+        for p in policy.actor.parameters():
+            p.normal_(0, 10.0)  # a saturated residual
+    obs = {"observation.state": torch.randn(64, 2, *policy.features["observation.state"]["shape"])}
+    noise = torch.randn(64, *policy.noise_shape)
+    base_chunk = policy.base.sample_chunk(obs, noise)
+    chunk = policy.sample_chunk(obs, noise)
+    deviation = (policy.normalize_actions(chunk) - policy.normalize_actions(base_chunk)).abs()
+    executed = deviation[:, policy.exec_slice]
+    assert executed.max() <= 0.05 + 1e-5 and executed.max() > 0.04
+    outside = torch.ones(policy.horizon, dtype=torch.bool)
+    outside[policy.exec_slice] = False
+    assert deviation[:, outside].max() < 1e-5  # only the executed actions are corrected
+
+
+def test_progressive_exploration_grows_the_enabled_fraction(base_ckpt):  # noqa: F811
+    policy = ResidualPolicy({"name": "residual", "base": base_reference(base_ckpt), "hidden": [16]})
+    method = Residual(policy, {"explore_start": 0.2, "explore_steps": 1000, "hidden": [16]}, seed=0)
+    assert method.enabled_fraction(0) == 0.2 and abs(method.enabled_fraction(500) - 0.6) < 1e-9
+    assert method.enabled_fraction(5000) == 1.0
+
+    def fraction(env_steps: int) -> float:
+        on = 0
+        for i in range(400):
+            method.start_episode(i, env_steps)
+            on += method.enabled[i]
+        return on / 400
+
+    assert 0.1 < fraction(0) < 0.3 and fraction(1000) == 1.0
+    # a disabled episode runs the base alone: zero residual whatever the actor says
+    method.enabled = {0: False, 1: True}
+    obs = {"observation.state": torch.randn(2, 2, *policy.features["observation.state"]["shape"])}
+    inputs = method.observe(obs)
+    residual, actions, _ = method.act(obs, inputs, [0, 1], explore=True)
+    assert torch.equal(residual[0], torch.zeros_like(residual[0])) and residual[1].abs().sum() > 0
+    base_executed = inputs[0, policy.feature_dim:].view(policy.n_exec, policy.action_dim)
+    assert torch.allclose(policy.normalize_actions(actions[0]), base_executed, atol=1e-5)

@@ -1,0 +1,186 @@
+"""Online refinement core: replay buffer, chunked rollout step counting, curves files, refined checkpoints that
+load through `load_policy` and refuse a missing or changed base."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_policies import make_stats, small_config
+
+import sim
+from robopolicy.checkpoint import CheckpointError, load_policy, read_checkpoint_info, save_checkpoint
+from robopolicy.features import features_from_env
+from robopolicy.policies import make_policy
+from robopolicy.rl.core import ChunkedCollector, Curves, ReplayBuffer, base_reference, save_refined
+from robopolicy.rl.finetune import finetune
+from sim.vector import make_vector_env
+
+TASK = "builtin/reach"
+MAX_STEPS = 10  # short episodes so a few dozen steps cross episode ends
+
+
+def make_base(folder, task: str = TASK):
+    """A small (untrained) flow policy for `task`, saved as a real checkpoint; returns its folder."""
+    env = sim.make_env(task)
+    features = features_from_env(env.observation_space, env.action_space)
+    env.close()
+    torch.manual_seed(0)
+    cfg = small_config("flow", num_inference_steps=2)
+    policy = make_policy(cfg, features, make_stats(features, -1.0, 1.0)).eval()
+    return save_checkpoint(folder, policy, config={"policy": cfg, "task": task})
+
+
+def make_envs(num_envs: int, task: str = TASK):
+    return make_vector_env(task, num_envs, autoreset="disabled", max_episode_steps=MAX_STEPS)
+
+
+def finetune_cfg(algo: dict, ckpt, out, **overrides) -> dict:
+    """A finetune config (configs/finetune.yaml + configs/algo/<name>.yaml) shrunk to a few updates."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    cfg = yaml.safe_load((configs / "finetune.yaml").read_text())
+    cfg.pop("defaults")
+    algo_cfg = yaml.safe_load((configs / "algo" / f"{algo['name']}.yaml").read_text())
+    if "defaults" in algo_cfg:  # steer_na builds on steer
+        parent = yaml.safe_load((configs / "algo" / f"{algo_cfg.pop('defaults')[0]}.yaml").read_text())
+        algo_cfg = {**parent, **algo_cfg}
+    cfg["algo"] = {**algo_cfg, "hidden": [32, 32], "batch_size": 16, "learning_starts": 16, "collect_steps": 8,
+                   "updates_per_step": 0.5, **algo}
+    cfg.update(ckpt=str(ckpt), out=str(out), task=TASK, env_steps=64, num_envs=1)
+    cfg["eval"].update(every=32, episodes=2, base_episodes=0, final_episodes=2, num_envs=1)
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("rl") / "base")
+
+
+def test_replay_buffer_wraps_around_and_samples_rows_together():
+    buffer = ReplayBuffer(5, {"obs": (2,), "reward": ()})
+    for i in range(3):
+        buffer.add({"obs": np.full((3, 2), i, np.float32), "reward": np.full(3, i, np.float32)})
+    assert len(buffer) == 5 and buffer.cursor == 4
+    assert buffer.data["reward"].tolist() == [1, 2, 2, 2, 1]  # rows 0..2, 3 4 0, 1 2 3: oldest overwritten
+    batch = buffer.sample(64, np.random.default_rng(0))
+    assert batch["obs"].shape == (64, 2) and batch["obs"].dtype == torch.float32
+    assert torch.equal(batch["obs"][:, 0], batch["reward"])  # fields of one row stay together
+    with pytest.raises(KeyError, match="differ"):
+        buffer.add({"obs": np.zeros((1, 2), np.float32)})
+
+
+class CountingMethod:
+    """A minimal method on a real base: zero noise, records what the collector asked for."""
+
+    keep_raw_obs = False
+    gamma = 0.5
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.decisions = 0
+        self.started: list[tuple[int, int]] = []
+
+    def observe(self, obs):
+        return self.policy.encode(obs)
+
+    def act(self, obs, inputs, workers, explore):
+        self.decisions += len(workers)
+        chunk = self.policy.base.sample_chunk(obs, torch.zeros(len(workers), *self.policy.noise_shape))
+        return torch.zeros(len(workers), 3), chunk[:, self.policy.exec_slice], {}
+
+    def start_episode(self, worker, env_steps):
+        self.started.append((worker, env_steps))
+
+
+def test_chunked_rollout_counts_env_steps_and_chunk_transitions(base_ckpt):
+    from robopolicy.rl.steer import SteerPolicy
+
+    policy = SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "hidden": [16]})
+    method = CountingMethod(policy)
+    rows: list[dict] = []
+    envs = make_envs(2)
+    try:
+        collector = ChunkedCollector(envs, method, rows.append, reward="dense", seed=7)
+        ran = collector.collect(45)
+    finally:
+        envs.close()
+    n_exec = policy.n_action_steps  # 4 env steps per decision; episodes of 10 steps: chunks of 4, 4, 2
+    assert ran == 46 and collector.env_steps == 46  # whole vector steps of 2 envs
+    assert len(collector.episodes) == 4 and all(e["length"] == MAX_STEPS for e in collector.episodes)
+    assert sorted(e["seed"] for e in collector.episodes) == [7, 8, 9, 10]
+    transitions = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    assert transitions["steps"].tolist() == [n_exec, n_exec, 2] * 4
+    assert not transitions["done"].any()  # truncated, not terminated: the critic bootstraps
+    # rewards are the env's summed over the executed steps, and returns-to-go discount by gamma ** steps
+    assert np.isclose(sum(e["return"] for e in collector.episodes), transitions["reward"].sum(), atol=1e-3)
+    r, s, g = transitions["reward"][:3], transitions["steps"][:3], transitions["mc_return"][:3]
+    assert np.isclose(g[2], r[2]) and np.isclose(g[1], r[1] + 0.5 ** s[1] * g[2], atol=1e-5)
+    # the next input of a transition is the input of the following decision in its episode
+    assert np.allclose(transitions["next_obs"][0], transitions["obs"][1])
+    assert method.decisions == 12 + 2  # 3 per finished episode, plus the first chunk of the running ones
+    assert method.started[:2] == [(0, 0), (1, 0)] and len(method.started) == 6
+
+
+def test_curves_written_as_json_and_png(tmp_path):
+    curves = Curves(tmp_path, "steer", TASK)
+    curves.add_eval(0, {"success_rate": 0.3, "success_ci95": [0.1, 0.5], "episodes": 20, "mean_return": 1.0})
+    curves.add_eval(500, {"success_rate": 0.95, "success_ci95": [0.8, 1.0], "episodes": 20, "mean_return": 2.0})
+    curves.train_episodes = [{"env_steps": 10 * i, "success": i % 2 == 0, "return": 0.0, "length": 10, "seed": i}
+                             for i in range(30)]
+    json_path, png_path = curves.write()
+    data = json.loads(json_path.read_text())
+    assert [p["env_steps"] for p in data["eval"]] == [0, 500] and len(data["train_episodes"]) == 30
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert curves.steps_to(0.9) == 500 and curves.steps_to(0.99) is None
+
+
+def test_refined_checkpoint_round_trip_and_refusals(tmp_path):
+    from robopolicy.rl.steer import SteerPolicy
+
+    base = make_base(tmp_path / "base")
+    refined = SteerPolicy({"name": "steer", "base": base_reference(base), "noise_scale": 1.5, "hidden": [16]})
+    with torch.no_grad():
+        for p in refined.actor.parameters():
+            p.normal_()
+    assert set(refined.state_dict()) == {k for k in refined.state_dict() if k.startswith("actor.")}  # base kept out
+    path = save_refined(tmp_path / "refined", refined, {"task": TASK})
+    info = read_checkpoint_info(path)
+    assert info["config"]["policy"]["base"]["path"] == str(base.resolve()) and info["config"]["task"] == TASK
+    assert info["extra"]["base"]["sha256"] == base_reference(base)["sha256"]
+
+    loaded = load_policy(path)
+    obs = {"observation.state": torch.randn(3, 2, *refined.features["observation.state"]["shape"])}
+    noise = torch.randn(3, *refined.noise_shape)
+    assert torch.equal(loaded.sample_chunk(obs, noise), refined.sample_chunk(obs, noise))
+    assert not torch.equal(loaded.sample_chunk(obs, noise), loaded.base.sample_chunk(obs, noise))
+
+    # the base changed (other weights under the same path): refused with the reason
+    other = make_policy(read_checkpoint_info(base)["config"]["policy"], info["features"])
+    save_checkpoint(base, other, config={"policy": other.config, "task": TASK})
+    with pytest.raises(CheckpointError, match="has changed since refinement"):
+        load_policy(path)
+    shutil.rmtree(base)
+    with pytest.raises(CheckpointError, match="base .* is missing"):
+        load_policy(path)
+
+
+def test_finetune_refuses_existing_run_and_refined_base(tmp_path, base_ckpt):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(ValueError, match="already holds a run"):
+        finetune(finetune_cfg({"name": "steer"}, base_ckpt, out), make_envs)
+    from robopolicy.rl.steer import SteerPolicy
+
+    refined = save_refined(tmp_path / "refined", SteerPolicy({"name": "steer", "base": base_reference(base_ckpt)}),
+                           {"task": TASK})
+    with pytest.raises(CheckpointError, match="already a refined checkpoint"):
+        finetune(finetune_cfg({"name": "steer"}, refined, tmp_path / "run2"), make_envs)

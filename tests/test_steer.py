@@ -1,0 +1,66 @@
+"""Latent-noise steering: a few updates on a real env give finite losses and a loadable refined checkpoint; the
+noise stays inside [-noise_scale, noise_scale]."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from test_rl_core import base_ckpt, finetune_cfg, make_envs  # noqa: F401  (base_ckpt is a fixture)
+
+from robopolicy.checkpoint import load_policy
+from robopolicy.rl.core import base_reference
+from robopolicy.rl.finetune import finetune
+from robopolicy.rl.steer import SteerPolicy
+
+
+@pytest.mark.parametrize("algo", ["steer", "steer_na"])
+def test_steer_runs_updates_with_finite_losses(tmp_path, base_ckpt, algo):  # noqa: F811
+    summary = finetune(finetune_cfg({"name": algo}, base_ckpt, tmp_path / "run"), make_envs, log=lambda m: None)
+    assert summary["env_steps"] == 64 and summary["updates"] > 0
+    assert summary["last_metrics"] and all(math.isfinite(v) for v in summary["last_metrics"].values())
+    if algo == "steer_na":
+        assert {"action_critic_loss", "distil_loss"} <= set(summary["last_metrics"])
+    curves = json.loads((tmp_path / "run" / "curves.json").read_text())
+    assert [p["env_steps"] for p in curves["eval"]] == [0, 32, 64, 64]  # start, every 32, final
+    refined = load_policy(tmp_path / "run" / "checkpoints" / "last")  # what `robopolicy eval ckpt=RUN` resolves
+    assert isinstance(refined, SteerPolicy) and refined.config["base"]["path"] == str(base_ckpt.resolve())
+
+
+def test_steer_noise_is_bounded_by_noise_scale(base_ckpt):  # noqa: F811
+    policy = SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "noise_scale": 0.7, "hidden": [16]})
+    with torch.no_grad():
+        for p in policy.actor.parameters():
+            p.normal_(0, 10.0)  # huge pre-activations: tanh saturates
+    features = torch.randn(256, policy.feature_dim) * 100
+    noise = policy.latent_to_noise(policy.actor.sample(features)[0])
+    assert noise.shape == (256, *policy.noise_shape)
+    assert noise.abs().max() <= 0.7 + 1e-6 and noise.abs().max() > 0.69
+    seen = []
+    base_sample = policy.base.sample_chunk
+
+    def spy(obs, noise):
+        seen.append(noise)
+        return base_sample(obs, noise)
+
+    policy.base.sample_chunk = spy
+    obs = {"observation.state": torch.randn(5, 2, *policy.features["observation.state"]["shape"])}
+    policy.sample_chunk(obs, torch.randn(5, *policy.noise_shape) * 100)
+    assert seen[0].abs().max() <= 0.7 + 1e-6  # the runtime ignores the incoming noise
+
+
+def test_steer_sampling_mode_uses_the_given_noise_as_epsilon(base_ckpt):  # noqa: F811
+    policy = SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "noise_scale": 1.2, "hidden": [16],
+                          "actor_sampling": "sample"})
+    obs = {"observation.state": torch.randn(6, 2, *policy.features["observation.state"]["shape"])}
+    noise = torch.randn(6, *policy.noise_shape)
+    chunk = policy.sample_chunk(obs, noise)
+    assert torch.equal(policy.sample_chunk(obs, noise), chunk)  # deterministic given the noise
+    assert not torch.allclose(policy.sample_chunk(obs, torch.randn_like(noise)), chunk)
+    mu, log_std = policy.actor(policy.encode(obs))
+    expected = policy.base.sample_chunk(obs, policy.latent_to_noise(torch.tanh(mu + log_std.exp() * noise.flatten(1))))
+    assert torch.allclose(chunk, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="actor_sampling"):
+        SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "actor_sampling": "mode"})
