@@ -208,15 +208,7 @@ class DemoStore:
                 "num_frames": 0,
                 "episodes": [],
             })
-            if existing:  # swap: old store aside, new one in, old one gone
-                old = path.parent / f".{path.name}.{uuid.uuid4().hex}.old"
-                path.rename(old)
-                tmp.rename(path)
-                shutil.rmtree(old)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    path.rmdir()  # an empty directory the user made for us
-                tmp.rename(path)
+            _move_into_place(tmp, path, existing)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return cls(path, "a")
@@ -466,17 +458,22 @@ def staged_store(
         store = DemoStore.create(staging, features, fps, info=info)
         with store:
             yield store
-        if existing:  # swap: old store aside, new one in, old one gone
-            old = path.parent / f".{path.name}.{uuid.uuid4().hex}.old"
-            path.rename(old)
-            staging.rename(path)
-            shutil.rmtree(old)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                path.rmdir()  # an empty directory the user made for us
-            staging.rename(path)
+        _move_into_place(staging, path, existing)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, path: Path, existing: bool) -> None:
+    """Put a finished store at `path`: readers see the old store or the new one, never a half-made one."""
+    if existing:  # swap: old store aside, new one in, old one gone
+        old = path.parent / f".{path.name}.{uuid.uuid4().hex}.old"
+        path.rename(old)
+        staging.rename(path)
+        shutil.rmtree(old)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.rmdir()  # an empty directory the user made for us
+        staging.rename(path)
 
 
 def _check_quality(value: Any, what: str) -> float:
