@@ -69,6 +69,15 @@ class _ObjectTask(ArmTaskEnv):
     def target_pos(self) -> np.ndarray:
         return self.data.mocap_pos[self._target_mocap]
 
+    def _push_reward(self, target_sharpness: float) -> tuple[float, bool]:
+        """Dense push reward: reach the block, bring it to the target (planar distance), bonus on success."""
+        obj, target, ee = self.object_pos(), self.target_pos(), self.data.site_xpos[self._site]
+        obj_to_target = float(np.linalg.norm(obj[:2] - target[:2]))
+        ee_to_obj = float(np.linalg.norm(obj - ee))
+        success = obj_to_target < self.success_radius
+        reward = 0.5 * (1 - np.tanh(10 * ee_to_obj)) + (1 - np.tanh(target_sharpness * obj_to_target))
+        return reward + 10.0 * success, success
+
 
 class ReachTask(ArmTaskEnv):
     name = "reach"
@@ -116,13 +125,7 @@ class PushTask(_ObjectTask):
         self._place(block, rng.uniform(-np.pi / 4, np.pi / 4), target)
 
     def _reward_and_success(self) -> tuple[float, bool]:
-        obj, target, ee = self.object_pos(), self.target_pos(), self.data.site_xpos[self._site]
-        obj_to_target = float(np.linalg.norm(obj[:2] - target[:2]))
-        ee_to_obj = float(np.linalg.norm(obj - ee))
-        success = obj_to_target < self.success_radius
-        return 0.5 * (1 - np.tanh(10 * ee_to_obj)) + (
-            1 - np.tanh(10 * obj_to_target)
-        ) + 10.0 * success, success
+        return self._push_reward(target_sharpness=10.0)
 
 
 class PickPlaceTask(_ObjectTask):
@@ -179,13 +182,7 @@ class PushTwoWaysTask(_ObjectTask):
         self._place(block, rng.uniform(-0.2, 0.2), target)
 
     def _reward_and_success(self) -> tuple[float, bool]:
-        obj, target, ee = self.object_pos(), self.target_pos(), self.data.site_xpos[self._site]
-        obj_to_target = float(np.linalg.norm(obj[:2] - target[:2]))
-        ee_to_obj = float(np.linalg.norm(obj - ee))
-        success = obj_to_target < self.success_radius
-        return 0.5 * (1 - np.tanh(10 * ee_to_obj)) + (
-            1 - np.tanh(5 * obj_to_target)
-        ) + 10.0 * success, success
+        return self._push_reward(target_sharpness=5.0)  # a longer push: a gentler slope toward the target
 
 
 TASK_CLASSES: dict[str, type[ArmTaskEnv]] = {
