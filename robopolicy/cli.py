@@ -117,11 +117,13 @@ def env_kwargs(cfg: DictConfig) -> dict:
 
 
 def make_vector_env(task: str, num_envs: int, kwargs: dict):
-    """Workers in subprocesses (shared-memory observations); we reset finished workers ourselves."""
-    import sim
+    """Workers in subprocesses (shared-memory observations); we reset finished workers ourselves.
+
+    Callers have already built one env of `task` in this process (to read or check its features), so an unknown
+    task or a bad option fails there, with its own message, before any worker starts.
+    """
     from sim.vector import make_vector_env as make
 
-    sim.make_env(task, **kwargs).close()  # fail fast, in this process, on an unknown task or bad option
     return make(task, num_envs, autoreset="disabled", **kwargs)
 
 
