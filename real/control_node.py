@@ -360,6 +360,7 @@ class ControlNode:
         chunk_t_obs, chunk_latency, first_command_pending = 0.0, 0.0, False
         retry_at, stopped, success = -math.inf, False, False
         start = time.monotonic()
+        executor.origin = start + 0.5 * self.period  # action slots begin at command instants (see t_cmd)
         tick = 0
         try:
             while True:
@@ -368,6 +369,9 @@ class ControlNode:
                     time.sleep(wait)
                 now = time.monotonic()
                 result.tick_lateness_s.append(now - deadline)
+                # The command sent now holds until the next tick: it is the plan's action at the middle of that
+                # period (the midpoint rule for a zero-order hold), timed on the schedule, not on OS wake-up jitter.
+                t_cmd = deadline + 0.5 * self.period
 
                 # 1. observation: only finite, new frames go into the policy's history
                 obs = robot.get_observation()
@@ -387,19 +391,19 @@ class ControlNode:
                     if hasattr(executor, "supports_prefix"):  # a remote policy's support is learned on first use
                         executor.supports_prefix = self.backend.supports_prefix
                     if arrived.chunk is not None:
-                        executor.add_chunk(arrived.chunk, arrived.t_obs, now)
+                        executor.add_chunk(arrived.chunk, arrived.t_obs, t_cmd)
                         counts["chunks"] += 1
                         chunk_t_obs, chunk_latency, first_command_pending = arrived.t_obs, arrived.latency_s, True
                         result.inference_latency_s.append(arrived.latency_s)
                     else:
                         counts["chunk_errors"] += 1
                         retry_at = now + cfg.retry_after_s
-                if not self.worker.busy and fresh and now >= retry_at and executor.wants_inference(now):
+                if not self.worker.busy and fresh and now >= retry_at and executor.wants_inference(t_cmd):
                     history, t_obs = buffer.history()
                     self.worker.submit(InferenceRequest(history, t_obs, executor.prefix_for(t_obs)))
 
                 # 4. the action due now (a human's when intervening), the watchdog, the safety filter
-                action = executor.action_at(now)
+                action = executor.action_at(t_cmd)
                 intervening = False
                 if self.teleop is not None:
                     human = self.teleop.get_action()

@@ -3,9 +3,18 @@
 The driver process advances physics by wall-clock time (2 ms steps), so the arm keeps moving while the
 policy thinks, exactly as a real arm would. It samples the latest command at the task's own control rate
 (10 Hz for the built-in tasks, like a servo sampling its setpoint), so the action semantics are those the
-policy was trained with, whatever rate the control node sends at. A sensor thread of the real world is
-imitated by publishing observations at `sensor_hz`, each `sensor_latency_s` after it was captured and
-stamped with its capture time (time.monotonic, which is shared by all processes of the machine).
+policy was trained with, whatever rate the control node sends at. The sampling instants are phase-locked to
+the node's command stream: the first command of an episode places them half a control period after the
+node's ticks. Without that, two clocks with the same period tick within a millisecond of each other and OS
+jitter decides whether a sample sees this tick's command or the previous one, so ee_delta moves get doubled
+or skipped at random; a real servo sampling at a kilohertz has no such race.
+
+The robot's state stream is synchronous with its control cycle (as libfranka's or RTDE's are): a frame is
+captured at every servo tick and, with `sensor_hz` above the task's rate, at that rate in between. Frames are
+published `sensor_latency_s` after capture, stamped with their capture time (time.monotonic, which is shared
+by all processes of the machine). The default is one frame per tick: the built-in tasks' state holds joint
+velocities, which swing within a 100 ms servo window, and a policy trained on tick-aligned states loses most
+of its success when fed mid-window ones (measured: a frame 20 ms early cost 0.90 -> 0.56 on pick_place).
 
 Faults on request (`inject_fault`): "stale" (the same old frame is published again), "drop" (no frames),
 "nan" (state full of NaN), "delay" (extra sensor latency). Transport: a socketpair carrying length-framed
@@ -75,7 +84,7 @@ class SimRobot(Robot):
         images: bool | list[str] = False,
         image_size: int = 96,
         control_hz: float = 20.0,
-        sensor_hz: float = 50.0,
+        sensor_hz: float | None = None,
         sensor_latency_s: float = 0.0,
         max_step: float = 1.0,
         max_velocity: float | None = None,
@@ -85,7 +94,7 @@ class SimRobot(Robot):
     ) -> None:
         if not task.startswith("builtin/"):
             raise SimRobotError(f"SimRobot task {task!r} must be a built-in task (builtin/<name>).")
-        if not (control_hz > 0 and sensor_hz > 0 and sensor_latency_s >= 0):
+        if not (control_hz > 0 and (sensor_hz is None or sensor_hz > 0) and sensor_latency_s >= 0):
             raise SimRobotError(
                 f"SimRobot needs control_hz > 0, sensor_hz > 0 and sensor_latency_s >= 0, got "
                 f"{control_hz}, {sensor_hz}, {sensor_latency_s}."
@@ -96,9 +105,10 @@ class SimRobot(Robot):
             "task": task,
             "images": images,
             "image_size": int(image_size),
-            "sensor_hz": float(sensor_hz),
+            "sensor_hz": None if sensor_hz is None else float(sensor_hz),
             "sensor_latency_s": float(sensor_latency_s),
             "max_episode_steps": max_episode_steps,
+            "command_hz": float(control_hz),
         }
         self._motion = (max_step, max_velocity, max_acceleration)
         self._start_timeout_s = start_timeout_s
@@ -313,8 +323,11 @@ class _Driver:
         self.substeps = env.substeps
         env.substeps = 1  # env.step applies a command and takes one physics step; we step the rest
         self.dt = float(self.model.opt.timestep)
-        self.sensor_period = 1.0 / config["sensor_hz"]
+        # frames per servo tick: one at the tick, more in between when the sensor is faster than the task
+        sensor_hz = config["sensor_hz"] or env.fps
+        self.capture_every = max(1, round(1.0 / (sensor_hz * self.dt)))  # physics steps between frames
         self.latency = config["sensor_latency_s"]
+        self.sample_offset = 0.5 / config["command_hz"]  # servo sample instants: mid-way between node ticks
         low, high = env.action_space.low.astype(np.float64), env.action_space.high.astype(np.float64)
         self.control = env.control
         self.rest = np.zeros_like(low)
@@ -333,6 +346,7 @@ class _Driver:
             "control": self.control, "fps": int(env.fps), "task_description": env.task_description,
         }
         self.running = False
+        self.phase_locked = True  # nothing to lock to until an episode starts
         self.faults: dict[str, float] = {}  # kind -> end time
 
     # ------------------------------------------------------------------------------------------- loop
@@ -342,9 +356,8 @@ class _Driver:
             now = time.monotonic()
             if self.running:
                 self._advance(now)
-                self._capture(now)
                 self._publish(now)
-            wake = min(self._next_physics, self._next_capture, self._next_publish()) if self.running else now + 0.1
+            wake = min(self._next_physics, self._next_publish()) if self.running else now + 0.1
             ready, _, _ = select.select([self.sock], [], [], max(wake - time.monotonic(), 0.0))
             if ready:
                 message = _recv(self.sock)
@@ -357,6 +370,10 @@ class _Driver:
         if op == "act":
             self.command = np.asarray(message["action"], dtype=np.float64)
             self.holding = False
+            if not self.phase_locked:  # first command of the episode: sample half a node period after it
+                due = time.monotonic() + self.sample_offset
+                self._next_tick = max(math.ceil((due - self.t_start) / self.dt), self.steps_done)
+                self.phase_locked = True
         elif op in ("hold", "stop"):
             self.holding = True
             self.stopped = op == "stop"
@@ -375,8 +392,9 @@ class _Driver:
         obs, _ = self.env.reset(seed=seed)
         now = time.monotonic()
         self.t_start, self.steps_done = now, 0
+        self._next_tick, self.phase_locked = 0, False  # physics step at which the command is next sampled
         self._next_physics = now + self.dt
-        self._next_capture = now + self.sensor_period
+        self._next_capture, self._last_capture = self.capture_every, 0  # physics steps; step 0 is the first frame
         self.command, self.holding, self.stopped = self.rest.copy(), False, False
         self.success = self.truncated = False
         self.reward = 0.0
@@ -391,7 +409,7 @@ class _Driver:
 
     # ---------------------------------------------------------------------------------------- physics
     def _advance(self, now: float) -> None:
-        """Step physics up to wall-clock time; every `substeps` steps the latest command is applied."""
+        """Step physics up to wall-clock time; every `substeps` steps (a task tick) the latest command is applied."""
         mj = self.mujoco
         target = int((now - self.t_start) / self.dt)
         if target - self.steps_done > MAX_CATCH_UP_S / self.dt:  # starved: lose time rather than burst
@@ -399,9 +417,16 @@ class _Driver:
             target = self.steps_done + int(MAX_CATCH_UP_S / self.dt)
         stepped = False
         while self.steps_done < target:
-            if self.steps_done % self.substeps == 0:
-                mj.mj_kinematics(self.model, self.data)
+            tick = self.steps_done == self._next_tick
+            if tick and self.steps_done > self._last_capture:
+                self._next_capture = self.steps_done  # the state stream follows the servo cycle
+            if tick or self.steps_done == self._next_capture:
+                mj.mj_kinematics(self.model, self.data)  # mj_step leaves them one step behind
                 mj.mj_comPos(self.model, self.data)
+            if self.steps_done == self._next_capture:
+                self._capture(self.t_start + self.steps_done * self.dt)
+            if tick:
+                self._next_tick += self.substeps
                 action = self._hold_command() if self.holding else self.command
                 _, reward, success, truncated, _ = self.env.step(action.astype(np.float32))
                 self.reward = float(reward)
@@ -424,11 +449,10 @@ class _Driver:
         return hold
 
     # ----------------------------------------------------------------------------------------- sensor
-    def _capture(self, now: float) -> None:
-        if now < self._next_capture:
-            return
-        self._next_capture = max(self._next_capture + self.sensor_period, now)
-        frame_ = self._frame(self.env.unwrapped._observation(), now)
+    def _capture(self, captured: float) -> None:
+        """A frame of the current state (kinematics current), stamped with its physics time."""
+        self._last_capture, self._next_capture = self.steps_done, self.steps_done + self.capture_every
+        frame_ = self._frame(self.env.unwrapped._observation(), captured)
         self.pending.append(frame_)
         self.history.append(frame_)
 

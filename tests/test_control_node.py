@@ -74,19 +74,40 @@ def test_ensemble_averages_overlapping_chunks_with_exponential_weights():
 
 def test_rtc_asks_early_by_the_measured_delay_and_freezes_the_prefix():
     ex = RTCExecutor(2, 16, 8, 0.1)
-    ex.add_chunk(ramp_chunk(), t_obs=0.0, now=0.25)  # 250 ms inference: 3 action steps
-    assert ex.delay_steps == 3
-    # the execution horizon of 8 actions ends at t = 0.8; ask 3 steps before
-    assert not ex.wants_inference(0.45) and ex.wants_inference(0.5)
-    prefix = ex.prefix_for(t_obs=0.5)
-    # past action (index 0 at t=0.4) and the ones due while the next chunk is computed (t = 0.5 .. 0.8)
-    assert prefix.shape == (2 + 3, ACTION_DIM)
-    np.testing.assert_allclose(prefix[:, 0], [5.0, 6.0, 7.0, 8.0, 9.0])
+    # 250 ms inference: slots 100 and 200 ms after the observation begin meanwhile. The robot was holding still,
+    # so this first chunk starts on arrival (its index 1, the action "now", due at t = 0).
+    ex.add_chunk(ramp_chunk(), t_obs=-0.25, now=0.0)
+    assert ex.delay_steps == 2
+    assert ex.action_at(0.0)[0] == pytest.approx(1.0)
+    # the execution horizon of 8 actions ends at t = 0.8; ask 2 steps before
+    assert not ex.wants_inference(0.55) and ex.wants_inference(0.6)
+    prefix = ex.prefix_for(t_obs=0.6)
+    # past action (index 0 at t=0.5), the one due at the observation (0.6) and those whose slots begin while
+    # the next chunk is computed (0.7, 0.8)
+    assert prefix.shape == (2 + 2, ACTION_DIM)
+    np.testing.assert_allclose(prefix[:, 0], [6.0, 7.0, 8.0, 9.0])
     # a chunk that continues the prefix switches seamlessly
-    new = ramp_chunk(start=5.0)
-    before = ex.action_at(0.72)
-    ex.add_chunk(new, t_obs=0.5, now=0.72)
-    np.testing.assert_allclose(ex.action_at(0.72), before)
+    new = ramp_chunk(start=6.0)
+    before = ex.action_at(0.85)
+    ex.add_chunk(new, t_obs=0.6, now=0.85)
+    np.testing.assert_allclose(ex.action_at(0.85), before)
+
+
+def test_a_chunk_for_a_robot_holding_still_starts_at_the_next_slot_of_the_action_clock():
+    for mode in ("sync", "ensemble", "rtc"):
+        ex = make_executor(mode, n_obs_steps=2, horizon=16, n_action_steps=4, action_dt=0.1)
+        ex.origin = 0.025  # slots at 0.025 + k * 0.1
+        ex.add_chunk(ramp_chunk(), t_obs=0.0, now=0.07)
+        assert ex.action_at(0.11) is None, mode  # still holding until the slot at 0.125
+        assert ex.action_at(0.125)[0] == pytest.approx(1.0), mode
+        assert ex.action_at(0.225)[0] == pytest.approx(2.0), mode
+
+
+def test_rtc_fast_inference_commits_only_the_current_slot():
+    ex = RTCExecutor(2, 16, 4, 0.1)
+    ex.add_chunk(ramp_chunk(), t_obs=0.0, now=0.03)  # 30 ms: no later slot began before the chunk arrived
+    assert ex.delay_steps == 0
+    assert ex.prefix_for(t_obs=0.4).shape == (2, ACTION_DIM)
 
 
 def test_rtc_without_prefix_support_cross_fades():

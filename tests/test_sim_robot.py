@@ -111,3 +111,35 @@ def test_stop_is_reported_and_disconnect_ends_the_process():
 def test_unknown_task_is_refused():
     with pytest.raises(SimRobotError, match="built-in task"):
         SimRobot("metaworld/push-v3")
+
+
+def test_a_node_at_the_task_rate_gets_exactly_the_gym_env_trajectory():
+    """Phase-locked servo sampling + tick-synchronous frames: commands sent at 10 Hz by a (jittery) loop drive
+    the real-time robot through exactly the states the gym env reaches with the same actions."""
+    import sim
+
+    rng = np.random.default_rng(0)
+    actions = np.concatenate([rng.uniform(-1, 1, (12, 3)), np.full((12, 1), -1.0)], axis=1)
+    frames = {}
+    with SimRobot("builtin/pick_place", control_hz=10, sensor_latency_s=0.01) as robot:
+        robot.reset(seed=7)
+        t0 = time.monotonic()
+        for k, action in enumerate(actions):
+            while time.monotonic() < t0 + 0.1 * k:
+                obs = robot.get_observation()
+                frames[obs["timestamp"]] = obs["observation.state"].copy()
+                time.sleep(0.005)
+            robot.send_action(action)
+        while time.monotonic() < t0 + 0.1 * len(actions) + 0.1:
+            obs = robot.get_observation()
+            frames[obs["timestamp"]] = obs["observation.state"].copy()
+            time.sleep(0.005)
+    times = sorted(frames)[1:]  # after the reset frame: one frame per servo tick
+    assert np.allclose(np.diff(times), 0.1, atol=1e-6)
+    assert times[0] - t0 == pytest.approx(0.05, abs=0.01)  # half a control period after the first command
+    env = sim.make_env("builtin/pick_place")
+    expected, _ = env.reset(seed=7)
+    for k, t in enumerate(times[:len(actions)]):
+        # the same states, up to the ~50 ms the arm rested before the first sampled command (gravity settling)
+        np.testing.assert_allclose(frames[t], expected["observation.state"], atol=2e-3, err_msg=f"tick {k}")
+        expected, *_ = env.step(actions[k].astype(np.float32))
