@@ -25,23 +25,28 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
-@pytest.fixture(scope="module")
-def mixed_store(tmp_path_factory):
-    """8 clean expert episodes and 8 sloppy, noisy ones (interleaved), rolled out in the real MuJoCo task."""
+def auc(scores, positive) -> float:
+    """P(score of a random positive > score of a random negative), ties count half."""
+    pos, neg = scores[positive][:, None], scores[~positive][None]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+
+
+def rollout_store(path, task: str, episodes: int, bad: dict, max_steps: int):
+    """`episodes` expert episodes rolled out in the real MuJoCo task, even ones clean, odd ones with the expert's
+    `bad` options (e.g. sloppy=True, noise=0.3); returns the store path and the clean mask."""
     import sim
 
-    env = sim.make_env(TASK)
+    env = sim.make_env(task)
     features = features_from_env(env.observation_space, env.action_space, env.unwrapped.feature_names)
-    path = tmp_path_factory.mktemp("quality") / "store"
     clean = []
     with DemoStore.create(path, features, fps=env.unwrapped.fps) as store:
-        for i in range(16):
+        for i in range(episodes):
             is_clean = i % 2 == 0
-            expert = sim.make_expert(TASK, noise=0.0) if is_clean else sim.make_expert(TASK, sloppy=True, noise=0.3)
+            expert = sim.make_expert(task, noise=0.0) if is_clean else sim.make_expert(task, **bad)
             obs, _ = env.reset(seed=i)
             expert.reset(i)
             frames = {key: [] for key in features}
-            for _ in range(60):  # short episodes keep the test fast
+            for _ in range(max_steps):
                 action = np.asarray(expert.act(obs), dtype=np.float32)
                 next_obs, reward, terminated, truncated, info = env.step(action)
                 for key, value in obs.items():
@@ -52,11 +57,31 @@ def mixed_store(tmp_path_factory):
                 obs = next_obs
                 if terminated or truncated:
                     break
-            store.append_episode({k: np.asarray(v) for k, v in frames.items()}, task="push",
+            store.append_episode({k: np.asarray(v) for k, v in frames.items()}, task=task.split("/")[-1],
                                  source="expert" if is_clean else "human", success=bool(info["success"]))
             clean.append(is_clean)
     env.close()
     return path, np.array(clean)
+
+
+@pytest.fixture(scope="module")
+def mixed_store(tmp_path_factory):
+    """8 clean expert episodes and 8 sloppy, noisy ones (interleaved); 60 steps at most keeps the test fast."""
+    return rollout_store(tmp_path_factory.mktemp("quality") / "store", TASK, 16, {"sloppy": True, "noise": 0.3}, 60)
+
+
+def test_slow_sloppy_demonstrations_rank_below_clean_ones(tmp_path):
+    """Sloppy without noise: slower, pausing, wandering but smooth (lower jerk than the expert's). The duration
+    factor is what ranks them: successful episodes that took longer than the store's median are down-weighted."""
+    path, clean = rollout_store(tmp_path / "store", "builtin/pick_place", 16, {"sloppy": True}, 150)
+    quality_report(path, tmp_path / "report")
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["episodes"]
+    weights = np.array([row["quality"] for row in rows])
+    length = np.array([row["length"] for row in rows])
+    assert np.median(length[~clean]) > np.median(length[clean])
+    area = auc(weights, clean)
+    print(f"AUC(quality, clean) = {area:.3f}, Spearman = {spearman(weights, clean):.3f}")
+    assert area > 0.8
 
 
 def test_clean_episodes_rank_above_noisy_ones(mixed_store, tmp_path):

@@ -9,8 +9,12 @@ Per episode (states and actions z-scored with the whole store's mean / std first
     transition_diversity  spread (RMS) of next-state changes among the k nearest (state, action) pairs of other
                           episodes: how predictable the outcomes around this episode are. It describes the
                           environment and coverage more than the demonstrator, so it is reported, not weighted.
+    length                frames; for an episode not marked failed, the time it took to do the task. Slow,
+                          hesitant, wandering demonstrations (a sloppy teleoperator) take longer than the store's
+                          typical one although each of their steps looks smooth (their jerk is often LOWER).
 Quality weight in (0, 1], each factor 1 for an episode at or better than the store's median:
     w = s * (1 - idle_fraction) * min(1, median_jerk / jerk) ** 0.5 * min(1, median_divergence / divergence)
+          * d,  d = min(1, median_length / length) for an episode not marked failed (median over those), else 1
     s = 0.25 for an episode marked failed, else 1; w is clipped to [0.01, 1].
 """
 
@@ -172,8 +176,13 @@ def _add_weights(rows: list[dict]) -> None:
     for name in ("jerk", "action_divergence"):
         values = [row[name] for row in rows if row[name] is not None]
         medians[name] = float(np.median(values)) if values else None
+    # duration: compared among the episodes that finished the task (a failed one ran to the time limit)
+    finished = [row["length"] for row in rows if row["success"] is not False]
+    median_length = float(np.median(finished)) if finished else None
     for row in rows:
         weight = FAILED_FACTOR if row["success"] is False else 1.0
+        if row["success"] is not False and median_length is not None and row["length"] > median_length:
+            weight *= median_length / row["length"]
         if row["idle_fraction"] is not None:
             weight *= 1.0 - row["idle_fraction"]
         for name, power in (("jerk", JERK_POWER), ("action_divergence", 1.0)):
