@@ -5,6 +5,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+from conftest import last_json
 
 from robopolicy.data import DemoStore, StoreError, validate_store
 from robopolicy.data.robomimic import import_robomimic
@@ -85,3 +86,34 @@ def test_damaged_hdf5_is_named(tmp_path):
     with pytest.raises(StoreError, match=r"lift\.hdf5.*damaged"):
         import_robomimic(path, tmp_path / "store")
     assert not (tmp_path / "store").exists()
+
+
+def test_robomimic_file_imports_trains_and_evaluates_through_the_cli(cli, tmp_path):
+    """A robomimic-layout file of builtin/reach demonstrations (state and front camera) -> `data import` ->
+    `train` -> `eval`; and a file whose features do not fit the task is refused by `train` with the key named."""
+    store = tmp_path / "reach"
+    cli("collect", "task=builtin/reach", "episodes=6", f"out={store}", "obs.images=true", "obs.image_size=32",
+        check=True)
+    hdf5 = tmp_path / "reach.hdf5"
+    with DemoStore.open(store) as demos, h5py.File(hdf5, "w") as h5:
+        data = h5.create_group("data")
+        data.attrs["env_args"] = json.dumps({"env_name": "builtin/reach", "env_kwargs": {"control_freq": demos.fps}})
+        for i in range(demos.num_episodes):
+            ep = demos.get_episode(i)
+            demo = data.create_group(f"demo_{i}")
+            demo.create_dataset("obs/state", data=ep["observation.state"])  # one low-dim key: the same vector
+            demo.create_dataset("obs/front_image", data=ep["observation.images.front"])
+            demo.create_dataset("actions", data=ep["action"])
+            demo.create_dataset("rewards", data=ep["next.success"].astype(np.float64))
+            demo.create_dataset("dones", data=ep["next.success"].astype(np.int64))
+    imported = tmp_path / "imported"
+    cli("data", "import", "format=robomimic", f"src={hdf5}", f"out={imported}", check=True)
+    run = tmp_path / "run"
+    cli("train", "task=builtin/reach", f"data={imported}", f"out={run}", "steps=30", "batch_size=16",
+        "eval.every=0", "eval.final_episodes=0", "eval.videos=0", "checkpoint_every=30", check=True)
+    result = last_json(cli("eval", f"ckpt={run}", "task=builtin/reach", "episodes=2", f"out={tmp_path / 'eval'}",
+                           check=True))
+    assert result["episodes"] == 2
+    # the same file for a task with another state size: refused, naming the feature
+    proc = cli("train", "task=builtin/push", f"data={imported}", f"out={tmp_path / 'run2'}", "steps=5")
+    assert proc.returncode != 0 and "observation.state" in proc.stderr and "Traceback" not in proc.stderr
