@@ -147,7 +147,11 @@ def cmd_collect(cfg: DictConfig) -> dict:
     fps, description = probe.unwrapped.fps, probe.unwrapped.task_description
     probe.close()
     num_envs = min(int(cfg.num_envs), episodes)
-    experts = [sim.make_expert(task, noise=float(cfg.expert.noise), sloppy=bool(cfg.expert.sloppy))
+    dart = cfg.expert.get("dart")
+    extra = {} if dart is None else {"dart": float(dart)}
+    if extra and not task.startswith("builtin/"):
+        raise UserError(f"expert.dart (DART exploration) is available for the built-in tasks only, not {task}.")
+    experts = [sim.make_expert(task, noise=float(cfg.expert.noise), sloppy=bool(cfg.expert.sloppy), **extra)
                for _ in range(num_envs)]
     if Path(out).exists() and not cfg.overwrite:
         store = DemoStore.open(out, mode="a")

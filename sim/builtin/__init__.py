@@ -47,9 +47,11 @@ def make_builtin_env(
 
 
 def make_builtin_expert(
-    name: str, *, noise: float = 0.0, sloppy: bool = False, seed: int | None = None, control: str = "ee_delta"
+    name: str, *, noise: float = 0.0, sloppy: bool = False, seed: int | None = None, control: str = "ee_delta",
+    dart: float | None = None,
 ) -> Expert:
     """The task's scripted expert, acting from observation.state alone; `noise` is the Gaussian action noise
-    std (action units), `sloppy` imitates a poor teleoperator, `control` matches the env's control mode."""
+    std (action units), `sloppy` imitates a poor teleoperator, `control` matches the env's control mode,
+    `dart` the DART exploration std (None: the task's default)."""
     _check(name)
-    return EXPERT_CLASSES[name](name, noise=noise, sloppy=sloppy, seed=seed, control=control)
+    return EXPERT_CLASSES[name](name, noise=noise, sloppy=sloppy, seed=seed, control=control, dart=dart)
