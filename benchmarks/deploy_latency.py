@@ -1,5 +1,6 @@
 """Success rate on the simulated robot at 20 Hz with 0 ms vs 150 ms of injected inference latency, for each
-execution mode (sync, ensemble, rtc), side by side in one run.
+execution mode (sync, ensemble, rtc), side by side in one run, next to `robopolicy eval` of the same checkpoint
+on the same episode seeds (--eval-episodes; the reference deployment is measured against).
 
     .venv/bin/python benchmarks/deploy_latency.py --ckpt runs/quickstart/checkpoints/last --task builtin/push
     .venv/bin/python benchmarks/deploy_latency.py            # no --ckpt: collects demos and trains one first
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--hz", type=float, default=20.0)
     parser.add_argument("--modes", nargs="+", default=["sync", "ensemble", "rtc"])
     parser.add_argument("--latencies", nargs="+", type=float, default=[0.0, 0.15])
+    parser.add_argument("--eval-episodes", type=int, default=100, help="robopolicy eval reference (0: skip)")
     parser.add_argument("--demos", type=int, default=40)
     parser.add_argument("--train-steps", type=int, default=2000)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/deploy_latency.json"))
@@ -56,6 +58,13 @@ def main() -> None:
     cases = {}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.ckpt) if args.ckpt else train_checkpoint(Path(tmp), args.task, args.demos, args.train_steps)
+        if args.eval_episodes:
+            proc = subprocess.run([ROBOPOLICY, "eval", f"ckpt={ckpt}", f"task={args.task}",
+                                   f"episodes={args.eval_episodes}", f"out={tmp}/eval"],
+                                  check=True, capture_output=True, text=True)
+            summary = json.loads(proc.stdout.strip().splitlines()[-1])
+            cases["eval"] = {k: summary[k] for k in ("success_rate", "success_ci95", "successes", "episodes")}
+            print(json.dumps({"eval": cases["eval"]}), file=sys.stderr)
         for latency in args.latencies:
             for mode in args.modes:
                 overrides = [f"ckpt={ckpt}", f"out={tmp}/{mode}_{latency}", f"episodes={args.episodes}",
