@@ -135,7 +135,7 @@ def run_scratch(args, make_envs, out: Path) -> dict:
 def common_cfg(args, algo: dict, out: Path) -> dict:
     return {"algo": algo, "ckpt": str(args.base), "task": args.task, "out": str(out), "overwrite": True,
             "seed": args.seed, "env_steps": args.env_steps, "num_envs": args.num_envs, "reward": args.reward,
-            "reward_scale": args.reward_scale, "threads": args.threads,
+            "reward_scale": args.reward_scale, "step_penalty": args.step_penalty, "threads": args.threads,
             "eval": {"every": args.eval_every, "episodes": args.eval_episodes, "base_episodes": 0,
                      "final_episodes": args.final_episodes, "num_envs": args.num_envs, "target": args.target,
                      "stop_at_target": args.stop_at_target}}
@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--num-envs", type=int, default=2)
     parser.add_argument("--reward", default="sparse")
     parser.add_argument("--reward-scale", type=float, default=1.0)
+    parser.add_argument("--step-penalty", type=float, default=1.0, help="subtracted every env step (DSRL offset)")
     parser.add_argument("--scratch-updates-per-step", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -204,7 +205,8 @@ def main() -> None:
                          "steps_to_target": summary["steps_to_target"],
                          "wall_seconds_to_target": summary["wall_seconds_to_target"],
                          "final_success_rate": summary["final_eval"]["success_rate"],
-                         "final_ci95": summary["final_eval"]["success_ci95"], "settings": algo}
+                         "final_ci95": summary["final_eval"]["success_ci95"], "cpu_seconds": summary["cpu_seconds"],
+                         "load_average_1min": summary["load_average_1min"], "settings": algo}
     scratch = results.get("sac_scratch", {}).get("steps_to_target")
     for r in results.values():
         if r["algo"] != "sac_scratch" and r["steps_to_target"]:
@@ -216,6 +218,7 @@ def main() -> None:
         "base_success_rate": None if base_eval is None else base_eval["success_rate"],
         "base_ci95": None if base_eval is None else base_eval["success_ci95"],
         "env_step_budget": args.env_steps, "target": args.target, "reward": args.reward,
+        "step_penalty": args.step_penalty,
         "eval": {"every": args.eval_every, "episodes": args.eval_episodes, "final_episodes": args.final_episodes},
         "results": results,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),

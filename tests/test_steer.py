@@ -64,3 +64,18 @@ def test_steer_sampling_mode_uses_the_given_noise_as_epsilon(base_ckpt):  # noqa
     assert torch.allclose(chunk, expected, atol=1e-6)
     with pytest.raises(ValueError, match="actor_sampling"):
         SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "actor_sampling": "mode"})
+
+
+def test_steer_executed_latent_steers_only_the_executed_noise(base_ckpt):  # noqa: F811
+    policy = SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "noise_scale": 1.5, "hidden": [16],
+                          "latent": "executed"})
+    assert policy.latent_dim == policy.n_exec * policy.action_dim
+    latent = torch.rand(8, policy.latent_dim) * 2 - 1
+    noise = policy.latent_to_noise(latent)
+    assert noise.shape == (8, *policy.noise_shape)
+    outside = torch.ones(policy.horizon, dtype=torch.bool)
+    outside[policy.exec_slice] = False
+    assert noise[:, outside].abs().max() == 0
+    assert torch.allclose(noise[:, policy.exec_slice].flatten(1), 1.5 * latent)
+    with pytest.raises(ValueError, match="latent"):
+        SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "latent": "all"})

@@ -210,6 +210,9 @@ class Method(Protocol):
 
     def update(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]: ...
 
+    # on-policy methods (on_policy = True) instead implement ready() -> bool and update_rollouts() -> metrics;
+    # their `buffer` is the collector's sink of whole episodes (robopolicy.rl.ppo.RolloutStore)
+
 
 @dataclass
 class _Pending:
@@ -240,15 +243,16 @@ class ChunkedCollector:
     (`mc_return`) and go to `sink` together.
 
     Reward: "sparse" is 1 on the step the task succeeds (episodes terminate on success), "dense" the env's own
-    reward times `reward_scale`.
+    reward times `reward_scale`. `step_penalty` is subtracted on every step (DSRL's reward offset: with sparse
+    rewards, -1 per step and 0 on success, so Q starts optimistic at 0 and faster successes score higher).
     """
 
     def __init__(self, envs, method: Method, sink: Callable[[dict[str, np.ndarray]], None], *,
-                 reward: str = "sparse", reward_scale: float = 1.0, seed: int = 0):
+                 reward: str = "sparse", reward_scale: float = 1.0, step_penalty: float = 0.0, seed: int = 0):
         if reward not in ("sparse", "dense"):
             raise ValueError(f"reward {reward!r} is unknown; use 'sparse' or 'dense'.")
         self.envs, self.method, self.sink = envs, method, sink
-        self.reward, self.reward_scale = reward, float(reward_scale)
+        self.reward, self.reward_scale, self.step_penalty = reward, float(reward_scale), float(step_penalty)
         policy = method.policy
         self.n_obs_steps, self.n_exec, self.obs_keys = policy.n_obs_steps, policy.n_exec, policy.obs_keys
         self.env_steps = 0
@@ -328,6 +332,7 @@ class ChunkedCollector:
             for i in range(n):
                 w = self.workers[i]
                 r = float(success[i]) if self.reward == "sparse" else float(reward[i]) * self.reward_scale
+                r -= self.step_penalty
                 w.pending.reward += r
                 w.pending.steps += 1
                 w.ret += float(reward[i])
@@ -455,7 +460,7 @@ def run_online(method: Method, buffer: ReplayBuffer, make_envs: Callable[[int], 
                out: Path, *, log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
     """Collect chunked rollouts, update the method off-policy, evaluate periodically; returns the summary pieces.
 
-    cfg: env_steps, num_envs, seed, reward, reward_scale, algo.{batch_size, learning_starts, updates_per_step,
+    cfg: env_steps, num_envs, seed, reward, reward_scale, step_penalty, algo.{batch_size, learning_starts, updates_per_step,
     collect_steps}, eval.{every, episodes, num_envs, target, stop_at_target}.
     """
     algo, ev = cfg["algo"], cfg["eval"]
@@ -464,7 +469,8 @@ def run_online(method: Method, buffer: ReplayBuffer, make_envs: Callable[[int], 
     rng = np.random.default_rng(int(cfg["seed"]))
     envs, eval_envs = make_envs(int(cfg["num_envs"])), None
     collector = ChunkedCollector(envs, method, buffer.add, reward=str(cfg.get("reward", "sparse")),
-                                 reward_scale=float(cfg.get("reward_scale", 1.0)), seed=int(cfg["seed"]))
+                                 reward_scale=float(cfg.get("reward_scale", 1.0)),
+                                 step_penalty=float(cfg.get("step_penalty", 0.0)), seed=int(cfg["seed"]))
     collect_steps = int(algo.get("collect_steps", 64))
     updates_per_step = float(algo.get("updates_per_step", 0.125))
     batch_size, learning_starts = int(algo.get("batch_size", 256)), int(algo.get("learning_starts", 2000))
@@ -483,7 +489,11 @@ def run_online(method: Method, buffer: ReplayBuffer, make_envs: Callable[[int], 
             if progress is not None:
                 progress.update(ran)
             curves.train_episodes = collector.episodes
-            if len(buffer) and collector.env_steps >= learning_starts:
+            if getattr(method, "on_policy", False):  # PPO: update on whole fresh episodes, then drop them
+                if method.ready():
+                    metrics = method.update_rollouts()
+                    n_updates += 1
+            elif len(buffer) and collector.env_steps >= learning_starts:
                 update_debt += ran * updates_per_step
                 while update_debt >= 1:
                     metrics = method.update(buffer.sample(batch_size, rng))

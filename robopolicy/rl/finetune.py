@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -27,7 +28,8 @@ from robopolicy.rl import residual, steer, value_guidance
 from robopolicy.rl.core import base_reference, run_online, save_refined
 
 # algo.name -> the module that builds its method (make_method) and its refined policy config (policy_config)
-ALGOS = {"steer": steer, "steer_na": steer, "residual": residual, "value_guided": value_guidance}
+ALGOS = {"steer": steer, "steer_na": steer, "residual": residual, "residual_ppo": residual,
+         "value_guided": value_guidance}
 
 
 class FinetuneError(ValueError):
@@ -69,7 +71,8 @@ def finetune(cfg: DictConfig | dict, make_envs: Callable[[int], Any], *, log: Ca
     n_params = sum(p.numel() for p in method.policy.parameters())
     log(f"finetune {name} on {cfg['task']}: base {base} ({info['policy']}), {n_params / 1e6:.3f}M refined "
         f"parameters, {cfg['env_steps']} env steps")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
+    load_started = os.getloadavg()[0]
     ev = cfg["eval"]
     base_eval = None
     if int(ev.get("base_episodes", 0)):
@@ -98,6 +101,9 @@ def finetune(cfg: DictConfig | dict, make_envs: Callable[[int], Any], *, log: Ca
     summary = {
         "command": "finetune", "algo": name, "task": cfg["task"], "base": str(base), "checkpoint": str(checkpoint),
         "env_steps": result["env_steps"], "updates": result["updates"], "wall_seconds": train_seconds,
+        # the machine may be shared: this process's CPU seconds and the 1-minute load at start and end
+        "cpu_seconds": round(_cpu_seconds() - cpu_started, 1),
+        "load_average_1min": [round(load_started, 2), round(os.getloadavg()[0], 2)],
         "base_eval": _brief(base_eval), "final_eval": _brief(final), "target": target,
         "steps_to_target": curves.steps_to(target),
         "wall_seconds_to_target": next((p["wall_seconds"] for p in curves.eval if p["success_rate"] >= target), None),
@@ -107,6 +113,12 @@ def finetune(cfg: DictConfig | dict, make_envs: Callable[[int], Any], *, log: Ca
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["summary"] = str(out / "summary.json")
     return summary
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (learner, base sampling, evaluation driver; not the env worker processes)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
 
 
 def _point_last(checkpoint: Path) -> None:

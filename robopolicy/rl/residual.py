@@ -10,6 +10,9 @@ Progressive exploration (Policy Decorator): early on, most episodes run the base
 such) and the fraction of episodes with the residual grows linearly to 1 over `explore_steps` env steps, so a
 random residual does not wreck the base's successes before the critic knows better. `residual_penalty` adds
 c |r|^2 to the actor loss, keeping the correction as small as the task allows.
+
+`optimizer`: "sac" (off-policy, replay buffer; the default) or "ppo" (on-policy, clipped surrogate with GAE over
+whole episodes, `robopolicy.rl.ppo`). Both train the same actor, so the refined checkpoint is the same either way.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from einops import rearrange
 
 from robopolicy.policies import register_policy
 from robopolicy.rl.core import RefinedPolicy, ReplayBuffer, raw_dtypes, transition_shapes
+from robopolicy.rl.ppo import PPO, RolloutStore
 from robopolicy.rl.sac import SAC, TanhGaussianActor
 
 
@@ -56,14 +60,25 @@ class ResidualPolicy(RefinedPolicy):
         return self.apply_residual(base_chunk, self.actor.deterministic(self.inputs(obs, base_chunk)))
 
 
+OPTIMIZERS = ("sac", "ppo")
+
+
 class Residual:
     keep_raw_obs = False
 
     def __init__(self, policy: ResidualPolicy, cfg: Mapping[str, Any], seed: int = 0):
         self.policy = policy
         self.gamma = float(cfg.get("gamma", 0.99))
-        self.sac = SAC(policy.feature_dim + policy.latent_dim, policy.latent_dim,
-                       {**cfg, "action_penalty": float(cfg.get("residual_penalty", 0.0))}, actor=policy.actor)
+        self.optimizer = str(cfg.get("optimizer", "sac"))
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"residual optimizer {self.optimizer!r} is unknown; use algo.optimizer=sac or ppo.")
+        learner_cfg = {**cfg, "action_penalty": float(cfg.get("residual_penalty", 0.0))}
+        in_dim = policy.feature_dim + policy.latent_dim
+        self.on_policy = self.optimizer == "ppo"
+        if self.on_policy:
+            self.ppo = PPO(in_dim, policy.latent_dim, learner_cfg, actor=policy.actor, seed=seed)
+        else:
+            self.sac = SAC(in_dim, policy.latent_dim, learner_cfg, actor=policy.actor)
         self.generator = torch.Generator().manual_seed(seed)
         self.rng = np.random.default_rng(seed)
         self.explore_start = float(cfg.get("explore_start", 0.2))
@@ -84,23 +99,39 @@ class Residual:
 
     def act(self, obs, inputs, workers, explore):
         policy = self.policy
-        residual = self.sac.act(inputs, explore, self.generator)
+        extras: dict[str, torch.Tensor] = {}
+        if self.on_policy:
+            residual, extras = self.ppo.act(inputs, explore, self.generator)
+        else:
+            residual = self.sac.act(inputs, explore, self.generator)
         if explore:  # progressive exploration: the base alone in the episodes without the residual
             on = torch.tensor([self.enabled.get(i, True) for i in workers], dtype=residual.dtype)
             residual = residual * on[:, None]
+            if self.on_policy:  # PPO's ratio is only defined where the actor's sample was executed
+                extras["policy_mask"] = on
         base_executed = rearrange(inputs[:, policy.feature_dim:], "b (t a) -> b t a", a=policy.action_dim)
         actions = policy.base.unnormalize_actions(
             base_executed + policy.scale * rearrange(residual, "b (t a) -> b t a", a=policy.action_dim))
-        return residual, actions, {}
+        return residual, actions, extras
 
     def update(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
         return self.sac.update(batch)
 
+    def ready(self) -> bool:
+        """On-policy: enough fresh episodes for a PPO update."""
+        return self.ppo.ready()
 
-def make_method(policy_cfg: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[Residual, ReplayBuffer]:
+    def update_rollouts(self) -> dict[str, float]:
+        return self.ppo.update()
+
+
+def make_method(policy_cfg: Mapping[str, Any], cfg: Mapping[str, Any]
+                ) -> tuple[Residual, ReplayBuffer | RolloutStore]:
     algo = cfg["algo"]
     policy = ResidualPolicy(policy_cfg)
     method = Residual(policy, algo, int(cfg["seed"]))
+    if method.on_policy:
+        return method, method.ppo.rollouts
     shapes = transition_shapes(method, policy.feature_dim + policy.latent_dim, policy.latent_dim)
     return method, ReplayBuffer(int(algo.get("buffer_size", 100_000)), shapes, raw_dtypes(method))
 

@@ -1,0 +1,145 @@
+"""A compact PPO (clipped surrogate, GAE) over chunk-level decisions, the on-policy alternative to `sac.SAC`.
+
+The actor is the same tanh-squashed Gaussian (`sac.TanhGaussianActor`) the refined policy runs, so a residual
+trained with PPO saves and runs exactly like one trained with SAC. Decisions store the pre-tanh sample `u` (the
+log-probability of a saturated tanh cannot be recovered from the action) and its log-probability at collection
+time; the tanh Jacobian does not depend on the parameters, so the probability ratio needs only log N(u; mu, sigma).
+
+Rollouts arrive as whole episodes (the collector flushes an episode's chunk transitions together, in order), so
+GAE runs backwards over each episode with the chunk discount gamma ** steps; an episode cut by the time limit
+bootstraps from V(next_obs) of its last transition.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from robopolicy.rl.sac import TanhGaussianActor, adam, mlp
+
+
+def gaussian_log_prob(actor: TanhGaussianActor, obs: torch.Tensor, u: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log N(u; mu(s), sigma(s)) [B], entropy of that Gaussian [B]); u is the pre-tanh sample [B, K]."""
+    mu, log_std = actor(obs)
+    log_prob = (-0.5 * ((u - mu) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    entropy = (log_std + 0.5 * (1.0 + math.log(2 * math.pi))).sum(-1)
+    return log_prob, entropy
+
+
+class RolloutStore:
+    """Whole episodes of on-policy chunk transitions, cleared after each PPO update (the `sink` of the collector)."""
+
+    def __init__(self) -> None:
+        self.episodes: list[dict[str, np.ndarray]] = []
+
+    def add(self, rows: Mapping[str, np.ndarray]) -> None:
+        self.episodes.append({k: np.asarray(v) for k, v in rows.items()})
+
+    def __len__(self) -> int:
+        return sum(len(ep["reward"]) for ep in self.episodes)
+
+    def clear(self) -> None:
+        self.episodes = []
+
+
+class PPO:
+    """Clipped-surrogate PPO with a separate value network V(s) and GAE(lambda).
+
+    cfg: gamma, lr, hidden, ppo_rollout (transitions per update), ppo_epochs, ppo_minibatch, ppo_clip,
+    gae_lambda, value_coef, entropy_coef, max_grad_norm, action_penalty (c |a|^2, the pull towards the base).
+    """
+
+    on_policy = True
+
+    def __init__(self, obs_dim: int, action_dim: int, cfg: Mapping[str, Any], actor: TanhGaussianActor,
+                 seed: int = 0):
+        hidden = list(cfg.get("hidden", [256, 256]))
+        self.gamma = float(cfg.get("gamma", 0.99))
+        self.lam = float(cfg.get("gae_lambda", 0.95))
+        self.clip = float(cfg.get("ppo_clip", 0.2))
+        self.epochs = int(cfg.get("ppo_epochs", 4))
+        self.minibatch = int(cfg.get("ppo_minibatch", 64))
+        self.rollout = int(cfg.get("ppo_rollout", 256))
+        self.value_coef = float(cfg.get("value_coef", 0.5))
+        self.entropy_coef = float(cfg.get("entropy_coef", 0.0))
+        self.max_grad_norm = float(cfg.get("max_grad_norm", 0.5))
+        self.action_penalty = float(cfg.get("action_penalty", 0.0))
+        self.actor = actor
+        self.value = mlp(obs_dim, hidden, 1)
+        self.optim = adam([*actor.parameters(), *self.value.parameters()], float(cfg.get("lr", 3e-4)))
+        self.rollouts = RolloutStore()
+        self.rng = np.random.default_rng(seed)
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, explore: bool, generator: torch.Generator | None = None
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(action [B, K] in [-1, 1], extras to store: the pre-tanh sample `u` and its log-probability)."""
+        mu, log_std = self.actor(obs)
+        if not explore:
+            return torch.tanh(mu), {}
+        u = mu + log_std.exp() * torch.randn(mu.shape, generator=generator)
+        log_prob, _ = gaussian_log_prob(self.actor, obs, u)
+        return torch.tanh(u), {"u": u, "log_prob": log_prob}
+
+    def ready(self) -> bool:
+        return len(self.rollouts) >= self.rollout
+
+    @torch.no_grad()
+    def advantages(self) -> dict[str, torch.Tensor]:
+        """The stored episodes as one batch with GAE advantages `adv` and value targets `ret`."""
+        parts = []
+        for ep in self.rollouts.episodes:
+            obs, next_obs = torch.from_numpy(ep["obs"]), torch.from_numpy(ep["next_obs"])
+            value = self.value(obs).squeeze(-1)
+            next_value = self.value(next_obs).squeeze(-1)
+            discount = self.gamma ** torch.from_numpy(ep["steps"]) * (1.0 - torch.from_numpy(ep["done"]))
+            delta = torch.from_numpy(ep["reward"]) + discount * next_value - value
+            adv = torch.zeros_like(delta)
+            running = 0.0
+            for t in reversed(range(len(delta))):  # A_t = delta_t + gamma^steps lambda A_{t+1}
+                running = delta[t] + discount[t] * self.lam * running
+                adv[t] = running
+            parts.append({"obs": obs, "u": torch.from_numpy(ep["u"]), "log_prob": torch.from_numpy(ep["log_prob"]),
+                          "mask": torch.from_numpy(ep["policy_mask"]), "adv": adv, "ret": adv + value})
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def update(self) -> dict[str, float]:
+        """`ppo_epochs` passes of minibatch updates over the stored rollouts, which are then dropped."""
+        data = self.advantages()
+        self.rollouts.clear()
+        n = len(data["adv"])
+        mask = data["mask"]
+        on = mask > 0
+        if on.any():  # normalize advantages over the decisions the actor took
+            mean, std = data["adv"][on].mean(), data["adv"][on].std().clamp_min(1e-6) if on.sum() > 1 else 1.0
+            data["adv"] = (data["adv"] - mean) / std
+        stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [], "clip_frac": []}
+        for _ in range(self.epochs):
+            for idx in np.array_split(self.rng.permutation(n), max(1, n // self.minibatch)):
+                b = {k: v[idx] for k, v in data.items()}
+                log_prob, entropy = gaussian_log_prob(self.actor, b["obs"], b["u"])
+                ratio = (log_prob - b["log_prob"]).exp()
+                surrogate = torch.min(ratio * b["adv"], ratio.clamp(1 - self.clip, 1 + self.clip) * b["adv"])
+                weight = b["mask"] / b["mask"].sum().clamp_min(1.0)  # decisions without the residual: value only
+                policy_loss = -(surrogate * weight).sum() - self.entropy_coef * (entropy * weight).sum()
+                if self.action_penalty:
+                    policy_loss = policy_loss + self.action_penalty * (
+                        torch.tanh(self.actor(b["obs"])[0]).pow(2).sum(-1) * weight).sum()
+                value_loss = F.mse_loss(self.value(b["obs"]).squeeze(-1), b["ret"])
+                loss = policy_loss + self.value_coef * value_loss
+                self.optim.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([*self.actor.parameters(), *self.value.parameters()],
+                                               self.max_grad_norm)
+                self.optim.step()
+                stats["policy_loss"].append(policy_loss.item())
+                stats["value_loss"].append(value_loss.item())
+                stats["entropy"].append((entropy * weight).sum().item())
+                stats["clip_frac"].append(((ratio - 1).abs() > self.clip).float().mean().item())
+        return {k: float(np.mean(v)) for k, v in stats.items()}
