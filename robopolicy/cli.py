@@ -324,7 +324,7 @@ def cmd_eval(cfg: DictConfig) -> dict:
 
 
 def cmd_quickstart(cfg: DictConfig) -> dict:
-    """collect -> train -> eval on the embedded default, then a small table on standard error."""
+    """collect -> train -> eval -> deploy on the embedded default, then a small table on standard error."""
     import shutil
 
     from robopolicy.data import DemoStore, validate_store
@@ -347,6 +347,9 @@ def cmd_quickstart(cfg: DictConfig) -> dict:
     stages["eval"] = cmd_eval(compose("eval", [
         f"ckpt={out / 'train'}", f"episodes={cfg.eval_episodes}", f"out={out / 'eval'}"]))
     ev = stages["eval"]
+    if int(cfg.deploy_episodes) > 0:  # the simulated robot in real time, the policy behind a server on loopback
+        stages["deploy"] = cmd_deploy(compose("deploy", [
+            f"ckpt={out / 'train'}", f"episodes={cfg.deploy_episodes}", f"out={out / 'deploy'}"]))
     rows = [
         ("task", task),
         ("demonstrations", f"{stages['collect']['episodes']} (expert success {stages['collect']['success_rate']:.2f})"),
@@ -355,6 +358,11 @@ def cmd_quickstart(cfg: DictConfig) -> dict:
         ("success rate", f"{ev['success_rate']:.2f} [{ev['success_ci95'][0]:.2f}, {ev['success_ci95'][1]:.2f}]"
                          f" over {ev['episodes']} episodes"),
     ]
+    if "deploy" in stages:
+        dep = stages["deploy"]
+        rows.append(("deployed", f"{dep['success_rate']:.2f} [{dep['success_ci95'][0]:.2f}, {dep['success_ci95'][1]:.2f}]"
+                                 f" over {dep['episodes']} episodes on the simulated robot at {dep['control_hz']:g} Hz "
+                                 f"({dep['mode']}), policy served on loopback"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(["", "robopolicy quickstart", *[f"  {k:<{width}}  {v}" for k, v in rows], ""]),
           file=sys.stderr)
@@ -363,6 +371,9 @@ def cmd_quickstart(cfg: DictConfig) -> dict:
                "train_seconds": stages["train"]["train_seconds"], "checkpoint": stages["train"]["checkpoint"],
                "success_rate": ev["success_rate"], "success_ci95": ev["success_ci95"],
                "eval_episodes": ev["episodes"]}
+    if "deploy" in stages:
+        summary["deploy"] = {k: stages["deploy"][k] for k in ("success_rate", "success_ci95", "episodes", "control_hz",
+                                                              "mode", "summary_path")}
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["summary"] = str(out / "summary.json")
