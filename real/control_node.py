@@ -43,7 +43,7 @@ class ControlNodeError(RuntimeError):
 @dataclass
 class ControlConfig:
     control_hz: float = 20.0
-    mode: str = "rtc"  # sync | ensemble | rtc
+    mode: str = "sync"  # sync | ensemble | rtc (configs/deploy.yaml has the measurements behind the default)
     interpolate: bool = True  # linear between a chunk's actions when control_hz exceeds the action rate
     action_fps: float | None = None  # the rate the policy's actions are meant for; None: policy or robot fps
     hold_after: int = 3  # watchdog: HOLD after this many periods without a fresh action

@@ -5,11 +5,13 @@ j of a chunk is due at t_obs + (j - (To - 1)) * action_dt. A chunk that arrives 
 (the first of an episode, or after a stall) starts when it arrives instead, at the next slot of the action
 clock (`origin` + k * action_dt, set by the node so that slots fall on its command instants): nothing moved
 meanwhile, and policies put their largest correction first, so dropping it to "compensate" a latency that
-did not act would throw away the approach (builtin/pick_place at 20 Hz rtc: 0.25 -> 0.60 with this). Sampling a chunk at the current time drops the
-actions whose time has passed during inference (latency compensation) and interpolates between neighbours
-when the control loop runs faster than the policy's action rate (linear, or zero-order hold).
+did not act would throw away the approach (builtin/pick_place at 20 Hz rtc: 0.25 -> 0.60 with this).
+Sampling a chunk at the current time drops the actions whose time has passed during inference (latency
+compensation) and interpolates between neighbours when the control loop runs faster than the policy's action
+rate (linear, or zero-order hold).
 
-    sync      naive: ask, wait (the robot holds), execute n_action_steps from the moment the chunk arrives, ask again
+    sync      naive: ask, wait (the robot holds), execute n_action_steps from the first slot after the chunk
+              arrives, ask again
     ensemble  ACT temporal ensembling: a new chunk every action step, the actions all chunks hold for the current
               time averaged with weights exp(-decay * i), i = 0 for the oldest prediction
     rtc       real-time chunking: the next chunk is asked for `d` steps before the current one runs out (d = the
