@@ -26,30 +26,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from train_targets import ROOT, run, train_and_eval  # the same CLI runner and train -> eval step
 
-ROOT = Path(__file__).resolve().parents[1]
-ROBOPOLICY = str(Path(sys.executable).parent / "robopolicy")
 TASKS = ["metaworld/pick-place-v3:sloppy", "metaworld/push-v3:sloppy"]
 ARMS = ("uniform", "weighted", "filtered")
 BAD_SEED = 1000  # the bad batch's first seed: no seed repeats the clean batch's
-
-
-def run(*args: str) -> dict:
-    """One `robopolicy` command; its summary is the last line of standard output."""
-    proc = subprocess.run([ROBOPOLICY, *args], capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"robopolicy {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def parse_task(spec: str) -> tuple[str, list[str], str]:
@@ -116,26 +100,6 @@ def rank_quality(report_path: Path, n_clean: int) -> dict:
             "measures": measures}
 
 
-def train_and_eval(task: str, store: Path, run_dir: Path, eval_episodes: int, overrides: list[str],
-                   reuse: bool) -> dict:
-    load_before = load()
-    started = time.perf_counter()
-    reused = reuse and (run_dir / "summary.json").exists()
-    if reused:
-        train = json.loads((run_dir / "summary.json").read_text())
-    else:
-        train = run("train", f"task={task}", f"data={store}", f"out={run_dir}", "overwrite=true",
-                    "eval.every=0", "eval.final_episodes=0", *overrides)
-    wall = time.perf_counter() - started
-    load_train = load()
-    ev = run("eval", f"ckpt={run_dir}", f"episodes={eval_episodes}", f"out={run_dir / 'eval'}", "threads=1")
-    return {"steps": train["steps"], "train_seconds": train["train_seconds"],
-            "train_wall_seconds": None if reused else round(wall, 1),
-            "success_rate": ev["success_rate"], "success_ci95": ev["success_ci95"], "episodes": ev["episodes"],
-            "mean_length": ev["mean_length"], "eval_seconds": ev["seconds"],
-            "load_avg_1min": {"before_train": load_before, "after_train": load_train, "after_eval": load()}}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=TASKS, help="task[:mode], mode noise=<std> | sloppy")
@@ -173,7 +137,7 @@ def main() -> None:
         for arm in args.arms:
             data = filtered if arm == "filtered" else store
             extra = ["quality_weighting=true"] if arm == "weighted" else []
-            row = train_and_eval(task, data, args.work / "runs" / f"{name}_{arm}", args.eval_episodes,
+            row = train_and_eval(task, None, data, args.work / "runs" / f"{name}_{arm}", args.eval_episodes,
                                  extra + args.override, args.reuse)
             entry["arms"][arm] = row
             args.results.write_text(json.dumps(summary, indent=2))  # after every run: a long run keeps what it measured

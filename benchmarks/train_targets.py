@@ -50,7 +50,7 @@ def collect(task: str, store: Path, episodes: int, images: bool) -> dict:
                "overwrite=true")
 
 
-def train_and_eval(task: str, policy: str, store: Path, run_dir: Path, eval_episodes: int,
+def train_and_eval(task: str, policy: str | None, store: Path, run_dir: Path, eval_episodes: int,
                    overrides: list[str], reuse: bool) -> dict:
     load_before = load()
     started = time.perf_counter()
@@ -58,7 +58,8 @@ def train_and_eval(task: str, policy: str, store: Path, run_dir: Path, eval_epis
     if reused:
         train = json.loads((run_dir / "summary.json").read_text())
     else:
-        train = run("train", f"task={task}", f"data={store}", f"out={run_dir}", f"policy={policy}", "overwrite=true",
+        choice = [f"policy={policy}"] if policy else []  # None: the trainer's default policy
+        train = run("train", f"task={task}", f"data={store}", f"out={run_dir}", *choice, "overwrite=true",
                     "eval.every=0", "eval.final_episodes=0", *overrides)
     wall = time.perf_counter() - started
     load_train = load()

@@ -5,7 +5,7 @@ j of a chunk is due at t_obs + (j - (To - 1)) * action_dt. A chunk that arrives 
 (the first of an episode, or after a stall) starts when it arrives instead, at the next slot of the action
 clock (`origin` + k * action_dt, set by the node so that slots fall on its command instants): nothing moved
 meanwhile, and policies put their largest correction first, so dropping it to "compensate" a latency that
-did not act would throw away the approach (builtin/pick_place at 20 Hz rtc: 0.25 -> 0.60 with this).
+did not act would throw away the approach.
 Sampling a chunk at the current time drops the actions whose time has passed during inference (latency
 compensation) and interpolates between neighbours when the control loop runs faster than the policy's action
 rate (linear, or zero-order hold).

@@ -13,43 +13,27 @@ from robopolicy.rollout import Episode, run_episodes
 class ExpertAgent:
     """One scripted expert per vector-env worker (experts keep per-episode state such as their phase).
 
-    `act` returns the experts' labels, which the rollout records. An expert with DART exploration
-    (an `explore(obs) -> (label, executed)` method) also leaves the action to execute in `executed`:
-    the env takes the perturbed action while the store keeps the expert's correction.
+    `act` returns (executed, recorded) actions: an expert with DART exploration (an `explore(obs) ->
+    (label, executed)` method) runs a perturbed action while the store keeps the expert's correction.
     """
 
     def __init__(self, experts: list, action_dim: int):
         self.experts = experts
         self.action_dim = action_dim
-        self.executed = np.zeros((len(experts), action_dim), dtype=np.float32)
 
     def reset(self, index: int, seed: int) -> None:
         self.experts[index].reset(seed)
 
-    def act(self, obs: dict[str, np.ndarray], active: np.ndarray) -> np.ndarray:
+    def act(self, obs: dict[str, np.ndarray], active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         label = np.zeros((len(self.experts), self.action_dim), dtype=np.float32)
-        self.executed[:] = 0.0
+        executed = np.zeros_like(label)
         for i in np.flatnonzero(active):
             expert, obs_i = self.experts[i], {k: v[i] for k, v in obs.items()}
             if hasattr(expert, "explore"):
-                label[i], self.executed[i] = expert.explore(obs_i)
+                label[i], executed[i] = expert.explore(obs_i)
             else:
-                label[i] = self.executed[i] = expert.act(obs_i)
-        return label
-
-
-class _ExecuteExplored:
-    """The vector env as the rollout sees it: stepped with the agent's label, it executes the agent's
-    explored action instead (everything else is the wrapped env)."""
-
-    def __init__(self, envs, agent: ExpertAgent):
-        self._envs, self._agent = envs, agent
-
-    def __getattr__(self, name: str):
-        return getattr(self._envs, name)
-
-    def step(self, label: np.ndarray):
-        return self._envs.step(self._agent.executed.copy())
+                label[i] = executed[i] = expert.act(obs_i)
+        return executed, label
 
 
 def collect(envs, experts: list, store, n_episodes: int, *, seed: int, task: str, source: str = "expert",
@@ -68,8 +52,7 @@ def collect(envs, experts: list, store, n_episodes: int, *, seed: int, task: str
             progress.set_postfix(success=f"{ep.success}", refresh=False)
 
     agent = ExpertAgent(experts, envs.single_action_space.shape[0])
-    episodes = run_episodes(_ExecuteExplored(envs, agent), agent, n_episodes, seed=seed, record=True,
-                            on_episode=append)
+    episodes = run_episodes(envs, agent, n_episodes, seed=seed, record=True, on_episode=append)
     elapsed = time.perf_counter() - start
     frames = sum(ep.length for ep in episodes)
     return {

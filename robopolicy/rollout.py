@@ -19,7 +19,8 @@ class Agent(Protocol):
 
     def reset(self, index: int, seed: int) -> None: ...
 
-    def act(self, obs: dict[str, np.ndarray], active: np.ndarray) -> np.ndarray: ...
+    def act(self, obs: dict[str, np.ndarray], active: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Actions [n_workers, A] to execute, or (executed, recorded) when the recorded action differs (DART)."""
 
 
 @dataclass
@@ -80,7 +81,8 @@ def run_episodes(
     while done_count < n_episodes:
         active = np.array([ep is not None for ep in current])
         action = agent.act(obs, active)
-        next_obs, reward, terminated, truncated, info = envs.step(action)
+        executed, action = action if isinstance(action, tuple) else (action, action)
+        next_obs, reward, terminated, truncated, info = envs.step(executed)
         success = np.asarray(info.get("success", np.zeros(n_workers, bool)), dtype=bool)
         finished = np.zeros(n_workers, dtype=bool)
         for i in np.flatnonzero(active):
