@@ -1,0 +1,27 @@
+"""`robopolicy quickstart` end to end at a tiny size: every stage runs, and the table and summary report them."""
+
+import json
+
+from conftest import last_json
+
+
+def test_quickstart_collects_trains_evaluates_deploys_and_refines(cli, tmp_path):
+    store, out = tmp_path / "store", tmp_path / "run"
+    proc = cli(
+        "quickstart", f"store={store}", f"out={out}", "episodes=4", "train_steps=20", "eval_episodes=2",
+        "deploy_episodes=1", "refine.base_demos=2", "refine.base_steps=10", "refine.env_steps=300",
+        "refine.eval_every=0", "refine.eval_episodes=2", check=True, timeout=600,
+    )
+    summary = last_json(proc)
+    assert summary["demonstrations"] == 4 and summary["eval_episodes"] == 2
+    assert summary["deploy"]["episodes"] == 1
+    refine = summary["refine"]
+    assert refine["algo"] == "residual" and refine["env_steps"] >= 300
+    assert refine["base"]["episodes"] == 2 and refine["refined"]["episodes"] == 2
+    # the weak base trained on 2 of the 4 demonstrations; the refined checkpoint names it as its base
+    weak = json.loads((out / "weak_base" / "summary.json").read_text())
+    assert weak["episodes"] == 2
+    assert "weak_base" in json.loads((out / "refine" / "summary.json").read_text())["base"]
+    for row in ("success rate", "deployed", "refinement"):
+        assert row in proc.stderr
+    assert json.loads((out / "summary.json").read_text())["refine"] == refine
