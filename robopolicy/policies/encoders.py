@@ -62,13 +62,19 @@ class SpatialSoftmax(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """Small ResNet: a strided stem, one strided residual block per extra width, pooled to `feature_dim`."""
+    """Small ResNet: a strided stem (`stem_stride`), one strided residual block per extra width, pooled to
+    `feature_dim`."""
 
     def __init__(self, channels: list[int], feature_dim: int, pooling: str = "spatial_softmax",
-                 num_keypoints: int = 32):
+                 num_keypoints: int = 32, stem_stride: int = 2):
         super().__init__()
+        if stem_stride < 2:
+            raise ValueError(f"encoder.stem_stride {stem_stride} must be at least 2.")
+        # stride 2: a 3x3 conv (the default); larger: a non-overlapping patchify conv (ConvNeXt-style), which
+        # shrinks every later feature map by stem_stride / 2 per side, ~4x less compute at 4 on a CPU.
+        kernel, padding = (3, 1) if stem_stride == 2 else (stem_stride, 0)
         layers: list[nn.Module] = [
-            nn.Conv2d(3, channels[0], 3, stride=2, padding=1, bias=False),
+            nn.Conv2d(3, channels[0], kernel, stride=stem_stride, padding=padding, bias=False),
             _group_norm(channels[0]),
             nn.Mish(),
         ]
@@ -99,13 +105,9 @@ def crop_images(images: torch.Tensor, size: int, random: bool) -> torch.Tensor:
         return images[..., top:top + size, left:left + size]
     top = torch.randint(0, h - size + 1, (b,), device=images.device)
     left = torch.randint(0, w - size + 1, (b,), device=images.device)
-    offsets = torch.arange(size, device=images.device)
-    rows = (top[:, None] + offsets)[:, None, None, :, None]  # [B, 1, 1, size, 1]
-    cols = (left[:, None] + offsets)[:, None, None, None, :]  # [B, 1, 1, 1, size]
-    batch = torch.arange(b, device=images.device)[:, None, None, None, None]
-    t_idx = torch.arange(images.shape[1], device=images.device)[None, :, None, None, None]
-    c_idx = torch.arange(images.shape[2], device=images.device)[None, None, :, None, None]
-    return images[batch, t_idx, c_idx, rows, cols]
+    # One slice per window, then a stack: a plain copy, ~4x faster on a CPU than one gather with 5 index tensors.
+    return torch.stack([images[i, ..., y:y + size, x:x + size]
+                        for i, (y, x) in enumerate(zip(top.tolist(), left.tolist()))])
 
 
 class ObservationEncoder(nn.Module):
@@ -135,7 +137,8 @@ class ObservationEncoder(nn.Module):
 
         def image_encoder() -> ImageEncoder:
             return ImageEncoder(list(cfg.get("image_channels", [32, 64, 128])), int(cfg.get("image_feature_dim", 64)),
-                                cfg.get("pooling", "spatial_softmax"), int(cfg.get("num_keypoints", 32)))
+                                cfg.get("pooling", "spatial_softmax"), int(cfg.get("num_keypoints", 32)),
+                                int(cfg.get("stem_stride", 2)))
 
         self.share_image_encoder = bool(cfg.get("share_image_encoder", False))
         n_encoders = min(len(self.image_keys), 1) if self.share_image_encoder else len(self.image_keys)
