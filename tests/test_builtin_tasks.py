@@ -231,3 +231,29 @@ def test_reward_is_dense_and_grows_towards_success(task):
             break
     assert terminated and len(set(np.round(rewards, 6))) > len(rewards) // 2  # shaped, not a sparse 0/1
     assert rewards[-1] > max(rewards[:-1]) and rewards[-2] > rewards[0]
+
+
+@pytest.mark.parametrize("task", ["push", "push_two_ways"])
+def test_push_state_spells_out_yaw_relative_vectors_and_the_push_frame(task):
+    env = make_builtin_env(task)
+    names = env.feature_names["observation.state"]
+    actions = np.random.default_rng(1).uniform(-1, 1, size=(8, 4)).astype(np.float32)
+    obs, _ = env.reset(seed=3)
+    for action in actions:
+        obs, *_ = env.step(action)
+    s = {n: float(v) for n, v in zip(names, obs["observation.state"])}
+    block = np.array([s["object.x"], s["object.y"], s["object.z"]])
+    np.testing.assert_allclose(block, env.data.xpos[env.model.body("block").id], atol=1e-6)
+    ee, target = np.array([s["ee.x"], s["ee.y"], s["ee.z"]]), np.array([s["target.x"], s["target.y"]])
+    rel = [s["object_from_ee.x"], s["object_from_ee.y"], s["object_from_ee.z"]]
+    np.testing.assert_allclose(rel, block - ee, atol=1e-6)
+    np.testing.assert_allclose([s["target_from_object.x"], s["target_from_object.y"]], target - block[:2], atol=1e-6)
+    # yaw of the quaternion, times 4 (a cube's quarter-turn symmetry)
+    qw, _, _, qz = env.data.qpos[env._obj_qpos][3:7]
+    yaw4 = 4 * 2 * np.arctan2(qz, qw)
+    np.testing.assert_allclose([s["object.yaw4.cos"], s["object.yaw4.sin"]], [np.cos(yaw4), np.sin(yaw4)], atol=1e-3)
+    # the push frame: unit direction block -> target, the hand's offset along it and to its left
+    u = np.array([s["push_dir.x"], s["push_dir.y"]])
+    np.testing.assert_allclose(u, (target - block[:2]) / np.linalg.norm(target - block[:2]), atol=1e-5)
+    offset = s["ee_in_push_frame.along"] * u + s["ee_in_push_frame.lateral"] * np.array([-u[1], u[0]])
+    np.testing.assert_allclose(offset, ee[:2] - block[:2], atol=1e-6)

@@ -79,6 +79,38 @@ class _ObjectTask(ArmTaskEnv):
         return reward + 10.0 * success, success
 
 
+class _PushTask(_ObjectTask):
+    """A block pushed on the table. Its state spells out what a push decision depends on, which a cloned
+    policy would otherwise have to compute precisely from absolute positions: the block's yaw as cos/sin of
+    4 x yaw (a cube looks the same every quarter turn; the quaternion's roll and pitch stay ~0 on the table),
+    the vectors block - hand and target - block, and the hand in the push frame (the unit direction block ->
+    target, the hand's offset along it and to its left). 50 demonstrations, flow policy, 100 episodes:
+    0.58 with positions and quaternion alone, 0.85 with these dimensions."""
+
+    task_state_names = (
+        "object.x", "object.y", "object.z", "object.yaw4.cos", "object.yaw4.sin",
+        "target.x", "target.y", "target.z",
+        "object_from_ee.x", "object_from_ee.y", "object_from_ee.z",
+        "target_from_object.x", "target_from_object.y",
+        "push_dir.x", "push_dir.y", "ee_in_push_frame.along", "ee_in_push_frame.lateral",
+    )  # fmt: skip
+
+    def _write_task_state(self, out: np.ndarray) -> None:
+        obj, target, ee = self.object_pos(), self.target_pos(), self.data.site_xpos[self._site]
+        qw, qx, qy, qz = self.data.qpos[self._obj_qpos][3:7]
+        yaw = np.arctan2(2 * (qw * qz + qx * qy), 1 - 2 * (qy * qy + qz * qz))
+        out[0:3] = obj
+        out[3:5] = np.cos(4 * yaw), np.sin(4 * yaw)
+        out[5:8] = target
+        out[8:11] = obj - ee
+        out[11:13] = target[:2] - obj[:2]
+        # the hand in the frame of the push (x: block -> target), where a pusher's decision is simplest
+        u = (target[:2] - obj[:2]) / max(float(np.linalg.norm(target[:2] - obj[:2])), 1e-6)
+        rel = ee[:2] - obj[:2]
+        out[13:15] = u
+        out[15:17] = rel @ u, u[0] * rel[1] - u[1] * rel[0]
+
+
 class ReachTask(ArmTaskEnv):
     name = "reach"
     task_description = "move the gripper to the green sphere"
@@ -108,7 +140,7 @@ class ReachTask(ArmTaskEnv):
         return 1.0 - np.tanh(10.0 * dist) + 10.0 * success, success
 
 
-class PushTask(_ObjectTask):
+class PushTask(_PushTask):
     name = "push"
     task_description = "push the red block onto the green target"
     objects_xml = _object_xml("block", BLOCK_HALF, ".85 .2 .2 1", 0.2) + _TARGET_MARKER.format(radius=0.04)
@@ -156,7 +188,7 @@ class PickPlaceTask(_ObjectTask):
         return reward + 10.0 * success, success
 
 
-class PushTwoWaysTask(_ObjectTask):
+class PushTwoWaysTask(_PushTask):
     """Push a block past a wall to a target straight behind it: around the left or the right side.
 
     Start and target sit on the x axis on either side of the wall, so both detours are equally good and a
