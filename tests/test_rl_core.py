@@ -16,7 +16,14 @@ import sim
 from robopolicy.checkpoint import CheckpointError, load_policy, read_checkpoint_info, save_checkpoint
 from robopolicy.features import features_from_env
 from robopolicy.policies import make_policy
-from robopolicy.rl.core import ChunkedCollector, Curves, ReplayBuffer, base_reference, save_refined
+from robopolicy.rl.core import (
+    ChunkedCollector,
+    Curves,
+    ReplayBuffer,
+    base_reference,
+    n_step_rows,
+    save_refined,
+)
 from robopolicy.rl.finetune import finetune
 from sim.vector import make_vector_env
 
@@ -127,6 +134,22 @@ def test_chunked_rollout_counts_env_steps_and_chunk_transitions(base_ckpt):
     assert np.allclose(transitions["next_obs"][0], transitions["obs"][1])
     assert method.decisions == 12 + 2  # 3 per finished episode, plus the first chunk of the running ones
     assert method.started[:2] == [(0, 0), (1, 0)] and len(method.started) == 6
+
+
+def test_n_step_rows_sum_discounted_rewards_and_bootstrap_from_n_decisions_ahead():
+    # an episode of 3 decisions (4, 4 and 2 env steps) that terminates on the last one
+    rows = [{"obs": np.float32([t]), "reward": np.float32(r), "steps": np.float32(s), "done": np.float32(t == 2),
+             "next_obs": np.float32([t + 1]), "next_raw.x": np.float32([10 * (t + 1)])}
+            for t, (r, s) in enumerate([(-4.0, 4), (-4.0, 4), (-1.0, 2)])]
+    out = n_step_rows(rows, 2, gamma=0.5)
+    assert [float(r["obs"][0]) for r in out] == [0, 1, 2]  # each keeps its own decision
+    assert np.isclose(out[0]["reward"], -4 + 0.5 ** 4 * -4) and out[0]["steps"] == 8 and out[0]["done"] == 0
+    assert out[0]["next_obs"][0] == 2 and out[0]["next_raw.x"][0] == 20  # bootstrap at decision 2
+    assert np.isclose(out[1]["reward"], -4 + 0.5 ** 4 * -1) and out[1]["steps"] == 6 and out[1]["done"] == 1
+    assert out[2]["reward"] == -1 and out[2]["steps"] == 2 and out[2]["next_obs"][0] == 3  # cut by the end
+    assert n_step_rows(rows, 1, gamma=0.5) == rows
+    with pytest.raises(ValueError, match="n_step"):
+        ChunkedCollector(None, CountingMethod(None), print, n_step=0)
 
 
 def test_curves_written_as_json_and_png(tmp_path):

@@ -245,12 +245,17 @@ class ChunkedCollector:
     Reward: "sparse" is 1 on the step the task succeeds (episodes terminate on success), "dense" the env's own
     reward times `reward_scale`. `step_penalty` is subtracted on every step (DSRL's reward offset: with sparse
     rewards, -1 per step and 0 on success, so Q starts optimistic at 0 and faster successes score higher).
+    `n_step` > 1 turns each transition into an n-decision one (see `n_step_rows`) before it goes to `sink`.
     """
 
     def __init__(self, envs, method: Method, sink: Callable[[dict[str, np.ndarray]], None], *,
-                 reward: str = "sparse", reward_scale: float = 1.0, step_penalty: float = 0.0, seed: int = 0):
+                 reward: str = "sparse", reward_scale: float = 1.0, step_penalty: float = 0.0, seed: int = 0,
+                 n_step: int = 1):
         if reward not in ("sparse", "dense"):
             raise ValueError(f"reward {reward!r} is unknown; use 'sparse' or 'dense'.")
+        if int(n_step) < 1:
+            raise ValueError(f"n_step {n_step!r} must be a whole number >= 1 (1: one-decision TD targets).")
+        self.n_step = int(n_step)
         self.envs, self.method, self.sink = envs, method, sink
         self.reward, self.reward_scale, self.step_penalty = reward, float(reward_scale), float(step_penalty)
         policy = method.policy
@@ -297,7 +302,8 @@ class ChunkedCollector:
             for row in reversed(w.transitions):  # G_t = r_t + gamma^steps_t G_{t+1}
                 ret = float(row["reward"]) + gamma ** float(row["steps"]) * ret
                 row["mc_return"] = np.float32(ret)
-            self.sink({k: np.stack([row[k] for row in w.transitions]) for k in w.transitions[0]})
+            rows = n_step_rows(w.transitions, self.n_step, gamma) if self.n_step > 1 else w.transitions
+            self.sink({k: np.stack([row[k] for row in rows]) for k in rows[0]})
         self.episodes.append({"env_steps": self.env_steps, "success": w.success, "return": round(w.ret, 4),
                               "length": w.length, "seed": w.seed})
 
@@ -365,6 +371,24 @@ class ChunkedCollector:
         for row, i in enumerate(finished):
             self._close(i, inputs[row], {k: v[row].numpy() for k, v in raw.items()}, done=bool(terminated[i]))
             self._flush_episode(i)
+
+
+def n_step_rows(rows: list[dict[str, np.ndarray]], n: int, gamma: float) -> list[dict[str, np.ndarray]]:
+    """One episode's chunk-level transitions made n-decision ones: the reward of decisions t .. t+n-1 (discounted
+    by gamma ** env steps within), their total `steps`, and `done` and the `next_*` fields of the last of them (fewer
+    at the episode's end). The TD target r + gamma ** steps (1 - done) Q(next) then bootstraps n decisions ahead,
+    so a sparse success reaches the early decisions of a long episode n times faster."""
+    out = []
+    for t, row in enumerate(rows):
+        window = rows[t:t + n]
+        reward, steps = 0.0, 0.0
+        for later in window:
+            reward += gamma ** steps * float(later["reward"])
+            steps += float(later["steps"])
+        last = window[-1]
+        out.append({**row, "reward": np.float32(reward), "steps": np.float32(steps), "done": last["done"],
+                    **{k: v for k, v in last.items() if k.startswith("next_")}})
+    return out
 
 
 def transition_shapes(method: Method, feature_dim: int, latent_dim: int,
@@ -461,7 +485,7 @@ def run_online(method: Method, buffer: ReplayBuffer, make_envs: Callable[[int], 
     """Collect chunked rollouts, update the method off-policy, evaluate periodically; returns the summary pieces.
 
     cfg: env_steps, num_envs, seed, reward, reward_scale, step_penalty, algo.{batch_size, learning_starts, updates_per_step,
-    collect_steps}, eval.{every, episodes, num_envs, target, stop_at_target}.
+    collect_steps, n_step}, eval.{every, episodes, num_envs, target, stop_at_target}.
     """
     algo, ev = cfg["algo"], cfg["eval"]
     total = int(cfg["env_steps"])
@@ -470,7 +494,9 @@ def run_online(method: Method, buffer: ReplayBuffer, make_envs: Callable[[int], 
     envs, eval_envs = make_envs(int(cfg["num_envs"])), None
     collector = ChunkedCollector(envs, method, buffer.add, reward=str(cfg.get("reward", "sparse")),
                                  reward_scale=float(cfg.get("reward_scale", 1.0)),
-                                 step_penalty=float(cfg.get("step_penalty", 0.0)), seed=int(cfg["seed"]))
+                                 step_penalty=float(cfg.get("step_penalty", 0.0)), seed=int(cfg["seed"]),
+                                 # on-policy methods compute their own advantages over whole episodes
+                                 n_step=1 if getattr(method, "on_policy", False) else int(algo.get("n_step", 1)))
     collect_steps = int(algo.get("collect_steps", 64))
     updates_per_step = float(algo.get("updates_per_step", 0.125))
     batch_size, learning_starts = int(algo.get("batch_size", 256)), int(algo.get("learning_starts", 2000))
