@@ -175,12 +175,14 @@ def _load_tensors(path: Path, device: str | torch.device) -> tuple[dict[str, tor
 
 
 def load_policy(dir: str | os.PathLike, *, expect_features: Mapping[str, Mapping] | None = None,
-                device: str | torch.device = "cpu", allow_extra_features: bool = False) -> ActionChunkPolicy:
+                device: str | torch.device = "cpu", allow_extra_features: bool = False,
+                num_inference_steps: int | None = None) -> ActionChunkPolicy:
     """Rebuild the policy from the folder alone and load its weights strictly; returned in eval mode.
 
     `expect_features` (e.g. an environment's or robot's feature specs) must supply every feature the policy
     uses with the same shape and dtype; observation keys the policy does not use are an error unless
-    `allow_extra_features`.
+    `allow_extra_features`. `num_inference_steps` replaces the saved sampler step count of a flow or diffusion
+    policy (the weights do not depend on it): more steps, slower chunks.
     """
     folder = Path(dir)
     info = read_checkpoint_info(folder)
@@ -191,6 +193,13 @@ def load_policy(dir: str | os.PathLike, *, expect_features: Mapping[str, Mapping
             raise CheckpointError(f"checkpoint {folder} does not fit the expected features: {'; '.join(problems)}.")
     policy_cfg = info["config"]["policy"]
     name = policy_cfg.get("name")
+    if num_inference_steps is not None:
+        if "num_inference_steps" not in policy_cfg:
+            raise CheckpointError(f"{folder} holds a {name!r} policy, which has no sampler steps to set "
+                                  "(num_inference_steps applies to flow and diffusion policies).")
+        if int(num_inference_steps) < 1:
+            raise CheckpointError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
+        policy_cfg = {**policy_cfg, "num_inference_steps": int(num_inference_steps)}
     if name not in POLICIES:
         import robopolicy.rl  # noqa: F401  (registers the refined policies: steer, residual, value_guided)
     if name not in POLICIES:

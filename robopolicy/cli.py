@@ -302,7 +302,7 @@ def cmd_eval(cfg: DictConfig) -> dict:
     features = info["features"]
     kwargs = env_kwargs_for_features(features, cfg)
     _check_env_matches(task, kwargs, features, f"the checkpoint {ckpt}")
-    policy = load_policy(ckpt)
+    policy = load_policy(ckpt, num_inference_steps=cfg.num_inference_steps)
     if cfg.guidance is not None:  # value-guided selection (guidance=value n_samples=N) or none (the base alone)
         from robopolicy.rl.value_guidance import apply_guidance
 

@@ -139,3 +139,26 @@ def test_newer_format_and_unknown_policy_are_refused(tmp_path):
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(CheckpointError, match="'act', which is not registered"):
         load_policy(path)
+
+
+@pytest.mark.parametrize("config_name", ["flow", "diffusion"])
+def test_sampler_steps_can_be_changed_at_load_time(tmp_path, config_name):
+    policy, features, batch = trained_policy(config_name)
+    path = save_checkpoint(tmp_path / "ckpt", policy, config={"policy": small_config(config_name)})
+    noise = torch.randn(2, *policy.noise_shape)
+    obs = observation(batch, 2)
+    same = load_policy(path)
+    more = load_policy(path, num_inference_steps=12)
+    assert torch.equal(same.sample_chunk(obs, noise), policy.sample_chunk(obs, noise))
+    chunk = more.sample_chunk(obs, noise)  # the same weights, integrated with another step count
+    assert torch.isfinite(chunk).all() and not torch.equal(chunk, policy.sample_chunk(obs, noise))
+    assert read_checkpoint_info(path)["config"]["policy"].get("num_inference_steps") != 12  # the folder is unchanged
+    with pytest.raises(CheckpointError, match="at least 1"):
+        load_policy(path, num_inference_steps=0)
+
+
+def test_sampler_steps_on_a_policy_without_a_sampler_are_refused(tmp_path):
+    policy, _, _ = trained_policy("mlp")
+    path = save_checkpoint(tmp_path / "ckpt", policy, config={"policy": small_config("mlp")})
+    with pytest.raises(CheckpointError, match="no sampler steps"):
+        load_policy(path, num_inference_steps=8)
