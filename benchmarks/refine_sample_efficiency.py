@@ -128,7 +128,7 @@ def run_scratch(args, make_envs, out: Path) -> dict:
     curves.add_eval(result["env_steps"], final)
     curves.write()
     return {"algo": "sac_scratch", "env_steps": result["env_steps"], "wall_seconds": round(time.perf_counter() - started, 1),
-            "steps_to_target": curves.steps_to(args.target), "curves": curves,
+            "steps_to_target": curves.steps_to(args.target, min_episodes=args.final_episodes), "curves": curves,
             "final_success_rate": final["success_rate"], "final_ci95": final["success_ci95"]}
 
 
@@ -138,7 +138,7 @@ def common_cfg(args, algo: dict, out: Path) -> dict:
             "reward_scale": args.reward_scale, "step_penalty": args.step_penalty, "threads": args.threads,
             "eval": {"every": args.eval_every, "episodes": args.eval_episodes, "base_episodes": 0,
                      "final_episodes": args.final_episodes, "num_envs": args.num_envs, "target": args.target,
-                     "stop_at_target": args.stop_at_target}}
+                     "confirm_episodes": args.final_episodes, "stop_at_target": args.stop_at_target}}
 
 
 def main() -> None:

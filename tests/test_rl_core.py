@@ -163,6 +163,9 @@ def test_curves_written_as_json_and_png(tmp_path):
     assert [p["env_steps"] for p in data["eval"]] == [0, 500] and len(data["train_episodes"]) == 30
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert curves.steps_to(0.9) == 500 and curves.steps_to(0.99) is None
+    assert curves.steps_to(0.9, min_episodes=100) is None  # a 20-episode crossing is not a confirmed one
+    curves.add_eval(600, {"success_rate": 0.91, "success_ci95": [0.84, 0.95], "episodes": 100, "mean_return": 2.0})
+    assert curves.steps_to(0.9, min_episodes=100) == 600
 
 
 def test_refined_checkpoint_round_trip_and_refusals(tmp_path):

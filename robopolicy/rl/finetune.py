@@ -98,6 +98,7 @@ def finetune(cfg: DictConfig | dict, make_envs: Callable[[int], Any], *, log: Ca
     _point_last(checkpoint)
     json_path, png_path = curves.write()
     target = float(ev.get("target", 0.9))
+    confirm = int(ev.get("confirm_episodes", 0))
     summary = {
         "command": "finetune", "algo": name, "task": cfg["task"], "base": str(base), "checkpoint": str(checkpoint),
         "env_steps": result["env_steps"], "updates": result["updates"], "wall_seconds": train_seconds,
@@ -105,8 +106,10 @@ def finetune(cfg: DictConfig | dict, make_envs: Callable[[int], Any], *, log: Ca
         "cpu_seconds": round(_cpu_seconds() - cpu_started, 1),
         "load_average_1min": [round(load_started, 2), round(os.getloadavg()[0], 2)],
         "base_eval": _brief(base_eval), "final_eval": _brief(final), "target": target,
-        "steps_to_target": curves.steps_to(target),
-        "wall_seconds_to_target": next((p["wall_seconds"] for p in curves.eval if p["success_rate"] >= target), None),
+        # only evaluations of the confirming size count (the final one included)
+        "steps_to_target": curves.steps_to(target, min_episodes=confirm),
+        "wall_seconds_to_target": next((p["wall_seconds"] for p in curves.eval
+                                        if p["success_rate"] >= target and p["episodes"] >= confirm), None),
         "train_success_last_50": result["train_success_rate"], "last_metrics": result["metrics"],
         "curves": str(json_path), "curves_png": str(png_path),
     }
