@@ -358,13 +358,11 @@ def cmd_quickstart(cfg: DictConfig) -> dict:
         ("demonstrations", f"{stages['collect']['episodes']} (expert success {stages['collect']['success_rate']:.2f})"),
         ("policy", f"{cfg.policy}, {stages['train']['parameters'] / 1e6:.2f}M parameters"),
         ("training time", f"{stages['train']['train_seconds']:.0f} s for {stages['train']['steps']} steps"),
-        ("success rate", f"{ev['success_rate']:.2f} [{ev['success_ci95'][0]:.2f}, {ev['success_ci95'][1]:.2f}]"
-                         f" over {ev['episodes']} episodes"),
+        ("success rate", f"{_rate(ev)} over {ev['episodes']} episodes"),
     ]
     if "deploy" in stages:
         dep = stages["deploy"]
-        rows.append(("deployed", f"{dep['success_rate']:.2f} [{dep['success_ci95'][0]:.2f}, {dep['success_ci95'][1]:.2f}]"
-                                 f" over {dep['episodes']} episodes on the simulated robot at {dep['control_hz']:g} Hz "
+        rows.append(("deployed", f"{_rate(dep)} over {dep['episodes']} episodes on the simulated robot at {dep['control_hz']:g} Hz "
                                  f"({dep['mode']}), policy served on loopback"))
     if "refine" in stages:
         ref = stages["refine"]
@@ -393,6 +391,7 @@ def cmd_quickstart(cfg: DictConfig) -> dict:
 
 
 def _rate(ev: dict) -> str:
+    """A success rate with its 95% interval, for the quickstart's table."""
     return f"{ev['success_rate']:.2f} [{ev['success_ci95'][0]:.2f}, {ev['success_ci95'][1]:.2f}]"
 
 
