@@ -155,8 +155,7 @@ class PushExpert(Expert):
 
     waypoint_tolerance = 0.025
     # Action units while pushing (the last leg slows down near its goal). Slow enough that a cloned policy's
-    # lateral corrections keep up with the block's drift: 50 demos, flow on builtin/push (with the push-frame
-    # state), 100 episodes: 0.85 at 0.6, 0.99 at 0.35.
+    # lateral corrections keep up with the block's drift (compare with benchmarks/train_targets.py).
     push_speed = 0.35
 
     def _waypoints(self, block: np.ndarray, target: np.ndarray) -> list[np.ndarray]:
@@ -223,8 +222,8 @@ class PushTwoWaysExpert(PushExpert):
     """Goes around the wall on a side drawn 50/50 per episode: the demonstrations are bimodal."""
 
     # The detour is long and a cloned policy drifts off it: its demonstrations explore by default (DART).
-    # 50 demos, 100 episodes (flow / diffusion): dart 0 -> 0.70 / 0.69, 0.15 -> 0.79 / 0.89, 0.3 -> 0.64 / 0.81.
-    # Plain pushes do better without it (builtin/push flow 0.67 with 0.15, 0.89 without; speed 0.6, 2 steps/chunk).
+    # Plain pushes do better without it. Compare values with `robopolicy collect ... expert.dart=X` and
+    # benchmarks/train_targets.py.
     default_dart = 0.15
 
     def _reset_task(self, rng: np.random.Generator) -> None:
