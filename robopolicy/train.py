@@ -187,7 +187,7 @@ def train(cfg: DictConfig, *, make_envs: Callable[[], object] | None = None, pro
     summary = {
         "command": "train", "run": str(out), "checkpoint": str((ckpt_root / "last").resolve()),
         "policy": policy_cfg["name"], "parameters": n_params, "episodes": len(episodes), "steps": steps,
-        "resumed_from_step": start_step, "train_seconds": round(train_seconds, 1),
+        "resumed_from_step": start_step, "train_seconds": round(train_seconds, 3),
         "wall_seconds": round(train_time, 1), "final_loss": history["loss"][-1][1] if history["loss"] else None,
         "eval": {k: v for k, v in (final or {}).items() if k != "per_episode"} or None,
         "curves": str(out / "curves.png"),
