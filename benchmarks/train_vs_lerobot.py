@@ -11,8 +11,8 @@
     Measured in interleaved rounds (ours, theirs, ours, ...) so a load change on the shared machine hits both;
     warm-up steps excluded.
 (b) wall-clock from process start to a success rate >= 0.9 with each project's default configuration: ours is
-    `robopolicy train policy=diffusion|flow` evaluating every --eval-every steps (stopped at the first evaluation
-    >= 0.9); LeRobot's default DiffusionPolicy trains on the exported dataset for --lerobot-budget-s and is then
+    `robopolicy train policy=diffusion|flow` evaluating (20 episodes) every --eval-every steps; the first
+    evaluation >= 0.9 that a 100-episode `robopolicy eval` of its checkpoint confirms gives the time; LeRobot's default DiffusionPolicy trains on the exported dataset for --lerobot-budget-s and is then
     evaluated in our simulator (its policy drives lock-step rollouts through the worker's pipe).
 (c) action-chunk latency at batch size 1, ours (flow, diffusion) vs LeRobot's select_action chunk generation
     (its default config, and the parameter-matched one with its DDPM and with DDIM at our step count).
@@ -32,10 +32,10 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -271,47 +271,64 @@ EVAL_LINE = re.compile(r"step (\d+): success ([0-9.]+) over (\d+) episodes")
 
 
 def ours_time_to_success(args, policy: str, store: Path, run_dir: Path) -> dict:
-    """`robopolicy train` with the default config and periodic evaluation; stopped at the first eval >= 0.9."""
+    """`robopolicy train` with the default config, evaluating and keeping a checkpoint every --eval-every steps.
+    Afterwards each evaluation at or above 0.9, in order, is confirmed over --confirm-episodes with `robopolicy
+    eval` on its checkpoint: the first that holds up gives the time to target (the wall-clock of the training
+    process when that evaluation was logged; the confirmations are not counted)."""
     command = [ROBOPOLICY, "train", f"task={args.task}", f"data={store}", f"out={run_dir}", f"policy={policy}",
-               "overwrite=true", f"eval.every={args.eval_every}", f"eval.episodes={args.eval_episodes}",
-               f"eval.final_episodes={args.final_eval_episodes}", *args.train_override]
+               "overwrite=true", f"eval.every={args.eval_every}", f"checkpoint_every={args.eval_every}",
+               "keep_checkpoints=null", f"eval.episodes={args.eval_episodes}",
+               f"eval.final_episodes={args.confirm_episodes}", *args.train_override]
     before = load()
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TQDM_DISABLE": "1"})
-    evals, reached = [], None
+    evals, tail = [], deque(maxlen=40)
     for line in proc.stderr:  # the trainer logs each evaluation on stderr as it happens
+        tail.append(line)
         match = EVAL_LINE.search(line)
         if match:
-            step, rate = int(match.group(1)), float(match.group(2))
-            evals.append({"step": step, "success_rate": rate, "wall_s": round(time.perf_counter() - started, 1)})
-            if rate >= TARGETS["b_success"]:
-                reached = evals[-1]
-                # the question is answered; Ctrl-C lets the trainer close its simulator workers
-                proc.send_signal(signal.SIGINT)
-                break
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
+            evals.append({"step": int(match.group(1)), "success_rate": float(match.group(2)),
+                          "episodes": int(match.group(3)), "wall_s": round(time.perf_counter() - started, 1)})
+    stdout = proc.stdout.read()
+    if proc.wait() != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{''.join(tail)}")
     wall = time.perf_counter() - started
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    final = summary.get("eval") or {}
+    if final:  # the final evaluation is already over --confirm-episodes
+        evals.append({"step": summary["steps"], "success_rate": final["success_rate"],
+                      "episodes": final["episodes"], "wall_s": round(wall, 1)})
+    reached, confirmations = None, []
+    for point in evals:
+        if point["success_rate"] < TARGETS["b_success"]:
+            continue
+        if point["episodes"] >= args.confirm_episodes:
+            reached = point
+            break
+        step = point["step"]
+        check = subprocess.run([ROBOPOLICY, "eval", f"ckpt={run_dir / 'checkpoints' / f'step_{step:07d}'}",
+                                f"task={args.task}", f"episodes={args.confirm_episodes}",
+                                f"out={run_dir / f'confirm_{step}'}"],
+                               capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if check.returncode != 0:
+            raise RuntimeError(f"confirming step {step} failed:\n{check.stderr[-2000:]}")
+        result = json.loads(check.stdout.strip().splitlines()[-1])
+        confirmations.append({"step": step, "success_rate": result["success_rate"],
+                              "success_ci95": result.get("success_ci95"), "episodes": result["episodes"]})
+        print(f"(b) ours {policy}: {point['success_rate']:.2f} at step {step} over {point['episodes']} episodes, "
+              f"{result['success_rate']:.2f} over {result['episodes']}", file=sys.stderr, flush=True)
+        if result["success_rate"] >= TARGETS["b_success"]:
+            reached = point
+            break
     row = {"project": "robopolicy", "policy": policy, "config": f"configs/policy/{policy}.yaml (default)",
-           "eval_every": args.eval_every, "eval_episodes": args.eval_episodes, "evals": evals,
-           "load_before": before, "load_after": load()}
-    if reached is None:
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-2000:]}")
-        summary = json.loads(stdout.strip().splitlines()[-1])
-        final = summary.get("eval") or {}
-        row.update(final_success_rate=final.get("success_rate"), final_episodes=final.get("episodes"),
-                   steps=summary["steps"], parameters=summary["parameters"])
-        if final.get("success_rate") is not None and final["success_rate"] >= TARGETS["b_success"]:
-            reached = {"step": summary["steps"], "success_rate": final["success_rate"], "wall_s": round(wall, 1)}
-    row["reached"] = reached is not None
-    row["seconds_to_target"] = reached["wall_s"] if reached else None
-    row["step_at_target"] = reached["step"] if reached else None
-    row["wall_s"] = round(wall, 1)
+           "eval_every": args.eval_every, "eval_episodes": args.eval_episodes,
+           "confirm_episodes": args.confirm_episodes, "evals": evals, "confirmations": confirmations,
+           "final_success_rate": final.get("success_rate"), "final_success_ci95": final.get("success_ci95"),
+           "final_episodes": final.get("episodes"), "steps": summary["steps"], "parameters": summary["parameters"],
+           "load_before": before, "load_after": load(), "reached": reached is not None,
+           "seconds_to_target": reached["wall_s"] if reached else None,
+           "step_at_target": reached["step"] if reached else None, "wall_s": round(wall, 1)}
     print(f"(b) ours {policy}: {'reached 0.9 at ' + str(reached['wall_s']) + ' s' if reached else 'did not reach 0.9'}",
           file=sys.stderr, flush=True)
     return row
@@ -474,9 +491,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--a-lerobot-round-s", type=float, default=40.0, help="LeRobot's time per round (at most)")
     parser.add_argument("--a-warmup", type=int, default=3)
     parser.add_argument("--b-policies", nargs="+", default=["diffusion", "flow"])
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-episodes", type=int, default=20)
-    parser.add_argument("--final-eval-episodes", type=int, default=50)
+    parser.add_argument("--confirm-episodes", type=int, default=100,
+                        help="episodes confirming a crossing of 0.9 (and of the final evaluation)")
     parser.add_argument("--train-override", nargs="*", default=[], help="extra `robopolicy train` settings")
     parser.add_argument("--lerobot-budget-s", type=float, default=600.0)
     parser.add_argument("--lerobot-threads", type=int, default=None,
@@ -493,7 +511,7 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.episodes = min(args.episodes, 10)
         args.a_rounds, args.a_steps, args.a_lerobot_steps, args.a_warmup = 1, 5, 2, 1
-        args.eval_every, args.eval_episodes, args.final_eval_episodes = 100, 4, 4
+        args.eval_every, args.eval_episodes, args.confirm_episodes = 100, 4, 6
         args.train_override = ["steps=200", *args.train_override]
         args.lerobot_budget_s = min(args.lerobot_budget_s, 45.0)
         args.lerobot_eval_episodes, args.lerobot_eval_max_steps = 2, args.lerobot_eval_max_steps or 8

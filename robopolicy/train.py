@@ -170,7 +170,8 @@ def train(cfg: DictConfig, *, make_envs: Callable[[], object] | None = None, pro
                 writer.add_scalar("eval/success_rate", result["success_rate"], done)
                 log(f"step {done}: success {result['success_rate']:.2f} over {result['episodes']} episodes")
             if done % int(cfg.checkpoint_every) == 0 or done == steps:
-                _save(ckpt_root, done, ema.model, policy, optimizer, scheduler, resolved, history)
+                _save(ckpt_root, done, ema.model, policy, optimizer, scheduler, resolved, history,
+                      keep=cfg.get("keep_checkpoints", 2))
 
         train_time = time.perf_counter() - started
         final = None
@@ -205,7 +206,7 @@ def _ema_weights(state_dir: Path) -> dict:
 
 
 def _save(ckpt_root: Path, step: int, ema_model, policy, optimizer, scheduler, config: dict,
-          history: dict) -> None:
+          history: dict, keep: int | None = 2) -> None:
     target = ckpt_root / f"step_{step:07d}"
     if target.exists():
         shutil.rmtree(target)
@@ -213,8 +214,9 @@ def _save(ckpt_root: Path, step: int, ema_model, policy, optimizer, scheduler, c
     save_train_state(target, step=step, model=policy, optimizer=optimizer, scheduler=scheduler,
                      extra={"history": history})
     _point_last(ckpt_root, target)
-    for old in sorted(ckpt_root.glob("step_*"))[:-2]:  # keep the last two
-        shutil.rmtree(old, ignore_errors=True)
+    if keep is not None:  # the newest `keep` step checkpoints (null: all)
+        for old in sorted(ckpt_root.glob("step_*"))[:-max(int(keep), 1)]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def plot_curves(history: dict, path: Path) -> None:

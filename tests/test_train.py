@@ -34,7 +34,7 @@ def train_args(store: Path, out: Path, *extra: str) -> list[str]:
 def test_train_writes_checkpoint_summary_and_curves(store, tmp_path, cli):
     out = tmp_path / "run"
     proc = cli(*train_args(store, out, "steps=20", "eval.every=10", "eval.episodes=2", "eval.final_episodes=2",
-                           "max_episode_steps=20")[1:], check=True)
+                           "max_episode_steps=20", "checkpoint_every=5", "keep_checkpoints=null")[1:], check=True)
     summary = last_json(proc)
     assert summary["summary"] == str(out / "summary.json")
     assert json.loads((out / "summary.json").read_text())["steps"] == 20
@@ -43,6 +43,7 @@ def test_train_writes_checkpoint_summary_and_curves(store, tmp_path, cli):
     assert summary["train_seconds"] > 0 and summary["final_loss"] > 0
     assert (out / "curves.png").stat().st_size > 0
     last = out / "checkpoints" / "last"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [f"step_{s:07d}" for s in (5, 10, 15, 20)]
     assert {"model.safetensors", "config.yaml", "features.json"} <= {p.name for p in last.iterdir()}
     # The checkpoint is usable on its own.
     evaluation = last_json(cli("eval", f"ckpt={out}", "episodes=2", "max_episode_steps=20", f"out={tmp_path / 'ev'}",
@@ -60,6 +61,7 @@ def test_resume_after_sigkill_gives_the_weights_of_an_uninterrupted_run(store, t
     no_eval = ["steps=200", "checkpoint_every=5", "eval.episodes=0", "eval.final_episodes=0"]
     full = tmp_path / "full"
     subprocess.run(train_args(store, full, *no_eval), check=True, capture_output=True, timeout=300)
+    assert len(list((full / "checkpoints").glob("step_*"))) == 2  # keep_checkpoints: the newest two by default
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_args(store, killed, *no_eval), stdout=subprocess.DEVNULL,
