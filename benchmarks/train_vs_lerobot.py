@@ -12,8 +12,9 @@
     warm-up steps excluded.
 (b) wall-clock from process start to a success rate >= 0.9 with each project's default configuration: ours is
     `robopolicy train policy=diffusion|flow` evaluating (20 episodes) every --eval-every steps; the first
-    evaluation >= 0.9 that a 100-episode `robopolicy eval` of its checkpoint confirms gives the time; LeRobot's default DiffusionPolicy trains on the exported dataset for --lerobot-budget-s and is then
-    evaluated in our simulator (its policy drives lock-step rollouts through the worker's pipe).
+    evaluation >= 0.9 that a 100-episode `robopolicy eval` of its checkpoint confirms gives the time. LeRobot's
+    default DiffusionPolicy trains on the exported dataset for --lerobot-budget-s and is then evaluated in our
+    simulator (its policy drives lock-step rollouts through the worker's pipe).
 (c) action-chunk latency at batch size 1, ours (flow, diffusion) vs LeRobot's select_action chunk generation
     (its default config, and the parameter-matched one with its DDPM and with DDIM at our step count).
 
