@@ -79,3 +79,26 @@ def test_steer_executed_latent_steers_only_the_executed_noise(base_ckpt):  # noq
     assert torch.allclose(noise[:, policy.exec_slice].flatten(1), 1.5 * latent)
     with pytest.raises(ValueError, match="latent"):
         SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "latent": "all"})
+
+
+def _noise_authority_module():
+    """benchmarks/noise_authority.py (a script, not a package module)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "noise_authority.py"
+    spec = importlib.util.spec_from_file_location("noise_authority", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_noise_authority_is_zero_for_a_base_that_ignores_its_noise(base_ckpt):  # noqa: F811
+    authority = _noise_authority_module().authority
+    base = load_policy(base_ckpt).eval()
+    obs = {"observation.state": torch.randn(6, base.n_obs_steps, *base.features["observation.state"]["shape"])}
+    moved = authority(base, obs, noises=8, noise_scale=1.5, seed=0)
+    assert moved["observations"] == 6 and len(moved["std"]) == base.action_dim and moved["mean_std"] > 0
+    sample = base.sample_chunk
+    base.sample_chunk = lambda o, noise: sample(o, torch.zeros_like(noise))  # the noise has no say
+    assert authority(base, obs, noises=8, noise_scale=1.5, seed=0)["mean_std"] == 0

@@ -1,0 +1,89 @@
+"""How far can latent steering move a base policy? The spread of its executed actions over the noise it samples.
+
+    .venv/bin/python benchmarks/noise_authority.py --ckpt RUN_A --ckpt RUN_B --store datasets/pick_place
+
+Steering (`algo=steer`) and value-guided selection (`algo=value_guided`) never change the base: they can only pick
+among the chunks its sampler makes from different initial noises. A base whose chunk barely depends on the noise
+gives them nothing to choose from, whatever the RL does. For each checkpoint this samples `--noises` chunks per
+observation (observations from the store's last `--episodes` episodes, every `--stride` frames), with the noise
+drawn as steering draws it (standard normal times `--noise-scale`), and reports per action dimension, in the base's
+normalized units ([-1, 1] with min_max actions): the standard deviation over noises and the range (max - min),
+averaged over observations and executed steps. Compare with the residual's bound (`algo.scale`, same units).
+Prints one JSON object as the last line and writes benchmarks/results/noise_authority.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange, repeat
+
+from robopolicy.checkpoint import load_policy
+from robopolicy.data import DemoStore
+from robopolicy.rl.finetune import resolve_base
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def store_observations(store: DemoStore, obs_keys: list[str], n_obs_steps: int, episodes: int,
+                       stride: int) -> dict[str, torch.Tensor]:
+    """Observation histories [B, To, ...] at every `stride`-th frame of the store's last `episodes` episodes."""
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in obs_keys}
+    for index in range(max(0, store.num_episodes - episodes), store.num_episodes):
+        ep = store.get_episode(index)
+        length = len(ep["action"])
+        for t in range(0, length, stride):
+            frames = np.clip(np.arange(t - n_obs_steps + 1, t + 1), 0, length - 1)
+            for k in obs_keys:
+                rows[k].append(np.asarray(ep[k])[frames])
+    return {k: torch.as_tensor(np.stack(v)) for k, v in rows.items()}
+
+
+@torch.no_grad()
+def authority(policy, obs: dict[str, torch.Tensor], noises: int, noise_scale: float, seed: int) -> dict:
+    b = next(iter(obs.values())).shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    noise = noise_scale * torch.randn(b * noises, *policy.noise_shape, generator=generator)
+    chunks = policy.sample_chunk({k: repeat(v, "b ... -> (b n) ...", n=noises) for k, v in obs.items()}, noise)
+    start = policy.n_obs_steps - 1  # the executed steps (common.md)
+    executed = policy.normalizer.normalize("action", chunks[:, start:start + policy.n_action_steps])
+    executed = rearrange(executed, "(b n) t a -> b n t a", n=noises)
+    std = executed.std(dim=1).mean(dim=(0, 1))
+    spread = (executed.amax(dim=1) - executed.amin(dim=1)).mean(dim=(0, 1))
+    return {"observations": b, "std": [round(float(x), 4) for x in std],
+            "range": [round(float(x), 4) for x in spread], "mean_std": round(float(std.mean()), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", action="append", required=True, help="a checkpoint or training run (repeatable)")
+    parser.add_argument("--store", required=True, help="the store whose observations are used")
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--stride", type=int, default=7)
+    parser.add_argument("--noises", type=int, default=32)
+    parser.add_argument("--noise-scale", type=float, default=1.0, help="steer's noise_scale (1.5 in configs/algo)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    store = DemoStore.open(args.store)
+    results = {}
+    for ckpt in args.ckpt:
+        path = resolve_base(ckpt)
+        policy = load_policy(path).eval()
+        obs = store_observations(store, policy.obs_keys, policy.n_obs_steps, args.episodes, args.stride)
+        results[ckpt] = {"checkpoint": str(path), "policy": policy.name,
+                         **authority(policy, obs, args.noises, args.noise_scale, args.seed)}
+    report = {"benchmark": "noise_authority", "store": args.store, "noises": args.noises,
+              "noise_scale": args.noise_scale, "units": "normalized actions", "results": results}
+    results_dir = ROOT / "benchmarks" / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "noise_authority.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
