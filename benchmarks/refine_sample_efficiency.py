@@ -135,7 +135,8 @@ def run_scratch(args, make_envs, out: Path) -> dict:
 def common_cfg(args, algo: dict, out: Path) -> dict:
     return {"algo": algo, "ckpt": str(args.base), "task": args.task, "out": str(out), "overwrite": True,
             "seed": args.seed, "env_steps": args.env_steps, "num_envs": args.num_envs, "reward": args.reward,
-            "reward_scale": args.reward_scale, "step_penalty": args.step_penalty, "threads": args.threads,
+            "reward_scale": args.reward_scale, "step_penalty": args.step_penalty,
+            "success_bonus": args.success_bonus, "threads": args.threads,
             "eval": {"every": args.eval_every, "episodes": args.eval_episodes, "base_episodes": 0,
                      "final_episodes": args.final_episodes, "num_envs": args.num_envs, "target": args.target,
                      "confirm_episodes": args.final_episodes, "stop_at_target": args.stop_at_target}}
@@ -157,6 +158,7 @@ def main() -> None:
     parser.add_argument("--reward", default="sparse")
     parser.add_argument("--reward-scale", type=float, default=1.0)
     parser.add_argument("--step-penalty", type=float, default=1.0, help="subtracted every env step (DSRL offset)")
+    parser.add_argument("--success-bonus", type=float, default=0.0, help="added to a dense reward on success")
     parser.add_argument("--scratch-updates-per-step", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -218,7 +220,7 @@ def main() -> None:
         "base_success_rate": None if base_eval is None else base_eval["success_rate"],
         "base_ci95": None if base_eval is None else base_eval["success_ci95"],
         "env_step_budget": args.env_steps, "target": args.target, "reward": args.reward,
-        "step_penalty": args.step_penalty,
+        "reward_scale": args.reward_scale, "step_penalty": args.step_penalty, "success_bonus": args.success_bonus,
         "eval": {"every": args.eval_every, "episodes": args.eval_episodes, "final_episodes": args.final_episodes},
         "results": results,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),

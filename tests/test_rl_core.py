@@ -136,6 +136,47 @@ def test_chunked_rollout_counts_env_steps_and_chunk_transitions(base_ckpt):
     assert method.started[:2] == [(0, 0), (1, 0)] and len(method.started) == 6
 
 
+class ExpertChunkMethod(CountingMethod):
+    """Executes the task's scripted expert: its action at the decision's observation, spread over the chunk (reach's
+    expert is a proportional move, so a quarter of it four times covers the same distance)."""
+
+    def __init__(self, policy, seed: int):
+        super().__init__(policy)
+        self.expert = sim.make_expert(TASK, seed=seed)
+
+    def start_episode(self, worker, env_steps):
+        self.expert.reset(None)  # reach's expert keeps no per-episode state that matters here
+
+    def act(self, obs, inputs, workers, explore):
+        state = obs["observation.state"][:, -1].numpy()
+        action = torch.as_tensor(np.stack([self.expert.act({"observation.state": s}) for s in state]))
+        n = self.policy.n_action_steps
+        chunk = (action[:, None] / n).expand(-1, n, -1).float()
+        return torch.zeros(len(workers), 1), chunk, {}
+
+
+@pytest.mark.parametrize("bonus", [0.0, 5.0])
+def test_success_bonus_is_added_on_the_success_step_of_dense_rewards(base_ckpt, bonus):
+    from robopolicy.rl.steer import SteerPolicy
+
+    policy = SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "hidden": [16]})
+    method = ExpertChunkMethod(policy, seed=3)
+    rows: list[dict] = []
+    envs = make_vector_env(TASK, 1, autoreset="disabled", max_episode_steps=80)
+    try:
+        collector = ChunkedCollector(envs, method, rows.append, reward="dense", step_penalty=0.5,
+                                     success_bonus=bonus, seed=3)
+        while not collector.episodes:
+            collector.collect(8)
+    finally:
+        envs.close()
+    episode = collector.episodes[0]
+    assert episode["success"], "reach's expert should succeed within 80 steps"
+    rewards = rows[0]["reward"]  # the env's return, minus the penalty per step, plus the bonus once
+    assert np.isclose(rewards.sum(), episode["return"] - 0.5 * episode["length"] + bonus, atol=1e-3)
+    assert rows[0]["done"][-1] == 1 and rows[0]["done"][:-1].sum() == 0  # terminated on success
+
+
 def test_n_step_rows_sum_discounted_rewards_and_bootstrap_from_n_decisions_ahead():
     # an episode of 3 decisions (4, 4 and 2 env steps) that terminates on the last one
     rows = [{"obs": np.float32([t]), "reward": np.float32(r), "steps": np.float32(s), "done": np.float32(t == 2),

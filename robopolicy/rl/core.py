@@ -243,14 +243,15 @@ class ChunkedCollector:
     (`mc_return`) and go to `sink` together.
 
     Reward: "sparse" is 1 on the step the task succeeds (episodes terminate on success), "dense" the env's own
-    reward times `reward_scale`. `step_penalty` is subtracted on every step (DSRL's reward offset: with sparse
+    reward times `reward_scale`, plus `success_bonus` on the success step (for shaped rewards without a bonus of
+    their own, such as MetaWorld's). `step_penalty` is subtracted on every step (DSRL's reward offset: with sparse
     rewards, -1 per step and 0 on success, so Q starts optimistic at 0 and faster successes score higher).
     `n_step` > 1 turns each transition into an n-decision one (see `n_step_rows`) before it goes to `sink`.
     """
 
     def __init__(self, envs, method: Method, sink: Callable[[dict[str, np.ndarray]], None], *,
-                 reward: str = "sparse", reward_scale: float = 1.0, step_penalty: float = 0.0, seed: int = 0,
-                 n_step: int = 1):
+                 reward: str = "sparse", reward_scale: float = 1.0, step_penalty: float = 0.0,
+                 success_bonus: float = 0.0, seed: int = 0, n_step: int = 1):
         if reward not in ("sparse", "dense"):
             raise ValueError(f"reward {reward!r} is unknown; use 'sparse' or 'dense'.")
         if int(n_step) < 1:
@@ -258,6 +259,7 @@ class ChunkedCollector:
         self.n_step = int(n_step)
         self.envs, self.method, self.sink = envs, method, sink
         self.reward, self.reward_scale, self.step_penalty = reward, float(reward_scale), float(step_penalty)
+        self.success_bonus = float(success_bonus)
         policy = method.policy
         self.n_obs_steps, self.n_exec, self.obs_keys = policy.n_obs_steps, policy.n_exec, policy.obs_keys
         self.env_steps = 0
@@ -337,7 +339,10 @@ class ChunkedCollector:
             self.env_steps += n
             for i in range(n):
                 w = self.workers[i]
-                r = float(success[i]) if self.reward == "sparse" else float(reward[i]) * self.reward_scale
+                if self.reward == "sparse":
+                    r = float(success[i])
+                else:
+                    r = float(reward[i]) * self.reward_scale + self.success_bonus * float(success[i])
                 r -= self.step_penalty
                 w.pending.reward += r
                 w.pending.steps += 1
@@ -486,7 +491,8 @@ def run_online(method: Method, buffer: ReplayBuffer, make_envs: Callable[[int], 
                out: Path, *, log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
     """Collect chunked rollouts, update the method off-policy, evaluate periodically; returns the summary pieces.
 
-    cfg: env_steps, num_envs, seed, reward, reward_scale, step_penalty, algo.{batch_size, learning_starts, updates_per_step,
+    cfg: env_steps, num_envs, seed, reward, reward_scale, step_penalty, success_bonus, algo.{batch_size, learning_starts,
+    updates_per_step,
     collect_steps, n_step}, eval.{every, episodes, num_envs, target, confirm_episodes, stop_at_target}.
     """
     algo, ev = cfg["algo"], cfg["eval"]
@@ -496,7 +502,8 @@ def run_online(method: Method, buffer: ReplayBuffer, make_envs: Callable[[int], 
     envs, eval_envs = make_envs(int(cfg["num_envs"])), None
     collector = ChunkedCollector(envs, method, buffer.add, reward=str(cfg.get("reward", "sparse")),
                                  reward_scale=float(cfg.get("reward_scale", 1.0)),
-                                 step_penalty=float(cfg.get("step_penalty", 0.0)), seed=int(cfg["seed"]),
+                                 step_penalty=float(cfg.get("step_penalty", 0.0)),
+                                 success_bonus=float(cfg.get("success_bonus", 0.0)), seed=int(cfg["seed"]),
                                  # on-policy methods compute their own advantages over whole episodes
                                  n_step=1 if getattr(method, "on_policy", False) else int(algo.get("n_step", 1)))
     collect_steps = int(algo.get("collect_steps", 64))

@@ -127,7 +127,8 @@ class ValueGuidance:
 
 @torch.no_grad()
 def store_transitions(policy: ValueGuidedPolicy, store_path: str, gamma: float, reward: str = "sparse",
-                      reward_scale: float = 1.0, step_penalty: float = 0.0) -> dict[str, np.ndarray]:
+                      reward_scale: float = 1.0, step_penalty: float = 0.0, success_bonus: float = 0.0
+                      ) -> dict[str, np.ndarray]:
     """Chunk-level transitions with Monte-Carlo returns from a demonstration store's episodes (offline data).
 
     A decision at frame t sees frames t - To + 1 .. t (the first frame repeated before the start) and executes
@@ -148,8 +149,9 @@ def store_transitions(policy: ValueGuidedPolicy, store_path: str, gamma: float, 
         obs = {k: torch.from_numpy(np.asarray(ep[k])[frames]) for k in policy.obs_keys}
         acts = np.clip(starts[:, None] + np.arange(policy.n_exec), 0, length - 1)  # [n, n_exec]
         chunk = policy.normalize_actions(torch.from_numpy(np.asarray(ep["action"], np.float32)[acts])).flatten(1)
-        per_step = np.asarray(ep["next.success"], np.float32) if reward == "sparse" \
-            else np.asarray(ep["next.reward"], np.float32) * reward_scale
+        success = np.asarray(ep["next.success"], np.float32)
+        per_step = success if reward == "sparse" \
+            else np.asarray(ep["next.reward"], np.float32) * reward_scale + np.float32(success_bonus) * success
         per_step = per_step - np.float32(step_penalty)  # as the online collector does
         steps = np.minimum(policy.n_exec, length - starts)
         chunk_reward = np.add.reduceat(per_step, starts)
@@ -178,7 +180,8 @@ def make_method(policy_cfg: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[
                           transition_shapes(method, policy.feature_dim, policy.chunk_dim), raw_dtypes(method))
     if algo.get("store"):
         buffer.add(store_transitions(policy, str(algo["store"]), method.gamma, str(cfg.get("reward", "sparse")),
-                                     float(cfg.get("reward_scale", 1.0)), float(cfg.get("step_penalty", 0.0))))
+                                     float(cfg.get("reward_scale", 1.0)), float(cfg.get("step_penalty", 0.0)),
+                                     float(cfg.get("success_bonus", 0.0))))
     return method, buffer
 
 
