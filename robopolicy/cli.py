@@ -406,7 +406,8 @@ def _quickstart_refine(cfg: DictConfig, store: Path, out: Path) -> dict:
     return cmd_finetune(compose("finetune", [
         f"algo={refine.algo}", f"ckpt={weak['run']}", f"out={out / 'refine'}", f"env_steps={refine.env_steps}",
         f"seed={cfg.seed}", f"eval.base_episodes={refine.eval_episodes}",
-        f"eval.final_episodes={refine.eval_episodes}", f"eval.every={refine.eval_every}"]))
+        f"eval.final_episodes={refine.eval_episodes}", f"eval.every={refine.eval_every}",
+        *refine.get("finetune", [])]))
 
 
 def cmd_finetune(cfg: DictConfig) -> dict:

@@ -21,7 +21,9 @@ def test_quickstart_collects_trains_evaluates_deploys_and_refines(cli, tmp_path)
     # the weak base trained on 2 of the 4 demonstrations; the refined checkpoint names it as its base
     weak = json.loads((out / "weak_base" / "summary.json").read_text())
     assert weak["episodes"] == 2
-    assert "weak_base" in json.loads((out / "refine" / "summary.json").read_text())["base"]
+    finetune = json.loads((out / "refine" / "summary.json").read_text())
+    assert "weak_base" in finetune["base"]
+    assert finetune["reward"]["reward"] == "dense" and finetune["reward"]["step_penalty"] == 2.0  # refine.finetune
     for row in ("success rate", "deployed", "refinement"):
         assert row in proc.stderr
     assert json.loads((out / "summary.json").read_text())["refine"] == refine

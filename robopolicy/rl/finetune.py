@@ -102,6 +102,7 @@ def finetune(cfg: DictConfig | dict, make_envs: Callable[[int], Any], *, log: Ca
     summary = {
         "command": "finetune", "algo": name, "task": cfg["task"], "base": str(base), "checkpoint": str(checkpoint),
         "env_steps": result["env_steps"], "updates": result["updates"], "wall_seconds": train_seconds,
+        "reward": {k: cfg.get(k) for k in ("reward", "reward_scale", "step_penalty", "success_bonus")},
         # the machine may be shared: this process's CPU seconds and the 1-minute load at start and end
         "cpu_seconds": round(_cpu_seconds() - cpu_started, 1),
         "load_average_1min": [round(load_started, 2), round(os.getloadavg()[0], 2)],
