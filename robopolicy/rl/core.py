@@ -491,9 +491,9 @@ def run_online(method: Method, buffer: ReplayBuffer, make_envs: Callable[[int], 
                out: Path, *, log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
     """Collect chunked rollouts, update the method off-policy, evaluate periodically; returns the summary pieces.
 
-    cfg: env_steps, num_envs, seed, reward, reward_scale, step_penalty, success_bonus, algo.{batch_size, learning_starts,
-    updates_per_step,
-    collect_steps, n_step}, eval.{every, episodes, num_envs, target, confirm_episodes, stop_at_target}.
+    cfg: env_steps, num_envs, seed, reward, reward_scale, step_penalty, success_bonus,
+    algo.{batch_size, learning_starts, updates_per_step, collect_steps, n_step},
+    eval.{every, episodes, num_envs, target, confirm_episodes, stop_at_target}.
     """
     algo, ev = cfg["algo"], cfg["eval"]
     total = int(cfg["env_steps"])
