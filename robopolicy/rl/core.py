@@ -236,6 +236,19 @@ class _Worker:
     length: int = 0
 
 
+def training_reward(kind: str, env_reward, success, *, reward_scale: float = 1.0, success_bonus: float = 0.0,
+                    step_penalty: float = 0.0) -> np.ndarray:
+    """The per-step reward the methods learn from (arrays over steps or envs), online and from a store alike:
+    "sparse" is 1 on success; "dense" is the env's reward times `reward_scale` plus `success_bonus` on success;
+    `step_penalty` is subtracted from both."""
+    success = np.asarray(success, np.float64)
+    if kind == "sparse":
+        reward = success
+    else:
+        reward = np.asarray(env_reward, np.float64) * reward_scale + success_bonus * success
+    return reward - step_penalty
+
+
 class ChunkedCollector:
     """Steps a vector env (built with autoreset disabled) with chunked decisions of `method`, turning the steps into
     chunk-level transitions. Episodes continue across `collect` calls; finished workers are reset with the next
@@ -337,14 +350,11 @@ class ChunkedCollector:
             next_obs, reward, terminated, truncated, info = self.envs.step(action)
             success = np.asarray(info.get("success", np.zeros(n, bool)), dtype=bool)
             self.env_steps += n
+            learned = training_reward(self.reward, reward, success, reward_scale=self.reward_scale,
+                                      success_bonus=self.success_bonus, step_penalty=self.step_penalty)
             for i in range(n):
                 w = self.workers[i]
-                if self.reward == "sparse":
-                    r = float(success[i])
-                else:
-                    r = float(reward[i]) * self.reward_scale + self.success_bonus * float(success[i])
-                r -= self.step_penalty
-                w.pending.reward += r
+                w.pending.reward += float(learned[i])
                 w.pending.steps += 1
                 w.ret += float(reward[i])
                 w.success |= bool(success[i])

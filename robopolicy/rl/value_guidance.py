@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from robopolicy.policies import register_policy
-from robopolicy.rl.core import RefinedPolicy, ReplayBuffer, raw_dtypes, transition_shapes
+from robopolicy.rl.core import RefinedPolicy, ReplayBuffer, raw_dtypes, training_reward, transition_shapes
 from robopolicy.rl.sac import mlp
 
 
@@ -149,10 +149,8 @@ def store_transitions(policy: ValueGuidedPolicy, store_path: str, gamma: float, 
         obs = {k: torch.from_numpy(np.asarray(ep[k])[frames]) for k in policy.obs_keys}
         acts = np.clip(starts[:, None] + np.arange(policy.n_exec), 0, length - 1)  # [n, n_exec]
         chunk = policy.normalize_actions(torch.from_numpy(np.asarray(ep["action"], np.float32)[acts])).flatten(1)
-        success = np.asarray(ep["next.success"], np.float32)
-        per_step = success if reward == "sparse" \
-            else np.asarray(ep["next.reward"], np.float32) * reward_scale + np.float32(success_bonus) * success
-        per_step = per_step - np.float32(step_penalty)  # as the online collector does
+        per_step = training_reward(reward, ep["next.reward"], ep["next.success"], reward_scale=reward_scale,
+                                   success_bonus=success_bonus, step_penalty=step_penalty).astype(np.float32)
         steps = np.minimum(policy.n_exec, length - starts)
         chunk_reward = np.add.reduceat(per_step, starts)
         mc, ret = np.zeros(len(starts), np.float32), 0.0
