@@ -102,7 +102,7 @@ class ScratchSAC:
         return self.sac.update(batch)
 
 
-def run_scratch(args, make_envs, out: Path) -> dict:
+def run_scratch(args, make_envs, out: Path, reward: dict) -> dict:
     envs = make_envs(1)
     space, obs_space = envs.single_action_space, envs.single_observation_space
     envs.close()
@@ -114,7 +114,7 @@ def run_scratch(args, make_envs, out: Path) -> dict:
     policy = ScratchPolicy(features, space.low, space.high, list(algo["hidden"]))
     method = ScratchSAC(policy, algo, args.seed)
     buffer = ReplayBuffer(args.env_steps + 10, transition_shapes(method, policy.feature_dim, policy.action_dim))
-    cfg = common_cfg(args, algo, out)
+    cfg = common_cfg(args, algo, out, reward)
     started = time.perf_counter()
     result = run_online(method, buffer, make_envs, cfg, out, log=lambda m: print(f"[scratch] {m}", file=sys.stderr))
     curves: Curves = result["curves"]
@@ -129,14 +129,24 @@ def run_scratch(args, make_envs, out: Path) -> dict:
     curves.write()
     return {"algo": "sac_scratch", "env_steps": result["env_steps"], "wall_seconds": round(time.perf_counter() - started, 1),
             "steps_to_target": curves.steps_to(args.target, min_episodes=args.final_episodes), "curves": curves,
-            "final_success_rate": final["success_rate"], "final_ci95": final["success_ci95"]}
+            "final_success_rate": final["success_rate"], "final_ci95": final["success_ci95"], "reward": reward}
 
 
-def common_cfg(args, algo: dict, out: Path) -> dict:
+# The training reward is part of a method's recipe (the README's residual recipe uses the shaped reward, steer the
+# sparse one): `--set ALGO.reward=dense` etc. set it per method. Every method is scored on task success alike.
+REWARD_KEYS = ("reward", "reward_scale", "step_penalty", "success_bonus")
+
+
+def reward_settings(args, overrides: dict) -> dict:
+    """The run-wide reward settings, with this method's `--set` overrides of them."""
+    return {"reward": args.reward, "reward_scale": args.reward_scale, "step_penalty": args.step_penalty,
+            "success_bonus": args.success_bonus, **{k: v for k, v in overrides.items() if k in REWARD_KEYS}}
+
+
+def common_cfg(args, algo: dict, out: Path, reward: dict) -> dict:
     return {"algo": algo, "ckpt": str(args.base), "task": args.task, "out": str(out), "overwrite": True,
-            "seed": args.seed, "env_steps": args.env_steps, "num_envs": args.num_envs, "reward": args.reward,
-            "reward_scale": args.reward_scale, "step_penalty": args.step_penalty,
-            "success_bonus": args.success_bonus, "threads": args.threads,
+            "seed": args.seed, "env_steps": args.env_steps, "num_envs": args.num_envs, **reward,
+            "threads": args.threads,
             "eval": {"every": args.eval_every, "episodes": args.eval_episodes, "base_episodes": 0,
                      "final_episodes": args.final_episodes, "num_envs": args.num_envs, "target": args.target,
                      "confirm_episodes": args.final_episodes, "stop_at_target": args.stop_at_target}}
@@ -164,7 +174,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="/tmp/refine_sample_efficiency")
     parser.add_argument("--set", action="append", default=[], metavar="ALGO.KEY=VALUE",
-                        help="override an algo setting, e.g. steer.noise_scale=2.0 (repeatable)")
+                        help="override an algo setting, e.g. steer.noise_scale=2.0, or a method's reward setting "
+                             "(reward, reward_scale, step_penalty, success_bonus), e.g. residual.reward=dense "
+                             "(repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.base = resolve_base(args.base)
@@ -189,13 +201,14 @@ def main() -> None:
     base_eval = None
     for name in args.algos.split(","):
         print(f"== {name}", file=sys.stderr)
+        reward = reward_settings(args, overrides.get(name, {}))
         if name == "sac_scratch":
-            r = run_scratch(args, make_envs, out_root / name)
+            r = run_scratch(args, make_envs, out_root / name, reward)
             runs[name] = r.pop("curves")
             results[name] = r
             continue
-        algo = {**load_algo(name), **overrides.get(name, {})}
-        cfg = common_cfg(args, algo, out_root / name)
+        algo = {**load_algo(name), **{k: v for k, v in overrides.get(name, {}).items() if k not in REWARD_KEYS}}
+        cfg = common_cfg(args, algo, out_root / name, reward)
         if base_eval is None:
             cfg["eval"]["base_episodes"] = args.base_episodes
         summary = finetune(cfg, make_envs, log=lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr))
@@ -208,7 +221,7 @@ def main() -> None:
                          "wall_seconds_to_target": summary["wall_seconds_to_target"],
                          "final_success_rate": summary["final_eval"]["success_rate"],
                          "final_ci95": summary["final_eval"]["success_ci95"], "cpu_seconds": summary["cpu_seconds"],
-                         "load_average_1min": summary["load_average_1min"], "settings": algo}
+                         "load_average_1min": summary["load_average_1min"], "settings": algo, "reward": reward}
     scratch = results.get("sac_scratch", {}).get("steps_to_target")
     for r in results.values():
         if r["algo"] != "sac_scratch" and r["steps_to_target"]:

@@ -251,3 +251,23 @@ def test_finetune_refuses_existing_run_and_refined_base(tmp_path, base_ckpt):
                            {"task": TASK})
     with pytest.raises(CheckpointError, match="already a refined checkpoint"):
         finetune(finetune_cfg({"name": "steer"}, refined, tmp_path / "run2"), make_envs)
+
+
+def test_refine_benchmark_sets_the_reward_per_method():
+    """`--set residual.reward=dense` trains that method on the shaped reward; the other methods keep the run's."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "refine_sample_efficiency.py"
+    spec = importlib.util.spec_from_file_location("refine_sample_efficiency", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(reward="sparse", reward_scale=1.0, step_penalty=1.0, success_bonus=0.0, base="b",
+                              task="builtin/reach", seed=0, env_steps=100, num_envs=1, threads=1, eval_every=0,
+                              eval_episodes=0, final_episodes=0, target=0.9, stop_at_target=False)
+    reward = bench.reward_settings(args, {"reward": "dense", "step_penalty": 2.0, "scale": 0.3})
+    assert reward == {"reward": "dense", "reward_scale": 1.0, "step_penalty": 2.0, "success_bonus": 0.0}
+    cfg = bench.common_cfg(args, {"name": "residual", "scale": 0.3}, Path("out"), reward)
+    assert cfg["reward"] == "dense" and cfg["step_penalty"] == 2.0 and cfg["algo"] == {"name": "residual", "scale": 0.3}
+    assert bench.reward_settings(args, {})["reward"] == "sparse"
