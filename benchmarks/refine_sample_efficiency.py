@@ -1,5 +1,5 @@
-"""Sample efficiency of online refinement on one task and budget, side by side in one run: steer, residual,
-value-guided selection (all on the same frozen base), and SAC from scratch without a base.
+"""Sample efficiency of online refinement on one task and budget, side by side in one run: steer (DSRL-SAC),
+steer_na (DSRL-NA), residual, value-guided selection (all on the same frozen base), and SAC from scratch.
 
     .venv/bin/python benchmarks/refine_sample_efficiency.py --base /tmp/h8/base --task metaworld/push-v3 \
         --env-steps 20000 --eval-every 2500 --eval-episodes 20 --final-episodes 100
@@ -156,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="base checkpoint (or training run folder)")
     parser.add_argument("--task", default=None, help="task; default: the base's")
-    parser.add_argument("--algos", default="steer,residual,value_guided,sac_scratch")
+    parser.add_argument("--algos", default="steer,steer_na,residual,value_guided,sac_scratch")
     parser.add_argument("--env-steps", type=int, default=20_000)
     parser.add_argument("--eval-every", type=int, default=2_500)
     parser.add_argument("--eval-episodes", type=int, default=20)
