@@ -62,6 +62,11 @@ def test_steer_sampling_mode_uses_the_given_noise_as_epsilon(base_ckpt):  # noqa
     mu, log_std = policy.actor(policy.encode(obs))
     expected = policy.base.sample_chunk(obs, policy.latent_to_noise(torch.tanh(mu + log_std.exp() * noise.flatten(1))))
     assert torch.allclose(chunk, expected, atol=1e-6)
+    torch.manual_seed(3)  # no noise given (the control node's call): the runtime draws the epsilon itself
+    drawn = policy.sample_chunk(obs)
+    torch.manual_seed(3)
+    assert torch.allclose(drawn, policy.sample_chunk(obs, torch.randn(6, *policy.noise_shape)), atol=1e-6)
+    assert not torch.allclose(policy.sample_chunk(obs), drawn)
     with pytest.raises(ValueError, match="actor_sampling"):
         SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "actor_sampling": "mode"})
 

@@ -55,10 +55,13 @@ class SteerPolicy(RefinedPolicy):
 
     @torch.no_grad()
     def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
-        """The base's chunk at the actor's noise; the given noise is only the actor's epsilon ("sample")."""
+        """The base's chunk at the actor's noise; the given noise is only the actor's epsilon ("sample"), drawn here
+        when none is given (as the base draws its own), so `deploy` samples like `eval`."""
         features = self.encode(obs)
-        if self.actor_sampling == "sample" and noise is not None:
+        if self.actor_sampling == "sample":
             mu, log_std = self.actor(features)
+            if noise is None:
+                noise = torch.randn(mu.shape[0], *self.noise_shape, device=mu.device)
             eps = noise.to(mu) if self.latent == "full" else noise.to(mu)[:, self.exec_slice]
             latent = torch.tanh(mu + log_std.exp() * eps.flatten(1))  # eps [B, latent_dim] = the given noise
         else:
