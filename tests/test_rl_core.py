@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import load_benchmark
 from test_policies import make_stats, small_config
 
 import sim
@@ -256,13 +257,9 @@ def test_finetune_refuses_existing_run_and_refined_base(tmp_path, base_ckpt):
 def test_refine_benchmark_sets_the_reward_per_method():
     """`--set residual.reward=dense` trains that method on the shaped reward; the other methods keep the run's."""
     import argparse
-    import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "refine_sample_efficiency.py"
-    spec = importlib.util.spec_from_file_location("refine_sample_efficiency", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("refine_sample_efficiency")
     args = argparse.Namespace(reward="sparse", reward_scale=1.0, step_penalty=1.0, success_bonus=0.0, base="b",
                               task="builtin/reach", seed=0, env_steps=100, num_envs=1, threads=1, eval_every=0,
                               eval_episodes=0, final_episodes=0, target=0.9, stop_at_target=False)

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import load_benchmark
 from test_rl_core import base_ckpt, finetune_cfg, make_envs  # noqa: F401  (base_ckpt is a fixture)
 
 from robopolicy.checkpoint import load_policy
@@ -86,20 +87,8 @@ def test_steer_executed_latent_steers_only_the_executed_noise(base_ckpt):  # noq
         SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "latent": "all"})
 
 
-def _noise_authority_module():
-    """benchmarks/noise_authority.py (a script, not a package module)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "noise_authority.py"
-    spec = importlib.util.spec_from_file_location("noise_authority", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_noise_authority_is_zero_for_a_base_that_ignores_its_noise(base_ckpt):  # noqa: F811
-    authority = _noise_authority_module().authority
+    authority = load_benchmark("noise_authority").authority
     base = load_policy(base_ckpt).eval()
     obs = {"observation.state": torch.randn(6, base.n_obs_steps, *base.features["observation.state"]["shape"])}
     moved = authority(base, obs, noises=8, noise_scale=1.5, seed=0)

@@ -63,7 +63,7 @@ class SteerPolicy(RefinedPolicy):
             if noise is None:
                 noise = torch.randn(mu.shape[0], *self.noise_shape, device=mu.device)
             eps = noise.to(mu) if self.latent == "full" else noise.to(mu)[:, self.exec_slice]
-            latent = torch.tanh(mu + log_std.exp() * eps.flatten(1))  # eps [B, latent_dim] = the given noise
+            latent = torch.tanh(mu + log_std.exp() * eps.flatten(1))  # eps: [B, latent_dim]
         else:
             latent = self.actor.deterministic(features)
         return self.base.sample_chunk(obs, self.latent_to_noise(latent))
