@@ -392,7 +392,10 @@ class _Driver:
         obs, _ = self.env.reset(seed=seed)
         now = time.monotonic()
         self.t_start, self.steps_done = now, 0
-        self._next_tick, self.phase_locked = 0, False  # physics step at which the command is next sampled
+        # physics step at which the command is next sampled: a control period after the reset, unless the
+        # episode's first command locks the phase before that (so a first command that comes a few ms late on a
+        # loaded machine still meets the reset state, not one already stepped under the rest command)
+        self._next_tick, self.phase_locked = self.substeps, False
         self._next_physics = now + self.dt
         self._next_capture, self._last_capture = self.capture_every, 0  # physics steps; step 0 is the first frame
         self.command, self.holding, self.stopped = self.rest.copy(), False, False
