@@ -111,3 +111,18 @@ def test_residual_optimizer_switch_rejects_unknown_names(base_ckpt):  # noqa: F8
     policy = ResidualPolicy({"name": "residual", "base": base_reference(base_ckpt), "hidden": [16]})
     with pytest.raises(ValueError, match="optimizer"):
         Residual(policy, {"optimizer": "trpo", "hidden": [16]})
+
+
+def test_a_per_step_residual_decides_every_step_and_loads_as_such(tmp_path, base_ckpt):  # noqa: F811
+    """`algo.n_action_steps=1`: the residual runs the first action of each base chunk, corrected, then decides
+    again (ResiP's per-step residual); the refined checkpoint keeps that, so eval and deploy do the same."""
+    base = load_policy(base_ckpt)
+    assert base.n_action_steps > 1
+    summary = finetune(finetune_cfg({"name": "residual", "explore_steps": 32, "n_action_steps": 1}, base_ckpt,
+                                    tmp_path / "run"), make_envs, log=lambda m: None)
+    assert summary["env_steps"] == 64 and summary["updates"] > 0
+    policy = load_policy(summary["checkpoint"])
+    assert policy.n_action_steps == 1 and policy.latent_dim == base.action_dim
+    assert policy.exec_slice == slice(base.n_obs_steps - 1, base.n_obs_steps)
+    with pytest.raises(ValueError, match="between 1 and the base's"):
+        ResidualPolicy({"name": "residual", "base": base_reference(base_ckpt), "n_action_steps": 99})

@@ -101,6 +101,12 @@ class RefinedPolicy(nn.Module):
             )
         self.features = base.features
         self.n_obs_steps, self.horizon, self.n_action_steps = base.n_obs_steps, base.horizon, base.n_action_steps
+        if cfg.get("n_action_steps"):  # decide more often than the base: execute only the chunk's first k steps
+            k = int(cfg["n_action_steps"])
+            if not 1 <= k <= base.n_action_steps:
+                raise ValueError(f"n_action_steps={k}: a refined policy executes between 1 and the base's "
+                                 f"{base.n_action_steps} steps of each chunk.")
+            self.n_action_steps = k
         self.action_dim = base.action_dim
         self.obs_keys = sorted(k for k in self.features if k.startswith("observation."))
         with torch.no_grad():

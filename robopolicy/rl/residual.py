@@ -151,7 +151,7 @@ def make_method(policy_cfg: Mapping[str, Any], cfg: Mapping[str, Any]
 
 def policy_config(base: Mapping[str, str], algo: Mapping[str, Any]) -> dict[str, Any]:
     return {"name": "residual", "base": dict(base), "scale": _plain_scale(algo.get("scale", 0.2)),
-            "hidden": list(algo.get("hidden", [256, 256]))}
+            "hidden": list(algo.get("hidden", [256, 256])), "n_action_steps": algo.get("n_action_steps")}
 
 
 def _plain_scale(scale: Any) -> float | list[float]:
