@@ -5,7 +5,9 @@ The base proposes its chunk; a small SAC actor adds a bounded correction to each
 in the base's normalized action units, so `scale` bounds the deviation from the base in every dimension (one number,
 or one per action dimension: e.g. a wider bound on the gripper than on the arm's motion).
 The residual is decided once per chunk from the observation features and the base's executed actions, so it runs
-through the same `sample_chunk` runtime as any policy (eval and deploy unchanged).
+through the same `sample_chunk` runtime as any policy (eval and deploy unchanged). `n_action_steps` (fewer than the
+base's) decides more often: with 1, every step runs the first action of a fresh base chunk plus a residual decided
+from the latest state (ResiP's per-step residual), which can correct an imprecise base's moves as they happen.
 
 Progressive exploration (Policy Decorator): early on, most episodes run the base alone (residual 0, recorded as
 such) and the fraction of episodes with the residual grows linearly to 1 over `explore_steps` env steps, so a
