@@ -124,5 +124,6 @@ def test_a_per_step_residual_decides_every_step_and_loads_as_such(tmp_path, base
     policy = load_policy(summary["checkpoint"])
     assert policy.n_action_steps == 1 and policy.latent_dim == base.action_dim
     assert policy.exec_slice == slice(base.n_obs_steps - 1, base.n_obs_steps)
-    with pytest.raises(ValueError, match="between 1 and the base's"):
-        ResidualPolicy({"name": "residual", "base": base_reference(base_ckpt), "n_action_steps": 99})
+    for bad in (0, 99):
+        with pytest.raises(ValueError, match="between 1 and the base's"):
+            ResidualPolicy({"name": "residual", "base": base_reference(base_ckpt), "n_action_steps": bad})

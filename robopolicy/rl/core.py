@@ -101,7 +101,7 @@ class RefinedPolicy(nn.Module):
             )
         self.features = base.features
         self.n_obs_steps, self.horizon, self.n_action_steps = base.n_obs_steps, base.horizon, base.n_action_steps
-        if cfg.get("n_action_steps"):  # decide more often than the base: execute only the chunk's first k steps
+        if cfg.get("n_action_steps") is not None:  # decide more often than the base: run the chunk's first k steps
             k = int(cfg["n_action_steps"])
             if not 1 <= k <= base.n_action_steps:
                 raise ValueError(f"n_action_steps={k}: a refined policy executes between 1 and the base's "
