@@ -30,7 +30,6 @@ from real.deploy import ServerProcess, summarize
 from real.sim_robot import SimRobot
 from robopolicy.checkpoint import load_policy, save_checkpoint
 from robopolicy.policies import make_policy
-from robopolicy.policies.inpainting import servable_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +74,7 @@ def main() -> None:
             backend.close()
         finally:
             server.close()
-        results["thread"] = run(robot, LocalInference(servable_policy(load_policy(ckpt))), args.hz, args.seconds)
+        results["thread"] = run(robot, LocalInference(load_policy(ckpt)), args.hz, args.seconds)
     report = {
         "benchmark": "control_loop", "control_hz": args.hz, "seconds_per_case": args.seconds, "mode": "ensemble",
         "policy": "flow (configs/policy/flow.yaml, random weights, 1 torch thread)", "cases": results,

@@ -16,7 +16,6 @@ from real.recording import EpisodeRecorder
 from real.sim_robot import SimRobot
 from robopolicy.data import DemoStore, validate_store
 from robopolicy.policies import make_policy
-from robopolicy.policies.inpainting import PrefixInpaintingPolicy, servable_policy
 
 STATE_DIM, ACTION_DIM = 28, 4  # builtin/pick_place
 FEATURES = {
@@ -130,30 +129,6 @@ def test_observation_history_is_spaced_at_the_action_rate():
     np.testing.assert_allclose(history["observation.state"][:, 0], [0.18, 0.28, 0.38], atol=0.021)
 
 
-# --------------------------------------------------------------------------------- prefix inpainting
-
-
-@pytest.mark.parametrize("name", ["flow", "diffusion"])
-def test_prefix_inpainting_freezes_the_prefix_and_generates_the_rest(name):
-    policy = small_policy(name, num_inference_steps=4)
-    wrapped = servable_policy(policy)
-    assert isinstance(wrapped, PrefixInpaintingPolicy)
-    obs = {"observation.state": torch.randn(2, 2, STATE_DIM)}
-    noise = torch.randn(2, 16, ACTION_DIM, generator=torch.Generator().manual_seed(1))
-    prefix = torch.rand(2, 5, ACTION_DIM) * 1.6 - 0.8
-    chunk = wrapped.sample_chunk(obs, noise, prefix_actions=prefix)
-    torch.testing.assert_close(chunk[:, :5], prefix, atol=1e-5, rtol=0)
-    # without a prefix it is the policy itself; with one, the free part depends on it
-    torch.testing.assert_close(wrapped.sample_chunk(obs, noise), policy.sample_chunk(obs, noise))
-    other = wrapped.sample_chunk(obs, noise, prefix_actions=-prefix)
-    assert not torch.allclose(chunk[:, 5:], other[:, 5:])
-
-
-def test_mlp_policy_is_served_without_prefix_support():
-    policy = small_policy("mlp")
-    assert servable_policy(policy) is policy
-
-
 # ------------------------------------------------------------------------------- the node on the sim robot
 
 
@@ -172,7 +147,7 @@ def assert_commands_within_limits(actions: np.ndarray, robot: SimRobot) -> None:
 
 @pytest.mark.parametrize("mode", ["sync", "ensemble", "rtc"])
 def test_node_runs_each_mode_within_limits_and_records(robot, tmp_path, mode):
-    backend = LocalInference(servable_policy(small_policy("flow", num_inference_steps=2)))
+    backend = LocalInference(small_policy("flow", num_inference_steps=2))
     recorder = EpisodeRecorder(tmp_path / "store", robot.observation_features, robot.action_features["action"], 20)
     node = ControlNode(robot, backend, ControlConfig(control_hz=20, mode=mode, max_episode_s=1.5),
                        recorder=recorder, task="pick")

@@ -320,3 +320,32 @@ def test_flow_time_grid_and_the_sampler_of_older_checkpoints():
     torch.testing.assert_close(old.sample_chunk(obs, noise), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(PolicyConfigError, match="schedule_power"):
         make_policy(small_config("flow", schedule_power=0.0), features, stats)
+
+
+# ------------------------------------------------------------------------------------ declared capabilities
+
+
+@pytest.mark.parametrize("config_name", GENERATIVE)
+def test_a_prefix_policy_keeps_the_committed_prefix_and_generates_the_rest(config_name):
+    features = make_features()
+    policy = make_policy(small_config(config_name, num_inference_steps=4), features, make_stats(features)).eval()
+    assert policy.supports_prefix
+    obs = {"observation.state": torch.randn(2, 2, STATE_DIM)}
+    noise = torch.randn(2, *policy.noise_shape, generator=torch.Generator().manual_seed(1))
+    prefix = torch.rand(2, 3, ACTION_DIM) * 1.6 - 0.8
+    chunk = policy.sample_chunk(obs, noise, prefix_actions=prefix)
+    torch.testing.assert_close(chunk[:, :3], prefix, atol=1e-5, rtol=0)
+    # an empty prefix is no prefix; with one, the free part depends on it
+    torch.testing.assert_close(policy.sample_chunk(obs, noise, prefix_actions=prefix[:, :0]),
+                               policy.sample_chunk(obs, noise))
+    other = policy.sample_chunk(obs, noise, prefix_actions=-prefix)
+    assert not torch.allclose(chunk[:, 3:], other[:, 3:])
+
+
+def test_a_policy_without_prefix_support_refuses_a_prefix_instead_of_ignoring_it():
+    features = make_features()
+    policy = make_policy(small_config("mlp"), features, make_stats(features)).eval()
+    assert not policy.supports_prefix
+    obs = {"observation.state": torch.randn(1, 2, STATE_DIM)}
+    with pytest.raises(ValueError, match="supports_prefix"):
+        policy.sample_chunk(obs, prefix_actions=torch.zeros(1, 2, ACTION_DIM))

@@ -1,6 +1,23 @@
-"""Pieces every action-chunk policy shares: config fields, feature bookkeeping, the normalizer, the observation
-encoder and the masked loss. Each method's own file (diffusion.py, flow.py, mlp.py) adds only `loss` and
-`sample_chunk`.
+"""The policy contract (`ChunkPolicy`) and the pieces every policy trained from data shares
+(`ActionChunkPolicy`: config fields, feature bookkeeping, the normalizer, the observation encoder and the masked
+loss). Each method's own file (diffusion.py, flow.py, mlp.py) adds only `loss` and `sample_chunk`.
+
+The runtime every caller uses (offline training, evaluation, every refinement method, the policy server):
+
+    sample_chunk(obs, noise=None, prefix_actions=None) -> actions [B, horizon, A] in robot units
+        obs            key -> [B, n_obs_steps, ...] (uint8 images [B, To, H, W, 3]); `obs["task"]`: the
+                       instruction strings [B] for policies that declare `language`
+        noise          THE ONE MEANING OF NOISE: a standard normal tensor [B, *noise_shape]. The chunk is a
+                       deterministic function of (obs, noise, prefix_actions). None draws it from torch's global
+                       generator. What a policy does with it is its own (a flow or diffusion sampler starts from it;
+                       a steered policy uses it as its actor's epsilon; a residual passes it to its base; a
+                       value-guided policy derives its candidates from it; a regression policy ignores it), so a
+                       caller that wants reproducible chunks draws the noise itself from a seeded generator.
+        prefix_actions [B, k, A] robot units, the actions already committed (real-time chunking): only for a
+                       policy that declares `supports_prefix`; the returned chunk starts with them.
+    noise_shape  (horizon, A);  encode(obs) -> features [B, F];  loss(batch) -> (loss, metrics)
+
+Capabilities are declared as class attributes, never probed: `supports_prefix`, `language`.
 """
 
 from __future__ import annotations
@@ -12,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from robopolicy.policies.encoders import IMAGE_PREFIX, ObservationEncoder
+from robopolicy.data.spec import IMAGE_PREFIX, policy_features
+from robopolicy.policies.encoders import ObservationEncoder
 from robopolicy.policies.mlp_denoiser import MLPDenoiser
 from robopolicy.policies.normalizer import Normalizer
 from robopolicy.policies.transformer import TransformerDenoiser
@@ -23,15 +41,49 @@ class PolicyConfigError(ValueError):
     """A policy config or its features are unusable; the message names the field."""
 
 
-def policy_features(features: Mapping[str, Mapping]) -> dict[str, dict]:
-    """The subset of a store's feature specs a policy consumes: `observation.*` and `action`."""
-    return {k: dict(v) for k, v in features.items() if k.startswith("observation.") or k == "action"}
-
-
-class ActionChunkPolicy(nn.Module):
-    """Base of every policy: `sample_chunk`, `loss` and `encode` over the batch conventions of common.md."""
+class ChunkPolicy(nn.Module):
+    """The root of every policy, trained from data or refined from a base (see the module docstring)."""
 
     name: str = ""
+    supports_prefix: bool = False  # sample_chunk honours prefix_actions (real-time chunking)
+    language: bool = False  # reads obs["task"], one instruction string per batch element
+
+    features: dict[str, dict]
+    n_obs_steps: int
+    horizon: int
+    n_action_steps: int
+    action_dim: int
+    obs_keys: list[str]
+
+    @property
+    def noise_shape(self) -> tuple[int, int]:
+        return (self.horizon, self.action_dim)
+
+    def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError(f"{type(self).__name__} is not trained from a loss on demonstrations.")
+
+    def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None,
+                     prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_prefix(self, prefix_actions: torch.Tensor | None) -> bool:
+        """True when a non-empty prefix is given; refuses one for a policy that does not declare support."""
+        if prefix_actions is None or prefix_actions.shape[1] == 0:
+            return False
+        if not self.supports_prefix:
+            raise ValueError(f"the {self.name!r} policy cannot keep a committed prefix (supports_prefix is False).")
+        return True
+
+    def draw_noise(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Noise [B, *noise_shape] from torch's global generator (what `noise=None` means)."""
+        return torch.randn(batch_size, *self.noise_shape, device=device)
+
+
+class ActionChunkPolicy(ChunkPolicy):
+    """Base of the policies trained from demonstrations: normalizer, observation encoder, masked loss."""
 
     def __init__(self, cfg: Mapping[str, Any], features: Mapping[str, Mapping],
                  stats: Mapping[str, Mapping[str, np.ndarray]] | None):
@@ -61,10 +113,6 @@ class ActionChunkPolicy(nn.Module):
                 else norm_cfg.get("state", "min_max")
         self.normalizer = Normalizer(self.features, modes, stats)
         self.obs_encoder = ObservationEncoder(self.features, self.n_obs_steps, dict(cfg.get("encoder") or {}))
-
-    @property
-    def noise_shape(self) -> tuple[int, int]:
-        return (self.horizon, self.action_dim)
 
     @property
     def device(self) -> torch.device:
@@ -97,11 +145,10 @@ class ActionChunkPolicy(nn.Module):
         valid = (~torch.as_tensor(batch["action_is_pad"], device=error.device)).to(error.dtype)[..., None]
         return (error * valid).sum() / (valid.sum() * error.shape[-1]).clamp_min(1.0)
 
-    def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
-
-    def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError
+    def normalized_prefix(self, prefix_actions: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A committed prefix [B, k, A] in robot units -> normalized (clipped like the sampler's output)."""
+        prefix = self.normalizer.normalize("action", prefix_actions[:, :self.horizon].to(device, torch.float32))
+        return prefix.clamp(-1.0, 1.0) if self.normalizer.modes["action"] == "min_max" else prefix
 
 
 def make_denoiser(cfg: Mapping[str, Any], action_dim: int, cond_dim: int, horizon: int) -> nn.Module:

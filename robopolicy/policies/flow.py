@@ -7,6 +7,11 @@ well) and the velocity is (x1_hat - x_t) / (1 - t); with `velocity` it predicts 
 integrates the ODE from the given noise with a few Euler or midpoint steps, so the chunk is a deterministic function
 of the noise (what latent-steering methods drive). An Euler step towards a clipped x1_hat is DDIM's step on the
 straight path; `schedule_power` places the few steps (see `time_grid`).
+
+Real-time chunking: with `prefix_actions` the first k actions are frozen and the rest is generated consistently
+with them by inpainting with the policy's own denoiser: before every velocity evaluation the frozen part is set
+to the prefix's point on the straight path, (1 - t) * noise + t * prefix (hard-mask inpainting, RePaint-style
+without resampling, not the guided soft-mask version of the RTC paper).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ TIME_SCALE = 100.0
 
 class FlowPolicy(ActionChunkPolicy):
     name = "flow"
+    supports_prefix = True
 
     def __init__(self, cfg: Mapping[str, Any], features: Mapping[str, Mapping],
                  stats: Mapping[str, Mapping[str, np.ndarray]] | None):
@@ -102,11 +108,25 @@ class FlowPolicy(ActionChunkPolicy):
         return loss, {"loss": loss.item()}
 
     @torch.no_grad()
-    def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
+    def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None,
+                     prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
         global_cond = self.encode(obs)
         if noise is None:
-            noise = torch.randn(global_cond.shape[0], *self.noise_shape, device=global_cond.device)
-        x = self.integrate(noise.to(global_cond.device, torch.float32), global_cond)
+            noise = self.draw_noise(global_cond.shape[0], global_cond.device)
+        noise = noise.to(global_cond.device, torch.float32)
+        constrain = None
+        if self.check_prefix(prefix_actions):
+            prefix = self.normalized_prefix(prefix_actions, global_cond.device)  # [B, k, A]
+            k = prefix.shape[1]
+
+            def constrain(x_t: torch.Tensor, t: float) -> torch.Tensor:
+                x_t = x_t.clone()
+                x_t[:, :k] = (1.0 - t) * noise[:, :k] + t * prefix
+                return x_t
+
+        x = self.integrate(noise, global_cond, constrain)
+        if constrain is not None:
+            x = constrain(x, 1.0)
         if self.clip_sample:
             x = x.clamp(-1.0, 1.0)
         return self.unnormalize_actions(x)

@@ -44,6 +44,8 @@ class MLPPolicy(ActionChunkPolicy):
         return loss, {"loss": loss.item()}
 
     @torch.no_grad()
-    def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
+    def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None,
+                     prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
         del noise  # deterministic regression: accepted for a uniform runtime, not used
+        self.check_prefix(prefix_actions)
         return self.unnormalize_actions(self.predict(obs))
