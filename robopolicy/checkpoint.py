@@ -5,6 +5,10 @@
     dir/features.json       feature specs, policy name, versions, format version, creation time, `extra`
     dir/extra.safetensors   optional tensors of a refinement method (noise policy, residual, value head...)
 
+A run folder (`robopolicy train` or `finetune`) keeps its checkpoints under RUN/checkpoints/ with a symlink
+RUN/checkpoints/last to the newest: `resolve_checkpoint` takes either a checkpoint or a run folder, `point_last`
+moves the link.
+
 Writes go to a temporary sibling folder that is renamed into place, so a killed process never leaves a half
 checkpoint under the final name.
 """
@@ -36,8 +40,31 @@ FEATURES_FILE = "features.json"
 EXTRA_TENSORS_FILE = "extra.safetensors"
 
 
+LAST_LINK = "last"
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder is missing, damaged, or does not fit what the caller expects."""
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or a run folder's newest checkpoint (RUN/checkpoints/last), as an absolute path."""
+    p = Path(path)
+    if (p / "checkpoints" / LAST_LINK).exists():
+        p = p / "checkpoints" / LAST_LINK
+    if not (p / FEATURES_FILE).is_file():
+        raise CheckpointError(f"No checkpoint at {path}: pass a checkpoint folder or a training run folder "
+                              "(one with checkpoints/last).")
+    return p.resolve()
+
+
+def point_last(checkpoint: str | os.PathLike) -> None:
+    """Atomically point the sibling link `last` at `checkpoint` (a folder inside RUN/checkpoints/)."""
+    checkpoint = Path(checkpoint)
+    tmp = checkpoint.parent / f".{LAST_LINK}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(checkpoint.name)
+    os.replace(tmp, checkpoint.parent / LAST_LINK)  # atomic: `last` always names a complete checkpoint
 
 
 def _plain(value: Any) -> Any:
