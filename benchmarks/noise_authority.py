@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from einops import rearrange, repeat
 
-from robopolicy.checkpoint import load_policy
+from robopolicy.checkpoint import resolve_checkpoint
 from robopolicy.data import DemoStore
-from robopolicy.rl.finetune import resolve_base
+from robopolicy.loading import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def main() -> None:
     store = DemoStore.open(args.store)
     results = {}
     for ckpt in args.ckpt:
-        path = resolve_base(ckpt)
+        path = resolve_checkpoint(ckpt)
         policy = load_policy(path).eval()
         obs = store_observations(store, policy.obs_keys, policy.n_obs_steps, args.episodes, args.stride)
         results[ckpt] = {"checkpoint": str(path), "policy": policy.name,

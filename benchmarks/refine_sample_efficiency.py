@@ -24,9 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from robopolicy.rl.core import Curves, ReplayBuffer, plot_curves, run_online, transition_shapes
-from robopolicy.rl.finetune import finetune, resolve_base
+from robopolicy.checkpoint import resolve_checkpoint
+from robopolicy.config import from_mapping
+from robopolicy.finetune import finetune
+from robopolicy.rl.buffer import ReplayBuffer
+from robopolicy.rl.collector import RewardSpec, transition_shapes
+from robopolicy.rl.online import Curves, EvalSchedule, plot_curves, run_online
 from robopolicy.rl.sac import SAC
+from robopolicy.rl.steer import SteerConfig
 from sim.vector import make_vector_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,15 +81,16 @@ class ScratchPolicy(nn.Module):
         return (self.low + (latent + 1) * 0.5 * (self.high - self.low))[:, None]  # [b, 1, A]
 
     @torch.no_grad()
-    def sample_chunk(self, obs, noise=None) -> torch.Tensor:
+    def sample_chunk(self, obs, noise=None, prefix_actions=None) -> torch.Tensor:
         return self.to_env(self.actor.deterministic(self.encode(obs)))
 
 
 class ScratchSAC:
     keep_raw_obs = False
+    on_policy = False
 
-    def __init__(self, policy: ScratchPolicy, cfg: dict, seed: int):
-        self.policy, self.gamma = policy, float(cfg.get("gamma", 0.99))
+    def __init__(self, policy: ScratchPolicy, cfg: SteerConfig, seed: int):
+        self.policy, self.gamma, self.n_step = policy, cfg.gamma, cfg.n_step
         self.sac = SAC(policy.feature_dim, policy.action_dim, cfg, actor=policy.actor)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -109,14 +115,20 @@ def run_scratch(args, make_envs, out: Path, reward: dict) -> dict:
     state_dim = obs_space["observation.state"].shape[0]
     features = {"observation.state": {"dtype": "float32", "shape": [state_dim]},
                 "action": {"dtype": "float32", "shape": list(space.shape)}}
-    algo = {**load_algo("steer"), "name": "sac_scratch", "target_entropy": None,
-            "updates_per_step": args.scratch_updates_per_step, "collect_steps": 16}
-    policy = ScratchPolicy(features, space.low, space.high, list(algo["hidden"]))
+    # steer's SAC settings (its n-decision TD targets included) with SAC's own target entropy
+    algo = from_mapping(SteerConfig, {**load_algo("steer"), "name": "sac_scratch", "target_entropy": None,
+                                      "updates_per_step": args.scratch_updates_per_step, "collect_steps": 16})
+    policy = ScratchPolicy(features, space.low, space.high, list(algo.hidden))
     method = ScratchSAC(policy, algo, args.seed)
     buffer = ReplayBuffer(args.env_steps + 10, transition_shapes(method, policy.feature_dim, policy.action_dim))
-    cfg = common_cfg(args, algo, out, reward)
+    cfg = common_cfg(args, {}, out, reward)
+    ev = from_mapping(EvalSchedule, {k: v for k, v in cfg["eval"].items() if k != "base_episodes"
+                                     and k != "final_episodes"})
+    spec = RewardSpec(reward["reward"], reward["reward_scale"], reward["success_bonus"], reward["step_penalty"])
     started = time.perf_counter()
-    result = run_online(method, buffer, make_envs, cfg, out, log=lambda m: print(f"[scratch] {m}", file=sys.stderr))
+    result = run_online(method, buffer, make_envs, algo=algo, ev=ev, reward=spec, env_steps=args.env_steps,
+                        num_envs=args.num_envs, seed=args.seed, out=out, task=args.task,
+                        log=lambda m: print(f"[scratch] {m}", file=sys.stderr))
     curves: Curves = result["curves"]
     from robopolicy.evaluate import evaluate
 
@@ -179,7 +191,7 @@ def main() -> None:
                              "(repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    args.base = resolve_base(args.base)
+    args.base = resolve_checkpoint(args.base)
     if args.task is None:
         from robopolicy.checkpoint import read_checkpoint_info
 

@@ -10,12 +10,14 @@ RUN/checkpoints/last to the newest: `resolve_checkpoint` takes either a checkpoi
 moves the link.
 
 Writes go to a temporary sibling folder that is renamed into place, so a killed process never leaves a half
-checkpoint under the final name.
+checkpoint under the final name. This module reads and writes folders; `robopolicy.loading.load_policy`, a layer
+above the policies and the refinement methods, rebuilds a policy (a refined one with its verified base) from one.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -23,17 +25,21 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import robopolicy
-from robopolicy.policies import POLICIES, ActionChunkPolicy, make_policy
+from robopolicy.config import plain
 
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from robopolicy.policies import ChunkPolicy
+
+# 2: config.yaml holds every field of the policy's typed config (format 1 relied on fallbacks in the code)
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 FEATURES_FILE = "features.json"
@@ -67,24 +73,6 @@ def point_last(checkpoint: str | os.PathLike) -> None:
     os.replace(tmp, checkpoint.parent / LAST_LINK)  # atomic: `last` always names a complete checkpoint
 
 
-def _plain(value: Any) -> Any:
-    """JSON/YAML-safe copy of a config (OmegaConf containers, tuples and numpy values become plain types)."""
-    try:
-        from omegaconf import Container, OmegaConf
-
-        if isinstance(value, Container):
-            value = OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # a robot computer without hydra only ever sees plain dicts
-        pass
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
-        return value.tolist()
-    return value
-
-
 def _write_and_sync(path: Path, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -92,29 +80,24 @@ def _write_and_sync(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(dir: str | os.PathLike, policy: ActionChunkPolicy, *, config: Mapping[str, Any],
+def save_checkpoint(dir: str | os.PathLike, policy: ChunkPolicy, *, config: Mapping[str, Any],
                     extra_json: Mapping[str, Any] | None = None,
                     extra_tensors: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """Write the checkpoint folder `dir` atomically (replacing an existing one) and return its path."""
+    """Write the checkpoint folder `dir` atomically (replacing an existing one) and return its path. `config` is
+    the run's resolved config; its `policy` section is always the policy's own, complete config."""
     final = Path(dir)
-    config = _plain(config)
-    config.setdefault("policy", _plain(policy.config))
-    if config["policy"].get("name") != policy.name:
-        raise CheckpointError(
-            f"config['policy']['name'] is {config['policy'].get('name')!r} but the policy is {policy.name!r}; "
-            f"pass the config the policy was built from."
-        )
+    config = {**plain(config), "policy": plain(policy.config)}
     info = {
         "format_version": FORMAT_VERSION,
         "policy": policy.name,
-        "features": _plain(policy.features),
+        "features": plain(policy.features),
         "n_obs_steps": policy.n_obs_steps,
         "horizon": policy.horizon,
         "n_action_steps": policy.n_action_steps,
         "versions": {"robopolicy": robopolicy.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "extra": _plain(dict(extra_json or {})),
+        "extra": plain(dict(extra_json or {})),
     }
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
@@ -170,30 +153,10 @@ def read_checkpoint_info(dir: str | os.PathLike) -> dict[str, Any]:
     return {**info, "config": config}
 
 
-def _feature_mismatches(actual: Mapping[str, Mapping], expected: Mapping[str, Mapping],
-                        allow_extra: bool) -> list[str]:
-    problems = []
-    wanted = {k: v for k, v in expected.items() if k.startswith("observation.") or k == "action"}
-    missing = sorted(set(actual) - set(wanted))
-    extra = sorted(set(wanted) - set(actual))
-    if missing:
-        problems.append(f"the policy needs {missing} which the expected features lack")
-    if extra and not allow_extra:
-        problems.append(f"the expected features have {extra} which the policy does not use")
-    for key in sorted(set(actual) & set(wanted)):
-        if list(actual[key]["shape"]) != list(wanted[key]["shape"]):
-            problems.append(f"{key!r} has shape {list(actual[key]['shape'])} in the checkpoint but "
-                            f"{list(wanted[key]['shape'])} expected")
-        elif actual[key].get("dtype") != wanted[key].get("dtype"):
-            problems.append(f"{key!r} has dtype {actual[key].get('dtype')} in the checkpoint but "
-                            f"{wanted[key].get('dtype')} expected")
-    return problems
-
-
-def _load_tensors(path: Path, device: str | torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file and its header metadata; a damaged file is a CheckpointError."""
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         return load_file(str(path), device=str(device)), metadata
@@ -201,73 +164,81 @@ def _load_tensors(path: Path, device: str | torch.device) -> tuple[dict[str, tor
         raise CheckpointError(f"{path} is damaged or truncated ({e}); re-save or re-download the checkpoint.") from e
 
 
-def load_policy(dir: str | os.PathLike, *, expect_features: Mapping[str, Mapping] | None = None,
-                device: str | torch.device = "cpu", allow_extra_features: bool = False,
-                num_inference_steps: int | None = None) -> ActionChunkPolicy:
-    """Rebuild the policy from the folder alone and load its weights strictly; returned in eval mode.
-
-    `expect_features` (e.g. an environment's or robot's feature specs) must supply every feature the policy
-    uses with the same shape and dtype; observation keys the policy does not use are an error unless
-    `allow_extra_features`. `num_inference_steps` replaces the saved sampler step count of a flow or diffusion
-    policy (the weights do not depend on it): more steps, slower chunks.
-    """
-    folder = Path(dir)
-    info = read_checkpoint_info(folder)
-    features = info["features"]
-    if expect_features is not None:
-        problems = _feature_mismatches(features, expect_features, allow_extra_features)
-        if problems:
-            raise CheckpointError(f"checkpoint {folder} does not fit the expected features: {'; '.join(problems)}.")
-    policy_cfg = info["config"]["policy"]
-    name = policy_cfg.get("name")
-    if num_inference_steps is not None:
-        if "num_inference_steps" not in policy_cfg:
-            raise CheckpointError(f"{folder} holds a {name!r} policy, which has no sampler steps to set "
-                                  "(num_inference_steps applies to flow and diffusion policies).")
-        if int(num_inference_steps) < 1:
-            raise CheckpointError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
-        policy_cfg = {**policy_cfg, "num_inference_steps": int(num_inference_steps)}
-    if name not in POLICIES:
-        import robopolicy.rl  # noqa: F401  (registers the refined policies: steer, residual, value_guided)
-    if name not in POLICIES:
-        raise CheckpointError(
-            f"{folder / CONFIG_FILE} names policy {name!r}, which is not registered (known: {sorted(POLICIES)})."
-        )
-    weights, metadata = _load_tensors(folder / WEIGHTS_FILE, device)
-    saved_name = metadata.get("policy")
-    if saved_name is not None and saved_name != name:
-        raise CheckpointError(
-            f"{folder / WEIGHTS_FILE} holds weights of policy {saved_name!r} but {CONFIG_FILE} configures "
-            f"{name!r}; the files come from different checkpoints."
-        )
-    try:
-        policy = make_policy(policy_cfg, features, stats=None)
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: cannot build policy {name!r} ({e}).") from e
-    expected = policy.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    shapes = [f"{k} {list(weights[k].shape)} vs {list(expected[k].shape)}"
-              for k in sorted(set(expected) & set(weights)) if weights[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if shapes:
-            details.append(f"{len(shapes)} of another shape (e.g. {shapes[0]})")
-        raise CheckpointError(
-            f"{folder / WEIGHTS_FILE} does not match the {name!r} policy configured in {CONFIG_FILE}: "
-            f"{', '.join(details)} weights; the config was edited or the weights belong to another model."
-        )
-    policy.load_state_dict(weights, strict=True)
-    return policy.to(device).eval()
-
-
 def load_extra_tensors(dir: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Tensors saved with `extra_tensors=` (empty when none were saved)."""
     path = Path(dir) / EXTRA_TENSORS_FILE
     if not path.is_file():
         return {}
-    return _load_tensors(path, device)[0]
+    return load_tensors(path, device)[0]
+
+
+# ------------------------------------------------------------------------------------- bases of refined policies
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def base_reference(ckpt: str | os.PathLike) -> dict[str, str]:
+    """What a refined checkpoint records about its base: absolute path and sha256 of its weights (hashed once,
+    when refinement starts)."""
+    folder = Path(ckpt).resolve()
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"base checkpoint {folder} has no {WEIGHTS_FILE}; pass a checkpoint folder.")
+    return {"path": str(folder), "sha256": file_sha256(folder / WEIGHTS_FILE)}
+
+
+def verify_base(reference: Mapping[str, str]) -> Path:
+    """The base folder a refined checkpoint names, after checking it is there and unchanged (hashed once here)."""
+    if not isinstance(reference, Mapping) or "path" not in reference:
+        raise CheckpointError("the refined checkpoint's policy section lacks its base: base={path, sha256}.")
+    path = Path(str(reference["path"]))
+    if not (path / WEIGHTS_FILE).is_file():
+        raise CheckpointError(
+            f"the refined checkpoint's base {path} is missing (no {WEIGHTS_FILE}); put the base checkpoint back "
+            f"at that path, or refine again from an existing base."
+        )
+    actual = file_sha256(path / WEIGHTS_FILE)
+    if actual != reference.get("sha256"):
+        raise CheckpointError(
+            f"the refined checkpoint's base {path} has changed since refinement (sha256 {actual[:12]}..., "
+            f"expected {str(reference.get('sha256'))[:12]}...); restore the original base or refine again."
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------- checkpoints of format 1
+
+
+# Format 1 checkpoints were read with per-key fallbacks in the code: a key missing from an old config.yaml
+# meant the value below (the setting had not been introduced yet). Format 2 writes every field of the typed
+# config, so these fallbacks apply to format 1 folders only, and nowhere else.
+LEGACY_POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "flow": {"num_inference_steps": 5, "time_sampling": "beta", "prediction_type": "velocity",
+             "schedule_power": 1.0, "clip_prediction": False},
+    "diffusion": {"prediction_type": "epsilon", "num_inference_steps": 100},
+    "steer": {"noise_scale": 1.0, "actor_sampling": "mean", "latent": "full"},
+    "residual": {"scale": 0.2, "n_action_steps": None},
+    "value_guided": {"n_samples": 8},
+}
+LEGACY_SHARED_DEFAULTS: dict[str, Any] = {"denoiser": "unet", "encoder": {"crop": None},
+                                          "unet": {"down_dims": [64, 128, 256]}}
+
+
+def policy_section(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's policy config, with format 1's missing keys filled by the values they meant then."""
+    section = dict(info["config"]["policy"])
+    if int(info.get("format_version", 1)) >= 2:
+        return section
+    legacy = {**(LEGACY_SHARED_DEFAULTS if section.get("name") in ("flow", "diffusion") else {}),
+              **LEGACY_POLICY_DEFAULTS.get(section.get("name"), {})}
+    for key, value in legacy.items():
+        if isinstance(value, Mapping):
+            section[key] = {**value, **dict(section.get(key) or {})}
+        else:
+            section.setdefault(key, value)
+    return section

@@ -287,8 +287,9 @@ def resolve_checkpoint(path: str) -> Path:
 
 
 def cmd_eval(cfg: DictConfig) -> dict:
-    from robopolicy.checkpoint import load_policy, read_checkpoint_info
+    from robopolicy.checkpoint import read_checkpoint_info
     from robopolicy.evaluate import evaluate
+    from robopolicy.loading import load_policy
 
     ckpt = resolve_checkpoint(require(cfg, "ckpt", "eval"))
     info = read_checkpoint_info(ckpt)
@@ -412,7 +413,7 @@ def _quickstart_refine(cfg: DictConfig, store: Path, out: Path) -> dict:
 
 def cmd_finetune(cfg: DictConfig) -> dict:
     from robopolicy.checkpoint import read_checkpoint_info
-    from robopolicy.rl.finetune import finetune
+    from robopolicy.finetune import finetune
 
     base = resolve_checkpoint(require(cfg, "ckpt", "finetune"))
     require(cfg, "out", "finetune")

@@ -70,7 +70,7 @@ def config_class(group: str, name: str) -> type:
 def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "", *, allow_unknown: bool = False) -> T:
     """Build and validate `cls` from a mapping (a dict or an OmegaConf DictConfig); missing keys take the field's
     default. `where` prefixes key names in errors ("algo" -> "algo.noise_scale")."""
-    data = _plain(data) if data is not None else {}
+    data = plain(data) if data is not None else {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or cls.__name__} must be a mapping of settings, got {data!r}.")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -101,7 +101,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "", 
 
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain nested dict of a config dataclass (for YAML, JSON and checkpoints)."""
-    return _plain(dataclasses.asdict(config))
+    return plain(dataclasses.asdict(config))
 
 
 def defaults(cls: type) -> dict[str, Any]:
@@ -109,10 +109,10 @@ def defaults(cls: type) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
-            out[f.name] = _plain(f.default)
+            out[f.name] = plain(f.default)
         elif f.default_factory is not dataclasses.MISSING:
             value = f.default_factory()
-            out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else _plain(value)
+            out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else plain(value)
     return out
 
 
@@ -137,9 +137,11 @@ def describe(cls: type, indent: str = "") -> list[str]:
     return lines
 
 
-def yaml_mismatches(cls: type, yaml: Mapping[str, Any], where: str = "", skip: tuple[str, ...] = ()) -> list[str]:
+def yaml_mismatches(cls: type, yaml: Mapping[str, Any], where: str = "", skip: tuple[str, ...] = (),
+                    expected: Mapping[str, Any] | None = None) -> list[str]:
     """How a YAML section disagrees with its dataclass: keys without a field, fields without a key, defaults that
-    differ. Interpolations (`${...}`) and `???` stand for "set elsewhere" and are not compared."""
+    differ (`expected`: the defaults to compare with, by default the class's own). Interpolations (`${...}`) and
+    `???` stand for "set elsewhere" and are not compared."""
     problems = []
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
@@ -147,12 +149,14 @@ def yaml_mismatches(cls: type, yaml: Mapping[str, Any], where: str = "", skip: t
         problems.append(f"{_key(where, key)} is in the YAML but not a field of {cls.__name__}")
     for key in sorted(set(fields) - set(yaml) - set(skip)):
         problems.append(f"{_key(where, key)} is a field of {cls.__name__} but missing from the YAML")
-    expected = defaults(cls)
+    expected = defaults(cls) if expected is None else expected
     for key in sorted(set(fields) & set(yaml) - set(skip)):
         value = yaml[key]
         nested = _dataclass_in(hints[key])
         if nested is not None and isinstance(value, Mapping):
-            problems += yaml_mismatches(nested, value, _key(where, key))
+            inner = expected.get(key)
+            problems += yaml_mismatches(nested, value, _key(where, key),
+                                        expected=inner if isinstance(inner, Mapping) else None)
             continue
         if isinstance(value, str) and (value.startswith("${") or value == "???"):
             continue
@@ -164,7 +168,7 @@ def yaml_mismatches(cls: type, yaml: Mapping[str, Any], where: str = "", skip: t
         except ConfigError as e:
             problems.append(str(e))
             continue
-        if _plain(value) != expected[key]:
+        if plain(value) != expected[key]:
             problems.append(f"{_key(where, key)} defaults to {expected[key]!r} in {cls.__name__} but {value!r} "
                             "in the YAML")
     return problems
@@ -185,8 +189,8 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def _plain(value: Any) -> Any:
-    """Plain Python data from OmegaConf containers, tuples, dataclasses and numpy scalars."""
+def plain(value: Any) -> Any:
+    """Plain Python data (JSON / YAML-safe) from OmegaConf containers, tuples, dataclasses and numpy values."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_dict(value)
     if type(value).__module__.startswith("omegaconf"):
@@ -194,11 +198,11 @@ def _plain(value: Any) -> Any:
 
         value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        return value.item()
+        return [plain(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy / torch scalars and arrays
+        return value.tolist()
     return value
 
 
@@ -214,7 +218,7 @@ def _dataclass_in(tp: Any) -> type | None:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """`value` as type `tp` (int, float, bool, str, lists, unions with None, nested dataclasses, Any)."""
-    value = _plain(value)
+    value = plain(value)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
@@ -265,7 +269,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _show(value: Any) -> str:
-    value = _plain(value)
+    value = plain(value)
     if value is None:
         return "null"
     if isinstance(value, bool):

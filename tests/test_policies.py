@@ -296,7 +296,12 @@ def test_generative_policies_fit_two_modes_that_mlp_averages(config_name, steps,
         assert 0.25 < (chunk_means > 0).float().mean() < 0.75  # both modes are sampled
 
 
-def test_flow_time_grid_and_the_sampler_of_older_checkpoints():
+def test_flow_time_grid_and_the_sampler_of_older_checkpoints(tmp_path):
+    import json
+
+    from robopolicy.checkpoint import save_checkpoint
+    from robopolicy.loading import load_policy
+
     features = make_features()
     stats = make_stats(features)
     policy = make_policy(small_config("flow", num_inference_steps=4), features, stats).eval()
@@ -304,12 +309,18 @@ def test_flow_time_grid_and_the_sampler_of_older_checkpoints():
     assert grid[0] == 0.0 and grid[-1] == 1.0 and all(a < b for a, b in zip(grid, grid[1:]))
     assert grid[1] - grid[0] > grid[-1] - grid[-2]  # schedule_power > 1: the long step comes first
 
-    # A config saved before schedule_power and clip_prediction existed keeps its uniform, unclipped Euler sampler.
-    old_cfg = {k: v for k, v in small_config("flow", num_inference_steps=4, prediction_type="velocity").items()
-               if k not in ("schedule_power", "clip_prediction")}
-    old = make_policy(old_cfg, features, stats).eval()
-    old.load_state_dict(policy.state_dict())
+    # A format-1 checkpoint saved before schedule_power, clip_prediction, time_sampling and prediction_type existed
+    # keeps its uniform, unclipped Euler sampler on velocity (the code's fallbacks then).
+    folder = save_checkpoint(tmp_path / "old", policy, config={})
+    info = json.loads((folder / "features.json").read_text())
+    (folder / "features.json").write_text(json.dumps({**info, "format_version": 1}))
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    for key in ("schedule_power", "clip_prediction", "time_sampling", "prediction_type"):
+        del config["policy"][key]
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    old = load_policy(folder)
     assert old.time_grid() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert (old.prediction_type, old.time_sampling, old.clip_prediction) == ("velocity", "beta", False)
     obs = observation(make_batch(features, 3), 3)
     noise = torch.randn(3, *old.noise_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-from test_rl_core import base_ckpt, finetune_cfg, make_envs  # noqa: F401  (base_ckpt is a fixture)
+from test_rl_core import base_ckpt, finetune_cfg, make_envs, refined  # noqa: F401  (base_ckpt is a fixture)
 
-from robopolicy.checkpoint import load_policy
-from robopolicy.rl.core import base_reference
-from robopolicy.rl.finetune import finetune
-from robopolicy.rl.residual import Residual, ResidualPolicy
+from robopolicy.config import from_mapping
+from robopolicy.finetune import finetune
+from robopolicy.loading import load_policy
+from robopolicy.rl.residual import Residual, ResidualConfig, ResidualPolicy
 
 
 def test_residual_runs_updates_with_finite_losses(tmp_path, base_ckpt):  # noqa: F811
@@ -27,7 +27,7 @@ def test_residual_runs_updates_with_finite_losses(tmp_path, base_ckpt):  # noqa:
 def test_residual_bound_holds(base_ckpt, per_dimension):  # noqa: F811
     action_dim = load_policy(base_ckpt).action_dim
     scale = [0.05] * (action_dim - 1) + [0.3] if per_dimension else 0.05
-    policy = ResidualPolicy({"name": "residual", "base": base_reference(base_ckpt), "scale": scale, "hidden": [16]})
+    policy = refined(ResidualPolicy, base_ckpt, scale=scale, hidden=[16])
     with torch.no_grad():
         for p in policy.actor.parameters():
             p.normal_(0, 10.0)  # a saturated residual
@@ -43,12 +43,12 @@ def test_residual_bound_holds(base_ckpt, per_dimension):  # noqa: F811
     outside[policy.exec_slice] = False
     assert deviation[:, outside].max() < 1e-5  # only the executed actions are corrected
     with pytest.raises(ValueError, match="one per action dimension"):
-        ResidualPolicy({"name": "residual", "base": base_reference(base_ckpt), "scale": [0.1] * (action_dim + 1)})
+        refined(ResidualPolicy, base_ckpt, scale=[0.1] * (action_dim + 1))
 
 
 def test_progressive_exploration_grows_the_enabled_fraction(base_ckpt):  # noqa: F811
-    policy = ResidualPolicy({"name": "residual", "base": base_reference(base_ckpt), "hidden": [16]})
-    method = Residual(policy, {"explore_start": 0.2, "explore_steps": 1000, "hidden": [16]}, seed=0)
+    policy = refined(ResidualPolicy, base_ckpt, hidden=[16])
+    method = Residual(policy, ResidualConfig(explore_start=0.2, explore_steps=1000, hidden=[16]), seed=0)
     assert method.enabled_fraction(0) == 0.2 and abs(method.enabled_fraction(500) - 0.6) < 1e-9
     assert method.enabled_fraction(5000) == 1.0
 
@@ -88,7 +88,7 @@ def test_ppo_moves_the_actor_towards_the_rewarded_action():
 
     torch.manual_seed(0)
     actor = TanhGaussianActor(2, 1, [32, 32], init_scale=0.01)
-    ppo = PPO(2, 1, {"hidden": [32, 32], "lr": 3e-3, "ppo_rollout": 128, "ppo_minibatch": 32}, actor=actor)
+    ppo = PPO(2, 1, ResidualConfig(hidden=[32, 32], lr=3e-3, ppo_rollout=128, ppo_minibatch=32), actor=actor)
     obs = torch.ones(1, 2)
     generator = torch.Generator().manual_seed(0)
     start = float(actor.deterministic(obs).detach())
@@ -108,9 +108,8 @@ def test_ppo_moves_the_actor_towards_the_rewarded_action():
 def test_residual_optimizer_switch_rejects_unknown_names(base_ckpt):  # noqa: F811
     import pytest
 
-    policy = ResidualPolicy({"name": "residual", "base": base_reference(base_ckpt), "hidden": [16]})
-    with pytest.raises(ValueError, match="optimizer"):
-        Residual(policy, {"optimizer": "trpo", "hidden": [16]})
+    with pytest.raises(ValueError, match="optimizer='trpo' is unknown"):
+        from_mapping(ResidualConfig, {"optimizer": "trpo", "hidden": [16]}, where="algo")
 
 
 def test_a_per_step_residual_decides_every_step_and_loads_as_such(tmp_path, base_ckpt):  # noqa: F811
@@ -126,4 +125,4 @@ def test_a_per_step_residual_decides_every_step_and_loads_as_such(tmp_path, base
     assert policy.exec_slice == slice(base.n_obs_steps - 1, base.n_obs_steps)
     for bad in (0, 99):
         with pytest.raises(ValueError, match="between 1 and the base's"):
-            ResidualPolicy({"name": "residual", "base": base_reference(base_ckpt), "n_action_steps": bad})
+            refined(ResidualPolicy, base_ckpt, n_action_steps=bad)

@@ -14,18 +14,15 @@ from conftest import load_benchmark
 from test_policies import make_stats, small_config
 
 import sim
-from robopolicy.checkpoint import CheckpointError, load_policy, read_checkpoint_info, save_checkpoint
+from robopolicy.checkpoint import CheckpointError, base_reference, read_checkpoint_info, save_checkpoint
 from robopolicy.features import features_from_env
+from robopolicy.finetune import finetune
+from robopolicy.loading import load_policy
 from robopolicy.policies import make_policy
-from robopolicy.rl.core import (
-    ChunkedCollector,
-    Curves,
-    ReplayBuffer,
-    base_reference,
-    n_step_rows,
-    save_refined,
-)
-from robopolicy.rl.finetune import finetune
+from robopolicy.rl.buffer import ReplayBuffer
+from robopolicy.rl.collector import ChunkedCollector, RewardSpec, n_step_rows
+from robopolicy.rl.online import Curves
+from robopolicy.rl.refined import save_refined
 from sim.vector import make_vector_env
 
 TASK = "builtin/reach"
@@ -41,6 +38,15 @@ def make_base(folder, task: str = TASK):
     cfg = small_config("flow", num_inference_steps=2)
     policy = make_policy(cfg, features, make_stats(features, -1.0, 1.0)).eval()
     return save_checkpoint(folder, policy, config={"policy": cfg, "task": task})
+
+
+def refined(cls, base_ckpt, **settings):
+    """A refined policy of `cls` on the checkpoint `base_ckpt` (loaded here: constructors take a loaded base)."""
+    return cls(cls.config_from(settings), load_policy(base_ckpt), base_reference(base_ckpt))
+
+
+def reward_spec(kind: str = "dense", step_penalty: float = 0.0, success_bonus: float = 0.0) -> RewardSpec:
+    return RewardSpec(kind, 1.0, success_bonus, step_penalty)
 
 
 def make_envs(num_envs: int, task: str = TASK):
@@ -89,7 +95,9 @@ class CountingMethod:
     """A minimal method on a real base: zero noise, records what the collector asked for."""
 
     keep_raw_obs = False
+    on_policy = False
     gamma = 0.5
+    n_step = 1
 
     def __init__(self, policy):
         self.policy = policy
@@ -111,12 +119,12 @@ class CountingMethod:
 def test_chunked_rollout_counts_env_steps_and_chunk_transitions(base_ckpt):
     from robopolicy.rl.steer import SteerPolicy
 
-    policy = SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "hidden": [16]})
+    policy = refined(SteerPolicy, base_ckpt, hidden=[16])
     method = CountingMethod(policy)
     rows: list[dict] = []
     envs = make_envs(2)
     try:
-        collector = ChunkedCollector(envs, method, rows.append, reward="dense", seed=7)
+        collector = ChunkedCollector(envs, method, rows.append, reward_spec(), seed=7)
         ran = collector.collect(45)
     finally:
         envs.close()
@@ -160,13 +168,13 @@ class ExpertChunkMethod(CountingMethod):
 def test_success_bonus_is_added_on_the_success_step_of_dense_rewards(base_ckpt, bonus):
     from robopolicy.rl.steer import SteerPolicy
 
-    policy = SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "hidden": [16]})
+    policy = refined(SteerPolicy, base_ckpt, hidden=[16])
     method = ExpertChunkMethod(policy, seed=3)
     rows: list[dict] = []
     envs = make_vector_env(TASK, 1, autoreset="disabled", max_episode_steps=80)
     try:
-        collector = ChunkedCollector(envs, method, rows.append, reward="dense", step_penalty=0.5,
-                                     success_bonus=bonus, seed=3)
+        collector = ChunkedCollector(envs, method, rows.append, reward_spec(step_penalty=0.5, success_bonus=bonus),
+                                     seed=3)
         while not collector.episodes:
             collector.collect(8)
     finally:
@@ -190,8 +198,6 @@ def test_n_step_rows_sum_discounted_rewards_and_bootstrap_from_n_decisions_ahead
     assert np.isclose(out[1]["reward"], -4 + 0.5 ** 4 * -1) and out[1]["steps"] == 6 and out[1]["done"] == 1
     assert out[2]["reward"] == -1 and out[2]["steps"] == 2 and out[2]["next_obs"][0] == 3  # cut by the end
     assert n_step_rows(rows, 1, gamma=0.5) == rows
-    with pytest.raises(ValueError, match="n_step"):
-        ChunkedCollector(None, CountingMethod(None), print, n_step=0)
 
 
 def test_curves_written_as_json_and_png(tmp_path):
@@ -214,20 +220,20 @@ def test_refined_checkpoint_round_trip_and_refusals(tmp_path):
     from robopolicy.rl.steer import SteerPolicy
 
     base = make_base(tmp_path / "base")
-    refined = SteerPolicy({"name": "steer", "base": base_reference(base), "noise_scale": 1.5, "hidden": [16]})
+    steered = refined(SteerPolicy, base, noise_scale=1.5, hidden=[16])
     with torch.no_grad():
-        for p in refined.actor.parameters():
+        for p in steered.actor.parameters():
             p.normal_()
-    assert set(refined.state_dict()) == {k for k in refined.state_dict() if k.startswith("actor.")}  # base kept out
-    path = save_refined(tmp_path / "refined", refined, {"task": TASK})
+    assert set(steered.state_dict()) == {k for k in steered.state_dict() if k.startswith("actor.")}  # base kept out
+    path = save_refined(tmp_path / "refined", steered, {"task": TASK})
     info = read_checkpoint_info(path)
     assert info["config"]["policy"]["base"]["path"] == str(base.resolve()) and info["config"]["task"] == TASK
     assert info["extra"]["base"]["sha256"] == base_reference(base)["sha256"]
 
     loaded = load_policy(path)
-    obs = {"observation.state": torch.randn(3, 2, *refined.features["observation.state"]["shape"])}
-    noise = torch.randn(3, *refined.noise_shape)
-    assert torch.equal(loaded.sample_chunk(obs, noise), refined.sample_chunk(obs, noise))
+    obs = {"observation.state": torch.randn(3, 2, *steered.features["observation.state"]["shape"])}
+    noise = torch.randn(3, *steered.noise_shape)
+    assert torch.equal(loaded.sample_chunk(obs, noise), steered.sample_chunk(obs, noise))
     assert not torch.equal(loaded.sample_chunk(obs, noise), loaded.base.sample_chunk(obs, noise))
 
     # the base changed (other weights under the same path): refused with the reason
@@ -248,10 +254,9 @@ def test_finetune_refuses_existing_run_and_refined_base(tmp_path, base_ckpt):
         finetune(finetune_cfg({"name": "steer"}, base_ckpt, out), make_envs)
     from robopolicy.rl.steer import SteerPolicy
 
-    refined = save_refined(tmp_path / "refined", SteerPolicy({"name": "steer", "base": base_reference(base_ckpt)}),
-                           {"task": TASK})
+    saved = save_refined(tmp_path / "refined", refined(SteerPolicy, base_ckpt), {"task": TASK})
     with pytest.raises(CheckpointError, match="already a refined checkpoint"):
-        finetune(finetune_cfg({"name": "steer"}, refined, tmp_path / "run2"), make_envs)
+        finetune(finetune_cfg({"name": "steer"}, saved, tmp_path / "run2"), make_envs)
 
 
 def test_refine_benchmark_sets_the_reward_per_method():

@@ -9,11 +9,10 @@ import math
 import pytest
 import torch
 from conftest import load_benchmark
-from test_rl_core import base_ckpt, finetune_cfg, make_envs  # noqa: F401  (base_ckpt is a fixture)
+from test_rl_core import base_ckpt, finetune_cfg, make_envs, refined  # noqa: F401  (base_ckpt is a fixture)
 
-from robopolicy.checkpoint import load_policy
-from robopolicy.rl.core import base_reference
-from robopolicy.rl.finetune import finetune
+from robopolicy.finetune import finetune
+from robopolicy.loading import load_policy
 from robopolicy.rl.steer import SteerPolicy
 
 
@@ -31,7 +30,7 @@ def test_steer_runs_updates_with_finite_losses(tmp_path, base_ckpt, algo):  # no
 
 
 def test_steer_noise_is_bounded_by_noise_scale(base_ckpt):  # noqa: F811
-    policy = SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "noise_scale": 0.7, "hidden": [16]})
+    policy = refined(SteerPolicy, base_ckpt, noise_scale=0.7, hidden=[16])
     with torch.no_grad():
         for p in policy.actor.parameters():
             p.normal_(0, 10.0)  # huge pre-activations: tanh saturates
@@ -49,12 +48,11 @@ def test_steer_noise_is_bounded_by_noise_scale(base_ckpt):  # noqa: F811
     policy.base.sample_chunk = spy
     obs = {"observation.state": torch.randn(5, 2, *policy.features["observation.state"]["shape"])}
     policy.sample_chunk(obs, torch.randn(5, *policy.noise_shape) * 100)
-    assert seen[0].abs().max() <= 0.7 + 1e-6  # the runtime ignores the incoming noise
+    assert seen[0].abs().max() <= 0.7 + 1e-6  # the incoming noise is only the actor's epsilon
 
 
 def test_steer_sampling_mode_uses_the_given_noise_as_epsilon(base_ckpt):  # noqa: F811
-    policy = SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "noise_scale": 1.2, "hidden": [16],
-                          "actor_sampling": "sample"})
+    policy = refined(SteerPolicy, base_ckpt, noise_scale=1.2, hidden=[16], actor_sampling="sample", latent="full")
     obs = {"observation.state": torch.randn(6, 2, *policy.features["observation.state"]["shape"])}
     noise = torch.randn(6, *policy.noise_shape)
     chunk = policy.sample_chunk(obs, noise)
@@ -69,12 +67,11 @@ def test_steer_sampling_mode_uses_the_given_noise_as_epsilon(base_ckpt):  # noqa
     assert torch.allclose(drawn, policy.sample_chunk(obs, torch.randn(6, *policy.noise_shape)), atol=1e-6)
     assert not torch.allclose(policy.sample_chunk(obs), drawn)
     with pytest.raises(ValueError, match="actor_sampling"):
-        SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "actor_sampling": "mode"})
+        refined(SteerPolicy, base_ckpt, actor_sampling="mode")
 
 
 def test_steer_executed_latent_steers_only_the_executed_noise(base_ckpt):  # noqa: F811
-    policy = SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "noise_scale": 1.5, "hidden": [16],
-                          "latent": "executed"})
+    policy = refined(SteerPolicy, base_ckpt, noise_scale=1.5, hidden=[16], latent="executed")
     assert policy.latent_dim == policy.n_exec * policy.action_dim
     latent = torch.rand(8, policy.latent_dim) * 2 - 1
     noise = policy.latent_to_noise(latent)
@@ -84,7 +81,7 @@ def test_steer_executed_latent_steers_only_the_executed_noise(base_ckpt):  # noq
     assert noise[:, outside].abs().max() == 0
     assert torch.allclose(noise[:, policy.exec_slice].flatten(1), 1.5 * latent)
     with pytest.raises(ValueError, match="latent"):
-        SteerPolicy({"name": "steer", "base": base_reference(base_ckpt), "latent": "all"})
+        refined(SteerPolicy, base_ckpt, latent="all")
 
 
 def test_noise_authority_is_zero_for_a_base_that_ignores_its_noise(base_ckpt):  # noqa: F811

@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_rl_core import TASK, base_ckpt, finetune_cfg, make_envs  # noqa: F401  (base_ckpt is a fixture)
+from test_rl_core import TASK, base_ckpt, finetune_cfg, make_envs, refined  # noqa: F401  (base_ckpt is a fixture)
 
-from robopolicy.checkpoint import load_policy
-from robopolicy.rl.core import base_reference
-from robopolicy.rl.finetune import finetune
+from robopolicy.finetune import finetune
+from robopolicy.loading import load_policy
+from robopolicy.rl.collector import RewardSpec
 from robopolicy.rl.value_guidance import (
     ValueGuidedPolicy,
     apply_guidance,
@@ -23,8 +23,8 @@ from robopolicy.rl.value_guidance import (
 
 def make_guided(base, n_samples: int = 6) -> ValueGuidedPolicy:
     torch.manual_seed(1)
-    return ValueGuidedPolicy({"name": "value_guided", "base": base_reference(base), "n_samples": n_samples,
-                              "hidden": [16]})
+    return refined(ValueGuidedPolicy, base, n_samples=n_samples,
+                              hidden=[16])
 
 
 def test_value_guided_executes_the_argmax_candidate(base_ckpt):  # noqa: F811
@@ -94,7 +94,7 @@ def test_store_transitions_give_chunk_returns(tmp_path, base_ckpt):  # noqa: F81
     finally:
         envs.close()
     policy = make_guided(base_ckpt)
-    rows = store_transitions(policy, str(tmp_path / "store"), gamma=0.9, reward="dense")
+    rows = store_transitions(policy, str(tmp_path / "store"), gamma=0.9, reward=RewardSpec("dense", 1.0, 0.0, 0.0))
     assert rows["obs"].shape == (6, policy.feature_dim) and rows["action"].shape == (6, policy.chunk_dim)
     assert rows["steps"].tolist() == [4, 4, 2, 4, 4, 2]
     first = store.get_episode(0)

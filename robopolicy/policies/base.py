@@ -23,22 +23,116 @@ Capabilities are declared as class attributes, never probed: `supports_prefix`, 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from robopolicy.config import ConfigError, setting, to_dict
 from robopolicy.data.spec import IMAGE_PREFIX, policy_features
-from robopolicy.policies.encoders import ObservationEncoder
+from robopolicy.policies.encoders import EncoderConfig, ObservationEncoder
 from robopolicy.policies.mlp_denoiser import MLPDenoiser
-from robopolicy.policies.normalizer import Normalizer
+from robopolicy.policies.normalizer import NORM_MODES, Normalizer
 from robopolicy.policies.transformer import TransformerDenoiser
 from robopolicy.policies.unet1d import ConditionalUnet1D
 
 
-class PolicyConfigError(ValueError):
+class PolicyConfigError(ConfigError):
     """A policy config or its features are unusable; the message names the field."""
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+@dataclass
+class NormalizationConfig:
+    state: str = setting("min_max", "every low-dim observation key", choices=NORM_MODES)
+    action: str = setting("min_max", "min_max keeps actions in [-1, 1], the scale of the noise (and clips samples)",
+                          choices=NORM_MODES)
+    images: str = setting("mean_std", "per channel; unit: [0, 1] -> [-1, 1]", choices=NORM_MODES)
+
+
+@dataclass
+class OptimConfig:
+    """The policy's own training recipe; `robopolicy train optim.*=...` overrides it per run."""
+
+    lr: float = setting(1.0e-3, "AdamW learning rate (after warmup, cosine to 0)")
+    weight_decay: float = setting(1.0e-6, "AdamW weight decay")
+    betas: list[float] = setting([0.95, 0.999], "AdamW betas")
+    warmup_steps: int = setting(100, "linear warmup steps")
+    grad_clip: float = setting(1.0, "gradient norm clip")
+    ema_decay: float = setting(0.995, "EMA of the weights, the one evaluated and saved")
+
+
+@dataclass
+class PolicyConfig:
+    """Fields every policy has. A policy's own config subclasses it and is registered as ("policy", name)."""
+
+    name: str = setting("", "the policy (its registry name)")
+    horizon: int = setting(16, "actions per generated chunk")
+    n_obs_steps: int = setting(2, "observation frames the policy sees")
+    n_action_steps: int = setting(4, "actions executed per chunk (short open-loop segments matter at 10 Hz)")
+    normalization: NormalizationConfig = setting(NormalizationConfig(), "per-key normalization modes")
+    encoder: EncoderConfig = setting(EncoderConfig(), "observation encoder")
+    optim: OptimConfig = setting(OptimConfig(), "training recipe")
+
+    def __post_init__(self) -> None:
+        if min(self.horizon, self.n_obs_steps, self.n_action_steps) < 1:
+            raise PolicyConfigError("horizon, n_obs_steps and n_action_steps must be at least 1.")
+        if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
+            raise PolicyConfigError(
+                f"n_obs_steps - 1 + n_action_steps = {self.n_obs_steps - 1 + self.n_action_steps} exceeds "
+                f"horizon {self.horizon}; the executed actions must lie inside the chunk."
+            )
+
+
+@dataclass
+class MLPDenoiserConfig:
+    hidden_dim: int = setting(256, "width of the residual MLP blocks")
+    n_blocks: int = setting(3, "residual blocks")
+    step_embed_dim: int = setting(64, "sinusoidal step embedding width")
+
+
+@dataclass
+class UnetConfig:
+    down_dims: list[int] = setting([32, 64, 128], "channels per U-Net level (horizon divisible by 2**(levels - 1))")
+    kernel_size: int = setting(5, "temporal convolution kernel")
+    n_groups: int = setting(8, "GroupNorm groups")
+    step_embed_dim: int = setting(64, "sinusoidal step embedding width")
+
+
+@dataclass
+class TransformerConfig:
+    d_model: int = setting(128, "token width")
+    n_layers: int = setting(4, "decoder layers")
+    n_heads: int = setting(4, "attention heads")
+    dropout: float = setting(0.0, "dropout")
+
+
+@dataclass
+class DenoiserPolicyConfig(PolicyConfig):
+    """Fields of the generative policies (flow, diffusion): the denoising network."""
+
+    denoiser: str = setting("mlp", "mlp (fast, state tasks) | unet (Chi et al.'s 1-D U-Net) | transformer",
+                            choices=("mlp", "unet", "transformer"))
+    mlp: MLPDenoiserConfig = setting(MLPDenoiserConfig(), "denoiser: mlp")
+    unet: UnetConfig = setting(UnetConfig(), "denoiser: unet")
+    transformer: TransformerConfig = setting(TransformerConfig(), "denoiser: transformer")
+    num_inference_steps: int = setting(4, "sampler steps")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_inference_steps < 1:
+            raise PolicyConfigError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}.")
+        levels = len(self.unet.down_dims)
+        if self.denoiser == "unet" and self.horizon % (2 ** (levels - 1)):
+            raise PolicyConfigError(
+                f"horizon {self.horizon} must be divisible by 2**(len(unet.down_dims) - 1) = {2 ** (levels - 1)}."
+            )
+
+
+# ------------------------------------------------------------------------------------------------ policies
 
 
 class ChunkPolicy(nn.Module):
@@ -83,36 +177,33 @@ class ChunkPolicy(nn.Module):
 
 
 class ActionChunkPolicy(ChunkPolicy):
-    """Base of the policies trained from demonstrations: normalizer, observation encoder, masked loss."""
+    """Base of the policies trained from demonstrations: normalizer, observation encoder, masked loss.
+    Built by `make_policy` from its typed config (`config_class`); `config` is kept for the checkpoint."""
 
-    def __init__(self, cfg: Mapping[str, Any], features: Mapping[str, Mapping],
+    config_class: type[PolicyConfig] = PolicyConfig
+
+    def __init__(self, config: PolicyConfig, features: Mapping[str, Mapping],
                  stats: Mapping[str, Mapping[str, np.ndarray]] | None):
         super().__init__()
-        self.config = dict(cfg)
+        self.cfg = config
         self.features = policy_features(features)
         if "action" not in self.features:
             raise PolicyConfigError("the policy's features have no 'action' key; the store must record actions.")
-        for field in ("horizon", "n_obs_steps", "n_action_steps"):
-            if field not in cfg:
-                raise PolicyConfigError(f"policy config {cfg.get('name')!r} lacks the field {field!r}.")
-        self.horizon = int(cfg["horizon"])
-        self.n_obs_steps = int(cfg["n_obs_steps"])
-        self.n_action_steps = int(cfg["n_action_steps"])
-        if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
-            raise PolicyConfigError(
-                f"n_obs_steps - 1 + n_action_steps = {self.n_obs_steps - 1 + self.n_action_steps} exceeds "
-                f"horizon {self.horizon}; the executed actions must lie inside the chunk."
-            )
+        self.horizon, self.n_obs_steps, self.n_action_steps = config.horizon, config.n_obs_steps, config.n_action_steps
         self.action_dim = int(np.prod(self.features["action"]["shape"]))
         self.obs_keys = sorted(k for k in self.features if k.startswith("observation."))
 
-        norm_cfg = dict(cfg.get("normalization") or {})
-        modes = {"action": norm_cfg.get("action", "min_max")}
+        norm = config.normalization
+        modes = {"action": norm.action}
         for key in self.obs_keys:
-            modes[key] = norm_cfg.get("images", "mean_std") if key.startswith(IMAGE_PREFIX) \
-                else norm_cfg.get("state", "min_max")
+            modes[key] = norm.images if key.startswith(IMAGE_PREFIX) else norm.state
         self.normalizer = Normalizer(self.features, modes, stats)
-        self.obs_encoder = ObservationEncoder(self.features, self.n_obs_steps, dict(cfg.get("encoder") or {}))
+        self.obs_encoder = ObservationEncoder(self.features, self.n_obs_steps, config.encoder)
+
+    @property
+    def config(self) -> dict:
+        """The policy's config as plain data (what a checkpoint's config.yaml holds under `policy:`)."""
+        return to_dict(self.cfg)
 
     @property
     def device(self) -> torch.device:
@@ -151,25 +242,15 @@ class ActionChunkPolicy(ChunkPolicy):
         return prefix.clamp(-1.0, 1.0) if self.normalizer.modes["action"] == "min_max" else prefix
 
 
-def make_denoiser(cfg: Mapping[str, Any], action_dim: int, cond_dim: int, horizon: int) -> nn.Module:
+def make_denoiser(cfg: DenoiserPolicyConfig, action_dim: int, cond_dim: int) -> nn.Module:
     """The network shared by diffusion (predicts epsilon or the clean chunk) and flow (predicts velocity or the
     clean chunk): `denoiser: mlp|unet|transformer`."""
-    kind = cfg.get("denoiser", "unet")
-    if kind == "unet":
-        unet = dict(cfg.get("unet") or {})
-        down_dims = list(unet.get("down_dims", [64, 128, 256]))
-        if horizon % (2 ** (len(down_dims) - 1)):
-            raise PolicyConfigError(
-                f"horizon {horizon} must be divisible by 2**(len(unet.down_dims) - 1) = {2 ** (len(down_dims) - 1)}."
-            )
-        return ConditionalUnet1D(action_dim, cond_dim, down_dims, int(unet.get("kernel_size", 5)),
-                                 int(unet.get("n_groups", 8)), int(unet.get("step_embed_dim", 64)))
-    if kind == "transformer":
-        tf = dict(cfg.get("transformer") or {})
-        return TransformerDenoiser(action_dim, cond_dim, horizon, int(tf.get("d_model", 128)),
-                                   int(tf.get("n_layers", 4)), int(tf.get("n_heads", 4)), float(tf.get("dropout", 0.0)))
-    if kind == "mlp":
-        mlp = dict(cfg.get("mlp") or {})
-        return MLPDenoiser(action_dim, cond_dim, horizon, int(mlp.get("hidden_dim", 256)), int(mlp.get("n_blocks", 3)),
-                           int(mlp.get("step_embed_dim", 64)))
-    raise PolicyConfigError(f"policy config denoiser {kind!r} is unknown; use 'mlp', 'unet' or 'transformer'.")
+    if cfg.denoiser == "unet":
+        unet = cfg.unet
+        return ConditionalUnet1D(action_dim, cond_dim, list(unet.down_dims), unet.kernel_size, unet.n_groups,
+                                 unet.step_embed_dim)
+    if cfg.denoiser == "transformer":
+        tf = cfg.transformer
+        return TransformerDenoiser(action_dim, cond_dim, cfg.horizon, tf.d_model, tf.n_layers, tf.n_heads, tf.dropout)
+    mlp = cfg.mlp
+    return MLPDenoiser(action_dim, cond_dim, cfg.horizon, mlp.hidden_dim, mlp.n_blocks, mlp.step_embed_dim)

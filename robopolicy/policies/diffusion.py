@@ -14,45 +14,60 @@ noise, so the denoiser always sees a coherent chunk (hard-mask inpainting).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from robopolicy.policies.base import ActionChunkPolicy, PolicyConfigError, make_denoiser
+from robopolicy.config import register_config, setting
+from robopolicy.policies.base import ActionChunkPolicy, DenoiserPolicyConfig, OptimConfig, make_denoiser
+
+
+@register_config("policy", "diffusion")
+@dataclass
+class DiffusionConfig(DenoiserPolicyConfig):
+    name: str = setting("diffusion", "the policy (its registry name)")
+    num_train_timesteps: int = setting(100, "DDPM training steps")
+    beta_schedule: str = setting("squaredcos_cap_v2", "diffusers beta schedule")
+    prediction_type: str = setting("sample", "sample (the clean chunk: fits far better with the mlp denoiser) | "
+                                   "epsilon (Chi et al.)", choices=("sample", "epsilon"))
+    sampler: str = setting("ddim", "ddim (eta 0, deterministic given the noise) | ddpm (ancestral, stochastic)",
+                           choices=("ddim", "ddpm"))
+    num_inference_steps: int = setting(10, "sampler steps")
+
+
+@register_config("policy", "diffusion_transformer")
+@dataclass
+class DiffusionTransformerConfig(DiffusionConfig):
+    """configs/policy/diffusion_transformer.yaml: action steps as tokens, condition tokens prepended."""
+
+    n_action_steps: int = setting(8, "actions executed per chunk")
+    denoiser: str = setting("transformer", "mlp | unet | transformer", choices=("mlp", "unet", "transformer"))
+    prediction_type: str = setting("epsilon", "sample | epsilon (Chi et al.)", choices=("sample", "epsilon"))
+    optim: OptimConfig = setting(OptimConfig(lr=3.0e-4, weight_decay=1.0e-4), "training recipe")
 
 
 class DiffusionPolicy(ActionChunkPolicy):
     name = "diffusion"
+    config_class = DiffusionConfig
     supports_prefix = True
 
-    def __init__(self, cfg: Mapping[str, Any], features: Mapping[str, Mapping],
+    def __init__(self, config: DiffusionConfig, features: Mapping[str, Mapping],
                  stats: Mapping[str, Mapping[str, np.ndarray]] | None):
-        super().__init__(cfg, features, stats)
-        self.denoiser = make_denoiser(cfg, self.action_dim, self.obs_encoder.out_dim, self.horizon)
+        super().__init__(config, features, stats)
+        self.denoiser = make_denoiser(config, self.action_dim, self.obs_encoder.out_dim)
         schedule = dict(
-            num_train_timesteps=int(cfg.get("num_train_timesteps", 100)),
-            beta_schedule=cfg.get("beta_schedule", "squaredcos_cap_v2"),
+            num_train_timesteps=config.num_train_timesteps,
+            beta_schedule=config.beta_schedule,
             # Clipping the predicted clean chunk to [-1, 1] is only right when actions are min/max normalized.
             clip_sample=self.normalizer.modes["action"] == "min_max",
-            prediction_type=cfg.get("prediction_type", "epsilon"),
+            prediction_type=config.prediction_type,
         )
-        if schedule["prediction_type"] not in ("epsilon", "sample"):
-            raise PolicyConfigError(f"diffusion prediction_type {schedule['prediction_type']!r} is unknown; "
-                                    "use 'epsilon' or 'sample'.")
-        self.prediction_type = schedule["prediction_type"]
+        self.prediction_type, self.sampler = config.prediction_type, config.sampler
         self.noise_scheduler = DDPMScheduler(**schedule)
-        sampler = cfg.get("sampler", "ddim")
-        if sampler == "ddim":
-            self.sample_scheduler = DDIMScheduler(**schedule)
-        elif sampler == "ddpm":
-            self.sample_scheduler = DDPMScheduler(**schedule)
-        else:
-            raise PolicyConfigError(f"diffusion sampler {sampler!r} is unknown; use 'ddim' or 'ddpm'.")
-        self.sampler = sampler
-        steps = cfg.get("num_inference_steps") or schedule["num_train_timesteps"]
-        self.sample_scheduler.set_timesteps(int(steps))
+        self.sample_scheduler = (DDIMScheduler if self.sampler == "ddim" else DDPMScheduler)(**schedule)
+        self.sample_scheduler.set_timesteps(config.num_inference_steps)
 
     def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         action_chunk = self.normalized_actions(batch)  # [B, H, A] in normalized units

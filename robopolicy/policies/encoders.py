@@ -7,12 +7,14 @@ GroupNorm everywhere (not BatchNorm) so EMA weights and batch-size-1 inference b
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from torch import nn
 
-IMAGE_PREFIX = "observation.images."
+from robopolicy.config import setting
+from robopolicy.data.spec import IMAGE_PREFIX
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -111,6 +113,18 @@ def crop_images(images: torch.Tensor, size: int, random: bool) -> torch.Tensor:
                         for i, (y, x) in enumerate(zip(top.tolist(), left.tolist()))])
 
 
+@dataclass
+class EncoderConfig:
+    state_dim: int = setting(0, "0: the flattened normalized state history as-is; > 0: an MLP to this width")
+    image_channels: list[int] = setting([32, 64, 128], "CNN channels per stage")
+    image_feature_dim: int = setting(64, "features per camera and frame")
+    pooling: str = setting("spatial_softmax", "spatial_softmax | avg", choices=("spatial_softmax", "avg"))
+    num_keypoints: int = setting(32, "spatial-softmax keypoints")
+    crop: int | None = setting(88, "random crop while training, centre crop at eval; null for none")
+    share_image_encoder: bool = setting(False, "one CNN for every camera")
+    stem_stride: int = setting(2, "stride of the first convolution (4: a patchify stem, 1/4 of the positions)")
+
+
 class ObservationEncoder(nn.Module):
     """Encodes an observation history into one vector [B, F].
 
@@ -120,16 +134,16 @@ class ObservationEncoder(nn.Module):
     after the state features.
     """
 
-    def __init__(self, features: Mapping[str, Mapping], n_obs_steps: int, cfg: Mapping):
+    def __init__(self, features: Mapping[str, Mapping], n_obs_steps: int, cfg: EncoderConfig):
         super().__init__()
         obs_keys = sorted(k for k in features if k.startswith("observation."))
         self.image_keys = [k for k in obs_keys if k.startswith(IMAGE_PREFIX)]
         self.lowdim_keys = [k for k in obs_keys if k not in self.image_keys]
         if not obs_keys:
             raise ValueError("the policy's features have no observation.* key; it needs at least one.")
-        self.crop = cfg.get("crop")
+        self.crop = cfg.crop
         lowdim = sum(int(features[k]["shape"][-1]) for k in self.lowdim_keys) * n_obs_steps
-        state_dim = int(cfg.get("state_dim", 0))
+        state_dim = cfg.state_dim
         self.state_mlp = (
             nn.Sequential(nn.Linear(lowdim, state_dim), nn.Mish(), nn.Linear(state_dim, state_dim))
             if state_dim > 0 and lowdim > 0 else nn.Identity()
@@ -137,14 +151,13 @@ class ObservationEncoder(nn.Module):
         self.out_dim = state_dim if state_dim > 0 and lowdim > 0 else lowdim
 
         def image_encoder() -> ImageEncoder:
-            return ImageEncoder(list(cfg.get("image_channels", [32, 64, 128])), int(cfg.get("image_feature_dim", 64)),
-                                cfg.get("pooling", "spatial_softmax"), int(cfg.get("num_keypoints", 32)),
-                                int(cfg.get("stem_stride", 2)))
+            return ImageEncoder(list(cfg.image_channels), cfg.image_feature_dim, cfg.pooling, cfg.num_keypoints,
+                                cfg.stem_stride)
 
-        self.share_image_encoder = bool(cfg.get("share_image_encoder", False))
+        self.share_image_encoder = cfg.share_image_encoder
         n_encoders = min(len(self.image_keys), 1) if self.share_image_encoder else len(self.image_keys)
         self.image_encoders = nn.ModuleList(image_encoder() for _ in range(n_encoders))
-        self.out_dim += len(self.image_keys) * n_obs_steps * int(cfg.get("image_feature_dim", 64))
+        self.out_dim += len(self.image_keys) * n_obs_steps * cfg.image_feature_dim
 
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         parts = []

@@ -8,31 +8,39 @@ what the generative policies are compared against.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from einops import rearrange
 from torch import nn
 
-from robopolicy.policies.base import ActionChunkPolicy, PolicyConfigError
+from robopolicy.config import register_config, setting
+from robopolicy.policies.base import ActionChunkPolicy, PolicyConfig
+
+
+@register_config("policy", "mlp")
+@dataclass
+class MLPConfig(PolicyConfig):
+    name: str = setting("mlp", "the policy (its registry name)")
+    hidden_dims: list[int] = setting([256, 256], "hidden layer widths")
+    loss_type: str = setting("l1", "l1 | mse", choices=("l1", "mse"))
 
 
 class MLPPolicy(ActionChunkPolicy):
     name = "mlp"
+    config_class = MLPConfig
 
-    def __init__(self, cfg: Mapping[str, Any], features: Mapping[str, Mapping],
+    def __init__(self, config: MLPConfig, features: Mapping[str, Mapping],
                  stats: Mapping[str, Mapping[str, np.ndarray]] | None):
-        super().__init__(cfg, features, stats)
-        widths = [self.obs_encoder.out_dim, *[int(w) for w in cfg.get("hidden_dims", [256, 256])]]
+        super().__init__(config, features, stats)
+        widths = [self.obs_encoder.out_dim, *config.hidden_dims]
         layers: list[nn.Module] = []
         for w_in, w_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Linear(w_in, w_out), nn.LayerNorm(w_out), nn.Mish()]
         layers.append(nn.Linear(widths[-1], self.horizon * self.action_dim))
         self.head = nn.Sequential(*layers)
-        self.loss_type = cfg.get("loss_type", "l1")
-        if self.loss_type not in ("l1", "mse"):
-            raise PolicyConfigError(f"mlp loss_type {self.loss_type!r} is unknown; use 'l1' or 'mse'.")
+        self.loss_type = config.loss_type
 
     def predict(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Normalized action chunk [B, H, A]."""

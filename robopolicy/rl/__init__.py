@@ -1,14 +1,28 @@
 """Online refinement of a frozen base policy in simulation: latent-noise steering (`steer`, `steer_na`), residual
-RL (`residual`) and value-guided chunk selection (`value_guided`), on the shared pieces in `core`.
+RL (`residual`, `residual_ppo`) and value-guided chunk selection (`value_guided`), on shared pieces:
 
-Importing this package registers the refined policies with the policy registry, so `load_policy` rebuilds
-refined checkpoints (it imports this package when a checkpoint names a policy it does not know yet).
+    refined.py    RefinedPolicy: a frozen base plus the method's module, behind the ChunkPolicy runtime
+    buffer.py     ReplayBuffer of chunk-level transitions
+    collector.py  RewardSpec, the Method protocol and ChunkedCollector (chunked vector rollouts)
+    online.py     AlgoConfig, EvalSchedule, run_online (the one loop every method runs) and its curves
+    sac.py, ppo.py  the learners
+
+Each method is one module (steer.py, residual.py, value_guidance.py) with its config dataclass (registered as
+("algo", name)), its refined policy (registered with the policy registry, so `robopolicy.loading.load_policy`
+rebuilds refined checkpoints) and `make_method(base, base_ref, algo, reward, seed) -> (method, buffer)`.
 """
 
-from robopolicy.rl.core import RefinedPolicy, ReplayBuffer, base_reference, save_refined
+from robopolicy.rl import residual, steer, value_guidance
+from robopolicy.rl.buffer import ReplayBuffer
+from robopolicy.rl.collector import RewardSpec
+from robopolicy.rl.refined import RefinedPolicy, save_refined
 from robopolicy.rl.residual import ResidualPolicy
 from robopolicy.rl.steer import SteerPolicy
 from robopolicy.rl.value_guidance import ValueGuidedPolicy
 
-__all__ = ["RefinedPolicy", "ReplayBuffer", "ResidualPolicy", "SteerPolicy", "ValueGuidedPolicy", "base_reference",
-           "save_refined"]
+# algo.name -> the module whose make_method builds it
+METHODS = {"steer": steer, "steer_na": steer, "residual": residual, "residual_ppo": residual,
+           "value_guided": value_guidance}
+
+__all__ = ["METHODS", "RefinedPolicy", "ReplayBuffer", "ResidualPolicy", "RewardSpec", "SteerPolicy",
+           "ValueGuidedPolicy", "save_refined"]

@@ -14,13 +14,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from robopolicy.config import setting
 from robopolicy.rl.sac import TanhGaussianActor, adam, mlp
+
+
+@dataclass
+class PPOConfig:
+    """The PPO settings of a method's config (used by `optimizer: ppo`)."""
+
+    ppo_rollout: int = setting(256, "chunk transitions (whole episodes) per update")
+    ppo_epochs: int = setting(4, "passes over each rollout")
+    ppo_minibatch: int = setting(64, "transitions per minibatch")
+    ppo_clip: float = setting(0.2, "clipped-surrogate ratio bound")
+    gae_lambda: float = setting(0.95, "GAE lambda")
+    value_coef: float = setting(0.5, "value loss weight")
+    entropy_coef: float = setting(0.0, "entropy bonus weight")
+    max_grad_norm: float = setting(0.5, "gradient norm clip")
 
 
 def gaussian_log_prob(actor: TanhGaussianActor, obs: torch.Tensor, u: torch.Tensor
@@ -51,28 +66,19 @@ class RolloutStore:
 class PPO:
     """Clipped-surrogate PPO with a separate value network V(s) and GAE(lambda).
 
-    cfg: gamma, lr, hidden, ppo_rollout (transitions per update), ppo_epochs, ppo_minibatch, ppo_clip,
-    gae_lambda, value_coef, entropy_coef, max_grad_norm, action_penalty (c |a|^2, the pull towards the base).
+    `cfg`: a method config with PPOConfig's fields and `hidden`, `gamma`, `lr`; `action_penalty` adds c |a|^2
+    (the pull towards the base).
     """
 
-    on_policy = True
-
-    def __init__(self, obs_dim: int, action_dim: int, cfg: Mapping[str, Any], actor: TanhGaussianActor,
-                 seed: int = 0):
-        hidden = list(cfg.get("hidden", [256, 256]))
-        self.gamma = float(cfg.get("gamma", 0.99))
-        self.lam = float(cfg.get("gae_lambda", 0.95))
-        self.clip = float(cfg.get("ppo_clip", 0.2))
-        self.epochs = int(cfg.get("ppo_epochs", 4))
-        self.minibatch = int(cfg.get("ppo_minibatch", 64))
-        self.rollout = int(cfg.get("ppo_rollout", 256))
-        self.value_coef = float(cfg.get("value_coef", 0.5))
-        self.entropy_coef = float(cfg.get("entropy_coef", 0.0))
-        self.max_grad_norm = float(cfg.get("max_grad_norm", 0.5))
-        self.action_penalty = float(cfg.get("action_penalty", 0.0))
+    def __init__(self, obs_dim: int, action_dim: int, cfg: PPOConfig, actor: TanhGaussianActor, seed: int = 0,
+                 action_penalty: float = 0.0):
+        self.gamma, self.lam, self.clip = cfg.gamma, cfg.gae_lambda, cfg.ppo_clip
+        self.epochs, self.minibatch, self.rollout = cfg.ppo_epochs, cfg.ppo_minibatch, cfg.ppo_rollout
+        self.value_coef, self.entropy_coef, self.max_grad_norm = cfg.value_coef, cfg.entropy_coef, cfg.max_grad_norm
+        self.action_penalty = action_penalty
         self.actor = actor
-        self.value = mlp(obs_dim, hidden, 1)
-        self.optim = adam([*actor.parameters(), *self.value.parameters()], float(cfg.get("lr", 3e-4)))
+        self.value = mlp(obs_dim, list(cfg.hidden), 1)
+        self.optim = adam([*actor.parameters(), *self.value.parameters()], cfg.lr)
         self.rollouts = RolloutStore()
         self.rng = np.random.default_rng(seed)
 

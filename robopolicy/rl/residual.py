@@ -21,50 +21,96 @@ whole episodes, `robopolicy.rl.ppo`). Both train the same actor, so the refined 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from einops import rearrange
 
-from robopolicy.policies import register_policy
-from robopolicy.rl.core import RefinedPolicy, ReplayBuffer, raw_dtypes, transition_shapes
-from robopolicy.rl.ppo import PPO, RolloutStore
-from robopolicy.rl.sac import SAC, TanhGaussianActor
+from robopolicy.config import register_config, setting
+from robopolicy.policies import ChunkPolicy, register_policy
+from robopolicy.rl.buffer import ReplayBuffer
+from robopolicy.rl.collector import RewardSpec, raw_dtypes, transition_shapes
+from robopolicy.rl.online import AlgoConfig
+from robopolicy.rl.ppo import PPO, PPOConfig, RolloutStore
+from robopolicy.rl.refined import RefinedPolicy
+from robopolicy.rl.sac import SAC, SACConfig, TanhGaussianActor
+
+
+@register_config("algo", "residual")
+@dataclass
+class ResidualConfig(AlgoConfig, SACConfig, PPOConfig):
+    name: str = setting("residual", "residual | residual_ppo")
+    optimizer: str = setting("sac", "sac | ppo (configs/algo/residual_ppo.yaml sets the PPO settings)",
+                             choices=("sac", "ppo"))
+    scale: float | list[float] = setting(0.3, "|residual| <= scale per action dimension, in the base's normalized "
+                                         "units; one number or one per action dimension, e.g. [0.2, 0.2, 0.2, 1.0]")
+    residual_penalty: float = setting(0.01, "c |r|^2 in the actor loss")
+    explore_start: float = setting(0.2, "fraction of episodes with the residual on at the start ...")
+    explore_steps: int = setting(10_000, "... growing linearly to 1 over this many env steps (progressive "
+                                 "exploration)")
+    n_action_steps: int | None = setting(None, "null: the base's; fewer (1: a per-step residual, as ResiP's) "
+                                         "decides more often, on the first k actions of a fresh base chunk")
+    batch_size: int = setting(128, "transitions per update")
+    updates_per_step: float = setting(0.5, "gradient updates per env step (2 per 4-step chunk)")
+
+
+@register_config("algo", "residual_ppo")
+@dataclass
+class ResidualPPOConfig(ResidualConfig):
+    name: str = setting("residual_ppo", "residual | residual_ppo")
+    optimizer: str = setting("ppo", "sac | ppo", choices=("sac", "ppo"))
+    explore_steps: int = setting(0, "PPO explores through its own Gaussian; every episode runs the residual")
+    explore_start: float = setting(1.0, "fraction of episodes with the residual on at the start")
 
 
 @register_policy("residual")
 class ResidualPolicy(RefinedPolicy):
-    name = "residual"
+    """Refined runtime: the base's chunk (from the given noise) plus the actor's bounded residual on its executed
+    actions."""
 
-    def build(self, cfg: Mapping[str, Any]) -> None:
+    name = "residual"
+    config_class = ResidualConfig
+    runtime_fields = ("scale", "hidden", "n_action_steps")
+
+    def __init__(self, config: ResidualConfig, base: ChunkPolicy, base_ref: Mapping[str, str]):
+        super().__init__(config, base, base_ref, n_action_steps=config.n_action_steps)
+
+    def build(self, config: ResidualConfig) -> None:
         # [A]: one bound per action dimension; a buffer so it moves with the policy (not saved: it is config)
-        self.register_buffer("scale", residual_scale(cfg.get("scale", 0.2), self.action_dim), persistent=False)
+        self.register_buffer("scale", residual_scale(config.scale, self.action_dim), persistent=False)
         self.latent_dim = self.n_exec * self.action_dim
         # a tiny initial mean: the refined policy starts as the base
-        self.actor = TanhGaussianActor(self.feature_dim + self.latent_dim, self.latent_dim,
-                                       list(cfg.get("hidden", [256, 256])), init_scale=0.01)
+        self.actor = TanhGaussianActor(self.feature_dim + self.latent_dim, self.latent_dim, list(config.hidden),
+                                       init_scale=0.01)
+
+    def executed(self, base_chunk: torch.Tensor) -> torch.Tensor:
+        """The base chunk's executed actions, normalized: [B, n_exec, A]."""
+        return self.normalize_actions(base_chunk[:, self.exec_slice])
 
     def inputs(self, obs: Mapping[str, torch.Tensor], base_chunk: torch.Tensor) -> torch.Tensor:
         """[features, normalized executed base actions] -> [B, F + n_exec * A]."""
-        executed = self.normalize_actions(base_chunk[:, self.exec_slice])
-        return torch.cat([self.encode(obs), executed.flatten(1)], dim=-1)
+        return torch.cat([self.encode(obs), self.executed(base_chunk).flatten(1)], dim=-1)
 
-    def apply_residual(self, base_chunk: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """The base chunk [B, H, A] with `scale * residual` added (normalized units) to its executed actions."""
-        chunk = base_chunk.clone()
-        executed = self.normalize_actions(base_chunk[:, self.exec_slice])
+    def corrected(self, executed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """THE residual formula, for training and run time alike: executed actions [B, n_exec, A] (normalized)
+        plus `scale * residual` [B, n_exec * A], in robot units."""
         residual = rearrange(residual, "b (t a) -> b t a", a=self.action_dim)
-        chunk[:, self.exec_slice] = self.base.unnormalize_actions(executed + self.scale * residual)
-        return chunk
+        return self.base.unnormalize_actions(executed + self.scale * residual)
 
     @torch.no_grad()
-    def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
+    def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None,
+                     prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
+        """`noise` is the base's."""
+        self.check_prefix(prefix_actions)
         base_chunk = self.base.sample_chunk(obs, noise)
-        return self.apply_residual(base_chunk, self.actor.deterministic(self.inputs(obs, base_chunk)))
+        chunk = base_chunk.clone()
+        residual = self.actor.deterministic(self.inputs(obs, base_chunk))
+        chunk[:, self.exec_slice] = self.corrected(self.executed(base_chunk), residual)
+        return chunk
 
 
-def residual_scale(scale: Any, action_dim: int) -> torch.Tensor:
+def residual_scale(scale: float | list[float], action_dim: int) -> torch.Tensor:
     """`scale` (one number, or one per action dimension) as a tensor [A]."""
     if isinstance(scale, (int, float)):
         return torch.full((action_dim,), float(scale))
@@ -75,29 +121,22 @@ def residual_scale(scale: Any, action_dim: int) -> torch.Tensor:
     return torch.tensor(values)
 
 
-OPTIMIZERS = ("sac", "ppo")
-
-
 class Residual:
     keep_raw_obs = False
 
-    def __init__(self, policy: ResidualPolicy, cfg: Mapping[str, Any], seed: int = 0):
+    def __init__(self, policy: ResidualPolicy, cfg: ResidualConfig, seed: int = 0):
         self.policy = policy
-        self.gamma = float(cfg.get("gamma", 0.99))
-        self.optimizer = str(cfg.get("optimizer", "sac"))
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"residual optimizer {self.optimizer!r} is unknown; use algo.optimizer=sac or ppo.")
-        learner_cfg = {**cfg, "action_penalty": float(cfg.get("residual_penalty", 0.0))}
+        self.gamma, self.n_step = cfg.gamma, cfg.n_step
         in_dim = policy.feature_dim + policy.latent_dim
-        self.on_policy = self.optimizer == "ppo"
+        self.on_policy = cfg.optimizer == "ppo"  # declared per run: the optimizer is a setting of this method
         if self.on_policy:
-            self.ppo = PPO(in_dim, policy.latent_dim, learner_cfg, actor=policy.actor, seed=seed)
+            self.ppo = PPO(in_dim, policy.latent_dim, cfg, actor=policy.actor, seed=seed,
+                           action_penalty=cfg.residual_penalty)
         else:
-            self.sac = SAC(in_dim, policy.latent_dim, learner_cfg, actor=policy.actor)
+            self.sac = SAC(in_dim, policy.latent_dim, cfg, actor=policy.actor, action_penalty=cfg.residual_penalty)
         self.generator = torch.Generator().manual_seed(seed)
         self.rng = np.random.default_rng(seed)
-        self.explore_start = float(cfg.get("explore_start", 0.2))
-        self.explore_steps = int(cfg.get("explore_steps", 20_000))
+        self.explore_start, self.explore_steps = cfg.explore_start, cfg.explore_steps
         self.enabled: dict[int, bool] = {}
 
     def enabled_fraction(self, env_steps: int) -> float:
@@ -125,9 +164,7 @@ class Residual:
             if self.on_policy:  # PPO's ratio is only defined where the actor's sample was executed
                 extras["policy_mask"] = on
         base_executed = rearrange(inputs[:, policy.feature_dim:], "b (t a) -> b t a", a=policy.action_dim)
-        actions = policy.base.unnormalize_actions(
-            base_executed + policy.scale * rearrange(residual, "b (t a) -> b t a", a=policy.action_dim))
-        return residual, actions, extras
+        return residual, policy.corrected(base_executed, residual), extras
 
     def update(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
         return self.sac.update(batch)
@@ -140,21 +177,11 @@ class Residual:
         return self.ppo.update()
 
 
-def make_method(policy_cfg: Mapping[str, Any], cfg: Mapping[str, Any]
+def make_method(base: ChunkPolicy, base_ref: Mapping[str, str], algo: ResidualConfig, reward: RewardSpec, seed: int
                 ) -> tuple[Residual, ReplayBuffer | RolloutStore]:
-    algo = cfg["algo"]
-    policy = ResidualPolicy(policy_cfg)
-    method = Residual(policy, algo, int(cfg["seed"]))
+    policy = ResidualPolicy(algo, base, base_ref)
+    method = Residual(policy, algo, seed)
     if method.on_policy:
         return method, method.ppo.rollouts
     shapes = transition_shapes(method, policy.feature_dim + policy.latent_dim, policy.latent_dim)
-    return method, ReplayBuffer(int(algo.get("buffer_size", 100_000)), shapes, raw_dtypes(method))
-
-
-def policy_config(base: Mapping[str, str], algo: Mapping[str, Any]) -> dict[str, Any]:
-    return {"name": "residual", "base": dict(base), "scale": _plain_scale(algo.get("scale", 0.2)),
-            "hidden": list(algo.get("hidden", [256, 256])), "n_action_steps": algo.get("n_action_steps")}
-
-
-def _plain_scale(scale: Any) -> float | list[float]:
-    return float(scale) if isinstance(scale, (int, float)) else [float(v) for v in scale]
+    return method, ReplayBuffer(algo.buffer_size, shapes, raw_dtypes(method))

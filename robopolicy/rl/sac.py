@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from robopolicy.config import setting
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -84,26 +86,38 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
         torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
+@dataclass
+class SACConfig:
+    """The SAC settings of a method's config (mixed into steer's and residual's)."""
+
+    tau: float = setting(0.005, "Polyak rate of the target critics")
+    init_alpha: float = setting(0.05, "initial entropy temperature")
+    target_entropy: float | None = setting(None, "null: SAC's -(latent dimension)")
+    n_step: int = setting(1, "TD targets over n decisions (chunks) of an episode; 1: one-decision TD")
+
+    def __post_init__(self) -> None:
+        if self.n_step < 1:
+            raise ValueError(f"n_step {self.n_step} must be a whole number >= 1 (1: one-decision TD targets).")
+
+
 class SAC:
     """Actor, twin critic with Polyak targets, and a learned temperature (alpha) aiming at `target_entropy`.
 
-    `action_penalty` adds c * |a|^2 to the actor loss (the residual method's pull towards the base action).
+    `cfg`: a method config with SACConfig's fields and `hidden`, `gamma`, `lr`. `action_penalty` adds
+    c * |a|^2 to the actor loss (the residual method's pull towards the base action).
     """
 
-    def __init__(self, obs_dim: int, action_dim: int, cfg: Mapping[str, Any],
-                 actor: TanhGaussianActor | None = None):
+    def __init__(self, obs_dim: int, action_dim: int, cfg: SACConfig, actor: TanhGaussianActor | None = None,
+                 action_penalty: float = 0.0):
         """`actor`: the refined policy's own actor module (trained in place), or a new one."""
-        hidden = list(cfg.get("hidden", [256, 256]))
-        self.gamma = float(cfg.get("gamma", 0.99))
-        self.tau = float(cfg.get("tau", 0.005))
-        self.action_penalty = float(cfg.get("action_penalty", 0.0))
-        target_entropy = cfg.get("target_entropy")
-        self.target_entropy = -float(action_dim) if target_entropy is None else float(target_entropy)
+        hidden = list(cfg.hidden)
+        self.gamma, self.tau, self.action_penalty = cfg.gamma, cfg.tau, action_penalty
+        self.target_entropy = -float(action_dim) if cfg.target_entropy is None else cfg.target_entropy
         self.actor = actor or TanhGaussianActor(obs_dim, action_dim, hidden)
         self.critic = TwinQ(obs_dim, action_dim, hidden)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.log_alpha = torch.tensor(math.log(float(cfg.get("init_alpha", 0.1))), requires_grad=True)
-        lr = float(cfg.get("lr", 3e-4))
+        self.log_alpha = torch.tensor(math.log(cfg.init_alpha), requires_grad=True)
+        lr = cfg.lr
         self.actor_optim = adam(self.actor.parameters(), lr)
         self.critic_optim = adam(self.critic.parameters(), lr)
         self.alpha_optim = adam([self.log_alpha], lr)

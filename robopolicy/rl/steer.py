@@ -13,37 +13,61 @@ noise actor.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from robopolicy.policies import register_policy
-from robopolicy.rl.core import RefinedPolicy, ReplayBuffer, raw_dtypes, raw_obs, transition_shapes
-from robopolicy.rl.sac import SAC, TanhGaussianActor, TwinQ, soft_update
+from robopolicy.config import register_config, setting
+from robopolicy.policies import ChunkPolicy, register_policy
+from robopolicy.rl.buffer import ReplayBuffer
+from robopolicy.rl.collector import RewardSpec, raw_dtypes, raw_obs, transition_shapes
+from robopolicy.rl.online import AlgoConfig
+from robopolicy.rl.refined import RefinedPolicy
+from robopolicy.rl.sac import SAC, SACConfig, TanhGaussianActor, TwinQ, soft_update
+
+
+@register_config("algo", "steer")
+@dataclass
+class SteerConfig(AlgoConfig, SACConfig):
+    name: str = setting("steer", "steer (DSRL-SAC) | steer_na (DSRL-NA)")
+    noise_scale: float = setting(1.5, "the noise is tanh-bounded to [-noise_scale, noise_scale] per element")
+    actor_sampling: str = setting("sample", "at run time: sample: the actor's Gaussian with the runtime's noise as "
+                                  "its epsilon (as DSRL evaluates) | mean: noise_scale * tanh(actor mean)",
+                                  choices=("sample", "mean"))
+    latent: str = setting("executed", "executed: only the executed steps' noise [n_action_steps x A], the rest 0, "
+                          "a space H / n_action_steps times smaller | full: the whole chunk's [H x A]",
+                          choices=("executed", "full"))
+    init_alpha: float = setting(0.05, "initial entropy temperature")
+    target_entropy: float | None = setting(0.0, "DSRL's 0: a noise policy that keeps some spread; null: "
+                                           "SAC's -(latent dimension)")
+    n_step: int = setting(5, "TD targets over n decisions: a failing MetaWorld episode runs 75 decisions, "
+                          "n-decision targets carry a success back n at a time")
+
+
+@register_config("algo", "steer_na")
+@dataclass
+class SteerNAConfig(SteerConfig):
+    name: str = setting("steer_na", "steer (DSRL-SAC) | steer_na (DSRL-NA)")
+    batch_size: int = setting(128, "each update runs the base sampler on 3 x batch_size observations")
+    updates_per_step: float = setting(0.125, "gradient updates per env step")
 
 
 @register_policy("steer")
 class SteerPolicy(RefinedPolicy):
-    """Refined runtime: noise = noise_scale * tanh(actor(encode(obs))), chunk = base(obs, noise)."""
+    """Refined runtime: noise = noise_scale * tanh(actor(encode(obs))), chunk = base(obs, noise).
+
+    `noise` given to `sample_chunk` is the actor's epsilon (actor_sampling "sample"), never the base's noise."""
 
     name = "steer"
+    config_class = SteerConfig
+    runtime_fields = ("noise_scale", "actor_sampling", "latent", "hidden")
 
-    def build(self, cfg: Mapping[str, Any]) -> None:
-        self.noise_scale = float(cfg.get("noise_scale", 1.0))
-        # "mean": the actor's mean noise; "sample": the actor's Gaussian with the runtime's noise as its epsilon
-        # (stochastic like the training episodes, still deterministic given the noise)
-        self.actor_sampling = str(cfg.get("actor_sampling", "mean"))
-        if self.actor_sampling not in ("mean", "sample"):
-            raise ValueError(f"steer actor_sampling {self.actor_sampling!r} is unknown; use 'mean' or 'sample'.")
-        # "full": the noise of the whole chunk [H, A] (DSRL); "executed": only the noise at the executed indices
-        # [n_exec, A], the rest fixed at 0, a 4x smaller search space for a 16-step horizon with 4 executed steps
-        self.latent = str(cfg.get("latent", "full"))
-        if self.latent not in ("full", "executed"):
-            raise ValueError(f"steer latent {self.latent!r} is unknown; use 'full' or 'executed'.")
+    def build(self, config: SteerConfig) -> None:
+        self.noise_scale, self.actor_sampling, self.latent = config.noise_scale, config.actor_sampling, config.latent
         self.latent_dim = (self.horizon if self.latent == "full" else self.n_exec) * self.action_dim
-        self.actor = TanhGaussianActor(self.feature_dim, self.latent_dim, list(cfg.get("hidden", [256, 256])))
+        self.actor = TanhGaussianActor(self.feature_dim, self.latent_dim, list(config.hidden))
 
     def latent_to_noise(self, latent: torch.Tensor) -> torch.Tensor:
         """[B, latent_dim] in [-1, 1] -> the base's initial noise [B, H, A]."""
@@ -54,14 +78,15 @@ class SteerPolicy(RefinedPolicy):
         return noise
 
     @torch.no_grad()
-    def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
-        """The base's chunk at the actor's noise; the given noise is only the actor's epsilon ("sample"), drawn here
-        when none is given (as the base draws its own), so `deploy` samples like `eval`."""
+    def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None,
+                     prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
+        """The base's chunk at the actor's noise; the given noise is only the actor's epsilon ("sample")."""
+        self.check_prefix(prefix_actions)
         features = self.encode(obs)
         if self.actor_sampling == "sample":
             mu, log_std = self.actor(features)
             if noise is None:
-                noise = torch.randn(mu.shape[0], *self.noise_shape, device=mu.device)
+                noise = self.draw_noise(mu.shape[0], mu.device)
             eps = noise.to(mu) if self.latent == "full" else noise.to(mu)[:, self.exec_slice]
             latent = torch.tanh(mu + log_std.exp() * eps.flatten(1))  # eps: [B, latent_dim]
         else:
@@ -73,10 +98,11 @@ class Steer:
     """DSRL-SAC: the SAC action is the latent (noise / noise_scale) in [-1, 1]^(H*A)."""
 
     keep_raw_obs = False
+    on_policy = False
 
-    def __init__(self, policy: SteerPolicy, cfg: Mapping[str, Any], seed: int = 0):
+    def __init__(self, policy: SteerPolicy, cfg: SteerConfig, seed: int = 0):
         self.policy = policy
-        self.gamma = float(cfg.get("gamma", 0.99))
+        self.gamma, self.n_step = cfg.gamma, cfg.n_step
         self.sac = SAC(policy.feature_dim, policy.latent_dim, cfg, actor=policy.actor)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -104,14 +130,14 @@ class SteerNoiseAliased(Steer):
 
     keep_raw_obs = True  # the base is re-run on stored observations for next chunks and distillation
 
-    def __init__(self, policy: SteerPolicy, cfg: Mapping[str, Any], seed: int = 0):
+    def __init__(self, policy: SteerPolicy, cfg: SteerConfig, seed: int = 0):
         super().__init__(policy, cfg, seed)
-        hidden = list(cfg.get("hidden", [256, 256]))
+        hidden = list(cfg.hidden)
         self.chunk_dim = policy.n_exec * policy.action_dim
         self.action_critic = TwinQ(policy.feature_dim, self.chunk_dim, hidden)
         self.action_critic_target = TwinQ(policy.feature_dim, self.chunk_dim, hidden).requires_grad_(False)
         self.action_critic_target.load_state_dict(self.action_critic.state_dict())
-        self.action_critic_optim = torch.optim.Adam(self.action_critic.parameters(), lr=float(cfg.get("lr", 3e-4)))
+        self.action_critic_optim = torch.optim.Adam(self.action_critic.parameters(), lr=cfg.lr)
 
     def normalized_chunk(self, obs: Mapping[str, torch.Tensor], latent: torch.Tensor) -> torch.Tensor:
         """Executed actions in the base's normalized units, flattened: [b, n_exec * A]."""
@@ -146,17 +172,11 @@ class SteerNoiseAliased(Steer):
         return {"action_critic_loss": action_critic_loss.item(), "distil_loss": distil_loss, **metrics}
 
 
-def make_method(policy_cfg: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[Steer, ReplayBuffer]:
-    """The steering method for `algo.name` steer | steer_na, with its replay buffer."""
-    algo = cfg["algo"]
-    policy = SteerPolicy(policy_cfg)
-    method = (SteerNoiseAliased if algo["name"] == "steer_na" else Steer)(policy, algo, int(cfg["seed"]))
+def make_method(base: ChunkPolicy, base_ref: Mapping[str, str], algo: SteerConfig, reward: RewardSpec, seed: int
+                ) -> tuple[Steer, ReplayBuffer]:
+    """The steering method for `algo.name` steer | steer_na on a loaded base, with its replay buffer."""
+    policy = SteerPolicy(algo, base, base_ref)
+    method = (SteerNoiseAliased if algo.name == "steer_na" else Steer)(policy, algo, seed)
     extras = {"chunk": (policy.n_exec * policy.action_dim,)} if method.keep_raw_obs else {}
     shapes = transition_shapes(method, policy.feature_dim, policy.latent_dim, extras)
-    return method, ReplayBuffer(int(algo.get("buffer_size", 100_000)), shapes, raw_dtypes(method))
-
-
-def policy_config(base: Mapping[str, str], algo: Mapping[str, Any]) -> dict[str, Any]:
-    return {"name": "steer", "base": dict(base), "noise_scale": float(algo.get("noise_scale", 1.0)),
-            "actor_sampling": str(algo.get("actor_sampling", "mean")), "latent": str(algo.get("latent", "full")),
-            "hidden": list(algo.get("hidden", [256, 256]))}
+    return method, ReplayBuffer(algo.buffer_size, shapes, raw_dtypes(method))

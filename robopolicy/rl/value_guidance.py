@@ -10,26 +10,50 @@ selection to any (Q, base) pair, and `policy.n_samples` can be changed at evalua
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from robopolicy.policies import register_policy
-from robopolicy.rl.core import RefinedPolicy, ReplayBuffer, raw_dtypes, training_reward, transition_shapes
+from robopolicy.config import register_config, setting
+from robopolicy.policies import ChunkPolicy, register_policy
+from robopolicy.rl.buffer import ReplayBuffer
+from robopolicy.rl.collector import RewardSpec, raw_dtypes, transition_shapes
+from robopolicy.rl.online import AlgoConfig
+from robopolicy.rl.refined import RefinedPolicy
 from robopolicy.rl.sac import mlp
+
+
+@register_config("algo", "value_guided")
+@dataclass
+class ValueGuidedConfig(AlgoConfig):
+    name: str = setting("value_guided", "value-guided chunk selection")
+    n_samples: int = setting(8, "candidate chunks per decision (overridable at evaluation time)")
+    store: str | None = setting(None, "a demonstration store whose episodes also train Q (offline); null: rollouts "
+                                "only")
+    learning_starts: int = setting(1000, "env steps of data before the first update")
+    collect_steps: int = setting(64, "env steps between rounds of updates")
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples must be at least 1, got {self.n_samples}.")
 
 
 @register_policy("value_guided")
 class ValueGuidedPolicy(RefinedPolicy):
-    name = "value_guided"
+    """Refined runtime: the best of `n_samples` base chunks by Q; `noise` seeds the candidates (see
+    `candidate_noise`)."""
 
-    def build(self, cfg: Mapping[str, Any]) -> None:
-        self.n_samples = int(cfg.get("n_samples", 8))
+    name = "value_guided"
+    config_class = ValueGuidedConfig
+    runtime_fields = ("n_samples", "hidden")
+
+    def build(self, config: ValueGuidedConfig) -> None:
+        self.n_samples = config.n_samples
         self.chunk_dim = self.n_exec * self.action_dim
-        self.q = mlp(self.feature_dim + self.chunk_dim, list(cfg.get("hidden", [256, 256])), 1)
+        self.q = mlp(self.feature_dim + self.chunk_dim, list(config.hidden), 1)
 
     def value(self, features: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
         """Q [B] of executed chunks [B, H, A] (robot units) at observation features [B, F]."""
@@ -59,9 +83,11 @@ class ValueGuidedPolicy(RefinedPolicy):
         return chunks[torch.arange(b), values.argmax(dim=1)], values
 
     @torch.no_grad()
-    def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
+    def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None,
+                     prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_prefix(prefix_actions)
         if noise is None:
-            noise = torch.randn(next(iter(obs.values())).shape[0], *self.noise_shape)
+            noise = self.draw_noise(next(iter(obs.values())).shape[0])
         return self.select(obs, noise)[0]
 
 
@@ -98,12 +124,14 @@ class ValueGuidance:
     """Collects rollouts with the guided policy and regresses Q on their Monte-Carlo returns."""
 
     keep_raw_obs = False
+    on_policy = False
+    n_step = 1  # Q regresses Monte-Carlo returns: no bootstrapping
 
-    def __init__(self, policy: ValueGuidedPolicy, cfg: Mapping[str, Any], seed: int = 0):
+    def __init__(self, policy: ValueGuidedPolicy, cfg: ValueGuidedConfig, seed: int = 0):
         self.policy = policy
-        self.gamma = float(cfg.get("gamma", 0.99))
+        self.gamma = cfg.gamma
         self.generator = torch.Generator().manual_seed(seed)
-        self.optim = torch.optim.Adam(policy.q.parameters(), lr=float(cfg.get("lr", 3e-4)))
+        self.optim = torch.optim.Adam(policy.q.parameters(), lr=cfg.lr)
 
     def observe(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.policy.encode(obs)
@@ -126,8 +154,7 @@ class ValueGuidance:
 
 
 @torch.no_grad()
-def store_transitions(policy: ValueGuidedPolicy, store_path: str, gamma: float, reward: str = "sparse",
-                      reward_scale: float = 1.0, step_penalty: float = 0.0, success_bonus: float = 0.0
+def store_transitions(policy: ValueGuidedPolicy, store_path: str, gamma: float, reward: RewardSpec
                       ) -> dict[str, np.ndarray]:
     """Chunk-level transitions with Monte-Carlo returns from a demonstration store's episodes (offline data).
 
@@ -149,8 +176,7 @@ def store_transitions(policy: ValueGuidedPolicy, store_path: str, gamma: float, 
         obs = {k: torch.from_numpy(np.asarray(ep[k])[frames]) for k in policy.obs_keys}
         acts = np.clip(starts[:, None] + np.arange(policy.n_exec), 0, length - 1)  # [n, n_exec]
         chunk = policy.normalize_actions(torch.from_numpy(np.asarray(ep["action"], np.float32)[acts])).flatten(1)
-        per_step = training_reward(reward, ep["next.reward"], ep["next.success"], reward_scale=reward_scale,
-                                   success_bonus=success_bonus, step_penalty=step_penalty).astype(np.float32)
+        per_step = reward(ep["next.reward"], ep["next.success"]).astype(np.float32)
         steps = np.minimum(policy.n_exec, length - starts)
         chunk_reward = np.add.reduceat(per_step, starts)
         mc, ret = np.zeros(len(starts), np.float32), 0.0
@@ -170,19 +196,12 @@ def store_transitions(policy: ValueGuidedPolicy, store_path: str, gamma: float, 
     return out
 
 
-def make_method(policy_cfg: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[ValueGuidance, ReplayBuffer]:
-    algo = cfg["algo"]
-    policy = ValueGuidedPolicy(policy_cfg)
-    method = ValueGuidance(policy, algo, int(cfg["seed"]))
-    buffer = ReplayBuffer(int(algo.get("buffer_size", 100_000)),
-                          transition_shapes(method, policy.feature_dim, policy.chunk_dim), raw_dtypes(method))
-    if algo.get("store"):
-        buffer.add(store_transitions(policy, str(algo["store"]), method.gamma, str(cfg.get("reward", "sparse")),
-                                     float(cfg.get("reward_scale", 1.0)), float(cfg.get("step_penalty", 0.0)),
-                                     float(cfg.get("success_bonus", 0.0))))
+def make_method(base: ChunkPolicy, base_ref: Mapping[str, str], algo: ValueGuidedConfig, reward: RewardSpec,
+                seed: int) -> tuple[ValueGuidance, ReplayBuffer]:
+    policy = ValueGuidedPolicy(algo, base, base_ref)
+    method = ValueGuidance(policy, algo, seed)
+    buffer = ReplayBuffer(algo.buffer_size, transition_shapes(method, policy.feature_dim, policy.chunk_dim),
+                          raw_dtypes(method))
+    if algo.store:
+        buffer.add(store_transitions(policy, algo.store, method.gamma, reward))
     return method, buffer
-
-
-def policy_config(base: Mapping[str, str], algo: Mapping[str, Any]) -> dict[str, Any]:
-    return {"name": "value_guided", "base": dict(base), "n_samples": int(algo.get("n_samples", 8)),
-            "hidden": list(algo.get("hidden", [256, 256]))}
