@@ -18,7 +18,8 @@ TEST_WORKERS ?= 2
 quickstart: setup
 	$(BIN)/robopolicy quickstart
 
-test: setup lerobot-env
+# The import contracts and ruff first (`make lint`): a broken layer fails in seconds, before the tests start.
+test: lint lerobot-env
 	MUJOCO_GL=$${MUJOCO_GL:-egl} $(BIN)/python -m pytest -n $(TEST_WORKERS) -q --durations=15
 
 test-slow: setup lerobot-env
@@ -60,8 +61,10 @@ system-deps:
 		|| echo "warning: could not install $(SYSTEM_PACKAGES): camera images or LeRobot videos may not work"; \
 	else echo "note: install $(SYSTEM_PACKAGES) (or a GPU EGL driver) for camera images and LeRobot videos"; fi
 
+# ruff, and import-linter's contracts in pyproject.toml (the layers, the robot side, no cycles)
 lint: setup
 	$(BIN)/ruff check robopolicy sim real tests benchmarks
+	$(BIN)/lint-imports --no-cache --no-logo
 
 bench: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

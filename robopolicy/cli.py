@@ -178,7 +178,7 @@ def cmd_collect(cfg: DictConfig) -> dict:
 
 
 def _spec_mismatch(a: dict, b: dict) -> str | None:
-    from robopolicy.features import feature_mismatch
+    from robopolicy.data.spec import feature_mismatch
 
     return feature_mismatch(b, a, "store features")
 
@@ -266,7 +266,8 @@ def cmd_train(cfg: DictConfig) -> dict:
 
 def _check_env_matches(task: str, kwargs: dict, features: dict, what: str) -> None:
     import sim
-    from robopolicy.features import feature_mismatch, features_from_env
+    from robopolicy.data.spec import feature_mismatch
+    from robopolicy.features import features_from_env
 
     env = sim.make_env(task, **kwargs)
     env_features = features_from_env(env.observation_space, env.action_space)

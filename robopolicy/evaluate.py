@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robopolicy.data.spec import OBSERVATION_PREFIX, is_image_key
 from robopolicy.metrics import success_summary
 from robopolicy.rollout import Episode, run_episodes
 
@@ -28,7 +29,7 @@ class PolicyAgent:
         """`chunk_fn(obs, noise) -> actions [B, H, A]` replaces `policy.sample_chunk` (e.g. value-guided selection)."""
         self.policy = policy
         self.chunk_fn = chunk_fn or policy.sample_chunk
-        self.obs_keys = [k for k in policy.features if k.startswith("observation.")]
+        self.obs_keys = [k for k in policy.features if k.startswith(OBSERVATION_PREFIX)]
         self.history = [deque(maxlen=policy.n_obs_steps) for _ in range(num_workers)]
         self.queue: list[deque] = [deque() for _ in range(num_workers)]
         self.generators = [torch.Generator() for _ in range(num_workers)]
@@ -67,7 +68,7 @@ def evaluate(envs, policy, n_episodes: int, *, seed: int = EVAL_SEED, chunk_fn: 
     """Success rate (with 95% Wilson interval), mean return and length over `n_episodes` seeded episodes."""
     start = time.perf_counter()
     agent = PolicyAgent(policy, envs.num_envs, chunk_fn=chunk_fn)
-    image_keys = [k for k in envs.single_observation_space.spaces if k.startswith("observation.images.")]
+    image_keys = [k for k in envs.single_observation_space.spaces if is_image_key(k)]
     n_videos = n_videos if (video_dir and image_keys) else 0
 
     def done(ep: Episode) -> None:

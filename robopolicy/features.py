@@ -1,9 +1,12 @@
-"""Feature specs (`{"dtype", "shape", "names"}`) derived from gymnasium spaces, and checks between two sets."""
+"""Feature specs (`{"dtype", "shape", "names"}`) derived from gymnasium spaces. To compare two sets of specs use
+`robopolicy.data.spec.feature_mismatch`."""
 
 from __future__ import annotations
 
 import gymnasium as gym
 import numpy as np
+
+from robopolicy.data.spec import ACTION_KEY, REWARD_KEY, STATE_KEY, SUCCESS_KEY
 
 
 def features_from_env(observation_space: gym.spaces.Dict, action_space: gym.spaces.Box,
@@ -13,21 +16,8 @@ def features_from_env(observation_space: gym.spaces.Dict, action_space: gym.spac
     features = {}
     for key, space in observation_space.spaces.items():
         features[key] = {"dtype": np.dtype(space.dtype).name, "shape": list(space.shape), "names": names.get(key)}
-    features["observation.state"]["dtype"] = "float32"
-    features["action"] = {"dtype": "float32", "shape": list(action_space.shape), "names": names.get("action")}
-    features["next.reward"] = {"dtype": "float32", "shape": [], "names": None}
-    features["next.success"] = {"dtype": "bool", "shape": [], "names": None}
+    features[STATE_KEY]["dtype"] = "float32"
+    features[ACTION_KEY] = {"dtype": "float32", "shape": list(action_space.shape), "names": names.get(ACTION_KEY)}
+    features[REWARD_KEY] = {"dtype": "float32", "shape": [], "names": None}
+    features[SUCCESS_KEY] = {"dtype": "bool", "shape": [], "names": None}
     return features
-
-
-def feature_mismatch(expected: dict[str, dict], actual: dict[str, dict], what: str = "features") -> str | None:
-    """One sentence naming missing keys and shape mismatches between two feature sets, or None if they agree."""
-    missing = sorted(set(expected) - set(actual))
-    problems = []
-    if missing:
-        problems.append(f"missing {', '.join(missing)}")
-    for key in sorted(set(expected) & set(actual)):
-        a, b = list(expected[key]["shape"]), list(actual[key]["shape"])
-        if a != b:
-            problems.append(f"{key} has shape {b} where {a} is expected")
-    return f"The {what} do not match: {'; '.join(problems)}." if problems else None

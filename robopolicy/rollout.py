@@ -13,6 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
+from robopolicy.data.spec import ACTION_KEY, REWARD_KEY, SUCCESS_KEY
+
 
 class Agent(Protocol):
     """Acts for a batch of workers; `reset(i, seed)` starts a new episode on worker i."""
@@ -34,7 +36,7 @@ class Episode:
 
     @property
     def length(self) -> int:
-        return len(self.frames.get("action", ()))
+        return len(self.frames.get(ACTION_KEY, ()))
 
     def stacked(self) -> dict[str, np.ndarray]:
         return {k: np.stack(v) for k, v in self.frames.items()}
@@ -90,11 +92,11 @@ def run_episodes(
             if ep.recording:
                 for k, v in _slice(obs, i).items():
                     ep.frames.setdefault(k, []).append(v)
-                ep.frames.setdefault("action", []).append(np.asarray(action[i], dtype=np.float32))
-                ep.frames.setdefault("next.reward", []).append(np.float32(reward[i]))
-                ep.frames.setdefault("next.success", []).append(np.bool_(success[i]))
+                ep.frames.setdefault(ACTION_KEY, []).append(np.asarray(action[i], dtype=np.float32))
+                ep.frames.setdefault(REWARD_KEY, []).append(np.float32(reward[i]))
+                ep.frames.setdefault(SUCCESS_KEY, []).append(np.bool_(success[i]))
             else:
-                ep.frames.setdefault("action", []).append(None)  # only the length is kept
+                ep.frames.setdefault(ACTION_KEY, []).append(None)  # only the length is kept
             ep.ret += float(reward[i])
             ep.success |= bool(success[i])
             if terminated[i] or truncated[i]:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import gymnasium as gym
 import numpy as np
 
+from robopolicy.data.spec import ACTION_KEY, STATE_KEY, image_key
 from sim.rendering import OffscreenRenderer
 
 # MetaWorld's 39-d observation: hand, gripper, two object poses, the previous frame of those, goal.
@@ -77,22 +78,22 @@ class MetaWorldTask(gym.Env):
         self._renderer = None
         self.fps = int(round(1.0 / (env.frame_skip * env.model.opt.timestep)))
         self.task_description = name.removesuffix("-v3").replace("-", " ")
-        self.feature_names = {"observation.state": STATE_NAMES, "action": ACTION_NAMES}
-        spaces = {"observation.state": gym.spaces.Box(-np.inf, np.inf, (39,), np.float32)}
+        self.feature_names = {STATE_KEY: STATE_NAMES, ACTION_KEY: ACTION_NAMES}
+        spaces = {STATE_KEY: gym.spaces.Box(-np.inf, np.inf, (39,), np.float32)}
         for cam in self.cameras:
-            spaces[f"observation.images.{cam}"] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
+            spaces[image_key(cam)] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
         self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
         self._steps = 0
 
     def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
-        obs = {"observation.state": state.astype(np.float32)}
+        obs = {STATE_KEY: state.astype(np.float32)}
         if self.cameras:
             if self._renderer is None:
                 self._renderer = OffscreenRenderer(self._env.model, self.image_size, self.image_size)
                 self._camera_ids = [self._renderer.camera_id(cam) for cam in self.cameras]
             for cam, cam_id in zip(self.cameras, self._camera_ids):
-                obs[f"observation.images.{cam}"] = self._renderer.render(self._env.data, cam_id)
+                obs[image_key(cam)] = self._renderer.render(self._env.data, cam_id)
         return obs
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -150,7 +151,7 @@ class MetaWorldExpert:
         self._pause = 0
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        action = np.asarray(self._policy.get_action(obs["observation.state"].astype(np.float64)), dtype=np.float64)
+        action = np.asarray(self._policy.get_action(obs[STATE_KEY].astype(np.float64)), dtype=np.float64)
         if self.sloppy:
             self._drift += 0.3 * (-self._drift) + 0.25 * self._rng.standard_normal(4)
             action = action + self._drift

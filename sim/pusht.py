@@ -9,8 +9,11 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
+from robopolicy.data.spec import ACTION_KEY, STATE_KEY, image_key
+
 STATE_NAMES = ["agent_x", "agent_y", "block_x", "block_y", "block_angle"]
 ACTION_NAMES = ["target_x", "target_y"]
+CAMERA = "top"
 
 
 class PushT(gym.Env):
@@ -22,9 +25,9 @@ class PushT(gym.Env):
             import gym_pusht  # noqa: F401  (registers the env id)
         except ImportError as e:
             raise ImportError("The pusht task needs the pusht extra: pip install -e '.[pusht]'.") from e
-        if images not in (False, True, ["top"], ("top",)):
-            raise ValueError(f"pusht has one camera, 'top'; got {images!r}.")
-        self.cameras = ["top"] if images else []
+        if images not in (False, True, [CAMERA], (CAMERA,)):
+            raise ValueError(f"pusht has one camera, {CAMERA!r}; got {images!r}.")
+        self.cameras = [CAMERA] if images else []
         self._env = gym.make(
             "gym_pusht/PushT-v0",
             obs_type="state",
@@ -35,19 +38,19 @@ class PushT(gym.Env):
         self.max_episode_steps = max_episode_steps or 300
         self.fps = 10
         self.task_description = "push the T-shaped block onto the T-shaped target"
-        self.feature_names = {"observation.state": STATE_NAMES, "action": ACTION_NAMES}
-        spaces = {"observation.state": gym.spaces.Box(-np.inf, np.inf, (5,), np.float32)}
+        self.feature_names = {STATE_KEY: STATE_NAMES, ACTION_KEY: ACTION_NAMES}
+        spaces = {STATE_KEY: gym.spaces.Box(-np.inf, np.inf, (5,), np.float32)}
         if self.cameras:
-            spaces["observation.images.top"] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
+            spaces[image_key(CAMERA)] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
         self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = gym.spaces.Box(0.0, 512.0, (2,), np.float32)
         self.image_size = image_size
         self._steps = 0
 
     def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
-        obs = {"observation.state": np.asarray(state, dtype=np.float32)}
+        obs = {STATE_KEY: np.asarray(state, dtype=np.float32)}
         if self.cameras:
-            obs["observation.images.top"] = self._env._render(visualize=False)
+            obs[image_key(CAMERA)] = self._env._render(visualize=False)
         return obs
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):

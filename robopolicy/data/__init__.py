@@ -1,13 +1,24 @@
-"""Demonstration store (zarr v3, atomic append), its validation and statistics, the training-window sampler."""
+"""Demonstration store (zarr v3, atomic append), its validation and statistics, the training-window sampler.
 
-from robopolicy.data.store import FORMAT_VERSION, SOURCES, DemoStore, StoreError
-from robopolicy.data.validate import validate_store
+The names are loaded on first use: `robopolicy.data.spec` (the shared feature names) is imported by simulators,
+policies and the robot computer, which should not pay for zarr (the store) or torch (the sampler) until they
+use them.
+"""
+
+from __future__ import annotations
 
 __all__ = ["FORMAT_VERSION", "SOURCES", "DemoStore", "StoreError", "WindowDataset", "validate_store"]
 
 
 def __getattr__(name: str):
-    # the sampler pulls in torch; a robot computer recording episodes only needs the store
+    if name in ("FORMAT_VERSION", "SOURCES", "DemoStore", "StoreError"):
+        from robopolicy.data import store
+
+        return getattr(store, name)
+    if name == "validate_store":
+        from robopolicy.data.validate import validate_store
+
+        return validate_store
     if name == "WindowDataset":
         from robopolicy.data.sampler import WindowDataset
 

@@ -40,7 +40,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from robopolicy.data.store import IMAGE_PREFIX, DemoStore, StoreError, is_image_key, staged_store
+from robopolicy.data.spec import ACTION_KEY, OBSERVATION_PREFIX, image_key, is_image_key
+from robopolicy.data.stats import channel_histograms, image_stats, lowdim_stats
+from robopolicy.data.store import DemoStore, StoreError, staged_store
 
 CODEBASE_VERSION = "v3.0"
 READABLE_VERSIONS = ("v2.0", "v2.1", "v3.0")
@@ -161,13 +163,13 @@ class _Exporter:
                         f"videos/{key}/to_timestamp": from_ts + length / self.store.fps})
         for key, values in frames.items():
             if key in self.image_keys:
-                histogram = _channel_histograms(values)
+                histogram = channel_histograms(values)
                 self.histograms[key] = self.histograms.get(key, 0) + histogram
-                stats = _histogram_stats(histogram, length)
+                stats = _lerobot_stats(image_stats(histogram, STAT_QUANTILES), length, image=True)
             else:
                 values = values.reshape(length, -1)
                 self.lowdim_values.setdefault(key, []).append(values)
-                stats = _lowdim_stats(values)
+                stats = _lerobot_stats(lowdim_stats(values, STAT_QUANTILES), length, image=False)
             row.update({f"stats/{key}/{name}": value.tolist() for name, value in stats.items()})
         row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
         row.update({  # robopolicy's own episode metadata; LeRobot reads past unknown columns
@@ -200,8 +202,11 @@ class _Exporter:
                           "__index_level_0__": pa.array(tasks, pa.string())})
         pq.write_table(table.replace_schema_metadata({"pandas": json.dumps(pandas_meta)}), meta / "tasks.parquet")
 
-        stats = {key: _lowdim_stats(np.concatenate(parts)) for key, parts in self.lowdim_values.items()}
-        stats.update({key: _histogram_stats(hist, self.store.num_frames) for key, hist in self.histograms.items()})
+        frames = self.store.num_frames
+        stats = {key: _lerobot_stats(lowdim_stats(np.concatenate(parts), STAT_QUANTILES), frames, image=False)
+                 for key, parts in self.lowdim_values.items()}
+        stats.update({key: _lerobot_stats(image_stats(hist, STAT_QUANTILES), frames, image=True)
+                      for key, hist in self.histograms.items()})
         (meta / "stats.json").write_text(json.dumps(
             {key: {name: v.tolist() for name, v in per_key.items()} for key, per_key in stats.items()}, indent=4))
         info = {
@@ -337,36 +342,11 @@ def _next_file(chunk_index: int, file_index: int) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------- statistics
-def _lowdim_stats(values: np.ndarray) -> dict[str, np.ndarray]:
-    """values [N, D] -> LeRobot's statistics, each [D] (count [1])."""
-    values = values.astype(np.float64)
-    stats = {"min": values.min(0), "max": values.max(0), "mean": values.mean(0), "std": values.std(0),
-             "count": np.array([len(values)])}
-    quantiles = np.quantile(values, list(STAT_QUANTILES.values()), axis=0)
-    return {**stats, **dict(zip(STAT_QUANTILES, quantiles))}
-
-
-def _channel_histograms(images: np.ndarray) -> np.ndarray:
-    """images [N, H, W, C] uint8 -> pixel counts [C, 256]."""
-    pixels = images.reshape(-1, images.shape[-1])
-    return np.stack([np.bincount(pixels[:, c], minlength=256) for c in range(pixels.shape[1])]).astype(np.int64)
-
-
-def _histogram_stats(histograms: np.ndarray, num_frames: int) -> dict[str, np.ndarray]:
-    """Pixel histograms [C, 256] of `num_frames` images -> LeRobot's image statistics, each [C, 1, 1] in [0, 1]
-    units (count [1] = frames)."""
-    levels = np.arange(256) / 255.0
-    total = histograms.sum(1)
-    mean = histograms @ levels / total
-    std = np.sqrt(np.maximum(histograms @ levels**2 / total - mean**2, 0.0))
-    present = histograms > 0
-    stats = {"min": levels[present.argmax(1)], "max": levels[255 - present[:, ::-1].argmax(1)],
-             "mean": mean, "std": std}
-    cumulative = histograms.cumsum(1)
-    for name, q in STAT_QUANTILES.items():  # the lower pixel value at each quantile's rank
-        stats[name] = np.array([np.searchsorted(c, q * (n - 1), side="right") for c, n in zip(cumulative, total)]) / 255
-    stats = {name: value.reshape(-1, 1, 1) for name, value in stats.items()}
-    return {**stats, "count": np.array([num_frames])}
+def _lerobot_stats(stats: dict[str, np.ndarray], count: int, *, image: bool) -> dict[str, np.ndarray]:
+    """Our statistics in LeRobot's layout: per-channel image statistics as [C, 1, 1], and `count` [1] (frames)."""
+    if image:
+        stats = {name: value.reshape(-1, 1, 1) for name, value in stats.items()}
+    return {**stats, "count": np.array([count])}
 
 
 # ================================================================================================= import
@@ -433,7 +413,7 @@ def _store_features(lerobot: dict[str, dict], where: Path) -> tuple[dict, dict[s
             if len(shape) != 3 or shape[2] != 3:
                 skipped[key] = f"{dtype} of shape {shape} is not an RGB image"
                 continue
-            ours = key if key.startswith(IMAGE_PREFIX) else IMAGE_PREFIX + key.split(".")[-1]
+            ours = key if is_image_key(key) else image_key(key.split(".")[-1])
             features[ours] = {"dtype": "uint8", "shape": shape, "names": None}
         elif dtype in STORE_DTYPES:
             ours = key
@@ -450,11 +430,11 @@ def _store_features(lerobot: dict[str, dict], where: Path) -> tuple[dict, dict[s
         if "/" in ours:
             raise StoreError(f"{where}: feature {key!r} contains '/', which store keys cannot hold.")
         key_map[key] = ours
-    if "action" not in features:
-        raise StoreError(f"{where}: the dataset has no 'action' feature (it has {', '.join(sorted(lerobot))}); "
+    if ACTION_KEY not in features:
+        raise StoreError(f"{where}: the dataset has no {ACTION_KEY!r} feature (it has {', '.join(sorted(lerobot))}); "
                          "a demonstration store needs an action per frame.")
-    if not any(k.startswith("observation.") for k in features):
-        raise StoreError(f"{where}: the dataset has no 'observation.*' feature; a store needs observations.")
+    if not any(k.startswith(OBSERVATION_PREFIX) for k in features):
+        raise StoreError(f"{where}: the dataset has no '{OBSERVATION_PREFIX}*' feature; a store needs observations.")
     return features, key_map, skipped
 
 

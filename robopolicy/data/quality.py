@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from robopolicy.data.spec import ACTION_KEY, STATE_KEY
 from robopolicy.data.store import DemoStore, StoreError, staged_store
 
 K_NEIGHBOURS = 5
@@ -42,8 +43,8 @@ def quality_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     with DemoStore.open(store_path, "a" if write_weights else "r") as store:
         if store.num_episodes == 0:
             raise StoreError(f"{store.path} holds no episodes; there is nothing to report on.")
-        if "action" not in store.features:
-            raise StoreError(f"{store.path} has no 'action' feature; the quality measures need actions.")
+        if ACTION_KEY not in store.features:
+            raise StoreError(f"{store.path} has no {ACTION_KEY!r} feature; the quality measures need actions.")
         episodes = store.episodes
         rows = _measure(store)
         for row, episode in zip(rows, episodes):
@@ -97,8 +98,8 @@ def _zscore(values: np.ndarray) -> np.ndarray:
 
 
 def _measure(store: DemoStore) -> list[dict]:
-    actions = _zscore(store.read("action"))  # [N, A]
-    states = _zscore(store.read("observation.state")) if "observation.state" in store.features else None
+    actions = _zscore(store.read(ACTION_KEY))  # [N, A]
+    states = _zscore(store.read(STATE_KEY)) if STATE_KEY in store.features else None
     starts, ends = store.episode_starts, store.episode_ends
     episode_of = np.repeat(np.arange(store.num_episodes), ends - starts)  # [N]
     # steps t -> t+1 inside an episode

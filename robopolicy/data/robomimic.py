@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from robopolicy.data.store import IMAGE_PREFIX, StoreError, staged_store
+from robopolicy.data.spec import ACTION_KEY, STATE_KEY, image_key
+from robopolicy.data.store import StoreError, staged_store
 
 DEFAULT_FPS = 20  # robosuite's default control frequency
 
@@ -117,12 +118,12 @@ def _features(demo, src: Path, name: str) -> tuple[dict, list[str], list[str]]:
         for key in state_keys:
             dim = 1 if obs[key].ndim == 1 else obs[key].shape[1]
             names += [key] if dim == 1 else [f"{key}[{i}]" for i in range(dim)]
-        features["observation.state"] = {"dtype": "float32", "shape": [len(names)], "names": names}
+        features[STATE_KEY] = {"dtype": "float32", "shape": [len(names)], "names": names}
     for key in image_keys:
-        features[IMAGE_PREFIX + key.removesuffix("_image")] = {"dtype": "uint8", "shape": list(obs[key].shape[1:]),
+        features[image_key(key.removesuffix("_image"))] = {"dtype": "uint8", "shape": list(obs[key].shape[1:]),
                                                                "names": None}
     actions = demo["actions"]
-    features["action"] = {"dtype": "float32", "shape": [int(np.prod(actions.shape[1:]))], "names": None}
+    features[ACTION_KEY] = {"dtype": "float32", "shape": [int(np.prod(actions.shape[1:]))], "names": None}
     if "rewards" in demo:
         features["next.reward"] = {"dtype": "float32", "shape": [], "names": None}
     if "rewards" in demo or "dones" in demo:
@@ -141,11 +142,11 @@ def _demo_frames(demo, src: Path, name: str, state_keys: list[str], image_keys: 
             if missing:
                 raise StoreError(f"{where}/obs lacks {missing[0]!r}, which the first demo has; demos must agree.")
             parts = [np.asarray(obs[k][()], dtype=np.float32) for k in state_keys]
-            frames["observation.state"] = np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1)
+            frames[STATE_KEY] = np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1)
         for key in image_keys:
-            frames[IMAGE_PREFIX + key.removesuffix("_image")] = np.asarray(obs[key][()])
+            frames[image_key(key.removesuffix("_image"))] = np.asarray(obs[key][()])
         actions = np.asarray(demo["actions"][()], dtype=np.float32)
-        frames["action"] = actions.reshape(len(actions), -1)
+        frames[ACTION_KEY] = actions.reshape(len(actions), -1)
         rewards = np.asarray(demo["rewards"][()], dtype=np.float32) if "rewards" in demo else None
         if "next.reward" in features:
             frames["next.reward"] = rewards

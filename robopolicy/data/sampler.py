@@ -16,7 +16,8 @@ import numpy as np
 import torch.utils.data
 
 from robopolicy.data.chunks import ChunkError, ChunkReader
-from robopolicy.data.store import DemoStore, StoreError, is_image_key
+from robopolicy.data.spec import ACTION_KEY, is_image_key, policy_features
+from robopolicy.data.store import DemoStore, StoreError
 
 
 class WindowDataset(torch.utils.data.Dataset):
@@ -36,12 +37,12 @@ class WindowDataset(torch.utils.data.Dataset):
             raise StoreError(f"need 1 <= n_obs_steps <= horizon, got n_obs_steps={n_obs_steps}, horizon={horizon}.")
         self.n_obs_steps, self.horizon = n_obs_steps, horizon
         self.store_path = store.path
-        keys = list(keys) if keys is not None else [k for k in store.features if k.startswith("observation.") or k == "action"]
+        keys = list(keys) if keys is not None else list(policy_features(store.features))
         for key in keys:
             if key not in store.features:
                 raise StoreError(f"{store.path}: no feature {key!r} to sample; the store has {', '.join(store.features)}.")
-        if "action" not in keys:
-            raise StoreError(f"{store.path}: training windows need the 'action' feature among keys {keys}.")
+        if ACTION_KEY not in keys:
+            raise StoreError(f"{store.path}: training windows need the {ACTION_KEY!r} feature among keys {keys}.")
         self.keys = keys
         self.image_keys = [k for k in keys if is_image_key(k)]
 
@@ -87,7 +88,7 @@ class WindowDataset(torch.utils.data.Dataset):
         batch = {"action_is_pad": (action_frames < start) | (action_frames >= end)}
         action_frames = np.clip(action_frames, start, end - 1)
         for key, values in self.lowdim.items():
-            batch[key] = values[action_frames if key == "action" else obs_frames]
+            batch[key] = values[action_frames if key == ACTION_KEY else obs_frames]
         for key in self.image_keys:
             batch[key] = self._gather_images(key, obs_frames)
         return batch

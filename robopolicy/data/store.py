@@ -33,6 +33,10 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from robopolicy.data.chunks import ChunkError, ChunkReader
+from robopolicy.data.spec import STAT_NAMES, is_image_key
+from robopolicy.data.stats import channel_histograms, image_stats, lowdim_stats
+
 try:  # a single-writer lock; not available on Windows, where we simply go without it
     import fcntl
 except ImportError:  # pragma: no cover
@@ -42,8 +46,6 @@ FORMAT = "robopolicy.demo_store"
 FORMAT_VERSION = 1
 SOURCES = ("expert", "policy", "human", "intervention")
 DTYPES = ("float32", "float64", "uint8", "int32", "int64", "bool")
-IMAGE_PREFIX = "observation.images."
-STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
 LOWDIM_CHUNK_BYTES = 1 << 20  # ~1 MiB of frames per low-dimensional chunk
 IMAGE_CHUNK_FRAMES = 1  # one frame per image chunk: random access decodes only what a window needs
 LOCK_FILE = ".writer.lock"
@@ -51,10 +53,6 @@ LOCK_FILE = ".writer.lock"
 
 class StoreError(Exception):
     """A demonstration store, or data offered to it, is missing, malformed or inconsistent."""
-
-
-def is_image_key(key: str) -> bool:
-    return key.startswith(IMAGE_PREFIX)
 
 
 def check_features(features: dict[str, dict]) -> dict[str, dict]:
@@ -424,14 +422,34 @@ class DemoStore:
 
     def compute_stats(self) -> dict[str, dict[str, np.ndarray]]:
         """Compute mean/std/min/max/q01/q99 over committed frames; saved in the store when writable."""
-        from robopolicy.data.stats import compute_store_stats
-
-        stats = compute_store_stats(self)
+        if self.num_frames == 0:
+            raise StoreError(f"{self.path} holds no frames yet; append episodes before computing statistics.")
+        stats = {}
+        for key in self.features:
+            # low-dimensional features fit in memory; images stream chunk by chunk into pixel histograms
+            if is_image_key(key):
+                per_key = image_stats(self._pixel_histograms(key))
+            else:
+                per_key = lowdim_stats(self.read(key))
+            stats[key] = {name: np.asarray(per_key[name], dtype=np.float32) for name in STAT_NAMES}
         if self.mode == "a":
             as_json = {key: {n: v.tolist() for n, v in per_key.items()} for key, per_key in stats.items()}
             self._write_attrs({**self._attrs, "stats": as_json})
         self._stats = stats
         return stats
+
+    def _pixel_histograms(self, key: str) -> np.ndarray:
+        """Pixel counts [C, 256] of an image feature over committed frames."""
+        reader = ChunkReader(self._arrays[key], self.path / "data" / key)
+        histograms = np.zeros((self.features[key]["shape"][-1], 256), dtype=np.int64)
+        for index in range(reader.num_chunks(self.num_frames)):
+            start = index * reader.frames_per_chunk
+            try:
+                chunk = reader.read(index)[: self.num_frames - start]  # [n, H, W, C]
+            except ChunkError as err:
+                raise StoreError(f"{self.path}: data/{key} chunk {index}: {err}; run validate_store.") from None
+            histograms += channel_histograms(chunk)
+        return histograms
 
 
 @contextlib.contextmanager

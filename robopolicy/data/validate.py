@@ -10,14 +10,8 @@ import numpy as np
 import zarr
 
 from robopolicy.data.chunks import ChunkError, ChunkReader
-from robopolicy.data.store import (
-    SOURCES,
-    STAT_NAMES,
-    StoreError,
-    _read_root_attrs,
-    check_features,
-    is_image_key,
-)
+from robopolicy.data.spec import STAT_NAMES, is_image_key
+from robopolicy.data.store import SOURCES, StoreError, _read_root_attrs, check_features
 
 
 def validate_store(path: str | os.PathLike) -> list[str]:

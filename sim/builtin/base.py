@@ -14,6 +14,7 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 
+from robopolicy.data.spec import ACTION_KEY, STATE_KEY, image_key
 from sim.builtin.controller import DiffIKController
 from sim.builtin.scene import ARM_JOINTS, CAMERAS, FINGER_JOINTS, FINGER_MAX_OPENING, scene_xml
 
@@ -103,10 +104,10 @@ class ArmTaskEnv(gym.Env):
         n_state = len(ROBOT_STATE_NAMES) + len(self.task_state_names)
         self._state = np.zeros(n_state, dtype=np.float32)
         obs_spaces: dict[str, gym.Space] = {
-            "observation.state": gym.spaces.Box(-np.inf, np.inf, (n_state,), np.float32)
+            STATE_KEY: gym.spaces.Box(-np.inf, np.inf, (n_state,), np.float32)
         }
         for cam in self.cameras:
-            obs_spaces[f"observation.images.{cam}"] = gym.spaces.Box(
+            obs_spaces[image_key(cam)] = gym.spaces.Box(
                 0, 255, (image_size, image_size, 3), np.uint8
             )
         self.observation_space = gym.spaces.Dict(obs_spaces)
@@ -119,8 +120,8 @@ class ArmTaskEnv(gym.Env):
             self.action_space = gym.spaces.Box(low, high, dtype=np.float32)
             action_names = [f"{j}.target" for j in ARM_JOINTS] + ["gripper"]
         self.feature_names = {
-            "observation.state": list(ROBOT_STATE_NAMES) + list(self.task_state_names),
-            "action": action_names,
+            STATE_KEY: list(ROBOT_STATE_NAMES) + list(self.task_state_names),
+            ACTION_KEY: action_names,
         }
         self._renderer = None
         self._camera_ids: list[int] = []
@@ -201,7 +202,7 @@ class ArmTaskEnv(gym.Env):
         s[14:17] = d.site_xpos[self._site]
         s[17] = d.qpos[self._finger_qpos].sum()
         self._write_task_state(s[18:])
-        obs = {"observation.state": s.copy()}
+        obs = {STATE_KEY: s.copy()}
         if self.cameras:
             if self._renderer is None:
                 from sim.rendering import OffscreenRenderer
@@ -209,5 +210,5 @@ class ArmTaskEnv(gym.Env):
                 self._renderer = OffscreenRenderer(self.model, self.image_size, self.image_size)
                 self._camera_ids = [self._renderer.camera_id(c) for c in self.cameras]
             for cam, cam_id in zip(self.cameras, self._camera_ids):
-                obs[f"observation.images.{cam}"] = self._renderer.render(self.data, cam_id)
+                obs[image_key(cam)] = self._renderer.render(self.data, cam_id)
         return obs

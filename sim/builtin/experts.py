@@ -15,6 +15,7 @@ from __future__ import annotations
 import mujoco
 import numpy as np
 
+from robopolicy.data.spec import STATE_KEY
 from sim.builtin.base import MAX_DELTA, ROBOT_STATE_NAMES, arm_controller, ee_delta_joint_targets
 from sim.builtin.scene import scene_xml
 from sim.builtin.tasks import BLOCK_HALF, CUBE_HALF, OBSTACLE_HALF, OBSTACLE_POS, TASK_CLASSES
@@ -87,7 +88,7 @@ class Expert:
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """The expert's action for `obs` (with its noise and sloppiness, if any): the label to record."""
-        state = np.asarray(obs["observation.state"])
+        state = np.asarray(obs[STATE_KEY])
         self._ee_action = self._ee_act(state)
         return self._to_control(state, self._ee_action)
 
@@ -99,7 +100,7 @@ class Expert:
             return label, label
         executed = self._ee_action.copy()
         executed[:3] = np.clip(executed[:3] + self._rng.normal(0.0, self.dart, size=3), -1.0, 1.0)
-        return label, self._to_control(np.asarray(obs["observation.state"]), executed)
+        return label, self._to_control(np.asarray(obs[STATE_KEY]), executed)
 
     def _to_control(self, state: np.ndarray, action: np.ndarray) -> np.ndarray:
         """An ee_delta action [4] in the env's control mode (joint_pos: IK on the private arm copy)."""
