@@ -139,8 +139,8 @@ def configure(command: str, overrides: list[str]) -> tuple[Any, DictConfig]:
 
 
 def _field_doc(cls: type | None, name: str) -> str:
-    fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
-    return fields[name].metadata.get("doc", "") if name in fields else ""
+    fields = dataclasses.fields(cls) if cls is not None else ()
+    return next((f.metadata.get("doc", "") for f in fields if f.name == name), "")
 
 
 def run(command: str, overrides: list[str], sub: str | None = None) -> dict:
@@ -151,9 +151,9 @@ def run(command: str, overrides: list[str], sub: str | None = None) -> dict:
     if command == "train":
         return cmd_train(config, OmegaConf.to_container(cfg.policy, resolve=True))
     if command in ("collect", "eval", "quickstart"):
-        return globals()[f"cmd_{command}"](config)
-    # finetune (the lead's), serve and deploy (the robot side's) still read the composed config.
-    return globals()[f"cmd_{command}"](cfg)
+        return {"collect": cmd_collect, "eval": cmd_eval, "quickstart": cmd_quickstart}[command](config)
+    # finetune (typed by the lead), serve and deploy (typed by the robot side) still read the composed config.
+    return {"finetune": cmd_finetune, "serve": cmd_serve, "deploy": cmd_deploy}[command](cfg)
 
 
 def emit(summary: dict) -> None:
