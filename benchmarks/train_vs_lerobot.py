@@ -46,8 +46,8 @@ import yaml
 from robopolicy.data import DemoStore, WindowDataset
 from robopolicy.data.lerobot import export_lerobot
 from robopolicy.evaluate import EVAL_SEED
-from robopolicy.policies import make_policy, policy_features
-from robopolicy.train import EMA
+from robopolicy.policies import make_policy
+from robopolicy.train import EMA, OptimConfig, optimizer_settings, select_features
 
 ROOT = Path(__file__).resolve().parents[1]
 ROBOPOLICY = str(Path(sys.executable).parent / "robopolicy")
@@ -168,11 +168,7 @@ def run_cli(*args: str) -> dict:
 
 def store_features(store: Path, images: bool) -> tuple[dict, dict]:
     with DemoStore.open(store) as s:
-        features = policy_features(s.features)
-        stats = s.stats
-    if not images:
-        features = {k: v for k, v in features.items() if not k.startswith("observation.images.")}
-    return features, stats
+        return select_features(s.features, images), s.stats
 
 
 # ---------------------------------------------------------------------------------- (a) training throughput
@@ -187,11 +183,11 @@ class OurTrainer:
         self.policy = make_policy(cfg, features, stats).train()
         self.dataset = WindowDataset(DemoStore.open(store), self.policy.n_obs_steps, self.policy.horizon,
                                      keys=list(features))
-        optim = cfg.get("optim") or {}
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=float(optim.get("lr", 1e-3)),
-                                           weight_decay=float(optim.get("weight_decay", 1e-6)), betas=(0.95, 0.999))
-        self.ema = EMA(self.policy, float(optim.get("ema_decay", 0.995)))
-        self.grad_clip = float(optim.get("grad_clip", 1.0))
+        optim = optimizer_settings(OptimConfig(), cfg)  # train.yaml's defaults over the policy config's optim:
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
+                                           betas=tuple(optim.betas))
+        self.ema = EMA(self.policy, optim.ema_decay)
+        self.grad_clip = optim.grad_clip
         self.batch_size, self.rng, self.step_index = batch_size, np.random.default_rng(seed), 0
 
     def train(self, steps: int, warmup: int = 0) -> dict:

@@ -3,7 +3,9 @@
 Configs live in `configs/<command>.yaml` (groups: task/, policy/, algo/, robot/). We compose them with Hydra's
 compose API rather than `@hydra.main`, so commands neither change the working directory nor write `outputs/`
 folders, and so that each command prints one JSON object as the last line of standard output (logs and progress
-bars go to standard error).
+bars go to standard error). Each command's own settings are then validated once, here, against its registered
+dataclass (robopolicy/commands.py, TrainConfig in robopolicy/train.py): an unknown key or a wrong type is one
+sentence naming the key. A group's section (train's `policy:`) goes on as a mapping to the code that builds it.
 
 This is the one module of `robopolicy` that imports the simulators (`sim`) and the robot side (`real`); the rest
 takes environments through the gymnasium API.
@@ -11,13 +13,24 @@ takes environments through the gymnasium API.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from robopolicy.commands import CollectConfig, DataConfig, EvalConfig, ObsConfig, QuickstartConfig
+from robopolicy.config import CONFIGS, ConfigError, describe, from_mapping, to_dict
+from robopolicy.data.spec import camera_name, feature_mismatch, image_key, is_image_key, policy_features
+
+if TYPE_CHECKING:
+    from robopolicy.finetune import FinetuneConfig
+    from robopolicy.train import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -32,6 +45,14 @@ COMMANDS = {
     "quickstart": "the embedded default: collect, train, evaluate, deploy and refine on a built-in task",
 }
 DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "filter")
+
+
+# The module that registers each command's typed config ("command", <command>) and each group's configs
+# ("policy", <name>) ...; imported on demand (train's and the groups' pull in torch).
+CONFIG_MODULES = {"collect": "robopolicy.commands", "data": "robopolicy.commands", "eval": "robopolicy.commands",
+                  "quickstart": "robopolicy.commands", "train": "robopolicy.train",
+                  "finetune": "robopolicy.finetune", "serve": "real.deploy", "deploy": "real.deploy"}
+GROUP_MODULES = {"policy": "robopolicy.policies", "algo": "robopolicy.rl", "robot": "real.sim_robot"}
 
 
 class UserError(Exception):
@@ -70,11 +91,72 @@ def compose(command: str, overrides: list[str]) -> DictConfig:
         raise UserError(f"Bad setting for `robopolicy {command}`: {message} (see `robopolicy {command} --help`).") from e
 
 
-def require(cfg: DictConfig, key: str, command: str) -> Any:
-    value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
-    if value is None or value == "???":
-        raise UserError(f"`robopolicy {command}` needs {key}=... (see `robopolicy {command} --help`).")
-    return value
+def command_groups(command: str) -> dict[str, str]:
+    """The config groups a command's YAML picks in its `defaults:` list, group -> option (train: policy -> flow).
+    Their sections are validated by the group's own registered config, not by the command's."""
+    import yaml
+
+    entries = yaml.safe_load((CONFIG_DIR / f"{command}.yaml").read_text()).get("defaults") or []
+    return {group.removeprefix("override ").strip("/"): option for entry in entries if isinstance(entry, dict)
+            for group, option in entry.items()}
+
+
+def group_config_name(group: str, option: str, section: Mapping[str, Any]) -> str:
+    """The registry name of a group file's config: a robot's file stem, a policy's or algo's `name:`."""
+    return option if group == "robot" else str(section.get("name", option))
+
+
+def command_config_class(command: str) -> type | None:
+    """The registered dataclass of a command's own settings (None while its module registers none)."""
+    importlib.import_module(CONFIG_MODULES[command])
+    return CONFIGS.get(("command", command))
+
+
+def group_config_class(group: str, name: str) -> type | None:
+    importlib.import_module(GROUP_MODULES[group])
+    return CONFIGS.get((group, name))
+
+
+def configure(command: str, overrides: list[str]) -> tuple[Any, DictConfig]:
+    """Compose configs/<command>.yaml with the overrides, then validate the command's own settings (every section
+    but its groups') once: (the typed config, or None where none is registered yet; the composed config)."""
+    cfg = compose(command, overrides)
+    groups = command_groups(command)
+    cls = command_config_class(command)
+    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False).items()
+                if k not in groups}
+    for key, value in settings.items():
+        if value == "???":
+            doc = _field_doc(cls, key)
+            raise UserError(f"`robopolicy {command}` needs {key}=...{f' ({doc})' if doc else ''}; "
+                            f"see `robopolicy {command} --help`.")
+    if cls is None:
+        return None, cfg
+    try:
+        return from_mapping(cls, settings), cfg
+    except ConfigError as e:
+        raise UserError(f"Bad setting for `robopolicy {command}`: {str(e).rstrip('.')} "
+                        f"(see `robopolicy {command} --help`).") from e
+
+
+def _field_doc(cls: type | None, name: str) -> str:
+    fields = dataclasses.fields(cls) if cls is not None else ()
+    return next((f.metadata.get("doc", "") for f in fields if f.name == name), "")
+
+
+def run(command: str, overrides: list[str], sub: str | None = None) -> dict:
+    """Configure and run one command (`sub`: the `data` subcommand); returns its summary."""
+    config, cfg = configure(command, overrides)
+    if command == "data":
+        return cmd_data(config, sub)
+    if command == "train":
+        return cmd_train(config, OmegaConf.to_container(cfg.policy, resolve=True))
+    if command == "finetune":
+        return cmd_finetune(config, OmegaConf.to_container(cfg.algo, resolve=True))
+    if command in ("collect", "eval", "quickstart"):
+        return {"collect": cmd_collect, "eval": cmd_eval, "quickstart": cmd_quickstart}[command](config)
+    # serve and deploy (typed by the robot side) still read the composed config.
+    return {"serve": cmd_serve, "deploy": cmd_deploy}[command](cfg)
 
 
 def emit(summary: dict) -> None:
@@ -104,15 +186,23 @@ def progress(total: int, desc: str):
 # --------------------------------------------------------------------------------------------- simulation glue
 
 
-def env_kwargs(cfg: DictConfig) -> dict:
-    """Keyword arguments for `sim.make_env` from a command's `obs:` section."""
-    obs = cfg.get("obs") or {}
-    images: Any = obs.get("images", False)
-    if images and obs.get("cameras"):
-        images = list(obs.cameras)
-    kwargs: dict[str, Any] = {"images": images, "image_size": int(obs.get("image_size", 96))}
-    if cfg.get("max_episode_steps"):
-        kwargs["max_episode_steps"] = int(cfg.max_episode_steps)
+def env_kwargs(obs: ObsConfig, max_episode_steps: int | None) -> dict:
+    """Keyword arguments for `sim.make_env` from collect's `obs:` section."""
+    kwargs: dict[str, Any] = {"images": list(obs.cameras) if obs.images and obs.cameras else obs.images,
+                              "image_size": obs.image_size}
+    if max_episode_steps:
+        kwargs["max_episode_steps"] = max_episode_steps
+    return kwargs
+
+
+def env_kwargs_for_features(features: Mapping[str, Mapping], max_episode_steps: int | None) -> dict:
+    """Env options that produce the observation keys a store or a checkpoint was made with."""
+    cams = [camera_name(k) for k in features if is_image_key(k)]
+    kwargs: dict[str, Any] = {"images": cams or False}
+    if cams:
+        kwargs["image_size"] = int(features[image_key(cams[0])]["shape"][0])
+    if max_episode_steps:
+        kwargs["max_episode_steps"] = max_episode_steps
     return kwargs
 
 
@@ -127,69 +217,79 @@ def make_vector_env(task: str, num_envs: int, kwargs: dict):
     return make(task, num_envs, autoreset="disabled", **kwargs)
 
 
+def _check_env_matches(task: str, kwargs: dict, features: Mapping[str, Mapping], what: str) -> None:
+    import sim
+    from robopolicy.features import features_from_env
+
+    env = sim.make_env(task, **kwargs)
+    env_features = features_from_env(env.observation_space, env.action_space)
+    env.close()
+    mismatch = feature_mismatch(policy_features(features), env_features, f"features of {what} and of task {task}")
+    if mismatch:
+        raise UserError(mismatch)
+
+
 # -------------------------------------------------------------------------------------------------- commands
 
 
-def cmd_collect(cfg: DictConfig) -> dict:
+def cmd_collect(cfg: CollectConfig) -> dict:
     import sim
     from robopolicy.collect import collect
     from robopolicy.data import DemoStore
     from robopolicy.features import features_from_env
 
-    task, out = require(cfg, "task", "collect"), require(cfg, "out", "collect")
-    episodes = int(cfg.episodes)
-    if episodes < 1:
-        raise UserError(f"episodes must be at least 1, got {episodes}.")
-    kwargs = env_kwargs(cfg)
+    task, out = cfg.task, cfg.out
+    if cfg.episodes < 1:
+        raise UserError(f"episodes must be at least 1, got {cfg.episodes}.")
+    kwargs = env_kwargs(cfg.obs, cfg.max_episode_steps)
     probe = sim.make_env(task, **kwargs)
     features = features_from_env(probe.observation_space, probe.action_space,
                                  getattr(probe.unwrapped, "feature_names", None))
     fps, description = probe.unwrapped.fps, probe.unwrapped.task_description
     probe.close()
-    num_envs = min(int(cfg.num_envs), episodes)
-    dart = cfg.expert.get("dart")
-    extra = {} if dart is None else {"dart": float(dart)}
+    num_envs = min(cfg.num_envs, cfg.episodes)
+    extra = {} if cfg.expert.dart is None else {"dart": cfg.expert.dart}
     if extra and not task.startswith("builtin/"):
         raise UserError(f"expert.dart (DART exploration) is available for the built-in tasks only, not {task}.")
-    experts = [sim.make_expert(task, noise=float(cfg.expert.noise), sloppy=bool(cfg.expert.sloppy), **extra)
+    experts = [sim.make_expert(task, noise=cfg.expert.noise, sloppy=cfg.expert.sloppy, **extra)
                for _ in range(num_envs)]
     if Path(out).exists() and not cfg.overwrite:
         store = DemoStore.open(out, mode="a")
-        mismatch = _spec_mismatch(store.features, features)
+        mismatch = feature_mismatch(features, store.features, "store features")
         if mismatch:
             raise UserError(f"{out} already holds a store with other features ({mismatch}); "
                             "pick another out= or pass overwrite=true.")
     else:
-        store = DemoStore.create(out, features=features, fps=fps, overwrite=bool(cfg.overwrite),
+        store = DemoStore.create(out, features=features, fps=fps, overwrite=cfg.overwrite,
                                  info={"task": task, "robot": task.split("/")[0]})
     first = store.num_episodes
     # Appending continues after the seeds already recorded, so a store never holds the same episode twice.
     seeds = [e.get("extra", {}).get("seed") for e in store.episodes]
-    seed = max([int(cfg.seed) - 1] + [s for s in seeds if s is not None]) + 1
+    seed = max([cfg.seed - 1] + [s for s in seeds if s is not None]) + 1
     envs = make_vector_env(task, num_envs, kwargs)
     try:
-        with progress(episodes, f"collect {task}") as bar:
-            summary = collect(envs, experts, store, episodes, seed=seed, task=description,
-                              source=str(cfg.source), progress=bar)
+        with progress(cfg.episodes, f"collect {task}") as bar:
+            summary = collect(envs, experts, store, cfg.episodes, seed=seed, task=description, source=cfg.source,
+                              progress=bar)
     finally:
         envs.close()
     return {"command": "collect", "task": task, "store": str(out), "first_episode": first, "first_seed": seed,
             "store_episodes": store.num_episodes, **summary}
 
 
-def _spec_mismatch(a: dict, b: dict) -> str | None:
-    from robopolicy.data.spec import feature_mismatch
+def _needs(command: str, key: str, value: Any) -> Any:
+    if value is None:
+        raise UserError(f"`robopolicy {command}` needs {key}=... (see `robopolicy data --help`).")
+    return value
 
-    return feature_mismatch(b, a, "store features")
 
-
-def cmd_data(cfg: DictConfig, sub: str) -> dict:
+def cmd_data(cfg: DataConfig, sub: str) -> dict:
     from robopolicy.data import DemoStore, validate_store
 
     command = f"data {sub}"
     if sub == "import":
         return _data_import(cfg)
-    path = require(cfg, "store", command)
+    path = _needs(command, "store", cfg.store)
     if not Path(path).exists():
         raise UserError(f"No store at {path}: check the path (stores are made by `robopolicy collect`).")
     if sub == "validate":
@@ -205,8 +305,8 @@ def cmd_data(cfg: DictConfig, sub: str) -> dict:
 
         if cfg.format != "lerobot":
             raise UserError(f"data export writes format=lerobot only, not {cfg.format!r}.")
-        out = require(cfg, "out", command)
-        return {"command": command, **export_lerobot(path, out, repo_id=cfg.repo_id, video=bool(cfg.video))}
+        out = _needs(command, "out", cfg.out)
+        return {"command": command, **export_lerobot(path, out, repo_id=cfg.repo_id, video=cfg.video)}
     if sub == "quality":
         from robopolicy.data.quality import quality_report
 
@@ -215,9 +315,8 @@ def cmd_data(cfg: DictConfig, sub: str) -> dict:
     if sub == "filter":
         from robopolicy.data.quality import filter_store
 
-        out = require(cfg, "out", command)
-        return {"command": command, **filter_store(path, out, min_quality=float(cfg.min_quality),
-                                                   overwrite=bool(cfg.overwrite))}
+        out = _needs(command, "out", cfg.out)
+        return {"command": command, **filter_store(path, out, min_quality=cfg.min_quality, overwrite=cfg.overwrite)}
     store = DemoStore.open(path)
     if sub == "info":
         successes = [e.get("success") for e in store.episodes]
@@ -235,74 +334,51 @@ def cmd_data(cfg: DictConfig, sub: str) -> dict:
             "stats": {k: {s: v.tolist() for s, v in d.items()} for k, d in stats.items()}}
 
 
-def env_kwargs_for_features(features: dict, cfg: DictConfig) -> dict:
-    """Env options that produce the observation keys a store or a checkpoint was made with."""
-    cams = [k.split(".", 2)[2] for k in features if k.startswith("observation.images.")]
-    kwargs: dict[str, Any] = {"images": cams or False}
-    if cams:
-        kwargs["image_size"] = int(features[f"observation.images.{cams[0]}"]["shape"][0])
-    if cfg.get("max_episode_steps"):
-        kwargs["max_episode_steps"] = int(cfg.max_episode_steps)
-    return kwargs
+def _data_import(cfg: DataConfig) -> dict:
+    src, out = _needs("data import", "src", cfg.src), _needs("data import", "out", cfg.out)
+    if not Path(src).exists():
+        raise UserError(f"No dataset at {src}: pass src= a LeRobot dataset folder or a robomimic .hdf5 file.")
+    if cfg.format == "lerobot":
+        from robopolicy.data.lerobot import import_lerobot
+
+        summary = import_lerobot(src, out, overwrite=cfg.overwrite)
+    else:
+        from robopolicy.data.robomimic import import_robomimic
+
+        summary = import_robomimic(src, out, overwrite=cfg.overwrite, filter_key=cfg.filter_key)
+    return {"command": "data import", **summary}
 
 
-def cmd_train(cfg: DictConfig) -> dict:
+def cmd_train(cfg: TrainConfig, policy: dict) -> dict:
     from robopolicy.data import DemoStore
     from robopolicy.train import select_features, train
 
-    task, data = require(cfg, "task", "train"), require(cfg, "data", "train")
-    require(cfg, "out", "train")
-    if not Path(data).exists():
-        raise UserError(f"No store at {data}: make one with `robopolicy collect task={task} out={data}`.")
-    store = DemoStore.open(data)
-    has_images = any(k.startswith("observation.images.") for k in store.features)
-    features = select_features(store.features, has_images if cfg.use_images == "auto" else bool(cfg.use_images))
-    kwargs = env_kwargs_for_features(features, cfg)
-    _check_env_matches(task, kwargs, features, f"the store {data}")
-    with progress(int(cfg.steps), f"train {cfg.policy.name}") as bar:
-        return train(cfg, make_envs=lambda: make_vector_env(task, int(cfg.eval.num_envs), kwargs), progress=bar,
-                     log=lambda m: print(m, file=sys.stderr))
+    if not Path(cfg.data).exists():
+        raise UserError(f"No store at {cfg.data}: make one with `robopolicy collect task={cfg.task} out={cfg.data}`.")
+    features = select_features(DemoStore.open(cfg.data).features, cfg.use_images)
+    kwargs = env_kwargs_for_features(features, cfg.max_episode_steps)
+    _check_env_matches(cfg.task, kwargs, features, f"the store {cfg.data}")
+    with progress(cfg.steps, f"train {policy.get('name')}") as bar:
+        return train(cfg, policy, make_envs=lambda: make_vector_env(cfg.task, cfg.eval.num_envs, kwargs),
+                     progress=bar, log=lambda m: print(m, file=sys.stderr))
 
 
-def _check_env_matches(task: str, kwargs: dict, features: dict, what: str) -> None:
-    import sim
-    from robopolicy.data.spec import feature_mismatch
-    from robopolicy.features import features_from_env
-
-    env = sim.make_env(task, **kwargs)
-    env_features = features_from_env(env.observation_space, env.action_space)
-    env.close()
-    wanted = {k: v for k, v in features.items() if k.startswith("observation.") or k == "action"}
-    mismatch = feature_mismatch(wanted, env_features, f"features of {what} and of task {task}")
-    if mismatch:
-        raise UserError(mismatch)
-
-
-def resolve_checkpoint(path: str) -> Path:
-    p = Path(path)
-    if (p / "checkpoints" / "last").exists():
-        return (p / "checkpoints" / "last").resolve()
-    if not p.exists():
-        raise UserError(f"No checkpoint at {path}: pass a checkpoint folder or a training run folder.")
-    return p.resolve()
-
-
-def cmd_eval(cfg: DictConfig) -> dict:
-    from robopolicy.checkpoint import read_checkpoint_info
+def cmd_eval(cfg: EvalConfig) -> dict:
+    from robopolicy.checkpoint import read_checkpoint_info, resolve_checkpoint
     from robopolicy.evaluate import evaluate
     from robopolicy.loading import load_policy
 
-    ckpt = resolve_checkpoint(require(cfg, "ckpt", "eval"))
+    ckpt = resolve_checkpoint(cfg.ckpt)
     info = read_checkpoint_info(ckpt)
-    task = cfg.task or (info.get("config") or {}).get("task")
+    task = cfg.task or info["config"].get("task")
     if not task:
         raise UserError(f"The checkpoint {ckpt} names no task: pass task=...")
     if cfg.threads:
         import torch
 
-        torch.set_num_threads(int(cfg.threads))
+        torch.set_num_threads(cfg.threads)
     features = info["features"]
-    kwargs = env_kwargs_for_features(features, cfg)
+    kwargs = env_kwargs_for_features(features, cfg.max_episode_steps)
     _check_env_matches(task, kwargs, features, f"the checkpoint {ckpt}")
     policy = load_policy(ckpt, num_inference_steps=cfg.num_inference_steps)
     if cfg.guidance is not None:  # value-guided selection (guidance=value n_samples=N) or none (the base alone)
@@ -311,11 +387,11 @@ def cmd_eval(cfg: DictConfig) -> dict:
         policy = apply_guidance(policy, cfg.guidance, cfg.n_samples, ckpt=str(ckpt))
     out = Path(cfg.out) if cfg.out else ckpt / f"eval_{task.replace('/', '_')}"
     out.mkdir(parents=True, exist_ok=True)
-    envs = make_vector_env(task, min(int(cfg.num_envs), int(cfg.episodes)), kwargs)
+    envs = make_vector_env(task, min(cfg.num_envs, cfg.episodes), kwargs)
     try:
-        with progress(int(cfg.episodes), f"eval {task}") as bar:
-            result = evaluate(envs, policy, int(cfg.episodes), seed=int(cfg.seed), video_dir=out / "videos",
-                              n_videos=int(cfg.videos), progress=bar)
+        with progress(cfg.episodes, f"eval {task}") as bar:
+            result = evaluate(envs, policy, cfg.episodes, seed=cfg.seed, video_dir=out / "videos",
+                              n_videos=cfg.videos, progress=bar)
     finally:
         envs.close()
     summary = {"command": "eval", "checkpoint": str(ckpt), "task": task, **result}
@@ -325,35 +401,33 @@ def cmd_eval(cfg: DictConfig) -> dict:
     return brief
 
 
-def cmd_quickstart(cfg: DictConfig) -> dict:
+def cmd_quickstart(cfg: QuickstartConfig) -> dict:
     """collect -> train -> eval -> deploy on the embedded default, then a small table on standard error."""
     import shutil
 
     from robopolicy.data import DemoStore, validate_store
 
-    store, out, task = Path(cfg.store), Path(cfg.out), str(cfg.task)
+    store, out, task, refine = Path(cfg.store), Path(cfg.out), cfg.task, cfg.refine
     stages: dict[str, dict] = {}
-    reuse = store.exists() and not validate_store(store) and DemoStore.open(store).num_episodes >= int(cfg.episodes)
+    reuse = store.exists() and not validate_store(store) and DemoStore.open(store).num_episodes >= cfg.episodes
     if reuse:
         print(f"reusing the demonstrations in {store}", file=sys.stderr)
-        stages["collect"] = {k: v for k, v in cmd_data(compose("data", [f"store={store}"]), "info").items()
+        stages["collect"] = {k: v for k, v in run("data", [f"store={store}"], "info").items()
                              if k in ("episodes", "frames", "success_rate")}
     else:
-        stages["collect"] = cmd_collect(compose("collect", [
-            f"task={task}", f"episodes={cfg.episodes}", f"out={store}", f"seed={cfg.seed}", "overwrite=true"]))
+        stages["collect"] = run("collect", [
+            f"task={task}", f"episodes={cfg.episodes}", f"out={store}", f"seed={cfg.seed}", "overwrite=true"])
     if out.exists():
         shutil.rmtree(out)
-    stages["train"] = cmd_train(compose("train", [
+    stages["train"] = run("train", [
         f"task={task}", f"data={store}", f"out={out / 'train'}", f"policy={cfg.policy}",
-        f"steps={cfg.train_steps}", "eval.episodes=0", "eval.final_episodes=0", f"seed={cfg.seed}"]))
-    stages["eval"] = cmd_eval(compose("eval", [
-        f"ckpt={out / 'train'}", f"episodes={cfg.eval_episodes}", f"out={out / 'eval'}"]))
+        f"steps={cfg.train_steps}", "eval.episodes=0", "eval.final_episodes=0", f"seed={cfg.seed}"])
+    stages["eval"] = run("eval", [f"ckpt={out / 'train'}", f"episodes={cfg.eval_episodes}", f"out={out / 'eval'}"])
     ev = stages["eval"]
-    if int(cfg.deploy_episodes) > 0:  # the simulated robot in real time, the policy behind a server on loopback
-        stages["deploy"] = cmd_deploy(compose("deploy", [
-            f"ckpt={out / 'train'}", f"episodes={cfg.deploy_episodes}", f"out={out / 'deploy'}"]))
-    refine = cfg.get("refine")
-    if refine is not None and int(refine.env_steps) > 0:
+    if cfg.deploy_episodes > 0:  # the simulated robot in real time, the policy behind a server on loopback
+        stages["deploy"] = run("deploy", [
+            f"ckpt={out / 'train'}", f"episodes={cfg.deploy_episodes}", f"out={out / 'deploy'}"])
+    if refine.env_steps > 0:
         stages["refine"] = _quickstart_refine(cfg, store, out)
     rows = [
         ("task", task),
@@ -397,46 +471,43 @@ def _rate(ev: dict) -> str:
     return f"{ev['success_rate']:.2f} [{ev['success_ci95'][0]:.2f}, {ev['success_ci95'][1]:.2f}]"
 
 
-def _quickstart_refine(cfg: DictConfig, store: Path, out: Path) -> dict:
+def _quickstart_refine(cfg: QuickstartConfig, store: Path, out: Path) -> dict:
     """The quickstart's refinement stage: a deliberately weak base (few demonstrations, few steps), refined online
     without touching its weights, evaluated before and after on the same unseen seeds."""
     refine = cfg.refine
-    weak = cmd_train(compose("train", [
+    weak = run("train", [
         f"task={cfg.task}", f"data={store}", f"out={out / 'weak_base'}", f"policy={cfg.policy}",
         f"max_episodes={refine.base_demos}", f"steps={refine.base_steps}", "eval.episodes=0",
-        "eval.final_episodes=0", f"seed={cfg.seed}"]))
-    return cmd_finetune(compose("finetune", [
+        "eval.final_episodes=0", f"seed={cfg.seed}"])
+    return run("finetune", [
         f"algo={refine.algo}", f"ckpt={weak['run']}", f"out={out / 'refine'}", f"env_steps={refine.env_steps}",
         f"seed={cfg.seed}", f"eval.base_episodes={refine.eval_episodes}",
-        f"eval.final_episodes={refine.eval_episodes}", f"eval.every={refine.eval_every}",
-        *refine.get("finetune", [])]))
+        f"eval.final_episodes={refine.eval_episodes}", f"eval.every={refine.eval_every}", *refine.finetune])
 
 
-def cmd_finetune(cfg: DictConfig) -> dict:
-    from robopolicy.checkpoint import read_checkpoint_info
+def cmd_finetune(cfg: FinetuneConfig, algo: Mapping[str, Any]) -> dict:
+    from robopolicy.checkpoint import read_checkpoint_info, resolve_checkpoint
     from robopolicy.finetune import finetune
 
-    base = resolve_checkpoint(require(cfg, "ckpt", "finetune"))
-    require(cfg, "out", "finetune")
-    info = read_checkpoint_info(base)
+    base = resolve_checkpoint(cfg.ckpt)
+    info = read_checkpoint_info(base)  # read once, here, and handed to finetune
     task = cfg.task or info["config"].get("task")
     if not task:
         raise UserError(f"The checkpoint {base} names no task: pass task=...")
-    kwargs = env_kwargs_for_features(info["features"], cfg)
+    kwargs = env_kwargs_for_features(info["features"], cfg.max_episode_steps)
     _check_env_matches(task, kwargs, info["features"], f"the checkpoint {base}")
-    from omegaconf import open_dict
-
-    with open_dict(cfg):
-        cfg.task = task
-    with progress(int(cfg.env_steps), f"finetune {cfg.algo.name}") as bar:
-        return {"command": "finetune", **finetune(cfg, lambda n: make_vector_env(task, n, kwargs),
-                                                  log=lambda m: print(m, file=sys.stderr), progress=bar)}
+    run_cfg = {**to_dict(cfg), "task": task, "ckpt": str(base), "algo": dict(algo)}
+    with progress(cfg.env_steps, f"finetune {algo.get('name')}") as bar:
+        return {"command": "finetune", **finetune(run_cfg, lambda n: make_vector_env(task, n, kwargs),
+                                                  log=lambda m: print(m, file=sys.stderr), progress=bar,
+                                                  base_info=info)}
 
 
 def cmd_serve(cfg: DictConfig) -> dict:
     from real.deploy import serve
+    from robopolicy.checkpoint import resolve_checkpoint
 
-    ckpt = resolve_checkpoint(require(cfg, "ckpt", "serve"))
+    ckpt = resolve_checkpoint(cfg.ckpt)
 
     def ready(address: tuple) -> None:
         print(f"serving {ckpt} on {address[0]}:{address[1]} (Ctrl-C to stop)", file=sys.stderr, flush=True)
@@ -448,31 +519,13 @@ def cmd_serve(cfg: DictConfig) -> dict:
 def cmd_deploy(cfg: DictConfig) -> dict:
     from real.deploy import deploy
 
-    require(cfg, "out", "deploy")
-    if cfg.task is None and "task" in cfg.robot:
+    if cfg.task is None and "task" in cfg.robot:  # the simulated robot runs the checkpoint's task
         if not cfg.ckpt:
             raise UserError("Pass task=... for the simulated robot (with server=, the checkpoint is not local).")
-        from robopolicy.checkpoint import read_checkpoint_info
+        from robopolicy.checkpoint import read_checkpoint_info, resolve_checkpoint
 
         cfg.task = read_checkpoint_info(resolve_checkpoint(cfg.ckpt))["config"].get("task")
     return {"command": "deploy", **deploy(cfg)}
-
-
-def _data_import(cfg: DictConfig) -> dict:
-    src, out = require(cfg, "src", "data import"), require(cfg, "out", "data import")
-    if not Path(src).exists():
-        raise UserError(f"No dataset at {src}: pass src= a LeRobot dataset folder or a robomimic .hdf5 file.")
-    if cfg.format == "lerobot":
-        from robopolicy.data.lerobot import import_lerobot
-
-        summary = import_lerobot(src, out, overwrite=bool(cfg.overwrite))
-    elif cfg.format == "robomimic":
-        from robopolicy.data.robomimic import import_robomimic
-
-        summary = import_robomimic(src, out, overwrite=bool(cfg.overwrite), filter_key=cfg.filter_key)
-    else:
-        raise UserError(f"data import reads format=lerobot or format=robomimic, not {cfg.format!r}.")
-    return {"command": "data import", **summary}
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -485,12 +538,32 @@ def _print_help(command: str | None) -> None:
         lines += ["", "`robopolicy COMMAND --help` shows that command's configuration and how to override it."]
         print("\n".join(lines))
         return
-    config_name = "data" if command == "data" else command
-    cfg = compose(config_name, [])
+    cfg = compose(command, [])
+    groups = command_groups(command)
+    cls = command_config_class(command)
     print(f"usage: robopolicy {command}{' ' + '|'.join(DATA_COMMANDS) if command == 'data' else ''} [key=value ...]")
-    print(f"\n{COMMANDS[command]}.\n\nconfiguration (configs/{config_name}.yaml; override any key as key=value,"
+    print(f"\n{COMMANDS[command]}.\n\nconfiguration (configs/{command}.yaml; override any key as key=value,"
           " e.g. task=builtin/push episodes=10, nested keys as expert.noise=0.1):\n")
-    print(OmegaConf.to_yaml(cfg, resolve=False))
+    if cls is not None:
+        lines = describe(cls)
+    else:  # not registered yet: the YAML itself
+        own = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in groups])
+        lines = OmegaConf.to_yaml(own, resolve=False).splitlines()
+    for group, option in groups.items():
+        section = cfg[group]
+        group_cls = group_config_class(group, group_config_name(group, option, section))
+        lines.append(f"{group}: {option}  # configs/{group}/{option}.yaml; pick another with {group}=NAME, "
+                     f"set a key with {group}.KEY=VALUE")
+        lines += ["  " + line for line in (describe(group_cls) if group_cls is not None
+                                           else OmegaConf.to_yaml(section, resolve=False).splitlines())]
+    print("\n".join(_aligned(lines)))
+
+
+def _aligned(lines: list[str]) -> list[str]:
+    """`key: value  # doc` lines with their docs in one column."""
+    split = [line.split("  # ", 1) if "  # " in line else [line] for line in lines]
+    width = min(max(len(parts[0]) for parts in split), 40)
+    return [f"{parts[0]:<{width}}  # {parts[1]}" if len(parts) == 2 else parts[0] for parts in split]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -510,10 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "data":
             if not rest or rest[0] not in DATA_COMMANDS:
                 raise UserError(f"`robopolicy data` needs a subcommand: {', '.join(DATA_COMMANDS)}.")
-            summary = cmd_data(compose("data", rest[1:]), rest[0])
+            summary = run("data", rest[1:], sub=rest[0])
         else:
-            handler = globals()[f"cmd_{command}"]
-            summary = handler(compose(command, rest))
+            summary = run(command, rest)
     except KeyboardInterrupt:
         print("error: interrupted.", file=sys.stderr)
         return 130

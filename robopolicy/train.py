@@ -9,39 +9,112 @@ exactly what the uninterrupted run would have drawn.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from robopolicy.checkpoint import save_checkpoint
+from robopolicy.checkpoint import point_last, save_checkpoint
+from robopolicy.config import register_config, setting, to_dict
 from robopolicy.data import DemoStore, WindowDataset
+from robopolicy.data.spec import is_image_key, policy_features
 from robopolicy.evaluate import evaluate
-from robopolicy.policies import make_policy, policy_features
+from robopolicy.policies import make_policy
 from robopolicy.train_state import has_train_state, load_train_state, save_train_state
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay; lr, weight_decay and ema_decay null: the policy config's."""
+
+    lr: float | None = setting(None, "null: the policy config's optim.lr")
+    weight_decay: float | None = setting(None, "null: the policy config's optim.weight_decay")
+    ema_decay: float | None = setting(None, "decay of the EMA weights (the ones evaluated and saved); null: the "
+                                            "policy config's optim.ema_decay")
+    betas: list[float] = setting([0.95, 0.999], "AdamW's betas")
+    warmup_steps: int = setting(100, "linear warmup, then cosine decay to 0 at the last step")
+    grad_clip: float = setting(1.0, "largest gradient norm")
+
+
+@dataclass(kw_only=True)
+class TrainEvalConfig:
+    every: int = setting(1000, "steps between evaluations during training (0: only at the end)")
+    episodes: int = setting(20, "episodes per evaluation during training")
+    final_episodes: int = setting(50, "episodes of the evaluation at the end (0: none)")
+    num_envs: int = setting(8, "envs stepped in parallel")
+    videos: int = setting(2, "rollouts written as videos at the end (image tasks)")
+
+
+@register_config("command", "train")
+@dataclass(kw_only=True)
+class TrainConfig:
+    """configs/train.yaml without its `policy:` section (the policy's own registered config covers that)."""
+
+    task: str = setting("builtin/pick_place", "the simulated task used for evaluation during and after training")
+    data: str = setting(doc="the demonstration store")
+    out: str = setting(doc="the run folder: checkpoints/, tensorboard/, curves.png, videos/, summary.json")
+    resume: bool = setting(False, "continue the run in out from its last checkpoint (exactly)")
+    overwrite: bool = setting(False, "delete a previous run in out and start over")
+    seed: int = setting(0, "initial weights, batches and sampling noise all derive from it")
+    steps: int = setting(6000, "gradient steps")
+    batch_size: int = setting(256, "windows per step")
+    only_success: bool = setting(True, "train on the store's successful episodes only")
+    max_episodes: int | None = setting(None, "the first N (successful) episodes; null: all")
+    use_images: bool | str = setting("auto", "auto: images when the store has them; false: state only",
+                                     choices=("auto", True, False))
+    quality_weighting: bool = setting(False, "sample windows in proportion to their episode's quality weight")
+    threads: int | None = setting(1, "torch CPU threads (null: all cores); 1 is fastest for the small default "
+                                     "models on a shared 2-core machine")
+    log_every: int = setting(50, "steps between loss records (TensorBoard, curves.png)")
+    checkpoint_every: int = setting(1000, "steps between checkpoints (the last step always writes one)")
+    keep_checkpoints: int | None = setting(2, "step checkpoints kept on disk, the newest (null: every one)")
+    max_episode_steps: int | None = setting(None, "evaluation episodes; null: the task's default")
+    optim: OptimConfig = setting(OptimConfig(), "null values: the policy config's optim section")
+    eval: TrainEvalConfig = setting(TrainEvalConfig(), "evaluation in simulation during and after training")
 
 
 class TrainError(ValueError):
     """A training run that cannot start as asked (the message says why and what to do)."""
 
 
-def select_features(store_features: dict, use_images: bool) -> dict:
-    features = policy_features(store_features)
-    if not use_images:
-        features = {k: v for k, v in features.items() if not k.startswith("observation.images.")}
-    return features
+def wants_images(store_features: Mapping[str, Any], use_images: bool | str) -> bool:
+    """`use_images: auto` means: images when the store records a camera."""
+    return any(map(is_image_key, store_features)) if use_images == "auto" else bool(use_images)
+
+
+def select_features(store_features: Mapping[str, Any], use_images: bool | str) -> dict:
+    """The store features a policy trains on: observations (cameras only with images) and the action."""
+    keep_images = wants_images(store_features, use_images)
+    return {k: v for k, v in policy_features(store_features).items() if keep_images or not is_image_key(k)}
+
+
+def optimizer_settings(optim: OptimConfig, policy_cfg: Mapping[str, Any]) -> OptimConfig:
+    """train's `optim:` with its nulls filled from the policy config's `optim:` section."""
+    policy_optim = policy_cfg.get("optim") or {}
+    filled = {}
+    for name in ("lr", "weight_decay", "ema_decay"):
+        value = getattr(optim, name)
+        if value is None:
+            if policy_optim.get(name) is None:
+                raise TrainError(f"optim.{name} is null and the policy config sets no optim.{name}: "
+                                 f"pass optim.{name}=... or policy.optim.{name}=...")
+            value = float(policy_optim[name])
+        filled[name] = value
+    return dataclasses.replace(optim, **filled)
 
 
 def select_episodes(store: DemoStore, only_success: bool, max_episodes: int | None) -> list[int]:
     episodes = [e["index"] for e in store.episodes if e.get("success") or not only_success]
     if max_episodes:
-        episodes = episodes[: int(max_episodes)]
+        episodes = episodes[:max_episodes]
     if not episodes:
         raise TrainError(f"{store.path} has no {'successful ' if only_success else ''}episodes to train on.")
     return episodes
@@ -68,16 +141,10 @@ def _latest_state(ckpt_root: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def _point_last(ckpt_root: Path, target: Path) -> None:
-    tmp = ckpt_root / ".last.tmp"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target.name)
-    os.replace(tmp, ckpt_root / "last")  # atomic: `last` always names a complete checkpoint
-
-
-def train(cfg: DictConfig, *, make_envs: Callable[[], object] | None = None, progress=None,
-          log: Callable[[str], None] = print) -> dict:
-    """Train per `cfg` (configs/train.yaml); `make_envs()` returns a vector env for evaluation (or None)."""
+def train(cfg: TrainConfig, policy_cfg: Mapping[str, Any], *, make_envs: Callable[[], object] | None = None,
+          progress=None, log: Callable[[str], None] = print) -> dict:
+    """Train the policy `policy_cfg` (configs/policy/<name>.yaml, validated by `make_policy`) as `cfg` says;
+    `make_envs()` returns a vector env for evaluation (or None)."""
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     if ckpt_root.exists() and not cfg.resume:
@@ -86,15 +153,14 @@ def train(cfg: DictConfig, *, make_envs: Callable[[], object] | None = None, pro
                              "overwrite=true to start over, or another out=.")
         shutil.rmtree(out)
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(int(cfg.threads or os.cpu_count() or 1))
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
 
     store = DemoStore.open(cfg.data)
-    has_images = any(k.startswith("observation.images.") for k in store.features)
-    use_images = has_images if cfg.use_images == "auto" else bool(cfg.use_images)
-    features = select_features(store.features, use_images)
-    episodes = select_episodes(store, bool(cfg.only_success), cfg.max_episodes)
-    policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
-    torch.manual_seed(int(cfg.seed))  # the initial weights depend on the seed alone
+    features = select_features(store.features, cfg.use_images)
+    episodes = select_episodes(store, cfg.only_success, cfg.max_episodes)
+    policy_cfg = dict(policy_cfg)
+    optim = optimizer_settings(cfg.optim, policy_cfg)
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     policy = make_policy(policy_cfg, features, store.stats)
     dataset = WindowDataset(store, policy.n_obs_steps, policy.horizon, keys=list(features), episodes=episodes)
     weights = None
@@ -102,15 +168,13 @@ def train(cfg: DictConfig, *, make_envs: Callable[[], object] | None = None, pro
         weights = np.asarray(dataset.sample_weights(), dtype=np.float64)
         weights = weights / weights.sum()
 
-    optim_cfg = {**(policy_cfg.get("optim") or {}), **{k: v for k, v in cfg.optim.items() if v is not None}}
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=float(optim_cfg.get("lr", 1e-3)),
-                                  weight_decay=float(optim_cfg.get("weight_decay", 1e-6)),
-                                  betas=tuple(optim_cfg.get("betas", (0.95, 0.999))))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
+                                  betas=tuple(optim.betas))
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
-    steps = int(cfg.steps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(optim_cfg.get("warmup_steps", 100)), steps)
-    ema = EMA(policy, float(optim_cfg.get("ema_decay", 0.995)))
+    steps = cfg.steps
+    scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, steps)
+    ema = EMA(policy, optim.ema_decay)
     start_step = 0
     history: dict[str, list] = {"loss": [], "eval": []}
     if cfg.resume:
@@ -124,11 +188,11 @@ def train(cfg: DictConfig, *, make_envs: Callable[[], object] | None = None, pro
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(out / "tensorboard"))
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = {"policy": policy_cfg, **to_dict(cfg)}  # the checkpoint's config.yaml: what `eval` and `deploy` read
     n_params = sum(p.numel() for p in policy.parameters())
     log(f"training {policy_cfg['name']} ({n_params / 1e6:.2f}M parameters) on {len(episodes)} episodes, "
         f"{len(dataset)} windows, for {steps} steps")
-    wants_eval = int(cfg.eval.episodes) > 0 or int(cfg.eval.final_episodes) > 0
+    wants_eval = cfg.eval.episodes > 0 or cfg.eval.final_episodes > 0
     envs = make_envs() if (make_envs is not None and wants_eval) else None
     started = time.perf_counter()
     train_seconds = 0.0
@@ -136,24 +200,24 @@ def train(cfg: DictConfig, *, make_envs: Callable[[], object] | None = None, pro
     try:
         for step in range(start_step, steps):
             tick = time.perf_counter()
-            rng = np.random.default_rng([int(cfg.seed), step])
+            rng = np.random.default_rng([cfg.seed, step])
             if weights is None:
-                idx = rng.integers(0, len(dataset), int(cfg.batch_size))
+                idx = rng.integers(0, len(dataset), cfg.batch_size)
             else:
-                idx = rng.choice(len(dataset), int(cfg.batch_size), p=weights)
+                idx = rng.choice(len(dataset), cfg.batch_size, p=weights)
             batch = {k: torch.from_numpy(v) for k, v in dataset.get_batch(idx).items()}
-            torch.manual_seed(int(cfg.seed) * 1_000_003 + step)
+            torch.manual_seed(cfg.seed * 1_000_003 + step)
             loss, metrics = policy.loss(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), float(optim_cfg.get("grad_clip", 1.0)))
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), optim.grad_clip)
             optimizer.step()
             scheduler.step()
             ema.update(policy, step)
             loss_value = loss.item()
             train_seconds += time.perf_counter() - tick
             done = step + 1
-            if done % int(cfg.log_every) == 0 or done == steps:
+            if done % cfg.log_every == 0 or done == steps:
                 history["loss"].append([done, loss_value])
                 writer.add_scalar("train/loss", loss_value, done)
                 writer.add_scalar("train/grad_norm", float(grad_norm), done)
@@ -163,21 +227,21 @@ def train(cfg: DictConfig, *, make_envs: Callable[[], object] | None = None, pro
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-            if (envs is not None and int(cfg.eval.episodes) > 0 and cfg.eval.every
-                    and done % int(cfg.eval.every) == 0 and done < steps):
-                result = evaluate(envs, ema.model, int(cfg.eval.episodes))
+            if (envs is not None and cfg.eval.episodes > 0 and cfg.eval.every
+                    and done % cfg.eval.every == 0 and done < steps):
+                result = evaluate(envs, ema.model, cfg.eval.episodes)
                 history["eval"].append([done, result["success_rate"]])
                 writer.add_scalar("eval/success_rate", result["success_rate"], done)
                 log(f"step {done}: success {result['success_rate']:.2f} over {result['episodes']} episodes")
-            if done % int(cfg.checkpoint_every) == 0 or done == steps:
+            if done % cfg.checkpoint_every == 0 or done == steps:
                 _save(ckpt_root, done, ema.model, policy, optimizer, scheduler, resolved, history,
-                      keep=cfg.get("keep_checkpoints", 2))
+                      keep=cfg.keep_checkpoints)
 
         train_time = time.perf_counter() - started
         final = None
-        if envs is not None and int(cfg.eval.final_episodes) > 0:
-            final = evaluate(envs, ema.model, int(cfg.eval.final_episodes), video_dir=out / "videos",
-                             n_videos=int(cfg.eval.videos))
+        if envs is not None and cfg.eval.final_episodes > 0:
+            final = evaluate(envs, ema.model, cfg.eval.final_episodes, video_dir=out / "videos",
+                             n_videos=cfg.eval.videos)
             history["eval"].append([steps, final["success_rate"]])
             writer.add_scalar("eval/success_rate", final["success_rate"], steps)
     finally:
@@ -213,9 +277,9 @@ def _save(ckpt_root: Path, step: int, ema_model, policy, optimizer, scheduler, c
     save_checkpoint(target, ema_model, config=config, extra_json={"step": step})
     save_train_state(target, step=step, model=policy, optimizer=optimizer, scheduler=scheduler,
                      extra={"history": history})
-    _point_last(ckpt_root, target)
+    point_last(target)
     if keep is not None:  # the newest `keep` step checkpoints (null: all)
-        for old in sorted(ckpt_root.glob("step_*"))[:-max(int(keep), 1)]:
+        for old in sorted(ckpt_root.glob("step_*"))[:-max(keep, 1)]:
             shutil.rmtree(old, ignore_errors=True)
 
 
