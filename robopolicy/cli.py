@@ -102,8 +102,10 @@ def command_groups(command: str) -> dict[str, str]:
 
 
 def group_config_name(group: str, option: str, section: Mapping[str, Any]) -> str:
-    """The registry name of a group file's config: a robot's file stem, a policy's or algo's `name:`."""
-    return option if group == "robot" else str(section.get("name", option))
+    """The registry name of a group file's config: its file stem where a config is registered under it (robots,
+    presets such as policy/flow_image), else its `name:` (the class it configures)."""
+    importlib.import_module(GROUP_MODULES[group])
+    return option if group == "robot" or (group, option) in CONFIGS else str(section.get("name", option))
 
 
 def command_config_class(command: str) -> type | None:
