@@ -41,8 +41,8 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UserError, FileNotFoundError, FileExistsError, ValueError]
     try:
-        from real.control_node import ControlNodeError
-        from real.sim_robot import SimRobotError
+        from real.robot.control_node import ControlNodeError
+        from real.robot.sim_robot import SimRobotError
 
         errors += [ControlNodeError, SimRobotError]
     except ImportError:
@@ -432,7 +432,7 @@ def cmd_finetune(cfg: DictConfig) -> dict:
 
 
 def cmd_serve(cfg: DictConfig) -> dict:
-    from real.deploy import serve
+    from real.host.deploy import serve
 
     ckpt = resolve_checkpoint(require(cfg, "ckpt", "serve"))
 
@@ -444,7 +444,7 @@ def cmd_serve(cfg: DictConfig) -> dict:
 
 
 def cmd_deploy(cfg: DictConfig) -> dict:
-    from real.deploy import deploy
+    from real.host.deploy import deploy
 
     require(cfg, "out", "deploy")
     if cfg.task is None and "task" in cfg.robot:

@@ -10,10 +10,17 @@ import pytest
 import torch
 import yaml
 
-from real.control_node import ControlConfig, ControlNode, LocalInference, ObservationBuffer
-from real.execution import ChunkPlan, EnsembleExecutor, RTCExecutor, SyncExecutor, make_executor
-from real.recording import EpisodeRecorder
-from real.sim_robot import SimRobot
+from real.robot.control_node import (
+    ControlConfig,
+    ControlNode,
+    ControlNodeError,
+    LocalInference,
+    ObservationBuffer,
+)
+from real.robot.execution import ChunkPlan, EnsembleExecutor, RTCExecutor, SyncExecutor, make_executor
+from real.robot.hal import Teleoperator
+from real.robot.recording import EpisodeRecorder
+from real.robot.sim_robot import SimRobot
 from robopolicy.data import DemoStore, validate_store
 from robopolicy.policies import make_policy
 
@@ -180,8 +187,14 @@ def _wait_for(condition, timeout_s: float = 1.0) -> bool:
 
 
 def test_robot_is_stopped_when_the_episode_raises(robot):
-    class FailingTeleop:
-        calls = 0
+    class FailingTeleop(Teleoperator):
+        calls, is_intervening = 0, False
+
+        def connect(self):
+            pass
+
+        def disconnect(self):
+            pass
 
         def get_action(self):
             self.calls += 1
@@ -216,7 +229,7 @@ def test_policy_that_does_not_fit_the_robot_is_refused(robot):
     features = {"observation.state": {"dtype": "float32", "shape": [5], "names": None}, **{"action": FEATURES["action"]}}
 
     class Wrong:
-        n_obs_steps, horizon, n_action_steps, fps, supports_prefix = 1, 4, 2, 10, False
+        n_obs_steps, horizon, n_action_steps, fps, supports_prefix, noise_shape = 1, 4, 2, 10, False, (4, 4)
 
         def infer(self, *args):
             raise AssertionError("never called")
@@ -226,5 +239,5 @@ def test_policy_that_does_not_fit_the_robot_is_refused(robot):
 
     backend = Wrong()
     backend.features = features
-    with pytest.raises(Exception, match=r"observation.state' is \[28\] on the robot but \[5\]"):
+    with pytest.raises(ControlNodeError, match=r"does not fit the robot .*observation.state has shape \[28\] where \[5\]"):
         ControlNode(robot, backend)
