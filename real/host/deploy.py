@@ -28,7 +28,7 @@ from robopolicy.config import register_config, setting
 
 
 @register_config("command", "serve")
-@dataclass
+@dataclass(kw_only=True)  # `out` / `ckpt` have no default and may come in any order
 class ServeConfig:
     """configs/serve.yaml."""
 

@@ -42,7 +42,7 @@ class InterventionConfig:
 
 
 @register_config("command", "deploy")
-@dataclass
+@dataclass(kw_only=True)  # `out` / `ckpt` have no default and may come in any order
 class DeployConfig:
     """configs/deploy.yaml without its `robot:` group (validated against the robot's own config class)."""
 
