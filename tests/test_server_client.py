@@ -25,7 +25,7 @@ from real.robot.client import (
     PolicyServerError,
     PolicyTimeoutError,
 )
-from real.robot.protocol import Error, Hello, decode_message, encode_message, frame, recv_frame
+from real.robot.protocol import Error, Hello, HelloReply, decode_message, encode_message, frame, recv_frame
 from robopolicy.policies.base import ChunkPolicy
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -312,3 +312,15 @@ def test_shutdown_closes_connected_clients_promptly():
     with pytest.raises(PolicyConnectionError):
         client.infer(observation(), 0.0)
     client.close()
+
+
+def test_a_version_1_client_is_answered_in_version_1(server):
+    """Protocol 2 added `HelloReply.supports_prefix`; a robot on the previous release still gets a reply it reads."""
+    import msgpack
+
+    with socket.create_connection(server.address, timeout=5.0) as sock:
+        sock.sendall(frame(msgpack.packb({"v": 1, "type": "hello"})))
+        body = msgpack.unpackb(recv_frame(sock, deadline=time.monotonic() + 5.0))
+    assert body["v"] == 1 and body["type"] == "hello_reply" and "supports_prefix" not in body
+    assert isinstance(decode_message(encode_message(HelloReply({}, 1, 1, 1, supports_prefix=True), version=1)),
+                      HelloReply)
