@@ -13,13 +13,13 @@ EXTRAS ?= metaworld,pusht,interop,dev
 # pytest-xdist workers: 2 cores.
 TEST_WORKERS ?= 2
 
-.PHONY: quickstart test test-slow setup lerobot-env system-deps lint bench clean
+.PHONY: quickstart test test-slow setup lerobot-env robot-env system-deps lint bench clean
 
 quickstart: setup
 	$(BIN)/robopolicy quickstart
 
 # The import contracts and ruff first (`make lint`): a broken layer fails in seconds, before the tests start.
-test: lint lerobot-env
+test: lint lerobot-env robot-env
 	MUJOCO_GL=$${MUJOCO_GL:-egl} $(BIN)/python -m pytest -n $(TEST_WORKERS) -q --durations=15
 
 test-slow: setup lerobot-env
@@ -50,6 +50,18 @@ $(LEROBOT_VENV)/.installed:
 		"imageio[ffmpeg]" termcolor "setuptools<81" pynput torchcodec==0.13.0
 	@touch $@
 
+# The robot computer's side in its own virtualenv: only pyproject's `real` extra (no torch, no MuJoCo, no hydra),
+# the package itself without its dependencies. tests/test_robot_env.py deploys from it against a policy server.
+ROBOT_VENV := .venv-robot
+robot-env: $(ROBOT_VENV)/.installed
+
+$(ROBOT_VENV)/.installed: pyproject.toml
+	rm -rf $(ROBOT_VENV) && $(PYTHON) -m venv $(ROBOT_VENV)
+	$(ROBOT_VENV)/bin/pip install -q $$($(ROBOT_VENV)/bin/python -c "import tomllib; \
+		print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['real']))")
+	$(ROBOT_VENV)/bin/pip install -q --no-deps -e .
+	@touch $@
+
 # MuJoCo renders camera images offscreen through EGL or OSMesa; ffmpeg decodes LeRobot's videos (torchcodec).
 SYSTEM_PACKAGES := libosmesa6 libegl1 libgl1 ffmpeg
 system-deps:
@@ -70,4 +82,4 @@ bench: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(LEROBOT_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LEROBOT_VENV) $(ROBOT_VENV) .pytest_cache .ruff_cache

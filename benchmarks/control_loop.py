@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import yaml
 
-from real.control_node import ControlConfig, ControlNode, LocalInference, RemoteInference
-from real.deploy import ServerProcess, summarize
-from real.sim_robot import SimRobot
+from real.host.deploy import ServerProcess
+from real.robot.control_node import ControlConfig, ControlNode, LocalInference, RemoteInference
+from real.robot.deployment import summarize
+from real.robot.sim_robot import SimRobot
 from robopolicy.checkpoint import load_policy, save_checkpoint
 from robopolicy.policies import make_policy
 

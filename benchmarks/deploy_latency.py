@@ -6,7 +6,7 @@ on the same episode seeds (--eval-episodes; the reference deployment is measured
     .venv/bin/python benchmarks/deploy_latency.py            # no --ckpt: collects demos and trains one first
 
 Without --ckpt it runs `robopolicy collect` (--demos expert episodes) and `robopolicy train` (--train-steps,
-no evaluation) on the task into a temporary folder first. Each case is `real.deploy.deploy` with the
+no evaluation) on the task into a temporary folder first. Each case is `real.host.deploy.deploy` with the
 shipped configs (configs/deploy.yaml, robot=sim), the policy in a child process, episodes seeded from 100000.
 Prints one JSON object as the last line and writes benchmarks/results/deploy_latency.json.
 """
@@ -53,7 +53,7 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from real.deploy import deploy
+    from real.host.deploy import deploy
 
     cases = {}
     with tempfile.TemporaryDirectory() as tmp:

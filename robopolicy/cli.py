@@ -51,8 +51,8 @@ DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "fi
 # ("policy", <name>) ...; imported on demand (train's and the groups' pull in torch).
 CONFIG_MODULES = {"collect": "robopolicy.commands", "data": "robopolicy.commands", "eval": "robopolicy.commands",
                   "quickstart": "robopolicy.commands", "train": "robopolicy.train",
-                  "finetune": "robopolicy.finetune", "serve": "real.deploy", "deploy": "real.deploy"}
-GROUP_MODULES = {"policy": "robopolicy.policies", "algo": "robopolicy.rl", "robot": "real.sim_robot"}
+                  "finetune": "robopolicy.finetune", "serve": "real.host.deploy", "deploy": "real.robot.deployment"}
+GROUP_MODULES = {"policy": "robopolicy.policies", "algo": "robopolicy.rl", "robot": "real.robot.sim_robot"}
 
 
 class UserError(Exception):
@@ -62,8 +62,8 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UserError, FileNotFoundError, FileExistsError, ValueError]
     try:
-        from real.control_node import ControlNodeError
-        from real.sim_robot import SimRobotError
+        from real.robot.control_node import ControlNodeError
+        from real.robot.sim_robot import SimRobotError
 
         errors += [ControlNodeError, SimRobotError]
     except ImportError:
@@ -506,7 +506,7 @@ def cmd_finetune(cfg: FinetuneConfig, algo: Mapping[str, Any]) -> dict:
 
 
 def cmd_serve(cfg: DictConfig) -> dict:
-    from real.deploy import serve
+    from real.host.deploy import serve
     from robopolicy.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(cfg.ckpt)
@@ -519,7 +519,7 @@ def cmd_serve(cfg: DictConfig) -> dict:
 
 
 def cmd_deploy(cfg: DictConfig) -> dict:
-    from real.deploy import deploy
+    from real.host.deploy import deploy
 
     if cfg.task is None and "task" in cfg.robot:  # the simulated robot runs the checkpoint's task
         if not cfg.ckpt:

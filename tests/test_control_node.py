@@ -10,10 +10,19 @@ import pytest
 import torch
 import yaml
 
-from real.control_node import ControlConfig, ControlNode, LocalInference, ObservationBuffer
-from real.execution import ChunkPlan, EnsembleExecutor, RTCExecutor, SyncExecutor, make_executor
-from real.recording import EpisodeRecorder
-from real.sim_robot import SimRobot
+from real.host.server import PolicyServer
+from real.robot.control_node import (
+    ControlConfig,
+    ControlNode,
+    ControlNodeError,
+    LocalInference,
+    ObservationBuffer,
+    RemoteInference,
+)
+from real.robot.execution import ChunkPlan, EnsembleExecutor, RTCExecutor, SyncExecutor, make_executor
+from real.robot.hal import Teleoperator
+from real.robot.recording import EpisodeRecorder
+from real.robot.sim_robot import SimRobot
 from robopolicy.data import DemoStore, validate_store
 from robopolicy.policies import make_policy
 
@@ -180,8 +189,14 @@ def _wait_for(condition, timeout_s: float = 1.0) -> bool:
 
 
 def test_robot_is_stopped_when_the_episode_raises(robot):
-    class FailingTeleop:
-        calls = 0
+    class FailingTeleop(Teleoperator):
+        calls, is_intervening = 0, False
+
+        def connect(self):
+            pass
+
+        def disconnect(self):
+            pass
 
         def get_action(self):
             self.calls += 1
@@ -216,7 +231,7 @@ def test_policy_that_does_not_fit_the_robot_is_refused(robot):
     features = {"observation.state": {"dtype": "float32", "shape": [5], "names": None}, **{"action": FEATURES["action"]}}
 
     class Wrong:
-        n_obs_steps, horizon, n_action_steps, fps, supports_prefix = 1, 4, 2, 10, False
+        n_obs_steps, horizon, n_action_steps, fps, supports_prefix, noise_shape = 1, 4, 2, 10, False, (4, 4)
 
         def infer(self, *args):
             raise AssertionError("never called")
@@ -226,5 +241,72 @@ def test_policy_that_does_not_fit_the_robot_is_refused(robot):
 
     backend = Wrong()
     backend.features = features
-    with pytest.raises(Exception, match=r"observation.state' is \[28\] on the robot but \[5\]"):
+    with pytest.raises(ControlNodeError, match=r"does not fit the robot .*observation.state has shape \[28\] where \[5\]"):
         ControlNode(robot, backend)
+
+
+class LoggedInference(RemoteInference):
+    """Remote inference that keeps every request's (t_obs, observation history, noise, chunk)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.log: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def infer(self, observation, timestamp, prefix_actions, noise=None):
+        chunk, info = super().infer(observation, timestamp, prefix_actions, noise)
+        self.log.append((timestamp, observation["observation.state"].copy(), noise.copy(), chunk.copy()))
+        return chunk, info
+
+
+def deploy_once(robot, server, tmp_path, seed: int):
+    backend = LoggedInference(server.address)
+    recorder = EpisodeRecorder(tmp_path / f"store_{seed}_{len(list(tmp_path.iterdir()))}", robot.observation_features,
+                               robot.action_features["action"], 20)
+    node = ControlNode(robot, backend, ControlConfig(control_hz=20, mode="sync", max_episode_s=2.5), recorder=recorder)
+    try:
+        node.run_episode(seed=seed)
+    finally:
+        node.close()
+        backend.close()
+        recorder.close()
+    with DemoStore.open(recorder.path) as store:
+        return store.get_episode(0), backend.log
+
+
+def test_deploy_with_the_same_seed_twice_gives_the_same_chunks_and_actions(robot, tmp_path):
+    """Each chunk's noise is drawn from a generator seeded by the episode seed, and the policy is deterministic
+    given it, so the same seed gives the same chunk for the same observation history, through the server.
+
+    What holds for the recorded actions: in sync mode the simulated arm samples commands phase-locked to the node
+    and publishes tick-synchronous frames, so the same seed replays the same observations and hence the same
+    actions (measured: all 61 ticks of a 3 s episode within 1e-6). Timing can still break that on a loaded
+    machine (a frame published more than ~15 ms late, or a chunk more than ~45 ms late, shifts the episode by
+    one servo tick), so the guarantee checked here is: the same noise sequence, the same chunk wherever the
+    observation history was the same, and the same recorded actions up to the first request whose observation
+    timing differed (all of them when none did)."""
+    with PolicyServer(small_policy("flow", num_inference_steps=2)) as server:
+        (first, log_a), (second, log_b) = (deploy_once(robot, server, tmp_path, seed=11) for _ in range(2))
+        other, log_c = deploy_once(robot, server, tmp_path, seed=12)
+    n = min(len(log_a), len(log_b))
+    assert n >= 3
+    for (_, _, noise_a, _), (_, _, noise_b, _) in zip(log_a, log_b):
+        np.testing.assert_array_equal(noise_a, noise_b)
+    same_obs = [np.array_equal(log_a[i][1], log_b[i][1]) for i in range(n)]
+    assert same_obs[0]  # the reset frame: the seeded task's initial state
+    for i in range(n):
+        if same_obs[i]:
+            np.testing.assert_allclose(log_a[i][3], log_b[i][3], atol=1e-5)
+    # the recorded actions, up to the first tick that used a chunk from a diverging observation
+    diverged = same_obs.index(False) if False in same_obs else None
+
+    def ticks_before_divergence(episode, log) -> int:
+        if diverged is None:
+            return len(episode["action"])
+        in_use = episode["timing.chunk_obs_timestamp"][:, 0]
+        return int(np.argmax(in_use == log[diverged][0])) if (in_use == log[diverged][0]).any() else len(in_use)
+
+    k = min(ticks_before_divergence(first, log_a), ticks_before_divergence(second, log_b))
+    assert k >= 10 or diverged is not None
+    np.testing.assert_allclose(first["action"][:k], second["action"][:k], atol=1e-5)
+    # another seed: other noise, another first chunk for the same reset frame
+    assert not np.allclose(log_c[0][2], log_a[0][2]) and not np.allclose(log_c[0][3], log_a[0][3], atol=1e-3)

@@ -14,23 +14,24 @@ import numpy as np
 import pytest
 import torch
 
-from real.control_node import ControlConfig, ControlNode, RemoteInference
-from real.deploy import ServerProcess
-from real.recording import EpisodeRecorder
-from real.server import PolicyServer
-from real.sim_robot import SimRobot
+from real.host.deploy import ServerProcess
+from real.host.server import PolicyServer
+from real.robot.control_node import ControlConfig, ControlNode, RemoteInference
+from real.robot.recording import EpisodeRecorder
+from real.robot.sim_robot import SimRobot
 from robopolicy.checkpoint import load_policy, save_checkpoint
 from robopolicy.data import DemoStore, validate_store
 from robopolicy.policies import make_policy
+from robopolicy.policies.base import ChunkPolicy
 
 FAULT_START, FAULT_LEN, EPISODE_S = 0.8, 1.0, 3.2
 
 
-class FaultyPolicy(torch.nn.Module):
+class FaultyPolicy(ChunkPolicy):
     """A real (small) chunk policy whose forward misbehaves while `fault` is set."""
 
     # a short horizon: rtc keeps executing a chunk's tail when the next is late, and that tail must run out
-    n_obs_steps, horizon, n_action_steps, fps = 2, 8, 4, 10
+    n_obs_steps, horizon, n_action_steps, action_dim = 2, 8, 4, 4
     features = {
         "observation.state": {"dtype": "float32", "shape": [28], "names": None},
         "action": {"dtype": "float32", "shape": [4], "names": None},
@@ -42,7 +43,7 @@ class FaultyPolicy(torch.nn.Module):
         self.head = torch.nn.Linear(2 * 28, 8 * 4)
         self.fault: str | None = None
 
-    def sample_chunk(self, obs, noise=None):
+    def sample_chunk(self, obs, noise=None, prefix_actions=None):
         state = obs["observation.state"].flatten(1)  # [B, To * D]
         chunk = 0.5 * torch.tanh(self.head(state)).view(-1, 8, 4)  # [B, H, A]
         if self.fault == "nan":

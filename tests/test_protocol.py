@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from real.protocol import (
+from real.robot.protocol import (
     DTYPES,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,

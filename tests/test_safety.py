@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from real.hal import LimitsError, RobotLimits
-from real.safety import SafetyEventKind, SafetyFilter, braking_reach
-from real.watchdog import EStopListener, Watchdog, WatchdogState, send_estop
+from real.robot.hal import LimitsError, RobotLimits
+from real.robot.safety import SafetyEventKind, SafetyFilter, braking_reach
+from real.robot.watchdog import EStopListener, Watchdog, WatchdogState, send_estop
 
 TOL = 1e-9
 

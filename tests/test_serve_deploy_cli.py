@@ -71,3 +71,27 @@ def test_deploy_local_checkpoint_and_bad_inputs(tmp_path):
     missing = run_cli("deploy", f"ckpt={tmp_path / 'nothing'}", f"task={TASK}", "episodes=1",
                       f"out={tmp_path / 'e'}", timeout=180)
     assert missing.returncode != 0 and "nothing" in missing.stderr and "Traceback" not in missing.stderr
+    # a bad value is refused at the edge, in one sentence naming the key, before anything starts
+    bad = run_cli("deploy", f"ckpt={ckpt}", "control.mode=fast", f"out={tmp_path / 'f'}", timeout=180)
+    assert bad.returncode != 0 and "control.mode='fast' is unknown" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_robot_side_configs_match_their_yaml_key_for_key():
+    """configs/deploy.yaml, serve.yaml and robot/sim.yaml against their typed configs (same keys, same defaults)."""
+    import yaml
+
+    from real.host.deploy import ServeConfig
+    from real.robot.deployment import DeployConfig
+    from real.robot.sim_robot import SimRobotConfig
+    from robopolicy.config import config_class, yaml_mismatches
+
+    def load(name):
+        with open(f"configs/{name}.yaml") as f:
+            return yaml.safe_load(f)
+
+    assert config_class("command", "deploy") is DeployConfig and config_class("command", "serve") is ServeConfig
+    assert config_class("robot", "sim") is SimRobotConfig
+    assert yaml_mismatches(DeployConfig, load("deploy"), skip=("defaults",)) == []
+    assert yaml_mismatches(ServeConfig, load("serve")) == []
+    assert yaml_mismatches(SimRobotConfig, load("robot/sim"), skip=("_target_",)) == []
+    assert load("robot/sim")["_target_"] == SimRobotConfig.target

@@ -17,27 +17,28 @@ import numpy as np
 import pytest
 import torch
 
-from real.client import (
+from real.host.server import PolicyServer
+from real.robot.client import (
     PolicyClient,
     PolicyClientError,
     PolicyConnectionError,
     PolicyServerError,
     PolicyTimeoutError,
 )
-from real.protocol import Error, Hello, decode_message, encode_message, frame, recv_frame
-from real.server import PolicyServer
+from real.robot.protocol import Error, Hello, HelloReply, decode_message, encode_message, frame, recv_frame
+from robopolicy.policies.base import ChunkPolicy
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 
 
-class LinearChunkPolicy(torch.nn.Module):
+class LinearChunkPolicy(ChunkPolicy):
     """A real (tiny) policy with the runtime interface: a linear map from the last state to a chunk."""
 
     n_obs_steps = 2
     horizon = 8
     n_action_steps = 4
-    fps = 10
+    action_dim = 2
     features = {
         "observation.state": {"dtype": "float32", "shape": [3], "names": ["x", "y", "z"]},
         "action": {"dtype": "float32", "shape": [2], "names": None},
@@ -49,7 +50,8 @@ class LinearChunkPolicy(torch.nn.Module):
         self.head = torch.nn.Linear(3, self.horizon * 2)
         self.delay_s = delay_s
 
-    def sample_chunk(self, obs: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
+    def sample_chunk(self, obs: dict[str, torch.Tensor], noise: torch.Tensor | None = None,
+                     prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
         if self.delay_s:
             time.sleep(self.delay_s)
         state = obs["observation.state"][:, -1]  # [B, To, D] -> [B, D]
@@ -73,7 +75,7 @@ def expected_chunk(policy: LinearChunkPolicy, obs: dict[str, np.ndarray], noise=
 
 @pytest.fixture
 def server():
-    with PolicyServer(LinearChunkPolicy()) as server:
+    with PolicyServer(LinearChunkPolicy(), fps=10) as server:
         yield server
 
 
@@ -82,7 +84,7 @@ def test_round_trip_hello_and_infer(server):
         meta = client.hello()
         assert meta.features == LinearChunkPolicy.features
         assert (meta.n_obs_steps, meta.horizon, meta.n_action_steps, meta.fps) == (2, 8, 4, 10.0)
-        assert meta.noise_shape == [8, 2]
+        assert meta.noise_shape == [8, 2] and meta.supports_prefix is False
         policy = server.policy
         for seed in range(3):
             obs = observation(seed)
@@ -182,7 +184,7 @@ SERVER_SCRIPT = """
 import sys
 sys.path.insert(0, sys.argv[2])
 from test_server_client import LinearChunkPolicy
-from real.server import PolicyServer
+from real.host.server import PolicyServer
 
 server = PolicyServer(LinearChunkPolicy(), port=int(sys.argv[1]))
 print(server.address[1], flush=True)
@@ -310,3 +312,15 @@ def test_shutdown_closes_connected_clients_promptly():
     with pytest.raises(PolicyConnectionError):
         client.infer(observation(), 0.0)
     client.close()
+
+
+def test_a_version_1_client_is_answered_in_version_1(server):
+    """Protocol 2 added `HelloReply.supports_prefix`; a robot on the previous release still gets a reply it reads."""
+    import msgpack
+
+    with socket.create_connection(server.address, timeout=5.0) as sock:
+        sock.sendall(frame(msgpack.packb({"v": 1, "type": "hello"})))
+        body = msgpack.unpackb(recv_frame(sock, deadline=time.monotonic() + 5.0))
+    assert body["v"] == 1 and body["type"] == "hello_reply" and "supports_prefix" not in body
+    assert isinstance(decode_message(encode_message(HelloReply({}, 1, 1, 1, supports_prefix=True), version=1)),
+                      HelloReply)

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from real.sim_robot import SimRobot, SimRobotError
+from real.robot.sim_robot import SimRobot, SimRobotError
 
 
 @pytest.fixture(scope="module")

@@ -194,6 +194,10 @@ class ArmTaskEnv(gym.Env):
                 renderer.close()
         self._renderer = self._video_renderer = None
 
+    def observation(self) -> dict[str, np.ndarray]:
+        """The current observation, as reset and step return it (for a real-time driver stepping physics itself)."""
+        return self._observation()
+
     # ---- helpers ------------------------------------------------------------------------------------
     def _observation(self) -> dict[str, np.ndarray]:
         s, d = self._state, self.data

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 
-from real.protocol import (
+from real.robot.protocol import (
     EStop,
     ProtocolError,
     check_bind_allowed,
@@ -116,7 +116,7 @@ class EStopListener:
     """Latch a watchdog's e-stop when an authenticated `estop` message arrives over UDP.
 
     UDP because an e-stop button or an operator laptop must reach the robot without a session: one
-    datagram, no connection to set up or lose. Messages use `real.protocol` (version, token, no pickle);
+    datagram, no connection to set up or lose. Messages use `real.robot.protocol` (version, token, no pickle);
     anything else is ignored. Use as a context manager; `address` is the bound (host, port).
     """
 

@@ -132,6 +132,10 @@ class RobotLimits:
 class Robot(ABC):
     """A robot the control node drives: observe, command, hold, stop.
 
+    This class declares everything the control node calls. A driver must implement the abstract members; the
+    others have defaults that fit a position-controlled arm with no notion of episodes: `reset(seed)` (start an
+    episode, return its first observation), `status` (success / truncation of the episode), `hold_action(last)`
+    (the command that holds still), `fps` (the rate the robot's actions are meant for) and `task_description`.
     Use as a context manager: `with robot: ...` connects and always disconnects (which stops the robot).
     """
 
@@ -176,6 +180,33 @@ class Robot(ABC):
     @abstractmethod
     def stop(self) -> None:
         """Safe stop: halt motion and disable torque where the hardware supports it."""
+
+    @abstractmethod
+    def command_state(self) -> np.ndarray:
+        """The command [A] the robot rests at now (the safety filter starts from it)."""
+
+    def reset(self, seed: int | None = None) -> dict[str, Any]:
+        """Start an episode (a simulator seeds it; a real robot is where it is) and return its first observation."""
+        return self.get_observation()
+
+    @property
+    def status(self) -> dict[str, Any]:
+        """The episode's status: "success" and "truncated" (bools), plus what the driver adds."""
+        return {"success": False, "truncated": False}
+
+    def hold_action(self, last_command: np.ndarray) -> np.ndarray:
+        """The command [A] that holds still after `last_command` (a position-controlled arm: the same command)."""
+        return np.asarray(last_command, dtype=np.float64).copy()
+
+    @property
+    def fps(self) -> float | None:
+        """The rate the robot's actions are meant for (None: the policy's, or the node's control rate)."""
+        return None
+
+    @property
+    def task_description(self) -> str:
+        """The instruction recorded with each episode (and read by language-conditioned policies)."""
+        return ""
 
     def __enter__(self) -> Robot:
         self.connect()
@@ -223,6 +254,9 @@ class Teleoperator(ABC):
     @abstractmethod
     def get_action(self) -> np.ndarray | None:
         """The human's action [A], or None when the human is not intervening."""
+
+    def reset(self, seed: int | None = None) -> None:  # noqa: B027 (a default, deliberately empty)
+        """A new episode begins (nothing to do for a human device; a scripted one starts over)."""
 
     def __enter__(self) -> Teleoperator:
         self.connect()

@@ -2,8 +2,8 @@
 
 Each tick (every 1 / control_hz seconds) the loop reads the robot's latest observation, hands a request to the
 inference thread when the execution mode asks for a chunk (and no request is in flight), takes any chunk that
-arrived, asks the executor (`real.execution`) for the action due now, passes it through the safety filter and
-sends it. Inference (`LocalInference` in this process's thread, or `RemoteInference` to a `real.server`
+arrived, asks the executor (`real.robot.execution`) for the action due now, passes it through the safety filter and
+sends it. Inference (`LocalInference` in this process's thread, or `RemoteInference` to a `real.host.server`
 policy server, which keeps the model's Python work off this process) runs in its own thread, so a slow or
 dead policy only means the executor runs out of actions: the node then sends the robot's hold command (through
 the safety filter too); the watchdog stops the robot when no fresh action has come for `stop_after` periods,
@@ -12,9 +12,11 @@ refused; observations that are non-finite or older than `stale_after_s` are neve
 The robot is stopped on every way out of an episode (end, exception, KeyboardInterrupt, e-stop; SIGINT and
 SIGTERM latch the e-stop inside `Watchdog.signal_estop`).
 
-Robots may offer, beyond the HAL: `reset(seed)`, `status` (dict with "success" / "truncated"),
-`hold_action(last_command)` (default: the last command, right for position-controlled arms) and
-`command_state()` (the command the robot rests at; needed to start the safety filter).
+Everything the node calls on a robot is declared by `real.robot.hal.Robot` (with defaults), and everything it
+asks of a policy by `InferenceBackend` (the policy's declared `supports_prefix` and `noise_shape`): nothing is
+probed. Deployment is reproducible as evaluation is: each chunk's noise is drawn from a numpy generator seeded
+by the episode seed (`run_episode(seed)`), so the k-th chunk of an episode is a function of its observation,
+the seed and its prefix.
 numpy + standard library at module level; torch only inside `LocalInference`.
 """
 
@@ -29,11 +31,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from real.client import PolicyClient, PolicyClientError, PolicyServerError
-from real.execution import MODES, make_executor
-from real.hal import Robot, Teleoperator
-from real.safety import SafetyFilter
-from real.watchdog import Watchdog, WatchdogState
+from real.robot.client import PolicyClient, PolicyClientError, PolicyServerError
+from real.robot.execution import MODES, make_executor
+from real.robot.hal import Robot, Teleoperator
+from real.robot.safety import SafetyFilter
+from real.robot.watchdog import Watchdog, WatchdogState
+from robopolicy.config import setting
+from robopolicy.data.spec import ACTION_KEY, OBSERVATION_PREFIX, feature_problems
 
 
 class ControlNodeError(RuntimeError):
@@ -42,18 +46,23 @@ class ControlNodeError(RuntimeError):
 
 @dataclass
 class ControlConfig:
-    control_hz: float = 20.0
-    mode: str = "sync"  # sync | ensemble | rtc (configs/deploy.yaml has the measurements behind the default)
-    interpolate: bool = True  # linear between a chunk's actions when control_hz exceeds the action rate
-    action_fps: float | None = None  # the rate the policy's actions are meant for; None: policy or robot fps
-    hold_after: int = 3  # watchdog: HOLD after this many periods without a fresh action
-    stop_after: int = 10  # watchdog: STOP after this many
-    stale_after_s: float = 0.25  # observations older than this are not sent to the policy
-    max_episode_s: float = 60.0
-    ensemble_decay: float = 0.01
-    rtc_blend_steps: int = 4
-    expected_latency_s: float = 0.0  # rtc's first guess of the inference delay (then measured)
-    retry_after_s: float = 0.1  # wait after a failed inference before asking again
+    """The control node's settings (the `control:` section of configs/deploy.yaml)."""
+
+    control_hz: float = setting(20.0, "10-100 Hz (the built-in tasks' actions are 10 Hz; the node interpolates "
+                                "between them)")
+    mode: str = setting("sync", "sync | ensemble | rtc (configs/deploy.yaml has the measurements behind the "
+                        "default)", choices=MODES)
+    interpolate: bool = setting(True, "linear interpolation between the policy's actions up to control_hz")
+    action_fps: float | None = setting(None, "the rate the policy's actions are meant for; null: the policy's "
+                                       "or the robot's")
+    hold_after: int = setting(3, "watchdog periods without a fresh action before HOLD")
+    stop_after: int = setting(10, "... before STOP (the robot is stopped; the node resumes when actions return)")
+    stale_after_s: float = setting(0.25, "older observations are not sent to the policy")
+    max_episode_s: float = setting(60.0, "an episode ends after this many seconds")
+    ensemble_decay: float = setting(0.01, "ACT temporal ensembling weight exp(-decay * i)")
+    rtc_blend_steps: int = setting(4, "rtc cross-fade when the policy cannot freeze a prefix")
+    expected_latency_s: float = setting(0.0, "rtc's first guess of the inference delay (then measured)")
+    retry_after_s: float = setting(0.1, "wait after a failed inference before asking again")
 
     def __post_init__(self) -> None:
         if not 1.0 <= self.control_hz <= 1000.0:
@@ -66,44 +75,46 @@ class ControlConfig:
 
 
 class InferenceBackend(Protocol):
+    """A policy as the node sees it: its shape, its declared capability and one call per chunk."""
+
     n_obs_steps: int
     horizon: int
     n_action_steps: int
     features: dict[str, dict]
     fps: float | None
-    supports_prefix: bool
+    supports_prefix: bool  # the policy keeps committed prefix_actions (rtc freezes them)
+    noise_shape: tuple[int, ...]  # the standard normal noise one chunk is sampled from
 
-    def infer(self, observation: dict[str, np.ndarray], timestamp: float,
-              prefix_actions: np.ndarray | None) -> tuple[np.ndarray, dict[str, Any]]: ...
+    def infer(self, observation: dict[str, np.ndarray], timestamp: float, prefix_actions: np.ndarray | None,
+              noise: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]: ...
 
     def close(self) -> None: ...
 
 
 class LocalInference:
-    """A policy object in this process (torch imported lazily). `extra_latency_s` injects a delay."""
+    """A `ChunkPolicy` in this process (torch imported lazily). `extra_latency_s` injects a delay."""
 
     def __init__(self, policy: Any, extra_latency_s: float = 0.0, fps: float | None = None) -> None:
-        import inspect
-
         import torch
 
         self._torch = torch
         self.policy = policy
         self.n_obs_steps, self.horizon = int(policy.n_obs_steps), int(policy.horizon)
         self.n_action_steps, self.features = int(policy.n_action_steps), dict(policy.features)
-        self.fps = fps if fps is not None else getattr(policy, "fps", None)
-        self.supports_prefix = "prefix_actions" in inspect.signature(policy.sample_chunk).parameters
+        self.fps = fps
+        self.supports_prefix = bool(policy.supports_prefix)
+        self.noise_shape = tuple(int(d) for d in policy.noise_shape)
         self.extra_latency_s = float(extra_latency_s)
 
-    def infer(self, observation, timestamp, prefix_actions):
+    def infer(self, observation, timestamp, prefix_actions, noise=None):
         torch = self._torch
         started = time.perf_counter()
         with torch.inference_mode():
             obs = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in observation.items()}  # [1, To, ...]
-            kwargs = {}
-            if prefix_actions is not None and self.supports_prefix:
-                kwargs["prefix_actions"] = torch.from_numpy(prefix_actions.astype(np.float32))[None]
-            chunk = self.policy.sample_chunk(obs, **kwargs)[0].cpu().numpy()  # [H, A]
+            prefix = None if prefix_actions is None or not self.supports_prefix else \
+                torch.from_numpy(prefix_actions.astype(np.float32))[None]  # [1, k, A]
+            noise = None if noise is None else torch.from_numpy(np.asarray(noise, dtype=np.float32))[None]
+            chunk = self.policy.sample_chunk(obs, noise=noise, prefix_actions=prefix)[0].cpu().numpy()  # [H, A]
         if self.extra_latency_s:
             time.sleep(self.extra_latency_s)
         return chunk, {"inference_s": time.perf_counter() - started}
@@ -113,7 +124,7 @@ class LocalInference:
 
 
 class RemoteInference:
-    """A policy behind a `real.server.PolicyServer`. Whether it takes `prefix_actions` is learned on first use."""
+    """A policy behind a `real.host.server.PolicyServer`; its shape and capabilities come in the hello reply."""
 
     def __init__(self, address: str | tuple[str, int], token: str | None = None, timeout_s: float = 1.0,
                  extra_latency_s: float = 0.0, connect_timeout_s: float = 30.0) -> None:
@@ -131,18 +142,13 @@ class RemoteInference:
                 time.sleep(0.1)
         self.n_obs_steps, self.horizon, self.n_action_steps = meta.n_obs_steps, meta.horizon, meta.n_action_steps
         self.features, self.fps = meta.features, meta.fps
-        self.supports_prefix = True
+        self.supports_prefix = meta.supports_prefix
+        self.noise_shape = tuple(meta.noise_shape or (meta.horizon, meta.features[ACTION_KEY]["shape"][0]))
         self.extra_latency_s = float(extra_latency_s)
 
-    def infer(self, observation, timestamp, prefix_actions):
+    def infer(self, observation, timestamp, prefix_actions, noise=None):
         prefix = prefix_actions if self.supports_prefix else None
-        try:
-            chunk, info = self.client.infer(observation, timestamp, prefix_actions=prefix)
-        except PolicyServerError as exc:
-            if exc.code != "unsupported" or prefix is None:
-                raise
-            self.supports_prefix = False  # this server's policy cannot freeze a prefix: rtc cross-fades
-            chunk, info = self.client.infer(observation, timestamp)
+        chunk, info = self.client.infer(observation, timestamp, noise=noise, prefix_actions=prefix)
         if self.extra_latency_s:
             time.sleep(self.extra_latency_s)
         return chunk, info
@@ -156,6 +162,7 @@ class InferenceRequest:
     observation: dict[str, np.ndarray]  # key -> [n_obs_steps, ...]
     t_obs: float  # capture time of the newest observation
     prefix_actions: np.ndarray | None
+    noise: np.ndarray | None = None  # [*noise_shape] standard normal, from the episode's generator
 
 
 @dataclass
@@ -213,7 +220,8 @@ class InferenceWorker:
             result = InferenceResult(t_obs=request.t_obs, latency_s=0.0,
                                      prefix_len=0 if request.prefix_actions is None else len(request.prefix_actions))
             try:
-                chunk, _ = self.backend.infer(request.observation, request.t_obs, request.prefix_actions)
+                chunk, _ = self.backend.infer(request.observation, request.t_obs, request.prefix_actions,
+                                              request.noise)
                 chunk = np.asarray(chunk, dtype=np.float64)
                 if chunk.shape != self.expected_shape:
                     result.error = f"chunk of shape {chunk.shape}, expected {self.expected_shape}"
@@ -295,39 +303,32 @@ class ControlNode:
         self.cfg = config or ControlConfig()
         self.recorder, self.teleop, self.task = recorder, teleop, task
         self.period = 1.0 / self.cfg.control_hz
-        self.obs_keys = sorted(k for k in backend.features if k.startswith("observation."))
+        self.obs_keys = sorted(k for k in backend.features if k.startswith(OBSERVATION_PREFIX))
         self.action_dim = self._check_features()
-        action_fps = self.cfg.action_fps or backend.fps or getattr(robot, "fps", None) or self.cfg.control_hz
+        action_fps = self.cfg.action_fps or backend.fps or robot.fps or self.cfg.control_hz
         self.action_dt = 1.0 / float(action_fps)
         self.watchdog = watchdog or Watchdog(self.period, self.cfg.hold_after, self.cfg.stop_after)
         self.worker = InferenceWorker(backend, self.action_dim)
 
     def _check_features(self) -> int:
-        robot_obs = self.robot.observation_features
-        problems = []
-        for key in self.obs_keys:
-            if key not in robot_obs:
-                problems.append(f"the policy needs {key!r}, which the robot does not observe")
-            elif list(robot_obs[key]["shape"]) != list(self.backend.features[key]["shape"]):
-                problems.append(f"{key!r} is {list(robot_obs[key]['shape'])} on the robot but "
-                                f"{list(self.backend.features[key]['shape'])} for the policy")
-        robot_action = list(self.robot.action_features["action"]["shape"])
-        if robot_action != list(self.backend.features["action"]["shape"]):
-            problems.append(f"actions are {robot_action} on the robot but "
-                            f"{list(self.backend.features['action']['shape'])} for the policy")
+        """The action dimension, once the robot is known to offer every feature the policy needs."""
+        needed = {k: self.backend.features[k] for k in (*self.obs_keys, ACTION_KEY)}
+        offered = {**self.robot.observation_features, **self.robot.action_features}
+        problems = feature_problems(needed, offered)
         if problems:
-            raise ControlNodeError(f"The policy does not fit the robot: {'; '.join(problems)}.")
-        return robot_action[0]
+            raise ControlNodeError(f"The policy does not fit the robot (robot features against the policy's): "
+                                   f"{'; '.join(problems)}.")
+        return int(offered[ACTION_KEY]["shape"][0])
 
     def close(self) -> None:
         self.worker.close()
 
     def _hold_command(self, last: np.ndarray) -> np.ndarray:
-        hold = getattr(self.robot, "hold_action", None)
-        return np.asarray(hold(last), dtype=np.float64) if hold else last.copy()
+        return np.asarray(self.robot.hold_action(last), dtype=np.float64)
 
     def run_episode(self, seed: int | None = None) -> EpisodeResult:
-        """Run one episode until success, truncation, `max_episode_s` or an e-stop; the robot is stopped after."""
+        """Run one episode until success, truncation, `max_episode_s` or an e-stop; the robot is stopped after.
+        `seed` seeds the robot's reset (a simulator's) and the noise of every chunk (None: fresh entropy)."""
         cfg, robot = self.cfg, self.robot
         executor = make_executor(
             cfg.mode, n_obs_steps=self.backend.n_obs_steps, horizon=self.backend.horizon,
@@ -336,18 +337,14 @@ class ControlNode:
             blend_steps=cfg.rtc_blend_steps, expected_latency_s=cfg.expected_latency_s,
         )
         buffer = ObservationBuffer(self.obs_keys, self.backend.n_obs_steps, self.action_dt)
-        reset = getattr(robot, "reset", None)
-        obs = reset(seed) if reset else robot.get_observation()
-        if self.teleop is not None and hasattr(self.teleop, "reset"):
+        noise_rng = np.random.default_rng(seed)  # chunk k's noise: the k-th draw, as seeded evaluation does
+        obs = robot.reset(seed)
+        if self.teleop is not None:
             self.teleop.reset(seed)
         if self.recorder is not None:
             self.recorder.start_episode()
-        command_state = getattr(robot, "command_state", None)
-        if command_state is None:
-            raise ControlNodeError(f"{type(robot).__name__} has no command_state(); the safety filter needs the "
-                                   "command the robot rests at.")
         safety = SafetyFilter(robot.limits, dt=self.period)
-        safety.reset(command_state())
+        safety.reset(robot.command_state())
         last_sent = safety.last_command
         self.watchdog.reset()
         counts = dict.fromkeys(("clamped_ticks", "safety_events", "hold_ticks", "stops", "chunks", "chunk_errors",
@@ -388,8 +385,6 @@ class ControlNode:
                 # 2. a chunk that arrived; 3. a new request when the mode wants one
                 arrived = self.worker.poll()
                 if arrived is not None:
-                    if hasattr(executor, "supports_prefix"):  # a remote policy's support is learned on first use
-                        executor.supports_prefix = self.backend.supports_prefix
                     if arrived.chunk is not None:
                         executor.add_chunk(arrived.chunk, arrived.t_obs, t_cmd)
                         counts["chunks"] += 1
@@ -400,7 +395,8 @@ class ControlNode:
                         retry_at = now + cfg.retry_after_s
                 if not self.worker.busy and fresh and now >= retry_at and executor.wants_inference(t_cmd):
                     history, t_obs = buffer.history()
-                    self.worker.submit(InferenceRequest(history, t_obs, executor.prefix_for(t_obs)))
+                    noise = noise_rng.standard_normal(self.backend.noise_shape, dtype=np.float32)
+                    self.worker.submit(InferenceRequest(history, t_obs, executor.prefix_for(t_obs), noise))
 
                 # 4. the action due now (a human's when intervening), the watchdog, the safety filter
                 action = executor.action_at(t_cmd)
@@ -435,8 +431,8 @@ class ControlNode:
                         first_command_pending = False
                 command_time = time.monotonic()
 
-                status = getattr(robot, "status", {}) or {}
-                success = bool(status.get("success", False))
+                status = robot.status
+                success = bool(status["success"])
                 if self.recorder is not None:
                     self.recorder.add_frame(
                         valid_obs, requested=requested, sent=sent, events=events,
@@ -448,7 +444,7 @@ class ControlNode:
                 if self.watchdog.estopped:
                     result.aborted = self.watchdog.estop_reason
                     break
-                if success or status.get("truncated") or now - start >= cfg.max_episode_s:
+                if success or status["truncated"] or now - start >= cfg.max_episode_s:
                     break
                 # a late tick is skipped rather than crammed in: the loop keeps its phase
                 behind = int((time.monotonic() - (start + tick * self.period)) // self.period)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from real.hal import Robot, Teleoperator
+from real.robot.hal import Robot, Teleoperator
 
 
 class ScriptedIntervener(Teleoperator):
@@ -70,11 +70,11 @@ class ScriptedIntervener(Teleoperator):
             return None
         if now >= self._next_expert_t:  # the expert's phase machine runs at the task rate
             self._action = np.asarray(self._expert.act({"observation.state": state.astype(np.float32)}))
-            self._next_expert_t = now + 1.0 / getattr(self.robot, "fps", 10)
+            self._next_expert_t = now + 1.0 / (self.robot.fps or 10)
         return self._action
 
     def _stalled(self, now: float, ee: np.ndarray) -> bool:
-        if getattr(self.robot, "status", {}).get("success"):
+        if self.robot.status["success"]:
             return False
         self._track.append((now, ee.copy()))
         while self._track and self._track[0][0] < now - self.stall_s:

@@ -1,4 +1,4 @@
-"""Policy client: the robot side of `real.server`. Standard library + numpy + msgpack only.
+"""Policy client: the robot side of `real.host.server`. Standard library + numpy + msgpack only.
 
 Every call has a deadline (`timeout_s`) and raises `PolicyTimeoutError` past it; it never hangs. After
 any transport failure the connection is dropped and the next call reconnects, so a restarted server is
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from real.protocol import (
+from real.robot.protocol import (
     MAX_MESSAGE_BYTES,
     Error,
     Hello,

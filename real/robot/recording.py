@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from real.safety import SafetyEvent, SafetyEventKind
+from real.robot.safety import SafetyEvent, SafetyEventKind
 
 SAFETY_KINDS = list(SafetyEventKind)
 WATCHDOG_CODES = {"ok": 0, "hold": 1, "stop": 2}

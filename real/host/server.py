@@ -1,17 +1,18 @@
-"""Policy server: runs a policy's `sample_chunk` for remote robots over `real.protocol`.
+"""Policy server: runs a policy's `sample_chunk` for remote robots over `real.robot.protocol` (workstation side).
 
 Transport: plain TCP with 4-byte length-prefixed frames, one thread per connection. Chosen over pyzmq
 because the length prefix lets the server refuse an oversized message from its header before reading it,
 a dead peer is just a closed socket (no REQ/REP state machine to wedge), and a robot computer needs only
 the standard library for it. Inference is serialized by one lock: one model, one device.
 
-The policy needs the runtime interface: `sample_chunk(obs, noise=None) -> [B, horizon, A]` plus attributes
-`n_obs_steps`, `horizon`, `n_action_steps`, `features`. torch is imported lazily (only where a policy runs).
+The policy is a `robopolicy.policies.base.ChunkPolicy`: `sample_chunk(obs, noise=None, prefix_actions=None)`, its
+shape (`n_obs_steps`, `horizon`, `n_action_steps`, `features`, `noise_shape`) and its declared `supports_prefix`,
+all sent in the hello reply. A request's `noise` (drawn by the robot from its episode seed) is passed on as
+`noise=`, so a deployed chunk is a function of the observation, the noise and the prefix, as in evaluation.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import selectors
 import socket
@@ -21,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from real.protocol import (
+from real.robot.protocol import (
     MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
     Error,
     Hello,
     HelloReply,
@@ -31,7 +33,7 @@ from real.protocol import (
     Message,
     ProtocolError,
     check_bind_allowed,
-    decode_message,
+    decode_versioned,
     encode_message,
     frame,
     recv_frame,
@@ -42,12 +44,11 @@ log = logging.getLogger(__name__)
 
 
 def policy_metadata(policy: Any, fps: float | None = None) -> HelloReply:
-    """The `hello` reply for a policy object; raises TypeError naming the missing runtime attribute."""
-    for name in ("sample_chunk", "n_obs_steps", "horizon", "n_action_steps", "features"):
-        if not hasattr(policy, name):
-            raise TypeError(
-                f"{type(policy).__name__} cannot be served: it has no {name!r} (policy runtime interface)."
-            )
+    """The `hello` reply for a policy (a ChunkPolicy); raises TypeError for anything else."""
+    from robopolicy.policies.base import ChunkPolicy
+
+    if not isinstance(policy, ChunkPolicy):
+        raise TypeError(f"{type(policy).__name__} cannot be served: a policy is a robopolicy ChunkPolicy.")
     features = {
         key: {
             "dtype": str(spec["dtype"]),
@@ -58,19 +59,14 @@ def policy_metadata(policy: Any, fps: float | None = None) -> HelloReply:
     }
     if "action" not in features or len(features["action"]["shape"]) != 1:
         raise TypeError(f"{type(policy).__name__}.features needs an 'action' feature of shape [A].")
-    horizon = int(policy.horizon)
-    noise_shape = getattr(policy, "noise_shape", None)
-    noise_shape = (
-        [horizon, features["action"]["shape"][0]] if noise_shape is None else [int(d) for d in noise_shape]
-    )
-    fps = fps if fps is not None else getattr(policy, "fps", None)
     return HelloReply(
         features=features,
         n_obs_steps=int(policy.n_obs_steps),
-        horizon=horizon,
+        horizon=int(policy.horizon),
         n_action_steps=int(policy.n_action_steps),
         fps=None if fps is None else float(fps),
-        noise_shape=noise_shape,
+        noise_shape=[int(d) for d in policy.noise_shape],
+        supports_prefix=bool(policy.supports_prefix),
     )
 
 
@@ -101,7 +97,6 @@ class PolicyServer:
         self.max_clients = max_clients
         # a message once started must arrive whole within this, so slow senders cannot hold a thread forever
         self.frame_timeout_s = frame_timeout_s
-        self._accepts_prefix = "prefix_actions" in inspect.signature(policy.sample_chunk).parameters
         self._obs_specs = {k: v for k, v in self.metadata.features.items() if k.startswith("observation.")}
         self._infer_lock = threading.Lock()
         self._stop = threading.Event()
@@ -184,11 +179,11 @@ class PolicyServer:
                     return
                 if payload is None:
                     return
-                reply = self._handle(payload)
+                reply, version = self._handle(payload)
                 try:
-                    encoded = encode_message(reply, self.max_message_bytes)
+                    encoded = encode_message(reply, self.max_message_bytes, version)
                 except ProtocolError as exc:  # e.g. a policy returning a chunk above the size limit
-                    encoded = encode_message(Error(exc.code, str(exc), getattr(reply, "request_id", None)))
+                    encoded = encode_message(Error(exc.code, str(exc), reply.request_id), version=version)
                 conn.settimeout(self.frame_timeout_s)
                 conn.sendall(frame(encoded))
         except (OSError, ValueError) as exc:  # peer gone, timed out mid-message, or socket closed by shutdown
@@ -199,27 +194,28 @@ class PolicyServer:
                 self._conns.discard(conn)
             _close(conn)
 
-    def _handle(self, payload: bytes) -> Message:
+    def _handle(self, payload: bytes) -> tuple[Message, int]:
+        """The reply to one request, and the protocol version to write it in (the request's)."""
         try:
-            message = decode_message(payload, self.max_message_bytes)
+            message, version = decode_versioned(payload, self.max_message_bytes)
         except ProtocolError as exc:
-            return Error(exc.code, str(exc))
-        request_id = getattr(message, "request_id", None)
+            return Error(exc.code, str(exc)), PROTOCOL_VERSION
         if not isinstance(message, Hello | Infer):
             return Error(
                 "unsupported", f"The policy server answers hello and infer, not {type(message).__name__}."
-            )
+            ), version
+        request_id = message.request_id if isinstance(message, Infer) else None
         if not token_matches(self.token, message.token):
-            return Error("auth", "Missing or wrong token; pass the server's token to the client.", request_id)
+            return Error("auth", "Missing or wrong token; pass the server's token to the client.", request_id), version
         if isinstance(message, Hello):
-            return self.metadata
+            return self.metadata, version
         try:
-            return self._infer(message)
+            return self._infer(message), version
         except ProtocolError as exc:
-            return Error(exc.code, str(exc), request_id)
+            return Error(exc.code, str(exc), request_id), version
         except Exception as exc:  # a policy failure must not take the server down
             log.exception("inference failed")
-            return Error("inference", f"Policy raised {type(exc).__name__}: {exc}", request_id)
+            return Error("inference", f"Policy raised {type(exc).__name__}: {exc}", request_id), version
 
     def _reply_and_close(self, conn: socket.socket, error: Error, drain_s: float = 0.0) -> None:
         """Send a last error and close. Draining what the peer is still sending first (bounded in time)
@@ -247,16 +243,17 @@ class PolicyServer:
         noise = None
         if message.noise is not None:
             noise = self._check_array("noise", message.noise, self.metadata.noise_shape, "float32")
-        kwargs = {}
+        prefix = None
         if message.prefix_actions is not None:
-            if not self._accepts_prefix:
+            if not self.metadata.supports_prefix:
                 raise ProtocolError(
-                    "This policy's sample_chunk takes no prefix_actions; send none.", "unsupported"
+                    "This policy does not support prefix_actions (supports_prefix is false); send none.",
+                    "unsupported",
                 )
             n_action = self.metadata.features["action"]["shape"][0]
             if message.prefix_actions.ndim != 2 or message.prefix_actions.shape[1] != n_action:
                 raise ProtocolError(f"prefix_actions must have shape [k, {n_action}].", "schema")
-            kwargs["prefix_actions"] = message.prefix_actions.astype(np.float32)
+            prefix = message.prefix_actions.astype(np.float32)
 
         queued = time.perf_counter()
         with self._infer_lock, torch.inference_mode():
@@ -264,10 +261,8 @@ class PolicyServer:
             device = _policy_device(self.policy)
             # wire arrays are one robot's history [To, ...]; the policy takes a batch [B=1, To, ...]
             obs = {k: torch.from_numpy(v).unsqueeze(0).to(device) for k, v in observation.items()}
-            if noise is not None:
-                noise = torch.from_numpy(noise).unsqueeze(0).to(device)
-            kwargs = {k: torch.from_numpy(v).unsqueeze(0).to(device) for k, v in kwargs.items()}
-            chunk = self.policy.sample_chunk(obs, noise=noise, **kwargs)
+            noise, prefix = (None if a is None else torch.from_numpy(a).unsqueeze(0).to(device) for a in (noise, prefix))
+            chunk = self.policy.sample_chunk(obs, noise=noise, prefix_actions=prefix)
             chunk = chunk.detach().to("cpu", torch.float32).numpy()[0]  # [H, A]
             finished = time.perf_counter()
         expected = (self.metadata.horizon, self.metadata.features["action"]["shape"][0])
@@ -307,11 +302,7 @@ def _policy_device(policy: Any) -> Any:
     """The device of the policy's first parameter (CPU for a policy without parameters)."""
     import torch
 
-    parameters = getattr(policy, "parameters", None)
-    if callable(parameters):
-        for param in parameters():
-            return param.device
-    return torch.device("cpu")
+    return next(policy.parameters(), torch.tensor(0)).device
 
 
 def _close(conn: socket.socket) -> None:

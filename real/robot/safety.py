@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from real.hal import RobotLimits
+from real.robot.hal import RobotLimits
 
 
 class SafetyEventKind(str, Enum):

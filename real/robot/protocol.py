@@ -10,7 +10,7 @@ Messages (client -> server, reply):
   Hello(token)                                  -> HelloReply(policy metadata) | Error
   Infer(request_id, observation, timestamp,
         token, noise?, prefix_actions?)         -> InferReply(request_id, action_chunk, timing) | Error
-  EStop(reason, token)  (datagram to a `real.watchdog.EStopListener`, no reply)
+  EStop(reason, token)  (datagram to a `real.robot.watchdog.EStopListener`, no reply)
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # Plain numeric dtypes only: no object, string, void or datetime dtypes can ever be built from the wire.
 DTYPES = frozenset(
@@ -79,6 +80,7 @@ class HelloReply:
     n_action_steps: int
     fps: float | None = None
     noise_shape: list[int] | None = None
+    supports_prefix: bool = False  # sample_chunk keeps committed prefix_actions (real-time chunking); since 2
 
 
 @dataclass
@@ -149,6 +151,12 @@ def _float(value: Any, path: str) -> float:
     return float(value)
 
 
+def _bool(value: Any, path: str) -> bool:
+    if type(value) is not bool:
+        raise ProtocolError(f"{path} must be true or false, got {type(value).__name__}.", "schema")
+    return value
+
+
 def _str(value: Any, path: str) -> str:
     if type(value) is not str or len(value) > MAX_STR:
         raise ProtocolError(f"{path} must be a string of at most {MAX_STR} characters.", "schema")
@@ -179,7 +187,8 @@ def _map(value: Any, path: str, max_keys: int = MAX_KEYS) -> dict:
     return value
 
 
-def _array(value: Any, path: str) -> np.ndarray:
+def decode_array(value: Any, path: str) -> np.ndarray:
+    """A wire array map `{"dtype", "shape", "data"}` -> numpy array, strictly checked (ProtocolError otherwise)."""
     value = _map(value, path)
     if set(value) != {"dtype", "shape", "data"}:
         raise ProtocolError(f"{path} must be an array map with exactly dtype, shape and data.", "schema")
@@ -203,7 +212,7 @@ def _array(value: Any, path: str) -> np.ndarray:
 
 
 def _array_dict(value: Any, path: str) -> dict[str, np.ndarray]:
-    return {key: _array(item, f"{path}[{key!r}]") for key, item in _map(value, path).items()}
+    return {key: decode_array(item, f"{path}[{key!r}]") for key, item in _map(value, path).items()}
 
 
 def _float_dict(value: Any, path: str) -> dict[str, float]:
@@ -237,25 +246,29 @@ _SCHEMAS: dict[type, dict[str, tuple[Any, bool]]] = {
         "n_action_steps": (_pos_int, True),
         "fps": (_optional(_float), False),
         "noise_shape": (_optional(_shape), False),
+        "supports_prefix": (_bool, False),
     },
     Infer: {
         "request_id": (_int, True),
         "observation": (_array_dict, True),
         "timestamp": (_float, True),
         "token": (_optional(_str), False),
-        "noise": (_optional(_array), False),
-        "prefix_actions": (_optional(_array), False),
+        "noise": (_optional(decode_array), False),
+        "prefix_actions": (_optional(decode_array), False),
     },
-    InferReply: {"request_id": (_int, True), "action_chunk": (_array, True), "timing": (_float_dict, True)},
+    InferReply: {"request_id": (_int, True), "action_chunk": (decode_array, True), "timing": (_float_dict, True)},
     Error: {"code": (_str, True), "message": (_str, True), "request_id": (_optional(_int), False)},
     EStop: {"reason": (_str, True), "token": (_optional(_str), False)},
 }
+# (message type, field) -> the protocol version that introduced it (fields not listed exist since 1)
+_SINCE: dict[tuple[type, str], int] = {(HelloReply, "supports_prefix"): 2}
 
 
 # ------------------------------------------------------------------------------------------ encode/decode
 
 
-def _encode_value(value: Any) -> Any:
+def encode_value(value: Any) -> Any:
+    """Arrays (also inside dicts) -> wire array maps; everything else as it is (msgpack packs it)."""
     if isinstance(value, np.ndarray):
         if value.dtype.name not in DTYPES:
             raise ProtocolError(
@@ -264,20 +277,21 @@ def _encode_value(value: Any) -> Any:
         data = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
         return {"dtype": value.dtype.name, "shape": list(value.shape), "data": data}
     if isinstance(value, dict):
-        return {key: _encode_value(item) for key, item in value.items()}
+        return {key: encode_value(item) for key, item in value.items()}
     return value
 
 
-def encode_message(message: Message, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
-    """Message -> msgpack bytes (no framing). Raises ProtocolError when it would exceed `max_bytes`."""
+def encode_message(message: Message, max_bytes: int = MAX_MESSAGE_BYTES, version: int = PROTOCOL_VERSION) -> bytes:
+    """Message -> msgpack bytes (no framing) in protocol `version` (fields that version lacks are left out).
+    Raises ProtocolError when it would exceed `max_bytes`."""
     cls = type(message)
     if cls not in _TYPE_NAMES:
         raise ProtocolError(f"Cannot encode {cls.__name__}: not a protocol message.", "schema")
-    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": _TYPE_NAMES[cls]}
+    body: dict[str, Any] = {"v": version, "type": _TYPE_NAMES[cls]}
     for f in fields(message):
         value = getattr(message, f.name)
-        if value is not None:
-            body[f.name] = _encode_value(value)
+        if value is not None and _SINCE.get((cls, f.name), 1) <= version:
+            body[f.name] = encode_value(value)
     payload = msgpack.packb(body, use_bin_type=True)
     if len(payload) > max_bytes:
         raise ProtocolError(
@@ -292,6 +306,11 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 
 def decode_message(payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     """msgpack bytes -> Message, or ProtocolError (never another exception) for anything not a valid message."""
+    return decode_versioned(payload, max_bytes)[0]
+
+
+def decode_versioned(payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[Message, int]:
+    """`decode_message` and the protocol version the message was written in (a server answers in it)."""
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise ProtocolError(f"A message must be bytes, got {type(payload).__name__}.")
     if len(payload) > max_bytes:
@@ -305,10 +324,10 @@ def decode_message(payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Messag
     if type(body) is not dict:
         raise ProtocolError(f"A message must be a msgpack map, got {type(body).__name__}.")
     version = body.get("v")
-    if version != PROTOCOL_VERSION or type(version) is not int:
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise ProtocolError(
-            f"Protocol version {version!r:.40} is not supported; this side speaks version {PROTOCOL_VERSION}, "
-            "run the same robopolicy version on the robot and the server.",
+            f"Protocol version {version!r:.40} is not supported; this side speaks versions "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}; run the same robopolicy version on the robot and the server.",
             "version",
         )
     type_name = body.get("type")
@@ -318,7 +337,7 @@ def decode_message(payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Messag
             f"Unknown message type {type_name!r:.40}; known types are {sorted(_TYPES)}.", "schema"
         )
     schema = _SCHEMAS[cls]
-    unknown = set(body) - set(schema) - {"v", "type"}
+    unknown = {k for k in set(body) - {"v", "type"} if k not in schema or _SINCE.get((cls, k), 1) > version}
     if unknown:
         raise ProtocolError(
             f"{type_name} message has unknown fields {sorted(map(str, unknown))[:8]}.", "schema"
@@ -330,7 +349,7 @@ def decode_message(payload: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Messag
                 raise ProtocolError(f"{type_name} message misses the required field {name!r}.", "schema")
             continue
         values[name] = check(body[name], f"{type_name}.{name}")
-    return cls(**values)
+    return cls(**values), version
 
 
 # ------------------------------------------------------------------------------------------------ framing
