@@ -26,7 +26,8 @@ import torch
 import yaml
 
 from real.host.deploy import ServerProcess
-from real.robot.control_node import ControlConfig, ControlNode, LocalInference, RemoteInference
+from real.host.local_inference import LocalInference
+from real.robot.control_node import ControlConfig, ControlNode, RemoteInference
 from real.robot.deployment import summarize
 from real.robot.sim_robot import SimRobot
 from robopolicy.checkpoint import load_policy, save_checkpoint

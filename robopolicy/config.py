@@ -16,6 +16,7 @@ Standard library only: the robot computer (no hydra, no torch) builds its contro
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -193,10 +194,8 @@ def plain(value: Any) -> Any:
     """Plain Python data (JSON / YAML-safe) from OmegaConf containers, tuples, dataclasses and numpy values."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_dict(value)
-    if type(value).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        value = OmegaConf.to_container(value, resolve=True)
+    if type(value).__module__.startswith("omegaconf"):  # a DictConfig/ListConfig: omegaconf is loaded already
+        value = sys.modules["omegaconf"].OmegaConf.to_container(value, resolve=True)
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

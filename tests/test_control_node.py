@@ -10,12 +10,12 @@ import pytest
 import torch
 import yaml
 
+from real.host.local_inference import LocalInference
 from real.host.server import PolicyServer
 from real.robot.control_node import (
     ControlConfig,
     ControlNode,
     ControlNodeError,
-    LocalInference,
     ObservationBuffer,
     RemoteInference,
 )

@@ -83,9 +83,9 @@ def test_every_core_module_has_a_layer():
     assert placed == _top_modules(), "place each robopolicy module in the core-layers contract of pyproject.toml"
 
 
-def test_the_robot_side_may_use_only_data_and_config_from_robopolicy():
+def test_the_robot_side_may_use_only_data_config_and_metrics_from_robopolicy():
     forbidden = {m for m in _contracts()["robot-side"]["forbidden_modules"] if m.startswith("robopolicy.")}
-    assert forbidden == _top_modules() - {"robopolicy.data", "robopolicy.config"}
+    assert forbidden == _top_modules() - {"robopolicy.data", "robopolicy.config", "robopolicy.metrics"}
 
 
 # ------------------------------------------------------------------------------------------------ cycles

@@ -109,7 +109,8 @@ class ServerProcess:
 
 def make_backend(config: DeployConfig, closers: list) -> Any:
     """The inference backend the config asks for: server=HOST:PORT, or ckpt= in a child process or a thread."""
-    from real.robot.control_node import LocalInference, RemoteInference
+    from real.host.local_inference import LocalInference
+    from real.robot.control_node import RemoteInference
 
     inject, timeout = config.inject_latency_s, config.inference_timeout_s
     if config.server:

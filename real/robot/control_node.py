@@ -3,8 +3,8 @@
 Each tick (every 1 / control_hz seconds) the loop reads the robot's latest observation, hands a request to the
 inference thread when the execution mode asks for a chunk (and no request is in flight), takes any chunk that
 arrived, asks the executor (`real.robot.execution`) for the action due now, passes it through the safety filter and
-sends it. Inference (`LocalInference` in this process's thread, or `RemoteInference` to a `real.host.server`
-policy server, which keeps the model's Python work off this process) runs in its own thread, so a slow or
+sends it. Inference (`RemoteInference` to a `real.host.server` policy server, which keeps the model's Python work
+off this process; on a workstation also `real.host.local_inference`) runs in its own thread, so a slow or
 dead policy only means the executor runs out of actions: the node then sends the robot's hold command (through
 the safety filter too); the watchdog stops the robot when no fresh action has come for `stop_after` periods,
 and the node resumes by itself when actions come back. Chunks that are NaN/inf or of the wrong shape are
@@ -17,7 +17,7 @@ asks of a policy by `InferenceBackend` (the policy's declared `supports_prefix` 
 probed. Deployment is reproducible as evaluation is: each chunk's noise is drawn from a numpy generator seeded
 by the episode seed (`run_episode(seed)`), so the k-th chunk of an episode is a function of its observation,
 the seed and its prefix.
-numpy + standard library at module level; torch only inside `LocalInference`.
+numpy + standard library: this runs on the robot computer.
 """
 
 from __future__ import annotations
@@ -89,38 +89,6 @@ class InferenceBackend(Protocol):
               noise: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]: ...
 
     def close(self) -> None: ...
-
-
-class LocalInference:
-    """A `ChunkPolicy` in this process (torch imported lazily). `extra_latency_s` injects a delay."""
-
-    def __init__(self, policy: Any, extra_latency_s: float = 0.0, fps: float | None = None) -> None:
-        import torch
-
-        self._torch = torch
-        self.policy = policy
-        self.n_obs_steps, self.horizon = int(policy.n_obs_steps), int(policy.horizon)
-        self.n_action_steps, self.features = int(policy.n_action_steps), dict(policy.features)
-        self.fps = fps
-        self.supports_prefix = bool(policy.supports_prefix)
-        self.noise_shape = tuple(int(d) for d in policy.noise_shape)
-        self.extra_latency_s = float(extra_latency_s)
-
-    def infer(self, observation, timestamp, prefix_actions, noise=None):
-        torch = self._torch
-        started = time.perf_counter()
-        with torch.inference_mode():
-            obs = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in observation.items()}  # [1, To, ...]
-            prefix = None if prefix_actions is None or not self.supports_prefix else \
-                torch.from_numpy(prefix_actions.astype(np.float32))[None]  # [1, k, A]
-            noise = None if noise is None else torch.from_numpy(np.asarray(noise, dtype=np.float32))[None]
-            chunk = self.policy.sample_chunk(obs, noise=noise, prefix_actions=prefix)[0].cpu().numpy()  # [H, A]
-        if self.extra_latency_s:
-            time.sleep(self.extra_latency_s)
-        return chunk, {"inference_s": time.perf_counter() - started}
-
-    def close(self) -> None:
-        pass
 
 
 class RemoteInference:
