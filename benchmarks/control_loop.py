@@ -30,7 +30,8 @@ from real.host.local_inference import LocalInference
 from real.robot.control_node import ControlConfig, ControlNode, RemoteInference
 from real.robot.deployment import summarize
 from real.robot.sim_robot import SimRobot
-from robopolicy.checkpoint import load_policy, save_checkpoint
+from robopolicy.checkpoint import save_checkpoint
+from robopolicy.loading import load_policy
 from robopolicy.policies import make_policy
 
 ROOT = Path(__file__).resolve().parents[1]

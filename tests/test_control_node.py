@@ -36,7 +36,9 @@ FEATURES = {
 def small_policy(name: str, **overrides):
     with open(f"configs/policy/{name}.yaml") as f:
         cfg = yaml.safe_load(f)
-    cfg.update({"unet": {"down_dims": [16, 32], "kernel_size": 3, "n_groups": 4, "step_embed_dim": 16}}, **overrides)
+    if "unet" in cfg:
+        cfg["unet"] = {"down_dims": [16, 32], "kernel_size": 3, "n_groups": 4, "step_embed_dim": 16}
+    cfg.update(overrides)
     stats = {k: {s: np.full(v["shape"], x, np.float32) for s, x in
                  {"mean": 0, "std": 1, "min": -1, "max": 1, "q01": -1, "q99": 1}.items()} for k, v in FEATURES.items()}
     torch.manual_seed(0)

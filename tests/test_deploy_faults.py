@@ -19,8 +19,9 @@ from real.host.server import PolicyServer
 from real.robot.control_node import ControlConfig, ControlNode, RemoteInference
 from real.robot.recording import EpisodeRecorder
 from real.robot.sim_robot import SimRobot
-from robopolicy.checkpoint import load_policy, save_checkpoint
+from robopolicy.checkpoint import save_checkpoint
 from robopolicy.data import DemoStore, validate_store
+from robopolicy.loading import load_policy
 from robopolicy.policies import make_policy
 from robopolicy.policies.base import ChunkPolicy
 

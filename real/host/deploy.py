@@ -49,7 +49,8 @@ def serve(ckpt_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 5555
     import torch
 
     from real.host.server import PolicyServer
-    from robopolicy.checkpoint import load_policy, resolve_checkpoint
+    from robopolicy.checkpoint import resolve_checkpoint
+    from robopolicy.loading import load_policy
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -124,7 +125,7 @@ def make_backend(config: DeployConfig, closers: list) -> Any:
             closers.append(server.close)
             backend = RemoteInference(server.address, token=server.token, timeout_s=timeout, extra_latency_s=inject)
         else:
-            from robopolicy.checkpoint import load_policy
+            from robopolicy.loading import load_policy
 
             backend = LocalInference(load_policy(ckpt), extra_latency_s=inject)
     else:
