@@ -110,7 +110,7 @@ def apply_guidance(policy, guidance: str | None, n_samples: int | None = None, c
         if guidance == "none":
             return policy
         raise ValueError(f"guidance=value needs a value_guided checkpoint (robopolicy finetune algo=value_guided); "
-                         f"{ckpt} holds a {getattr(policy, 'name', type(policy).__name__)!r} policy.")
+                         f"{ckpt} holds a {policy.name!r} policy.")
     if guidance == "none":
         return policy.base
     if n_samples is not None:
