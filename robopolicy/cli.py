@@ -132,13 +132,21 @@ def configure(command: str, overrides: list[str]) -> tuple[Any, DictConfig]:
             doc = _field_doc(cls, key)
             raise UserError(f"`robopolicy {command}` needs {key}=...{f' ({doc})' if doc else ''}; "
                             f"see `robopolicy {command} --help`.")
-    if cls is None:
-        return None, cfg
     try:
-        return from_mapping(cls, settings), cfg
+        for group in ("policy", "algo"):  # a group section is checked by its own class, named by its `name:`
+            if group in groups:
+                section = OmegaConf.to_container(cfg[group], resolve=True)
+                from_mapping(group_config_class(group, str(section.get("name"))) or _unknown(group, section),
+                             section, where=group)
+        return (None if cls is None else from_mapping(cls, settings)), cfg
     except ConfigError as e:
         raise UserError(f"Bad setting for `robopolicy {command}`: {str(e).rstrip('.')} "
                         f"(see `robopolicy {command} --help`).") from e
+
+
+def _unknown(group: str, section: Mapping[str, Any]) -> type:
+    known = sorted(name for g, name in CONFIGS if g == group)
+    raise ConfigError(f"{group}.name={section.get('name')!r} is unknown; choose one of {', '.join(known)}.")
 
 
 def _field_doc(cls: type | None, name: str) -> str:

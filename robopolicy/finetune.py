@@ -46,13 +46,13 @@ class FinetuneEvalConfig(EvalSchedule):
 
 
 @register_config("command", "finetune")
-@dataclass
+@dataclass(kw_only=True)
 class FinetuneConfig:
     """configs/finetune.yaml without its `algo` group (each method's own config)."""
 
-    ckpt: str | None = setting(None, "the base: a checkpoint folder or a training run folder (its checkpoints/last)")
+    ckpt: str = setting(doc="the base: a checkpoint folder or a training run folder (its checkpoints/last)")
     task: str | None = setting(None, "null: the task the base was trained for")
-    out: str | None = setting(None, "run folder: checkpoints/refined (+ last), curves.json, curves.png, summary.json")
+    out: str = setting(doc="run folder: checkpoints/refined (+ last), curves.json, curves.png, summary.json")
     overwrite: bool = setting(False, "delete a previous run in out and start over")
     seed: int = setting(0, "training episode k runs with seed seed + k; evaluation uses unseen seeds (100000 + k)")
     env_steps: int = setting(100_000, "budget of training environment steps (evaluation steps not counted)")
@@ -88,8 +88,6 @@ def finetune(cfg: Mapping[str, Any], make_envs: Callable[[int], Any], *, log: Ca
     if name not in METHODS:
         raise FinetuneError(f"algo {name!r} is unknown; choose one of {sorted(METHODS)}.")
     algo = from_mapping(config_class("algo", name), algo_section, where="algo")
-    if run.ckpt is None or run.out is None:
-        raise FinetuneError("`robopolicy finetune` needs ckpt=... and out=... (see `robopolicy finetune --help`).")
     base = resolve_checkpoint(run.ckpt)
     info = base_info if base_info is not None else read_checkpoint_info(base)
     if "base" in info["config"]["policy"]:

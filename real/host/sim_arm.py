@@ -44,6 +44,7 @@ from collections import deque
 import numpy as np
 
 from real.robot.sim_robot import MAX_CATCH_UP_S, pack_message, recv_message
+from robopolicy.data.spec import STATE_KEY
 
 
 class SimArm:
@@ -223,7 +224,7 @@ class SimArm:
                 frame_ = {**self.stale_frame, "status": frame_["status"]}
             elif self._active("nan", now):
                 obs = dict(frame_["obs"])
-                obs["observation.state"] = np.full_like(obs["observation.state"], np.nan)
+                obs[STATE_KEY] = np.full_like(obs[STATE_KEY], np.nan)
                 frame_ = {**frame_, "obs": obs}
             self._send(frame_)
 

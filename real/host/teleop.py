@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from real.robot.hal import Robot, Teleoperator
+from robopolicy.data.spec import STATE_KEY
 
 
 class ScriptedIntervener(Teleoperator):
@@ -33,7 +34,7 @@ class ScriptedIntervener(Teleoperator):
         import sim
 
         self._expert = sim.make_expert(self.task, seed=self.seed)
-        names = self.robot.observation_features["observation.state"]["names"]
+        names = self.robot.observation_features[STATE_KEY]["names"]
         start = names.index("ee.x")
         self._ee_slice = slice(start, start + 3)
         self.reset(self.seed)
@@ -59,7 +60,7 @@ class ScriptedIntervener(Teleoperator):
             raise RuntimeError("ScriptedIntervener is not connected; use it in a `with` block.")
         now = self._clock()
         obs = self.robot.get_observation()
-        state = np.asarray(obs["observation.state"], dtype=np.float64)
+        state = np.asarray(obs[STATE_KEY], dtype=np.float64)
         if not np.isfinite(state).all():
             return self._action if self.is_intervening else None
         if not self.is_intervening and self._stalled(now, state[self._ee_slice]):
@@ -69,7 +70,7 @@ class ScriptedIntervener(Teleoperator):
         if not self.is_intervening:
             return None
         if now >= self._next_expert_t:  # the expert's phase machine runs at the task rate
-            self._action = np.asarray(self._expert.act({"observation.state": state.astype(np.float32)}))
+            self._action = np.asarray(self._expert.act({STATE_KEY: state.astype(np.float32)}))
             self._next_expert_t = now + 1.0 / (self.robot.fps or 10)
         return self._action
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from robopolicy.data.spec import is_image_key
+
 NORM_MODES = ("min_max", "mean_std", "unit", "identity")
 
 
@@ -53,7 +55,7 @@ class Normalizer(nn.Module):
     ):
         super().__init__()
         self.modes = dict(modes)
-        self.image_keys = {k for k in modes if k.startswith("observation.images.")}
+        self.image_keys = {k for k in modes if is_image_key(k)}
         self.norms = nn.ModuleDict()
         for key, mode in self.modes.items():
             if mode not in NORM_MODES:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from robopolicy.data.spec import is_image_key
 from robopolicy.rl.refined import RefinedPolicy
 
 
@@ -255,7 +256,7 @@ def transition_shapes(method: Method, feature_dim: int, latent_dim: int,
 
 
 def raw_dtypes(method: Method) -> dict[str, Any]:
-    return {f"{prefix}.{k}": np.uint8 for k in method.policy.obs_keys if k.startswith("observation.images.")
+    return {f"{prefix}.{k}": np.uint8 for k in method.policy.obs_keys if is_image_key(k)
             for prefix in ("raw", "next_raw")}
 
 

@@ -39,7 +39,7 @@ from robopolicy.rl.sac import SAC, SACConfig, TanhGaussianActor
 
 @register_config("algo", "residual")
 @dataclass
-class ResidualConfig(AlgoConfig, SACConfig, PPOConfig):
+class ResidualConfig(PPOConfig, SACConfig, AlgoConfig):  # fields: AlgoConfig's, SACConfig's, PPOConfig's, own
     name: str = setting("residual", "residual | residual_ppo")
     optimizer: str = setting("sac", "sac | ppo (configs/algo/residual_ppo.yaml sets the PPO settings)",
                              choices=("sac", "ppo"))

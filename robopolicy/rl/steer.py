@@ -30,7 +30,7 @@ from robopolicy.rl.sac import SAC, SACConfig, TanhGaussianActor, TwinQ, soft_upd
 
 @register_config("algo", "steer")
 @dataclass
-class SteerConfig(AlgoConfig, SACConfig):
+class SteerConfig(SACConfig, AlgoConfig):  # fields: AlgoConfig's, SACConfig's, own
     name: str = setting("steer", "steer (DSRL-SAC) | steer_na (DSRL-NA)")
     noise_scale: float = setting(1.5, "the noise is tanh-bounded to [-noise_scale, noise_scale] per element")
     actor_sampling: str = setting("sample", "at run time: sample: the actor's Gaussian with the runtime's noise as "
