@@ -6,8 +6,9 @@ drivers; each driver imports its vendor client only when it connects, so this im
 
 from __future__ import annotations
 
+from real.robot.franka import FrankaConfig, FrankaError
 from real.robot.sim_robot import SimRobotConfig, SimRobotError
 from real.robot.ur import URConfig, URError
 
-ROBOT_CONFIGS = {"sim": SimRobotConfig, "ur": URConfig}
-ROBOT_ERRORS: tuple[type[Exception], ...] = (SimRobotError, URError)
+ROBOT_CONFIGS = {"sim": SimRobotConfig, "ur": URConfig, "franka": FrankaConfig}
+ROBOT_ERRORS: tuple[type[Exception], ...] = (SimRobotError, URError, FrankaError)
