@@ -19,6 +19,7 @@ The vendor client is injected: `vendor` is anything with franky's names (default
 from __future__ import annotations
 
 import importlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,11 +27,12 @@ from typing import Any
 import numpy as np
 
 from real.robot.arm_specs import ARMS, PANDA_GRIPPER_MAX_WIDTH
+from real.robot.cameras import camera_features, connect_all, disconnect_all, make_cameras, read_images
 from real.robot.hal import Robot, RobotLimits
 from robopolicy.config import register_config, setting
 
 GRIPPER_SPEED = 0.1  # m/s, the Franka Hand's top speed
-GRIPPER_DEADBAND = 0.005  # m: smaller width changes are not sent (each one is a new gripper command)
+GRIPPER_DEADBAND = 0.005  # m: smaller width changes wait until the command settles
 
 
 class FrankaError(RuntimeError):
@@ -52,6 +54,8 @@ class FrankaConfig:
     acceleration_scale: float = setting(0.1, "safety: joint acceleration limit as a fraction of Franka's")
     joint_margin: float = setting(0.05, "safety: rad kept clear of each end of the joint range")
     max_recoveries: int = setting(3, "reflexes recovered automatically per episode before the episode fails")
+    cameras: Any = setting(None, "cameras by name, e.g. {front: {type: opencv, source: 0, width: 96, height: 96}} "
+                           "(real/robot/cameras.py); null: none")
     task: str = setting("", "the instruction recorded with each episode")
 
     def __post_init__(self) -> None:
@@ -74,6 +78,7 @@ class FrankaRobot(Robot):
     acceleration_scale: float = 0.1
     joint_margin: float = 0.05
     max_recoveries: int = 3
+    cameras: Any = None
     task: str = ""
     vendor: Any = field(default=None, repr=False)
 
@@ -81,10 +86,12 @@ class FrankaRobot(Robot):
         FrankaConfig(**{k: getattr(self, k) for k in FrankaConfig.__dataclass_fields__})  # the same checks
         self.spec = ARMS["panda"]
         self.period = 1.0 / self.control_hz
+        self._cameras = make_cameras(self.cameras)
         self._robot: Any = None
         self._hand: Any = None
         self._limits: RobotLimits | None = None
-        self._gripper_sent: float | None = None
+        self._gripper_sent: float | None = None  # the hand's last width command
+        self._gripper_last: float | None = None  # the last width asked for
         self.reflexes = 0
         self._recoveries = 0
 
@@ -98,7 +105,8 @@ class FrankaRobot(Robot):
         joints = [f"joint{i + 1}" for i in range(7)]
         names = [f"{j}.pos" for j in joints] + [f"{j}.vel" for j in joints] + ["flange.x", "flange.y", "flange.z"]
         names += ["gripper.width"] if self.gripper else []
-        return {"observation.state": {"dtype": "float32", "shape": [len(names)], "names": names}}
+        return {"observation.state": {"dtype": "float32", "shape": [len(names)], "names": names},
+                **camera_features(self._cameras)}
 
     @property
     def action_features(self) -> dict[str, dict]:
@@ -146,8 +154,14 @@ class FrankaRobot(Robot):
             self._robot = self._hand = None
             raise FrankaError(f"The Franka arm's joints {np.round(q[:7], 3).tolist()} are outside the safety range; "
                               "move it inside (guiding mode) first.")
+        try:
+            connect_all(self._cameras)
+        except BaseException:
+            self.disconnect()
+            raise
 
     def disconnect(self) -> None:
+        disconnect_all(self._cameras)
         if self._robot is not None:
             try:
                 self.stop()
@@ -170,7 +184,8 @@ class FrankaRobot(Robot):
         parts = [q, np.asarray(joints.velocity, dtype=np.float64), self.spec.forward_kinematics(q)[:3, 3]]
         if self._hand is not None:
             parts.append([float(self._hand.width)])
-        return {"observation.state": np.concatenate(parts).astype(np.float32), "timestamp": t}
+        return {"observation.state": np.concatenate(parts).astype(np.float32), **read_images(self._cameras),
+                "timestamp": t}
 
     def send_action(self, action: np.ndarray) -> np.ndarray:
         """An asynchronous JointMotion (and a hand move when its width changed); returns what was sent."""
@@ -187,9 +202,13 @@ class FrankaRobot(Robot):
             return self.command_state()
         if self._hand is not None:
             width = float(command[7])
-            if self._gripper_sent is None or abs(width - self._gripper_sent) >= GRIPPER_DEADBAND:
+            # each hand move is a new gripper command: send big changes at once, small ones once they settle
+            settled = self._gripper_last is not None and abs(width - self._gripper_last) < 1e-6
+            change = math.inf if self._gripper_sent is None else abs(width - self._gripper_sent)
+            if change >= GRIPPER_DEADBAND or (settled and change > 1e-4):
                 self._hand.move_async(width, GRIPPER_SPEED)
                 self._gripper_sent = width
+            self._gripper_last = width
         return command
 
     def hold(self) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from real.robot.arm_specs import ARMS
+from real.robot.cameras import camera_features, connect_all, disconnect_all, make_cameras, read_images
 from real.robot.hal import Robot, RobotLimits
 from robopolicy.config import register_config, setting
 
@@ -57,6 +58,8 @@ class URConfig:
     protective_stop: bool = setting(False, "stop() also triggers a protective stop (unlock it on the pendant)")
     watchdog_hz: float | None = setting(5.0, "the controller stops the arm when no command comes at this rate; "
                                         "null: no RTDE watchdog")
+    cameras: Any = setting(None, "cameras by name, e.g. {front: {type: opencv, source: 0, width: 96, height: 96}} "
+                           "(real/robot/cameras.py); null: none")
     task: str = setting("", "the instruction recorded with each episode")
 
     def __post_init__(self) -> None:
@@ -88,6 +91,7 @@ class URRobot(Robot):
     stop_deceleration: float = 2.0
     protective_stop: bool = False
     watchdog_hz: float | None = 5.0
+    cameras: Any = None
     task: str = ""
     vendor: Any = field(default=None, repr=False)
 
@@ -95,6 +99,7 @@ class URRobot(Robot):
         URConfig(**{k: getattr(self, k) for k in URConfig.__dataclass_fields__})  # the same checks
         self.spec = ARMS[self.model]
         self.period = 1.0 / self.control_hz
+        self._cameras = make_cameras(self.cameras)
         lower = np.asarray(self.spec.position_lower) + self.joint_margin
         upper = np.asarray(self.spec.position_upper) - self.joint_margin
         if self.position_lower is not None:
@@ -115,7 +120,8 @@ class URRobot(Robot):
     def observation_features(self) -> dict[str, dict]:
         joints = [f"joint{i + 1}" for i in range(6)]
         names = [f"{j}.pos" for j in joints] + [f"{j}.vel" for j in joints] + ["x", "y", "z", "rx", "ry", "rz"]
-        return {"observation.state": {"dtype": "float32", "shape": [18], "names": names}}
+        return {"observation.state": {"dtype": "float32", "shape": [18], "names": names},
+                **camera_features(self._cameras)}
 
     @property
     def action_features(self) -> dict[str, dict]:
@@ -157,6 +163,11 @@ class URRobot(Robot):
             raise URError(f"The UR arm's joints {np.round(q, 3).tolist()} are outside the safety range "
                           f"[{np.round(self._limits.position_lower, 3).tolist()}, "
                           f"{np.round(self._limits.position_upper, 3).tolist()}]; move it inside with the pendant.")
+        try:
+            connect_all(self._cameras)
+        except BaseException:
+            self.disconnect()
+            raise
 
     def reset(self, seed: int | None = None) -> dict[str, Any]:
         """Start an episode where the arm is: the control script runs again (the RTDE watchdog ends it between
@@ -172,6 +183,7 @@ class URRobot(Robot):
         return self.get_observation()
 
     def disconnect(self) -> None:
+        disconnect_all(self._cameras)
         if self._control is not None:
             try:
                 if self._control.isConnected():
@@ -188,7 +200,7 @@ class URRobot(Robot):
         receive = self._require()[1]
         t = time.monotonic()
         state = np.concatenate([receive.getActualQ(), receive.getActualQd(), receive.getActualTCPPose()])
-        return {"observation.state": state.astype(np.float32), "timestamp": t}
+        return {"observation.state": state.astype(np.float32), **read_images(self._cameras), "timestamp": t}
 
     def send_action(self, action: np.ndarray) -> np.ndarray:
         """servoJ to the joint positions (clamped to the safety range); returns what was sent."""
