@@ -20,11 +20,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 import real.robot.control_node as control_node_module
 from real.host.franka_standin import FrankaStandin
+from real.host.server import PolicyServer
 from real.host.ur_standin import URStandin
-from real.robot.control_node import ControlConfig, ControlNode
+from real.robot.control_node import ControlConfig, ControlNode, RemoteInference
 from real.robot.franka import FrankaRobot
 from real.robot.hal import Robot, Teleoperator
 from real.robot.recording import EpisodeRecorder
@@ -32,6 +34,7 @@ from real.robot.safety import SafetyFilter
 from real.robot.sim_robot import SimRobot
 from real.robot.ur import URRobot
 from robopolicy.data import DemoStore, validate_store
+from robopolicy.policies.base import ChunkPolicy
 
 ROBOTS = ["sim", "ur", "franka"]
 N_STREAMS = 10_000
@@ -134,7 +137,7 @@ def check_commands(limits, dt: float, start: np.ndarray, sent: list[np.ndarray])
 def test_limits_never_exceeded_over_10000_random_streams(name):
     rng = np.random.default_rng(23)
     # the stand-ins' servo loops run in Python: fewer servo ticks per command keep 10,000 streams quick
-    with make_rig(name, realtime=False, control_hz=50.0 if name != "franka" else 100.0) as rig:
+    with make_rig(name, realtime=False, control_hz=100.0) as rig:
         robot, limits = rig.robot, rig.robot.limits
         lo, hi = limits.command_bounds()
         dt = limits.control_period_s
@@ -189,6 +192,21 @@ class ScriptedPolicy:
         pass
 
 
+class ServedPolicy(ChunkPolicy):
+    """The same sine-wave chunks as a torch `ChunkPolicy`, served by the real `PolicyServer` (killed mid-episode)."""
+
+    n_obs_steps, horizon, n_action_steps = 1, 8, 4
+
+    def __init__(self, scripted: ScriptedPolicy) -> None:
+        super().__init__()
+        self.features, self.action_dim = scripted.features, scripted.noise_shape[1]
+        self.scripted = scripted
+
+    def sample_chunk(self, obs, noise=None, prefix_actions=None):
+        chunk, _ = self.scripted.infer(None, time.monotonic(), None)
+        return torch.as_tensor(chunk, dtype=torch.float32)[None].expand(obs["observation.state"].shape[0], -1, -1)
+
+
 class Interrupting(Teleoperator):
     """A teleoperator whose device raises `error` at tick `at` (an exception out of the control loop)."""
 
@@ -217,10 +235,15 @@ def rig(request):
 
 
 def run_node(rig: Rig, tmp_path, *, fault_at: float | None = None, fault: str = "killed", episode_s: float = 2.0,
-             teleop: Teleoperator | None = None, estop_at: float | None = None):
-    """One recorded episode; returns (result or the exception, frames, per-tick executor log, node)."""
+             teleop: Teleoperator | None = None, estop_at: float | None = None, kill_server_at: float | None = None):
+    """One recorded episode; returns (result or the exception, frames, per-tick executor log, info). With
+    `kill_server_at`, the policy runs behind a real `PolicyServer` on loopback, shut down at that time."""
     robot = rig.robot
     policy = ScriptedPolicy(robot)
+    server = backend = None
+    if kill_server_at is not None:
+        server = PolicyServer(ServedPolicy(policy)).start()
+        backend = RemoteInference(server.address, timeout_s=0.5)
     log: list[tuple[float, bool]] = []  # per tick: (t_cmd, the executor had no action)
     make_executor = control_node_module.make_executor
 
@@ -239,8 +262,10 @@ def run_node(rig: Rig, tmp_path, *, fault_at: float | None = None, fault: str = 
     recorder = EpisodeRecorder(tmp_path / "store", robot.observation_features, robot.action_features["action"],
                                int(CONTROL_HZ), overwrite=True)
     config = ControlConfig(control_hz=CONTROL_HZ, mode="sync", max_episode_s=episode_s, hold_after=2, stop_after=6)
-    node = ControlNode(robot, policy, config, recorder=recorder, teleop=teleop, task="conformance")
+    node = ControlNode(robot, backend or policy, config, recorder=recorder, teleop=teleop, task="conformance")
     timers = []
+    if server is not None:
+        timers.append(threading.Timer(kill_server_at, server.shutdown))
     if fault_at is not None:
         timers.append(threading.Timer(fault_at, lambda: setattr(policy, "fault", fault)))
     estop_time: list[float] = []
@@ -272,6 +297,9 @@ def run_node(rig: Rig, tmp_path, *, fault_at: float | None = None, fault: str = 
             timer.cancel()
         node.close()
         recorder.close()
+        if server is not None:
+            backend.close()
+            server.shutdown()
     assert validate_store(tmp_path / "store") == []
     with DemoStore.open(tmp_path / "store") as store:
         frames = store.get_episode(0)
@@ -326,7 +354,8 @@ def test_stopped_on_every_exit_path(rig, tmp_path, exit_path):
         # the e-stop stops the robot within one control period (plus scheduling slack on a loaded machine)
         assert info["stop_times"][0] - info["estop_time"][0] <= period + 0.05
     else:
-        outcome, frames, _, info = run_node(rig, tmp_path, fault_at=0.5, fault="killed", episode_s=2.0)
+        outcome, frames, _, info = run_node(rig, tmp_path, kill_server_at=0.7, episode_s=2.0)
+        assert outcome.counts["chunks"] > 0 and outcome.counts["chunk_errors"] > 0
         assert outcome.counts["stops"] >= 1  # the watchdog stopped the robot while no action came
     assert info["stop_times"], "the robot was never stopped"
     check_recording(rig, frames)
