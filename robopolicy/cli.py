@@ -52,7 +52,7 @@ DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "fi
 CONFIG_MODULES = {"collect": "robopolicy.commands", "data": "robopolicy.commands", "eval": "robopolicy.commands",
                   "quickstart": "robopolicy.commands", "train": "robopolicy.train",
                   "finetune": "robopolicy.finetune", "serve": "real.host.deploy", "deploy": "real.robot.deployment"}
-GROUP_MODULES = {"policy": "robopolicy.policies", "algo": "robopolicy.rl", "robot": "real.robot.sim_robot"}
+GROUP_MODULES = {"policy": "robopolicy.policies", "algo": "robopolicy.rl", "robot": "real.robot.robots"}
 
 
 class UserError(Exception):
@@ -63,9 +63,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UserError, FileNotFoundError, FileExistsError, ValueError]
     try:
         from real.robot.control_node import ControlNodeError
-        from real.robot.sim_robot import SimRobotError
+        from real.robot.robots import ROBOT_ERRORS
 
-        errors += [ControlNodeError, SimRobotError]
+        errors += [ControlNodeError, *ROBOT_ERRORS]
     except ImportError:
         pass
     try:

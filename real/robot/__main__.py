@@ -18,7 +18,7 @@ from typing import Any
 from real.robot.client import PolicyClientError
 from real.robot.control_node import ControlNodeError, RemoteInference
 from real.robot.deployment import DeployError, deploy_config, make_robot, run_episodes
-from real.robot.sim_robot import SimRobotError
+from real.robot.robots import ROBOT_ERRORS
 from robopolicy.config import ConfigError, config_class, defaults
 
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                 summary = run_episodes(config, robot, backend)
         finally:
             backend.close()
-    except (ConfigError, DeployError, ControlNodeError, SimRobotError, PolicyClientError) as exc:
+    except (ConfigError, DeployError, ControlNodeError, PolicyClientError, *ROBOT_ERRORS) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     print(json.dumps({"command": "deploy", **summary}))

@@ -7,7 +7,8 @@ The filter guarantees, for every emitted command y_k (with delta_k = y_k - y_{k-
 whatever it is given (NaN, inf, huge values, wrong shapes). Position and acceleration limits together can
 be impossible to meet (arriving at a limit too fast to stop in time), so the filter also brakes early:
 it only allows a delta from which the command can still come to rest inside the limits at maximum
-deceleration. That invariant is what keeps the constraint set non-empty at every step.
+deceleration. That invariant is what keeps the constraint set non-empty at every step. It approaches the
+commanded target the same way, so an acceleration-limited command settles on a step target without swinging.
 """
 
 from __future__ import annotations
@@ -156,6 +157,12 @@ class SafetyFilter:
         for kind, lo, hi in bounds:
             self._check(events, kind, delta, lo, hi)
             low, high = np.maximum(low, lo), np.minimum(high, hi)
+        # Approach the target as the position limits are approached: no faster than lets the command stop on it
+        # at maximum deceleration. Not a limit (no event): without it an acceleration-limited command overshoots
+        # a step target and swings about it.
+        toward = braking_reach(np.abs(delta), self._max_delta_change)
+        low = np.where(delta < 0, np.maximum(low, -toward), low)
+        high = np.where(delta > 0, np.minimum(high, toward), high)
         # Theory says low <= high; should rounding disagree, brake as hard as allowed (always feasible).
         braking = np.sign(last_delta) * np.maximum(np.abs(last_delta) - self._max_delta_change, 0.0)
         delta = np.where(low <= high, np.clip(delta, low, high), braking)
