@@ -25,6 +25,14 @@ def reference(tmp_path_factory):
     return {e["extra"]["seed"]: store.get_episode(e["index"]) for e in store.episodes}
 
 
+def _committed(path) -> int:
+    """Episodes committed to the store at `path` so far (0 while it does not exist or is being created)."""
+    try:
+        return DemoStore.open(path).num_episodes
+    except Exception:  # not there yet, or caught between the writer's first files
+        return 0
+
+
 def test_sigkill_at_random_moments_keeps_finished_episodes(tmp_path, reference):
     rng = random.Random(1234)
     trials, partial_stores = 10, 0
@@ -34,10 +42,11 @@ def test_sigkill_at_random_moments_keeps_finished_episodes(tmp_path, reference):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         if trial % 3 == 0:  # sometimes during start-up, before or while the store is created
             time.sleep(rng.uniform(0.5, 4.0))
-        else:  # mostly while episodes are being appended
-            deadline = time.time() + 60
-            while not path.exists() and time.time() < deadline:
-                time.sleep(0.01)
+        else:  # mostly while episodes are being appended: after the first one (a loaded machine is slow to get
+            # there), at a random moment of the appends that follow
+            deadline = time.time() + 120
+            while _committed(path) < 1 and time.time() < deadline:
+                time.sleep(0.05)
             time.sleep(rng.uniform(0.0, 2.0))
         os.killpg(proc.pid, signal.SIGKILL)  # the command and its simulator workers, with no chance to clean up
         proc.wait()

@@ -16,13 +16,18 @@ sys.path.insert(0, str(HELPER.parent))
 from store_kill_writer import FEATURES, make_episode  # noqa: E402
 
 
-def run_writer_and_kill(store: Path, side: Path, delay: float, create: bool = False) -> None:
-    """Start the writer, wait until it has the store open (or, when creating, not at all), then SIGKILL."""
+def run_writer_and_kill(store: Path, side: Path, delay: float, create: bool = False, after_appends: int = 0) -> None:
+    """Start the writer, wait until it has the store open (or, when creating, not at all) and has finished
+    `after_appends` appends, then SIGKILL it `delay` seconds later. Counting appends rather than seconds keeps the
+    kills among the appends on a loaded machine, where the writer may need a second for one append."""
     args = [sys.executable, str(HELPER), str(store), str(side)] + (["--create"] if create else [])
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not create:
         ready = process.stdout.readline()
         assert ready.strip() == "ready", process.stderr.read()
+    deadline = time.monotonic() + 60
+    while after_appends and len(side.read_text().split()) < after_appends and time.monotonic() < deadline:
+        time.sleep(0.005)
     time.sleep(delay)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
@@ -49,7 +54,7 @@ def test_sigkill_during_appends_keeps_finished_episodes(tmp_path):
     for trial in range(12):
         side = tmp_path / f"finished-{trial}.txt"
         side.touch()
-        run_writer_and_kill(store_path, side, delay=float(rng.uniform(0.0, 0.5)))
+        run_writer_and_kill(store_path, side, delay=float(rng.uniform(0.0, 0.1)), after_appends=int(rng.integers(0, 3)))
         finished = [int(line) for line in side.read_text().split()]
         assert finished == list(range(committed, committed + len(finished)))
         assert validate_store(store_path) == [], f"trial {trial}"
