@@ -30,6 +30,7 @@ import json
 import os
 import select
 import signal
+import subprocess
 import sys
 import termios
 import threading
@@ -440,6 +441,47 @@ def write_calibration(encoders: Encoders, directory: Path, robot_id: str) -> Pat
     path = directory / f"{robot_id}.json"
     path.write_text(json.dumps({m: asdict(c) for m, c in encoders.calibration().items()}, indent=4))
     return path
+
+
+class TwinProcess:
+    """The twin in its own process (`python -m real.host.feetech_twin`), e.g. started from LeRobot's virtualenv,
+    which has no MuJoCo: `python` is an interpreter that has it. `with TwinProcess(python, folder) as twin:`
+    gives `twin.port` (the pty) and `twin.calibration_dir` (the LeRobot calibration file `<id>.json`)."""
+
+    def __init__(self, python: str | Path, folder: Path, robot_id: str = "so100_twin", timeout_s: float = 60.0):
+        self.python, self.folder, self.robot_id, self.timeout_s = str(python), Path(folder), robot_id, timeout_s
+        self.calibration_dir = self.folder / "calibration"
+        self.port = ""
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> TwinProcess:
+        port_file = self.folder / "twin_port"
+        port_file.unlink(missing_ok=True)
+        log = self.folder / "twin.log"
+        root = Path(__file__).resolve().parents[2]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        self._proc = subprocess.Popen([self.python, "-m", "real.host.feetech_twin", "--calibration-dir",
+                                       str(self.calibration_dir), "--id", self.robot_id, "--port-file",
+                                       str(port_file)], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=open(log, "wb"))  # noqa: SIM115 (the child holds it)
+        deadline = time.monotonic() + self.timeout_s
+        while not port_file.exists():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"The SO-100 twin did not start with {self.python}: "
+                                   f"{log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        self.port = port_file.read_text()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
