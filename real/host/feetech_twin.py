@@ -252,12 +252,13 @@ class SO100Twin:
     """The SO-100's servos on a `FeetechBus`, moving a MuJoCo SO-100 in real time (`step_to(now)`).
 
     `q0`: initial joint angles [6] (rad; default: the middle of every range, where a calibration starts).
+    `timestep`: the physics and servo-loop period (250 Hz by default: light enough for a loaded machine).
     The servos boot calibrated (their EPROM holds the homing offsets and ranges of `encoders.calibration()`)
     unless `calibrated=False` (factory defaults: offset 0, limits 0..4095).
     """
 
     def __init__(self, q0: np.ndarray | None = None, calibrated: bool = True, worldbody: str = "",
-                 timestep: float = 0.002) -> None:
+                 timestep: float = 0.004) -> None:
         import mujoco
 
         self._mujoco = mujoco
@@ -282,10 +283,13 @@ class SO100Twin:
         self.setpoint_speed = np.zeros(n)
         self.integral = np.zeros(n)
         self.kp, self.ki, self.kd = 80.0, 800.0, 0.8  # N m/rad, N m/(rad s), N m s/rad
+        self.torque_on = np.zeros(n, dtype=bool)
+        self.goal, self.top_speed, self.acceleration, self.torque_max = (np.zeros(n) for _ in range(4))
         self.sim_time = 0.0
         self._update_present()
-        for servo in self.bus.servos.values():
+        for k, servo in enumerate(self.bus.servos.values()):
             servo.set("Goal_Position", servo.get("Present_Position"))
+            self._refresh(k)
 
     # ---- encoder <-> registers
     def raw(self) -> np.ndarray:
@@ -306,11 +310,11 @@ class SO100Twin:
             servo.set("Present_Load", int(np.clip(np.round(1000 * abs(torque[k]) / STALL_TORQUE), 0, 1000))
                       * (1 if torque[k] * self.encoders.direction[k] >= 0 else -1))
             servo.set("Present_Current", int(abs(torque[k]) / STALL_TORQUE * 400))
-            moving = servo.get("Torque_Enable") and (abs(self.setpoint[k] - self.goal_raw(k)) > 0.5
-                                                     or abs(speed[k]) > 20)
+            moving = self.torque_on[k] and (abs(self.setpoint[k] - self.goal[k]) > 0.5 or abs(speed[k]) > 20)
             servo.set("Moving", int(bool(moving)))
-            if not servo.get("Torque_Enable"):  # a limp servo's goal follows where it is
+            if not self.torque_on[k]:  # a limp servo's goal follows where it is
                 servo.set("Goal_Position", servo.get("Present_Position"))
+                self.goal[k] = self.goal_raw(k)
 
     def _on_write(self, servo: ServoRegisters, addr: int, data: bytes) -> None:
         k = MOTOR_IDS.index(servo.get("ID")) if servo.get("ID") in MOTOR_IDS else None
@@ -323,6 +327,16 @@ class SO100Twin:
             goal_addr = REG["Goal_Position"][0]
             if not addr <= goal_addr < addr + len(data):
                 servo.set("Goal_Position", int(round(self.raw()[k])) - servo.get("Homing_Offset"))
+        self._refresh(k)
+
+    def _refresh(self, k: int) -> None:
+        """Servo k's registers the position loop reads, cached as arrays (refreshed on every write)."""
+        servo = self._servo(k)
+        self.torque_on[k] = servo.get("Torque_Enable") == 1
+        self.goal[k] = self.goal_raw(k)
+        self.top_speed[k] = min(abs(servo.get("Goal_Velocity")) or TOP_SPEED_TICKS, TOP_SPEED_TICKS)
+        self.acceleration[k] = servo.get("Acceleration") * ACCELERATION_UNIT or np.inf
+        self.torque_max[k] = STALL_TORQUE * min(servo.get("Torque_Limit"), servo.get("Max_Torque_Limit")) / 1000.0
 
     def goal_raw(self, k: int) -> float:
         """Servo k's goal in raw ticks, clamped to its position limits (in the homed frame) as the servo does."""
@@ -335,35 +349,33 @@ class SO100Twin:
 
     # ---- time
     def physics_step(self) -> None:
+        """One physics step of every servo's position loop (all six at once: this runs 500 times a second)."""
         dt = self.model.opt.timestep
-        raw = self.raw()
         q = self.data.qpos[self.qpos_index]
         qd = self.data.qvel[self.dof_index]
-        ctrl = np.zeros(len(MOTORS))
-        for k in range(len(MOTORS)):
-            servo = self._servo(k)
-            if not servo.get("Torque_Enable"):
-                self.setpoint[k], self.setpoint_speed[k], self.integral[k] = raw[k], 0.0, 0.0
-                continue
-            # the setpoint approaches the goal within the top speed and the acceleration register
-            top = abs(servo.get("Goal_Velocity")) or TOP_SPEED_TICKS
-            top = min(top, TOP_SPEED_TICKS)
-            acc = servo.get("Acceleration") * ACCELERATION_UNIT or np.inf
-            error = self.goal_raw(k) - self.setpoint[k]
-            brake = np.sqrt(2 * acc * abs(error)) if np.isfinite(acc) else np.inf
-            wanted = np.sign(error) * min(top, brake, abs(error) / dt)
-            dv = np.clip(wanted - self.setpoint_speed[k], -acc * dt, acc * dt)
-            self.setpoint_speed[k] += dv
-            step = self.setpoint_speed[k] * dt
-            self.setpoint[k] = self.goal_raw(k) if abs(step) >= abs(error) else self.setpoint[k] + step
-            if abs(step) >= abs(error):
-                self.setpoint_speed[k] = 0.0
-            limit = STALL_TORQUE * min(servo.get("Torque_Limit"), servo.get("Max_Torque_Limit")) / 1000.0
-            e = self.encoders.joint_angle(self.setpoint)[k] - q[k]
-            e_dot = self.setpoint_speed[k] / (self.encoders.direction[k] * TICKS_PER_RAD) - qd[k]
-            if abs(e) < 0.05:  # integrate near the setpoint only (no wind-up while slewing)
-                self.integral[k] = np.clip(self.integral[k] + e * dt, -limit / self.ki, limit / self.ki)
-            ctrl[k] = np.clip(self.kp * e + self.ki * self.integral[k] + self.kd * e_dot, -limit, limit)
+        acc, tau = self.acceleration, self.torque_max
+        # the setpoint approaches the goal within the top speed and the acceleration register
+        error = self.goal - self.setpoint
+        finite = np.isfinite(acc)  # Acceleration 0: no ramp
+        brake = np.where(finite, np.sqrt(2 * np.where(finite, acc, 0.0) * np.abs(error)), np.inf)
+        wanted = np.sign(error) * np.minimum(np.minimum(self.top_speed, brake), np.abs(error) / dt)
+        self.setpoint_speed += np.clip(wanted - self.setpoint_speed, -acc * dt, acc * dt)
+        step = self.setpoint_speed * dt
+        arrived = np.abs(step) >= np.abs(error)
+        self.setpoint = np.where(arrived, self.goal, self.setpoint + step)
+        self.setpoint_speed[arrived] = 0.0
+        # a torque-limited PID on the joint angle; integrating near the setpoint only (no wind-up while slewing)
+        e = self.encoders.joint_angle(self.setpoint) - q
+        e_dot = self.setpoint_speed / (self.encoders.direction * TICKS_PER_RAD) - qd
+        near = np.abs(e) < 0.05
+        self.integral[near] = np.clip(self.integral[near] + e[near] * dt, -tau[near] / self.ki, tau[near] / self.ki)
+        ctrl = np.clip(self.kp * e + self.ki * self.integral + self.kd * e_dot, -tau, tau)
+        # a servo with its torque off is limp, and its loop starts over from where the joint is
+        off = ~self.torque_on
+        if off.any():
+            ctrl[off] = 0.0
+            self.setpoint[off] = self.raw()[off]
+            self.setpoint_speed[off] = self.integral[off] = 0.0
         self.data.ctrl[: len(MOTORS)] = ctrl
         self._mujoco.mj_step(self.model, self.data)
         self.sim_time += dt

@@ -83,6 +83,8 @@ class LeRobotArmConfig:
     velocity_scale: float = setting(0.5, "safety: joint speed limit as a fraction of the servos' top speed")
     max_acceleration: float = setting(2000.0, "safety: joint acceleration limit (deg/s^2; gripper: units/s^2)")
     joint_margin_deg: float = setting(2.0, "safety: degrees kept clear of each end of the calibrated range")
+    read_retries: int = setting(2, "a read the servos do not answer in time (LeRobot's ConnectionError) is asked "
+                                "again this many times, after dropping any late answer")
     disable_torque_on_disconnect: bool = setting(True, "LeRobot's: torque off when the driver disconnects (the "
                                                  "arm then rests on its stops)")
     task: str = setting("", "the instruction recorded with each episode")
@@ -92,8 +94,9 @@ class LeRobotArmConfig:
             raise LeRobotArmError(f"robot.velocity_scale must be in (0, 1], got {self.velocity_scale}.")
         if not 1 <= self.control_hz <= 200:
             raise LeRobotArmError(f"robot.control_hz must be between 1 and 200, got {self.control_hz}.")
-        if self.joint_margin_deg < 0 or self.max_acceleration <= 0:
-            raise LeRobotArmError("robot.joint_margin_deg must be >= 0 and robot.max_acceleration > 0.")
+        if self.joint_margin_deg < 0 or self.max_acceleration <= 0 or self.read_retries < 0:
+            raise LeRobotArmError("robot.joint_margin_deg and robot.read_retries must be >= 0 and "
+                                  "robot.max_acceleration > 0.")
 
 
 @register_config("robot", "so100")
@@ -135,6 +138,7 @@ class LeRobotArm(Robot):
         self.period = 1.0 / cfg.control_hz
         self._limits = self._make_limits()
         self._robot: Any = None
+        self.read_errors = 0  # reads the servos did not answer in time (each asked again)
 
     def _make_limits(self) -> RobotLimits:
         cfg = self.config
@@ -218,7 +222,18 @@ class LeRobotArm(Robot):
     def get_observation(self) -> dict[str, Any]:
         robot = self._require()
         t = time.monotonic()
-        observation = robot.get_observation()
+        for attempt in range(self.config.read_retries + 1):
+            try:
+                observation = robot.get_observation()
+                break
+            except ConnectionError as exc:
+                self.read_errors += 1
+                if attempt == self.config.read_retries:
+                    raise LeRobotArmError(f"The {self.robot_type} on {self.config.port} did not answer "
+                                          f"{attempt + 1} reads in a row ({exc}); check its cable and power.") from None
+                # a late answer would otherwise be taken for the next read's
+                robot.bus.port_handler.ser.reset_input_buffer()
+                t = time.monotonic()
         state = np.array([observation[f"{m}.pos"] for m in MOTORS], dtype=np.float32)
         return {"observation.state": state, "timestamp": t}
 
