@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # CUDA one: make quickstart TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= metaworld,pusht,interop,dev
+EXTRAS ?= metaworld,pusht,interop,so100,dev
 # pytest-xdist workers: 2 cores.
 TEST_WORKERS ?= 2
 
@@ -48,6 +48,11 @@ $(LEROBOT_VENV)/.installed:
 	$(LEROBOT_VENV)/bin/pip install -q "datasets<5" "diffusers<0.36" "huggingface-hub<0.36" accelerate einops \
 		"opencv-python-headless<4.13" "av<16" jsonlines "packaging<26" pyserial draccus==0.10.0 gymnasium "deepdiff<9" \
 		"imageio[ffmpeg]" termcolor "setuptools<81" pynput torchcodec==0.13.0
+	# LeRobot's motor buses (robot=so100/so101/koch), our robot side (pyproject's `real` extra) and pytest for
+	# tests/test_so100.py, which runs the SO-100 twin tests here
+	$(LEROBOT_VENV)/bin/pip install -q feetech-servo-sdk==1.0.0 "dynamixel-sdk<3.9" pyserial pytest \
+		$$($(LEROBOT_VENV)/bin/python -c "import tomllib; \
+		print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['real']))")
 	@touch $@
 
 # The robot computer's side in its own virtualenv: only pyproject's `real` extra (no torch, no MuJoCo, no hydra),

@@ -1,5 +1,7 @@
-"""One conformance suite, run against every `Robot` driver: the simulated robot, and the UR and Franka drivers on
-their vendor clients' MuJoCo stand-ins (`real.host.ur_standin`, `real.host.franka_standin`).
+"""One conformance suite, run against every `Robot` driver: the simulated robot, the UR and Franka drivers on
+their vendor clients' MuJoCo stand-ins (`real.host.ur_standin`, `real.host.franka_standin`), and the SO-100 through
+LeRobot's own driver on the SO-100 twin (`real.host.feetech_twin`; that case runs in LeRobot's virtualenv, where
+tests/test_so100.py runs this file with `-k so100`, and skips elsewhere; the others skip there, without MuJoCo).
 
 For each robot: commands never leave the limits over 10,000 random action streams (through the safety filter and
 the driver; the stand-ins run on a virtual clock so no stream sleeps), and the arm itself never exceeds its joint
@@ -11,11 +13,13 @@ e-stop stops it within one control period; the recorded episode is a valid store
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,20 +27,16 @@ import pytest
 import torch
 
 import real.robot.control_node as control_node_module
-from real.host.franka_standin import FrankaStandin
 from real.host.server import PolicyServer
-from real.host.ur_standin import URStandin
 from real.robot.control_node import ControlConfig, ControlNode, RemoteInference
-from real.robot.franka import FrankaRobot
 from real.robot.hal import Robot, Teleoperator
 from real.robot.recording import EpisodeRecorder
 from real.robot.safety import SafetyFilter
-from real.robot.sim_robot import SimRobot
-from real.robot.ur import URRobot
 from robopolicy.data import DemoStore, validate_store
 from robopolicy.policies.base import ChunkPolicy
 
-ROBOTS = ["sim", "ur", "franka"]
+ROBOTS = ["sim", "ur", "franka", "so100"]
+ROOT = Path(__file__).resolve().parent.parent
 N_STREAMS = 10_000
 CONTROL_HZ = 20.0
 
@@ -57,21 +57,47 @@ class Rig:
 
     def after_command(self, seconds: float) -> None:
         """On a virtual clock, let the controller run until the next command (ur_rtde's servoJ does it itself:
-        it blocks for its `time`; franky's asynchronous moves return at once)."""
-        if isinstance(self.standin, FrankaStandin) and not self.standin.arm.realtime:
+        it blocks for its `time`; franky's asynchronous moves return at once; the twin runs on the wall clock)."""
+        if type(self.standin).__name__ == "FrankaStandin" and not self.standin.arm.realtime:
             self.standin.advance(seconds)
 
     def hardware_violations(self) -> list[str]:
         return [] if self.standin is None else list(self.standin.violations)
 
 
+class TwinServos:
+    """The SO-100 twin's servos as LeRobot's bus reads them: moving while any servo's Moving flag is set."""
+
+    def __init__(self, robot: Any) -> None:
+        self.robot = robot
+        self.violations: list[str] = []
+
+    @property
+    def moving(self) -> bool:
+        return any(self.robot._robot.bus.sync_read("Moving", normalize=False).values())
+
+
+def skip_unless_importable(name: str) -> None:
+    """The SO-100 case needs LeRobot (its virtualenv); the others MuJoCo (the project's)."""
+    module = "lerobot.robots.so_follower" if name == "so100" else "mujoco"
+    if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+        pytest.skip(f"robot {name} needs {module}: " + ("tests/test_so100.py runs it in LeRobot's virtualenv"
+                                                         if name == "so100" else "not in this virtualenv"))
+
+
 @contextlib.contextmanager
-def make_rig(name: str, realtime: bool, control_hz: float = CONTROL_HZ) -> Iterator[Rig]:
+def make_rig(name: str, realtime: bool, control_hz: float = CONTROL_HZ, tmp: Path | None = None) -> Iterator[Rig]:
+    skip_unless_importable(name)
     if name == "sim":
+        from real.robot.sim_robot import SimRobot
+
         with SimRobot("builtin/reach", control_hz=control_hz, max_step=2.0) as robot:
             robot.reset(seed=0)
             yield Rig(name, robot)
     elif name == "ur":
+        from real.host.ur_standin import URStandin
+        from real.robot.ur import URRobot
+
         standin = URStandin("ur5e", realtime=realtime)
         try:
             with URRobot(vendor=standin, control_hz=control_hz, stop_deceleration=4.0) as robot:
@@ -79,12 +105,24 @@ def make_rig(name: str, realtime: bool, control_hz: float = CONTROL_HZ) -> Itera
         finally:
             standin.close()
     elif name == "franka":
+        from real.host.franka_standin import FrankaStandin
+        from real.robot.franka import FrankaRobot
+
         standin = FrankaStandin(realtime=realtime)
         try:
             with FrankaRobot(vendor=standin, control_hz=control_hz) as robot:
                 yield Rig(name, robot, standin)
         finally:
             standin.close()
+    elif name == "so100":  # LeRobot's SO100Follower on the twin, which runs on the project's interpreter (MuJoCo)
+        from real.host.feetech_twin import TwinProcess
+        from real.robot.lerobot_arm import SO100Arm
+
+        with TwinProcess(ROOT / ".venv" / "bin" / "python", tmp) as twin:
+            # the twin shares a loaded machine: a stall past the Feetech SDK's 50 ms read timeout is asked again
+            with SO100Arm(port=twin.port, id="so100_twin", calibration_dir=str(twin.calibration_dir),
+                          control_hz=control_hz, read_retries=10) as robot:
+                yield Rig(name, robot, TwinServos(robot))
     else:
         raise AssertionError(name)
 
@@ -134,10 +172,10 @@ def check_commands(limits, dt: float, start: np.ndarray, sent: list[np.ndarray])
 
 
 @pytest.mark.parametrize("name", ROBOTS)
-def test_limits_never_exceeded_over_10000_random_streams(name):
+def test_limits_never_exceeded_over_10000_random_streams(name, tmp_path):
     rng = np.random.default_rng(23)
     # the stand-ins' servo loops run in Python: fewer servo ticks per command keep 10,000 streams quick
-    with make_rig(name, realtime=False, control_hz=100.0) as rig:
+    with make_rig(name, realtime=False, control_hz=100.0, tmp=tmp_path) as rig:
         robot, limits = rig.robot, rig.robot.limits
         lo, hi = limits.command_bounds()
         dt = limits.control_period_s
@@ -229,8 +267,8 @@ class Interrupting(Teleoperator):
 
 
 @pytest.fixture(scope="module", params=ROBOTS)
-def rig(request):
-    with make_rig(request.param, realtime=True) as rig:
+def rig(request, tmp_path_factory):
+    with make_rig(request.param, realtime=True, tmp=tmp_path_factory.mktemp(request.param)) as rig:
         yield rig
 
 

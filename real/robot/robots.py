@@ -7,8 +7,10 @@ drivers; each driver imports its vendor client only when it connects, so this im
 from __future__ import annotations
 
 from real.robot.franka import FrankaConfig, FrankaError
+from real.robot.lerobot_arm import KochConfig, LeRobotArmError, SO100Config, SO101Config
 from real.robot.sim_robot import SimRobotConfig, SimRobotError
 from real.robot.ur import URConfig, URError
 
-ROBOT_CONFIGS = {"sim": SimRobotConfig, "ur": URConfig, "franka": FrankaConfig}
-ROBOT_ERRORS: tuple[type[Exception], ...] = (SimRobotError, URError, FrankaError)
+ROBOT_CONFIGS = {"sim": SimRobotConfig, "ur": URConfig, "franka": FrankaConfig, "so100": SO100Config,
+                 "so101": SO101Config, "koch": KochConfig}
+ROBOT_ERRORS: tuple[type[Exception], ...] = (SimRobotError, URError, FrankaError, LeRobotArmError)
