@@ -401,6 +401,9 @@ class ControlNode:
 
                 status = robot.status
                 success = bool(status["success"])
+                marked = self.teleop.outcome if self.teleop is not None else None
+                if marked is not None:  # a person's verdict ends the episode and is its outcome
+                    success = bool(marked)
                 if self.recorder is not None:
                     self.recorder.add_frame(
                         valid_obs, requested=requested, sent=sent, events=events,
@@ -412,7 +415,7 @@ class ControlNode:
                 if self.watchdog.estopped:
                     result.aborted = self.watchdog.estop_reason
                     break
-                if success or status["truncated"] or now - start >= cfg.max_episode_s:
+                if success or marked is not None or status["truncated"] or now - start >= cfg.max_episode_s:
                     break
                 # a late tick is skipped rather than crammed in: the loop keeps its phase
                 behind = int((time.monotonic() - (start + tick * self.period)) // self.period)

@@ -36,7 +36,10 @@ class DeployError(ValueError):
 class InterventionConfig:
     """The `intervention:` section of configs/deploy.yaml."""
 
-    enabled: bool = setting(False, "the task's scripted expert takes over when the policy stalls (sim robot)")
+    enabled: bool = setting(False, "record interventions from `device`")
+    device: str = setting("scripted", "scripted: the task's expert takes over when the policy stalls (sim robot) | "
+                          "keyboard: a person at the terminal (space take over/release, w/s a/d r/f move, g/h "
+                          "gripper, y/n success/failure)", choices=("scripted", "keyboard"))
     stall_s: float = setting(2.0, "seconds without end-effector motion that count as a stall")
     takeover_s: float = setting(3.0, "seconds the expert acts once it took over")
 
