@@ -78,12 +78,13 @@ def test_a_terminal_is_put_in_cbreak_mode_and_restored():
 def test_a_deployment_episode_records_the_takeover_and_ends_with_the_marked_outcome(tmp_path):
     """On the simulated robot: a person takes over, drives +x, marks a failure; the node ends the episode there and
     the recording carries the intervention flags, the outcome and the preference labels."""
+    from test_control_node import small_policy
+
     from real.host.local_inference import LocalInference
     from real.robot.control_node import ControlConfig, ControlNode
     from real.robot.recording import EpisodeRecorder
     from real.robot.sim_robot import SimRobot
     from robopolicy.data import DemoStore
-    from test_control_node import small_policy
 
     read_fd, write_fd = os.pipe()
     with SimRobot("builtin/pick_place", control_hz=20, sensor_latency_s=0.01) as robot:
