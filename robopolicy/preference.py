@@ -83,6 +83,8 @@ class ApoConfig(OfflineAlgoConfig):
     eta_undesirable: float = setting(1.0, "lambda_U = exp(-eta_U w) (adaptive); KTO's lambda_U otherwise")
     bc_weight: float = setting(1.0, "plus this times the denoising loss on desirable samples (keeps the policy on "
                                     "the data while the preference term pushes)")
+    desirable_fraction: float | None = setting(0.5, "share of desirable windows per batch (KTO balances the two "
+                                                    "labels; failures are long); null: as they come in the data")
 
 
 @register_config("algo", "dpo")
@@ -219,6 +221,14 @@ class LabelledWindows:
             order.append(mine)
         inverse = np.argsort(np.concatenate(order))
         return {k: torch.from_numpy(np.concatenate(v)[inverse]) for k, v in parts.items()}
+
+    def sample_rows(self, rng: np.random.Generator, n: int, desirable_fraction: float | None) -> np.ndarray:
+        """n windows at random; with `desirable_fraction`, that share desirable (when both labels exist)."""
+        good, bad = np.flatnonzero(self.desirable), np.flatnonzero(~self.desirable)
+        if desirable_fraction is None or not len(good) or not len(bad):
+            return rng.integers(0, len(self), n)
+        n_good = int(round(n * desirable_fraction))
+        return np.concatenate([rng.choice(good, n_good), rng.choice(bad, n - n_good)])
 
     def pairs(self, mode: str) -> list[tuple[int, int]]:
         """(winner segment, loser segment) ids: the stores' takeover and same-start pairs; with mode "outcome"
@@ -380,7 +390,7 @@ def refine_offline(run, algo: OfflineAlgoConfig, base: Path, info: Mapping[str, 
 
 
 def _apo_step(policy, reference, data: LabelledWindows, algo: ApoConfig, rng, **_) -> tuple[torch.Tensor, dict]:
-    rows = rng.integers(0, len(data), algo.batch_size)
+    rows = data.sample_rows(rng, algo.batch_size, algo.desirable_fraction)
     batch = data.batch(rows)
     desirable = torch.from_numpy(data.desirable[rows])
     noise, t = policy.denoising_inputs(len(rows), policy.device)

@@ -161,7 +161,8 @@ def deploy(cfg: Any) -> dict:
             from real.host.teleop import ScriptedIntervener
 
             teleop = ScriptedIntervener(robot, str(robot_section["task"]), stall_s=iv.stall_s,
-                                        takeover_s=iv.takeover_s, seed=config.seed)
+                                        stall_distance=iv.stall_distance, takeover_s=iv.takeover_s,
+                                        patience_s=iv.patience_s, seed=config.seed)
             teleop.connect()
             closers.insert(0, teleop.disconnect)
         return run_episodes(config, robot, backend, teleop)
