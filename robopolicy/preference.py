@@ -93,9 +93,12 @@ class DpoConfig(OfflineAlgoConfig):
     name: str = setting("dpo", "the method")
     batch_size: int = setting(64, "pairs per step")
     beta: float = setting(300.0, "Diffusion-DPO's temperature (beta T w(t) folded into one number)")
-    pairs: str = setting("ranked", "ranked: takeover pairs and same-start pairs ranked by outcome | outcome: also "
-                                   "any desirable segment against any undesirable one (rollouts of different starts)",
-                         choices=("ranked", "outcome"))
+    pairs: str = setting("ranked", "ranked: takeover pairs and same-start pairs, a success over a failure | return: "
+                                   "also same-outcome pairs by return | outcome: also any desirable segment against "
+                                   "any undesirable one (rollouts of different starts)",
+                         choices=("ranked", "return", "outcome"))
+    optim: OptimConfig = setting(OptimConfig(lr=1.0e-5, warmup_steps=50),
+                                 "AdamW, warmup + cosine, EMA (train.py's); nulls: the policy config's")
     bc_weight: float = setting(1.0, "plus this times the denoising loss on the winners")
 
 
@@ -235,7 +238,7 @@ class LabelledWindows:
         also every desirable segment against every undesirable one."""
         found = []
         for d, labels in enumerate(self.labels):
-            for pair in preference_pairs(labels):
+            for pair in preference_pairs(labels, by_return=mode == "return"):
                 w, lo = (d, *pair["winner"]), (d, *pair["loser"])
                 if w in self.segments and lo in self.segments:
                     found.append((self.segments[w], self.segments[lo]))

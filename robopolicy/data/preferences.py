@@ -98,9 +98,10 @@ def label_store(store, lookback_s: float = 2.0) -> dict[int, dict]:
     return labels
 
 
-def preference_pairs(labels: Mapping[int, dict]) -> list[dict]:
+def preference_pairs(labels: Mapping[int, dict], by_return: bool = False) -> list[dict]:
     """Winner/loser segment pairs, each {"winner": (episode, start, stop), "loser": (...), "kind"}: takeover pairs
-    inside intervention episodes and ranked pairs among rollouts of one start state."""
+    inside intervention episodes and ranked pairs among rollouts of one start state: a success beats a failure;
+    with `by_return` a higher return also decides between two rollouts of the same outcome."""
     pairs = []
     groups: dict[Any, list[int]] = {}
     for episode, label in labels.items():
@@ -115,7 +116,8 @@ def preference_pairs(labels: Mapping[int, dict]) -> list[dict]:
     for members in groups.values():
         for a in members:
             for b in members:
-                if labels[a]["score"] > labels[b]["score"]:
+                gap = labels[a]["score"] - labels[b]["score"]
+                if gap >= 0.5 or (by_return and gap > 0):
                     win, lose = labels[a]["segments"][0], labels[b]["segments"][0]
                     pairs.append({"winner": (a, win[0], win[1]), "loser": (b, lose[0], lose[1]),
                                   "kind": "same_start"})
