@@ -36,7 +36,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 COMMANDS = {
     "collect": "roll out a task's scripted expert into a demonstration store",
-    "data": "inspect, check, convert and curate stores: data info|validate|stats|export|import|quality|filter",
+    "data": "inspect, check, convert and curate stores: data info|validate|stats|export|import|quality|filter|label",
     "train": "offline training of a policy on a store, with periodic evaluation in simulation",
     "eval": "success rate (95% Wilson interval), returns and videos of a checkpoint in simulation",
     "finetune": "refinement of a base checkpoint: online in simulation (algo=steer|steer_na|residual|value_guided) or "
@@ -45,7 +45,7 @@ COMMANDS = {
     "deploy": "a control node driving a robot (robot=sim: a MuJoCo task in real time) with a local or remote policy",
     "quickstart": "the embedded default: collect, train, evaluate, deploy and refine on a built-in task",
 }
-DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "filter")
+DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "filter", "label")
 
 
 # The module that registers each command's typed config ("command", <command>) and each group's configs
@@ -320,6 +320,12 @@ def cmd_data(cfg: DataConfig, sub: str) -> dict:
 
         out = _needs(command, "out", cfg.out)
         return {"command": command, **filter_store(path, out, min_quality=cfg.min_quality, overwrite=cfg.overwrite)}
+    if sub == "label":  # preference labels written into the metadata of episodes recorded without them
+        from robopolicy.data.preferences import label_store
+
+        with DemoStore.open(path, mode="a") as store:
+            label_store(store)
+            return {"command": command, "store": str(path), "preference_labels": _preference_counts(store)}
     store = DemoStore.open(path)
     if sub == "info":
         successes = [e.get("success") for e in store.episodes]

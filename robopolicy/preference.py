@@ -439,7 +439,7 @@ def _hg_dagger_step(policy, reference, data: LabelledWindows, algo: HgDaggerConf
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float(x[mask].mean()) if bool(mask.any()) else 0.0
+    return float(x[mask].detach().mean()) if bool(mask.any()) else 0.0
 
 
 def _training_fps(base_config: Mapping[str, Any], base: Path) -> int:

@@ -158,6 +158,8 @@ def test_labels_are_derived_then_written_into_episode_metadata(tmp_path):
     assert sorted(labels) == list(range(6)) and labels[4]["segments"][0][3] == "success"
     label_store(store, lookback_s=0.5)
     store.close()
+    labelled = last_json(run_cli("data", "label", f"store={tmp_path / 'demos'}", check=True))
+    assert labelled["preference_labels"]["labelled_episodes"] == 0  # expert demonstrations stay unlabelled
     reopened = DemoStore.open(tmp_path / "rec")
     assert all("preference" in e["extra"] for e in reopened.episodes)
     assert reopened.episodes[0]["extra"]["seed"] == 0  # merged, not replaced
