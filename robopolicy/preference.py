@@ -53,6 +53,8 @@ from robopolicy.evaluate import EVAL_SEED, evaluate
 from robopolicy.loading import load_policy
 from robopolicy.train import EMA, OptimConfig, make_optimizer, optimizer_settings
 
+HELD_KEY = "action.held"  # deployment recordings: the frames where the robot held for want of an action
+
 # ================================================================================================ configs
 
 
@@ -69,6 +71,8 @@ class OfflineAlgoConfig:
                                      "recorded without labels)")
     action_fps: int | None = setting(None, "the rate of the policy's actions; null: the fps of the store the base "
                                            "was trained on (a store at k times that rate is read every k-th frame)")
+    kinds: list[str] | None = setting(None, "label kinds trained on (intervention, pre_takeover, success, failure); "
+                                            "null: all")
     optim: OptimConfig = setting(OptimConfig(lr=1.0e-4, warmup_steps=50),
                                  "AdamW, warmup + cosine, EMA (train.py's); nulls: the policy config's")
 
@@ -106,6 +110,7 @@ class DpoConfig(OfflineAlgoConfig):
 @dataclass
 class HgDaggerConfig(OfflineAlgoConfig):
     name: str = setting("hg_dagger", "the method")
+    kinds: list[str] | None = setting(["intervention"], "label kinds trained on: the intervener's segments")
     demos: str | None = setting(None, "the original demonstrations; null: the store the base was trained on")
     intervention_fraction: float = setting(0.5, "share of each batch drawn from the intervened segments")
 
@@ -160,6 +165,7 @@ class LabelledWindows:
         self.datasets: list[WindowDataset] = []
         rows = []  # per window: dataset, item, label, segment id, segment [start, stop) in store frames
         self.labels: list[dict[int, dict]] = []
+        self.held: list[np.ndarray | None] = []
         self.segments: dict[tuple[int, int, int, int], int] = {}  # (dataset, episode, start, stop) -> segment id
         keys = [k for k in policy.features if k.startswith("observation.")] + ["action"]
         for d, path in enumerate(paths):
@@ -181,6 +187,8 @@ class LabelledWindows:
                               for i, v in labels.items()}
                     labels = {i: v for i, v in labels.items() if v["segments"]}
             self.labels.append(labels)
+            # a deployment's hold ticks (waiting for a chunk) are no one's action: masked like padding
+            self.held.append(store.read(HELD_KEY)[:, 0] if HELD_KEY in store.features else None)
             dataset = WindowDataset(store, policy.n_obs_steps, policy.horizon, keys=keys, episodes=sorted(labels),
                                     frame_stride=stride)
             self.datasets.append(dataset)
@@ -218,7 +226,10 @@ class LabelledWindows:
             anchor = dataset.item_frame[picked[:, 1]][:, None]
             frames = anchor + dataset.frame_stride * np.arange(1 - dataset.n_obs_steps,
                                                                 1 - dataset.n_obs_steps + dataset.horizon)
-            windows["action_is_pad"] = windows["action_is_pad"] | (frames < picked[:, 4:5]) | (frames >= picked[:, 5:6])
+            outside = (frames < picked[:, 4:5]) | (frames >= picked[:, 5:6])
+            if self.held[d] is not None:
+                outside |= self.held[d][np.clip(frames, 0, len(self.held[d]) - 1)]
+            windows["action_is_pad"] = windows["action_is_pad"] | outside
             for key, value in windows.items():
                 parts.setdefault(key, []).append(value)
             order.append(mine)
@@ -321,9 +332,7 @@ def refine_offline(run, algo: OfflineAlgoConfig, base: Path, info: Mapping[str, 
     torch.manual_seed(run.seed)
     base_config = dict(info["config"])
     action_fps = algo.action_fps or _training_fps(base_config, base)
-    data = (LabelledWindows(list(algo.data), policy, action_fps, algo.lookback_s,
-                            kinds=("intervention",) if algo.name == "hg_dagger" else None)
-            if algo.data else None)
+    data = LabelledWindows(list(algo.data), policy, action_fps, algo.lookback_s, kinds=algo.kinds) if algo.data else None
     if data is None:
         raise PreferenceError("algo=hg_dagger needs algo.data=[STORE, ...]: deployment recordings with interventions.")
     demos = None

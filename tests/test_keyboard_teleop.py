@@ -123,5 +123,6 @@ def test_a_deployment_episode_records_the_takeover_and_ends_with_the_marked_outc
     flags = frames["intervention"][:, 0]
     assert flags.any() and not flags[:5].any() and flags[-1]
     np.testing.assert_allclose(frames["action.requested"][flags][:, 0], 0.5)  # the person's +x
+    assert not frames["action.held"][flags].any()  # the person's frames are decisions, never holds
     kinds = [s[3] for s in meta["extra"]["preference"]["segments"]]
     assert kinds == ["pre_takeover", "intervention"]

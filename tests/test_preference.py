@@ -211,3 +211,30 @@ def test_offline_finetune_refuses_missing_data_in_one_sentence(tmp_path):
     proc = run_cli("finetune", "algo=apo", f"ckpt={base}", f"algo.data=[{demos}]", f"out={tmp_path / 'x'}")
     assert proc.returncode != 0 and "labelled" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x" / "summary.json").exists()
+
+
+def test_windows_mask_actions_outside_their_segment_and_held_ticks(tmp_path):
+    from robopolicy.preference import LabelledWindows
+
+    features = {**FEATURES, "intervention": {"dtype": "bool", "shape": [1], "names": None},
+                "action.held": {"dtype": "bool", "shape": [1], "names": None}}
+    store = DemoStore.create(tmp_path / "rec", features, fps=20)
+    flags = np.zeros((40, 1), bool)
+    flags[20:] = True
+    held = np.zeros((40, 1), bool)
+    held[24] = True
+    actions = np.tile(np.arange(40, dtype=np.float32)[:, None], (1, 2)) / 40  # the frame index in the action
+    store.append_episode({"observation.state": np.zeros((40, 3), np.float32), "action": actions,
+                          "intervention": flags, "action.held": held}, task="t", source="intervention",
+                         success=True)
+    store.close()
+    policy = small_policy("flow")
+    data = LabelledWindows([str(tmp_path / "rec")], policy, action_fps=10, lookback_s=0.5)
+    assert data.datasets[0].frame_stride == 2  # a 20 Hz recording of a 10 Hz policy
+    assert sorted(set(data.rows[:, 2].tolist())) == [-1, 1]
+    row = int(np.flatnonzero((data.rows[:, 1] == 22) & (data.desirable))[0])  # anchored at frame 22, intervening
+    batch = data.batch(np.array([row]))
+    frames = 22 + 2 * np.arange(-1, 7)  # n_obs_steps 2, horizon 8, every 2nd frame
+    np.testing.assert_allclose(batch["action"][0, :, 0].numpy(), np.minimum(frames, 39) / 40)
+    pad = batch["action_is_pad"][0].numpy()
+    np.testing.assert_array_equal(pad, (frames < 20) | (frames >= 40) | (frames == 24))

@@ -409,7 +409,7 @@ class ControlNode:
                         valid_obs, requested=requested, sent=sent, events=events,
                         obs_timestamp=float(valid_obs["timestamp"]), command_time=command_time,
                         chunk_obs_timestamp=chunk_t_obs, inference_latency=chunk_latency, obs_fresh=fresh,
-                        watchdog=state.value, intervention=intervening, success=success)
+                        watchdog=state.value, intervention=intervening, held=action is None, success=success)
                 result.intervention |= intervening
                 tick += 1
                 if self.watchdog.estopped:

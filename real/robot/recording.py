@@ -3,7 +3,9 @@
 One frame per control tick: the observation the node had (the latest valid one), the command sent (`action`,
 what the robot actually did, so the episode can be trained on) and the one requested before the safety
 filter, safety clamp counts and flags, timing (observation capture time, command time, the observation time
-and inference latency of the chunk in use), the watchdog state, whether a human intervened, and task success.
+and inference latency of the chunk in use), the watchdog state, whether a human intervened, whether the robot
+held for want of an action (`action.held`: such frames are no one's decision, and preference training masks
+them), and task success.
 Episodes with any intervention are stored with source "intervention", the others with source "policy"; each
 carries its preference labels in `extra["preference"]` (robopolicy/data/preferences.py).
 
@@ -42,6 +44,8 @@ def recording_features(observation_features: dict[str, dict], action_feature: di
         "status.obs_fresh": {"dtype": "bool", "shape": [1], "names": None},
         "status.watchdog": {"dtype": "int32", "shape": [1], "names": list(WATCHDOG_CODES)},
         "intervention": {"dtype": "bool", "shape": [1], "names": None},
+        # no policy or human action was due: the robot held (sync mode waiting for a chunk, failed inference)
+        "action.held": {"dtype": "bool", "shape": [1], "names": None},
         "next.success": {"dtype": "bool", "shape": [1], "names": None},
     }
 
@@ -82,7 +86,7 @@ class EpisodeRecorder:
     def add_frame(self, observation: dict[str, np.ndarray], *, requested: np.ndarray, sent: np.ndarray,
                   events: list[SafetyEvent], obs_timestamp: float, command_time: float,
                   chunk_obs_timestamp: float, inference_latency: float, obs_fresh: bool, watchdog: str,
-                  intervention: bool, success: bool) -> None:
+                  intervention: bool, success: bool, held: bool = False) -> None:
         frame = {k: np.asarray(observation[k]) for k in self.obs_keys}
         frame.update({
             "action": np.asarray(sent, dtype=np.float32),
@@ -96,6 +100,7 @@ class EpisodeRecorder:
             "status.obs_fresh": np.array([obs_fresh]),
             "status.watchdog": np.array([WATCHDOG_CODES[watchdog]], dtype=np.int32),
             "intervention": np.array([intervention]),
+            "action.held": np.array([held]),
             "next.success": np.array([success]),
         })
         self._frames.append(frame)
