@@ -56,9 +56,13 @@ def main() -> None:
     current, recordings, rounds, base_eval = base, [], [], None
     for r in range(1, args.rounds + 1):
         folder = args.work / f"round_{r}"
-        deployed = run("deploy", f"ckpt={current}", f"task={args.task}", f"episodes={args.deploy_episodes}",
-                       f"seed={DEPLOY_SEED + 1000 * r}", f"out={folder / 'deploy'}", "overwrite=true",
-                       "intervention.enabled=true", *args.intervention)
+        done = folder / "deploy" / "summary.json"
+        if done.exists() and r == 1:  # the base's deployment is the same every time: reused (resume)
+            deployed = json.loads(done.read_text())
+        else:
+            deployed = run("deploy", f"ckpt={current}", f"task={args.task}", f"episodes={args.deploy_episodes}",
+                           f"seed={DEPLOY_SEED + 1000 * r}", f"out={folder / 'deploy'}", "overwrite=true",
+                           "intervention.enabled=true", *args.intervention)
         recordings.append(str(folder / "deploy" / "episodes"))
         point = {"round": r, "deployed": str(current), "load": load(),
                  "deploy": {k: deployed.get(k) for k in ("success_rate", "success_ci95", "episodes", "interventions")},

@@ -20,8 +20,9 @@ writes a plain checkpoint: no base is needed to load or deploy it.
     dpo        Diffusion-DPO (Wallace et al. 2023) for flow and diffusion heads: winner and loser share the noise
                and the time, loss -log sigmoid(beta ((err_ref_w - err_w) - (err_ref_l - err_l))).
     hg_dagger  HG-DAgger's update (Kelly et al. 2019): behaviour cloning on the intervened segments (only the
-               intervener's actions count, the rest of each window is masked), mixed with the base's own
-               demonstrations.
+               intervener's actions count, the rest of each window is masked).
+All three mix the base's own demonstrations into every batch (`demos_fraction`; desirable for apo, behaviour
+cloning for dpo and hg_dagger): trained on recoveries and failures alone, a policy forgets its ordinary behaviour.
 
 Why these run as `robopolicy finetune algo=...` and not as a command of their own: a user refines a base
 checkpoint with a method named by `algo=`, online or offline, and reads the same summary (base and final success
@@ -73,6 +74,10 @@ class OfflineAlgoConfig:
                                            "was trained on (a store at k times that rate is read every k-th frame)")
     kinds: list[str] | None = setting(None, "label kinds trained on (intervention, pre_takeover, success, failure); "
                                             "null: all")
+    demos: str | None = setting(None, "the original demonstrations, mixed in as desirable data; null: the store "
+                                      "the base was trained on")
+    demos_fraction: float = setting(0.25, "share of each batch drawn from the demonstrations (anchors the policy "
+                                          "to its data while the labelled segments move it; 0: none)")
     optim: OptimConfig = setting(OptimConfig(lr=1.0e-4, warmup_steps=50),
                                  "AdamW, warmup + cosine, EMA (train.py's); nulls: the policy config's")
 
@@ -111,8 +116,8 @@ class DpoConfig(OfflineAlgoConfig):
 class HgDaggerConfig(OfflineAlgoConfig):
     name: str = setting("hg_dagger", "the method")
     kinds: list[str] | None = setting(["intervention"], "label kinds trained on: the intervener's segments")
-    demos: str | None = setting(None, "the original demonstrations; null: the store the base was trained on")
-    intervention_fraction: float = setting(0.5, "share of each batch drawn from the intervened segments")
+    demos_fraction: float = setting(0.5, "share of each batch drawn from the demonstrations (the rest: the "
+                                         "intervened segments)")
 
 
 OFFLINE_ALGOS = {"apo": ApoConfig, "dpo": DpoConfig, "hg_dagger": HgDaggerConfig}
@@ -336,7 +341,7 @@ def refine_offline(run, algo: OfflineAlgoConfig, base: Path, info: Mapping[str, 
     if data is None:
         raise PreferenceError("algo=hg_dagger needs algo.data=[STORE, ...]: deployment recordings with interventions.")
     demos = None
-    if algo.name == "hg_dagger":
+    if algo.demos_fraction > 0:
         demos_path = algo.demos or base_config.get("data")
         if not demos_path:
             raise PreferenceError(f"{base} names no training store: pass algo.demos=STORE.")
@@ -401,11 +406,14 @@ def refine_offline(run, algo: OfflineAlgoConfig, base: Path, info: Mapping[str, 
     return summary
 
 
-def _apo_step(policy, reference, data: LabelledWindows, algo: ApoConfig, rng, **_) -> tuple[torch.Tensor, dict]:
-    rows = data.sample_rows(rng, algo.batch_size, algo.desirable_fraction)
-    batch = data.batch(rows)
-    desirable = torch.from_numpy(data.desirable[rows])
-    noise, t = policy.denoising_inputs(len(rows), policy.device)
+def _apo_step(policy, reference, data: LabelledWindows, algo: ApoConfig, rng, *, demos, **_):
+    n_demo = int(round(algo.batch_size * algo.demos_fraction)) if demos is not None else 0
+    rows = data.sample_rows(rng, algo.batch_size - n_demo, algo.desirable_fraction)
+    batch, desirable = data.batch(rows), torch.from_numpy(data.desirable[rows])
+    if n_demo:  # demonstrations are desirable
+        batch = _concat(batch, demos.batch(rng.integers(0, len(demos), n_demo)))
+        desirable = torch.cat([desirable, torch.ones(n_demo, dtype=torch.bool)])
+    noise, t = policy.denoising_inputs(len(desirable), policy.device)
     error = policy.per_sample_error(policy.denoising_error(batch, noise, t), batch)
     with torch.no_grad():
         ref_error = reference.per_sample_error(reference.denoising_error(batch, noise, t), batch)
@@ -421,30 +429,36 @@ def _apo_step(policy, reference, data: LabelledWindows, algo: ApoConfig, rng, **
                   "reward_desirable": _masked_mean(reward, desirable), "reward_undesirable": _masked_mean(reward, ~desirable)}
 
 
-def _dpo_step(policy, reference, data: LabelledWindows, algo: DpoConfig, rng, *, pairs, **_):
+def _dpo_step(policy, reference, data: LabelledWindows, algo: DpoConfig, rng, *, pairs, demos, **_):
     win, lose = data.sample_pair_rows(pairs, rng, algo.batch_size)
-    batch = data.batch(np.concatenate([win, lose]))  # winners then losers: one forward pass
     n = len(win)
-    noise, t = policy.denoising_inputs(n, policy.device)
-    noise, t = torch.cat([noise, noise]), torch.cat([t, t])  # a winner and its loser share noise and time
+    n_demo = int(round(2 * n * algo.demos_fraction)) if demos is not None else 0
+    batch = data.batch(np.concatenate([win, lose]))  # winners then losers (then demonstrations): one forward pass
+    if n_demo:
+        batch = _concat(batch, demos.batch(rng.integers(0, len(demos), n_demo)))
+    noise, t = policy.denoising_inputs(n + n_demo, policy.device)
+    noise, t = torch.cat([noise[:n], noise]), torch.cat([t[:n], t])  # a winner and its loser share noise and time
     error = policy.per_sample_error(policy.denoising_error(batch, noise, t), batch)
     with torch.no_grad():
         ref_error = reference.per_sample_error(reference.denoising_error(batch, noise, t), batch)
-    pair_loss = dpo_loss(error[:n], error[n:], ref_error[:n], ref_error[n:], algo.beta).mean()
-    bc = error[:n].mean()
+    pair_loss = dpo_loss(error[:n], error[n:2 * n], ref_error[:n], ref_error[n:2 * n], algo.beta).mean()
+    bc = torch.cat([error[:n], error[2 * n:]]).mean()  # the winners and the demonstrations
     loss = pair_loss + algo.bc_weight * bc
-    margin = implicit_reward(error[:n], ref_error[:n]) - implicit_reward(error[n:], ref_error[n:])
+    margin = implicit_reward(error[:n], ref_error[:n]) - implicit_reward(error[n:2 * n], ref_error[n:2 * n])
     return loss, {"loss": loss.item(), "dpo": pair_loss.item(), "bc": bc.item(),
                   "accuracy": float((margin > 0).float().mean())}
 
 
 def _hg_dagger_step(policy, reference, data: LabelledWindows, algo: HgDaggerConfig, rng, *, demos, **_):
-    n_int = int(round(algo.batch_size * algo.intervention_fraction))
-    batch_int = data.batch(rng.integers(0, len(data), n_int))
-    batch_demo = demos.batch(rng.integers(0, len(demos), algo.batch_size - n_int))
-    batch = {k: torch.cat([batch_int[k], batch_demo[k]]) for k in batch_int}
-    loss, metrics = policy.loss(batch)
-    return loss, metrics
+    n_demo = int(round(algo.batch_size * algo.demos_fraction)) if demos is not None else 0
+    batch = data.batch(rng.integers(0, len(data), algo.batch_size - n_demo))
+    if n_demo:
+        batch = _concat(batch, demos.batch(rng.integers(0, len(demos), n_demo)))
+    return policy.loss(batch)
+
+
+def _concat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
