@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--deploy-episodes", type=int, default=30)
     parser.add_argument("--eval-episodes", type=int, default=100)
     parser.add_argument("--algos", nargs="+", default=["apo", "dpo", "hg_dagger"])
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=None, help="gradient steps (default: each algorithm's)")
     parser.add_argument("--extra", nargs="*", default=[], help="more finetune overrides for every algorithm")
     # the weak base fails by fumbling near the cube (a few cm of motion) or by wandering: the intervener counts
     # 5 cm in 2 s as a stall and takes over after 5 s without success, as a watching person would
@@ -68,8 +68,8 @@ def main() -> None:
                  "deploy": {k: deployed.get(k) for k in ("success_rate", "success_ci95", "episodes", "interventions")},
                  "refined": {}}
         for algo in args.algos:
-            summary = run("finetune", f"algo={algo}", f"ckpt={base}", f"algo.data=[{','.join(recordings)}]",
-                          f"algo.steps={args.steps}", f"out={folder / algo}", "overwrite=true", f"task={args.task}",
+            steps = [f"algo.steps={args.steps}"] if args.steps else []
+            summary = run("finetune", f"algo={algo}", f"ckpt={base}", f"algo.data=[{','.join(recordings)}]", *steps, f"out={folder / algo}", "overwrite=true", f"task={args.task}",
                           f"eval.base_episodes={args.eval_episodes if base_eval is None else 0}",
                           f"eval.final_episodes={args.eval_episodes}", *args.extra)
             base_eval = base_eval or summary["base_eval"]

@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=100)
     parser.add_argument("--per-start", type=int, default=2)
     parser.add_argument("--algos", nargs="+", default=["apo", "dpo"])
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=None, help="gradient steps (default: each algorithm's)")
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--extra", nargs="*", default=[], help="more finetune overrides, e.g. algo.beta=100")
     args = parser.parse_args()
@@ -93,7 +93,8 @@ def main() -> None:
     rollouts = record(base, args.task, store, args.starts, args.per_start)
     results, base_eval = {}, None
     for algo in args.algos:
-        summary = run("finetune", f"algo={algo}", f"ckpt={base}", f"algo.data=[{store}]", f"algo.steps={args.steps}",
+        steps = [f"algo.steps={args.steps}"] if args.steps else []
+        summary = run("finetune", f"algo={algo}", f"ckpt={base}", f"algo.data=[{store}]", *steps,
                       f"out={args.work / algo}", "overwrite=true", f"task={args.task}",
                       f"eval.base_episodes={args.episodes if base_eval is None else 0}",
                       f"eval.final_episodes={args.episodes}", *args.extra)

@@ -86,7 +86,10 @@ class OfflineAlgoConfig:
 @dataclass
 class ApoConfig(OfflineAlgoConfig):
     name: str = setting("apo", "the method")
-    beta: float = setting(300.0, "temperature of the implicit reward (the denoising error drop, per element)")
+    steps: int = setting(2000, "gradient steps")
+    optim: OptimConfig = setting(OptimConfig(lr=3.0e-4, warmup_steps=50),
+                                 "AdamW, warmup + cosine, EMA (train.py's); nulls: the policy config's")
+    beta: float = setting(100.0, "temperature of the implicit reward (the denoising error drop, per element)")
     adaptive: bool = setting(True, "APO's adaptive weights from the policy's per-sample error; false: plain KTO")
     eta_desirable: float = setting(1.0, "lambda_D = 1 - exp(-eta_D w) (adaptive); KTO's lambda_D otherwise")
     eta_undesirable: float = setting(1.0, "lambda_U = exp(-eta_U w) (adaptive); KTO's lambda_U otherwise")
