@@ -36,15 +36,16 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 COMMANDS = {
     "collect": "roll out a task's scripted expert into a demonstration store",
-    "data": "inspect, check, convert and curate stores: data info|validate|stats|export|import|quality|filter",
+    "data": "inspect, check, convert and curate stores: data info|validate|stats|export|import|quality|filter|label",
     "train": "offline training of a policy on a store, with periodic evaluation in simulation",
     "eval": "success rate (95% Wilson interval), returns and videos of a checkpoint in simulation",
-    "finetune": "online refinement of a frozen base checkpoint in simulation (algo=steer|steer_na|residual|value_guided)",
+    "finetune": "refinement of a base checkpoint: online in simulation (algo=steer|steer_na|residual|value_guided) or "
+                "offline from preference stores (algo=apo|dpo|hg_dagger)",
     "serve": "a policy server for remote robots (msgpack protocol, loopback by default)",
     "deploy": "a control node driving a robot (robot=sim: a MuJoCo task in real time) with a local or remote policy",
     "quickstart": "the embedded default: collect, train, evaluate, deploy and refine on a built-in task",
 }
-DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "filter")
+DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "filter", "label")
 
 
 # The module that registers each command's typed config ("command", <command>) and each group's configs
@@ -327,6 +328,12 @@ def cmd_data(cfg: DataConfig, sub: str) -> dict:
 
         out = _needs(command, "out", cfg.out)
         return {"command": command, **filter_store(path, out, min_quality=cfg.min_quality, overwrite=cfg.overwrite)}
+    if sub == "label":  # preference labels written into the metadata of episodes recorded without them
+        from robopolicy.data.preferences import label_store
+
+        with DemoStore.open(path, mode="a") as store:
+            label_store(store)
+            return {"command": command, "store": str(path), "preference_labels": _preference_counts(store)}
     store = DemoStore.open(path)
     if sub == "info":
         successes = [e.get("success") for e in store.episodes]
@@ -338,10 +345,19 @@ def cmd_data(cfg: DataConfig, sub: str) -> dict:
             "frames": store.num_frames, "fps": store.fps, "features": store.features,
             "tasks": sorted({e["task"] for e in store.episodes}), "sources": sources,
             "success_rate": (sum(bool(s) for s in successes) / len(successes)) if successes else None,
+            "preference_labels": _preference_counts(store),
         }
     stats = store.compute_stats()
     return {"command": "data stats", "store": str(path),
             "stats": {k: {s: v.tolist() for s, v in d.items()} for k, d in stats.items()}}
+
+
+def _preference_counts(store) -> dict:
+    """Desirable / undesirable segments and pairs (robopolicy/data/preferences.py); `stored`: all from metadata."""
+    from robopolicy.data.preferences import label_counts, store_labels
+
+    labels, stored = store_labels(store)
+    return {**label_counts(labels), "stored": stored}
 
 
 def _data_import(cfg: DataConfig) -> dict:
@@ -507,7 +523,8 @@ def cmd_finetune(cfg: FinetuneConfig, algo: Mapping[str, Any]) -> dict:
     kwargs = env_kwargs_for_features(info["features"], cfg.max_episode_steps)
     _check_env_matches(task, kwargs, info["features"], f"the checkpoint {base}")
     run_cfg = {**to_dict(cfg), "task": task, "ckpt": str(base), "algo": dict(algo)}
-    with progress(cfg.env_steps, f"finetune {algo.get('name')}") as bar:
+    total = algo["steps"] if "data" in algo else cfg.env_steps  # offline methods count gradient steps
+    with progress(total, f"finetune {algo.get('name')}") as bar:
         return {"command": "finetune", **finetune(run_cfg, lambda n: make_vector_env(task, n, kwargs),
                                                   log=lambda m: print(m, file=sys.stderr), progress=bar,
                                                   base_info=info)}

@@ -1,4 +1,5 @@
-"""`robopolicy finetune`: online refinement of a frozen base checkpoint in simulation.
+"""`robopolicy finetune`: online refinement of a frozen base checkpoint in simulation, or offline refinement of its
+weights from preference and intervention stores (`apo`, `dpo`, `hg_dagger`: robopolicy/preference.py).
 
     finetune(cfg, make_envs) -> summary
         cfg        configs/finetune.yaml (+ configs/algo/<name>.yaml under `algo`), a mapping or a FinetuneConfig
@@ -33,6 +34,7 @@ from robopolicy.checkpoint import (
 from robopolicy.config import config_class, from_mapping, plain, register_config, setting
 from robopolicy.evaluate import EVAL_SEED, evaluate
 from robopolicy.loading import load_policy
+from robopolicy.preference import OFFLINE_ALGOS, refine_offline
 from robopolicy.rl import METHODS
 from robopolicy.rl.collector import RewardSpec
 from robopolicy.rl.online import EvalSchedule, run_online
@@ -85,8 +87,8 @@ def finetune(cfg: Mapping[str, Any], make_envs: Callable[[int], Any], *, log: Ca
     algo_section = dict(cfg.pop("algo", None) or {})
     run = from_mapping(FinetuneConfig, cfg)
     name = algo_section.get("name")
-    if name not in METHODS:
-        raise FinetuneError(f"algo {name!r} is unknown; choose one of {sorted(METHODS)}.")
+    if name not in METHODS and name not in OFFLINE_ALGOS:
+        raise FinetuneError(f"algo {name!r} is unknown; choose one of {sorted([*METHODS, *OFFLINE_ALGOS])}.")
     algo = from_mapping(config_class("algo", name), algo_section, where="algo")
     base = resolve_checkpoint(run.ckpt)
     info = base_info if base_info is not None else read_checkpoint_info(base)
@@ -98,6 +100,8 @@ def finetune(cfg: Mapping[str, Any], make_envs: Callable[[int], Any], *, log: Ca
             raise FinetuneError(f"{out} already holds a run: pass overwrite=true or another out=.")
         shutil.rmtree(out)
     task = run.task or info["config"].get("task")
+    if name in OFFLINE_ALGOS:  # preferences and interventions: the base's weights, fine-tuned from stores
+        return refine_offline(run, algo, base, info, task, make_envs, log=log, progress=progress)
     torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)
 

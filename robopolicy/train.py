@@ -120,6 +120,16 @@ def select_episodes(store: DemoStore, only_success: bool, max_episodes: int | No
     return episodes
 
 
+def make_optimizer(policy: torch.nn.Module, optim: OptimConfig, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the policy's trainable weights and its warmup + cosine schedule (`optim` filled by
+    `optimizer_settings`)."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas))
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, steps)
+
+
 class EMA:
     """Exponential moving average of the weights with the usual warmup (decay grows with the step count)."""
 
@@ -168,12 +178,8 @@ def train(cfg: TrainConfig, policy_cfg: Mapping[str, Any], *, make_envs: Callabl
         weights = np.asarray(dataset.sample_weights(), dtype=np.float64)
         weights = weights / weights.sum()
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
-                                  betas=tuple(optim.betas))
-    from diffusers.optimization import get_cosine_schedule_with_warmup
-
     steps = cfg.steps
-    scheduler = get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, steps)
+    optimizer, scheduler = make_optimizer(policy, optim, steps)
     ema = EMA(policy, optim.ema_decay)
     start_step = 0
     history: dict[str, list] = {"loss": [], "eval": []}

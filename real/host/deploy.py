@@ -150,12 +150,19 @@ def deploy(cfg: Any) -> dict:
         robot.connect()
         closers.insert(0, robot.disconnect)  # disconnect (and stop) the robot first
         teleop = None
-        if config.intervention.enabled:
+        iv = config.intervention
+        if iv.enabled and iv.device == "keyboard":
+            from real.robot.keyboard import KeyboardTeleop
+
+            teleop = KeyboardTeleop(int(robot.action_features["action"]["shape"][0]), robot=robot)
+            teleop.connect()
+            closers.insert(0, teleop.disconnect)
+        elif iv.enabled:
             from real.host.teleop import ScriptedIntervener
 
-            iv = config.intervention
             teleop = ScriptedIntervener(robot, str(robot_section["task"]), stall_s=iv.stall_s,
-                                        takeover_s=iv.takeover_s, seed=config.seed)
+                                        stall_distance=iv.stall_distance, takeover_s=iv.takeover_s,
+                                        patience_s=iv.patience_s, seed=config.seed)
             teleop.connect()
             closers.insert(0, teleop.disconnect)
         return run_episodes(config, robot, backend, teleop)

@@ -2,7 +2,8 @@
 
 It plays the human with a takeover pedal: it watches the end-effector (entries `ee.x, ee.y, ee.z` of
 `observation.state`), and when it has moved less than `stall_distance` over the last `stall_s` seconds
-(without success) it intervenes for `takeover_s` seconds, acting with the scripted expert from the robot's own
+(without success), or when `patience_s` passed without success since the episode began or the last takeover
+ended (a person who sees the attempt going nowhere), it intervenes for `takeover_s` seconds, acting with the scripted expert from the robot's own
 observations. The expert is asked at the task's own rate (its phase machine counts task steps) and its action
 held in between. Imports `sim` lazily (the intervener runs on the workstation, beside the simulator).
 """
@@ -21,9 +22,11 @@ from robopolicy.data.spec import STATE_KEY
 
 class ScriptedIntervener(Teleoperator):
     def __init__(self, robot: Robot, task: str, *, stall_s: float = 2.0, stall_distance: float = 0.01,
-                 takeover_s: float = 3.0, seed: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+                 takeover_s: float = 3.0, patience_s: float | None = None, seed: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.robot, self.task = robot, task
         self.stall_s, self.stall_distance, self.takeover_s = stall_s, stall_distance, takeover_s
+        self.patience_s = patience_s  # also take over after this long without success since the last takeover
         self.seed = seed
         self._clock = clock
         self._expert = None
@@ -48,6 +51,7 @@ class ScriptedIntervener(Teleoperator):
             self._expert.reset(seed)
         self._track: deque[tuple[float, np.ndarray]] = deque()
         self._until = -np.inf
+        self._patience_from: float | None = None  # the episode's start, then the end of the last takeover
         self._action: np.ndarray | None = None
         self._next_expert_t = -np.inf
 
@@ -63,7 +67,11 @@ class ScriptedIntervener(Teleoperator):
         state = np.asarray(obs[STATE_KEY], dtype=np.float64)
         if not np.isfinite(state).all():
             return self._action if self.is_intervening else None
-        if not self.is_intervening and self._stalled(now, state[self._ee_slice]):
+        if self._patience_from is None:
+            self._patience_from = now
+        impatient = (self.patience_s is not None and now - max(self._patience_from, self._until) >= self.patience_s
+                     and not self.robot.status["success"])
+        if not self.is_intervening and (self._stalled(now, state[self._ee_slice]) or impatient):
             self._until = now + self.takeover_s
             self._next_expert_t = now
             self.interventions += 1

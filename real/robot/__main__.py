@@ -18,6 +18,7 @@ from typing import Any
 from real.robot.client import PolicyClientError
 from real.robot.control_node import ControlNodeError, RemoteInference
 from real.robot.deployment import DeployError, deploy_config, make_robot, run_episodes
+from real.robot.keyboard import KeyboardTeleop
 from real.robot.robots import ROBOT_ERRORS
 from robopolicy.config import ConfigError, config_class, defaults
 
@@ -73,7 +74,15 @@ def main(argv: list[str] | None = None) -> None:
                                   extra_latency_s=config.inject_latency_s)
         try:
             with make_robot(robot_section, backend.features, config.control.control_hz) as robot:
-                summary = run_episodes(config, robot, backend)
+                iv = config.intervention
+                if iv.enabled and iv.device != "keyboard":
+                    raise DeployError("On the robot computer interventions come from intervention.device=keyboard "
+                                      "(the scripted intervener needs the simulator: use `robopolicy deploy`).")
+                if iv.enabled:  # a person at this terminal takes over, releases and marks outcomes
+                    with KeyboardTeleop(int(robot.action_features["action"]["shape"][0]), robot=robot) as teleop:
+                        summary = run_episodes(config, robot, backend, teleop)
+                else:
+                    summary = run_episodes(config, robot, backend)
         finally:
             backend.close()
     except (ConfigError, DeployError, ControlNodeError, PolicyClientError, *ROBOT_ERRORS) as exc:

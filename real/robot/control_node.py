@@ -401,18 +401,21 @@ class ControlNode:
 
                 status = robot.status
                 success = bool(status["success"])
+                marked = self.teleop.outcome if self.teleop is not None else None
+                if marked is not None:  # a person's verdict ends the episode and is its outcome
+                    success = bool(marked)
                 if self.recorder is not None:
                     self.recorder.add_frame(
                         valid_obs, requested=requested, sent=sent, events=events,
                         obs_timestamp=float(valid_obs["timestamp"]), command_time=command_time,
                         chunk_obs_timestamp=chunk_t_obs, inference_latency=chunk_latency, obs_fresh=fresh,
-                        watchdog=state.value, intervention=intervening, success=success)
+                        watchdog=state.value, intervention=intervening, held=action is None, success=success)
                 result.intervention |= intervening
                 tick += 1
                 if self.watchdog.estopped:
                     result.aborted = self.watchdog.estop_reason
                     break
-                if success or status["truncated"] or now - start >= cfg.max_episode_s:
+                if success or marked is not None or status["truncated"] or now - start >= cfg.max_episode_s:
                     break
                 # a late tick is skipped rather than crammed in: the loop keeps its phase
                 behind = int((time.monotonic() - (start + tick * self.period)) // self.period)

@@ -36,8 +36,14 @@ class DeployError(ValueError):
 class InterventionConfig:
     """The `intervention:` section of configs/deploy.yaml."""
 
-    enabled: bool = setting(False, "the task's scripted expert takes over when the policy stalls (sim robot)")
+    enabled: bool = setting(False, "record interventions from `device`")
+    device: str = setting("scripted", "scripted: the task's expert takes over when the policy stalls (sim robot) | "
+                          "keyboard: a person at the terminal (space take over/release, w/s a/d r/f move, g/h "
+                          "gripper, y/n success/failure)", choices=("scripted", "keyboard"))
     stall_s: float = setting(2.0, "seconds without end-effector motion that count as a stall")
+    stall_distance: float = setting(0.01, "end-effector motion (m) within stall_s that still counts as a stall")
+    patience_s: float | None = setting(None, "also take over after this many seconds without success since the "
+                                             "episode began or the last takeover ended (null: only on stalls)")
     takeover_s: float = setting(3.0, "seconds the expert acts once it took over")
 
 

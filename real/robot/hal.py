@@ -258,6 +258,12 @@ class Teleoperator(ABC):
     def reset(self, seed: int | None = None) -> None:  # noqa: B027 (a default, deliberately empty)
         """A new episode begins (nothing to do for a human device; a scripted one starts over)."""
 
+    @property
+    def outcome(self) -> bool | None:
+        """The episode's outcome as the person marked it (True success, False failure; the episode ends there),
+        or None while unmarked."""
+        return None
+
     def __enter__(self) -> Teleoperator:
         self.connect()
         return self

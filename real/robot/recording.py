@@ -3,8 +3,11 @@
 One frame per control tick: the observation the node had (the latest valid one), the command sent (`action`,
 what the robot actually did, so the episode can be trained on) and the one requested before the safety
 filter, safety clamp counts and flags, timing (observation capture time, command time, the observation time
-and inference latency of the chunk in use), the watchdog state, whether a human intervened, and task success.
-Episodes with any intervention are stored with source "intervention", the others with source "policy".
+and inference latency of the chunk in use), the watchdog state, whether a human intervened, whether the robot
+held for want of an action (`action.held`: such frames are no one's decision, and preference training masks
+them), and task success.
+Episodes with any intervention are stored with source "intervention", the others with source "policy"; each
+carries its preference labels in `extra["preference"]` (robopolicy/data/preferences.py).
 
 The store is imported lazily: real/ must import without it; recording needs numpy + zarr (robopolicy.data).
 """
@@ -41,6 +44,8 @@ def recording_features(observation_features: dict[str, dict], action_feature: di
         "status.obs_fresh": {"dtype": "bool", "shape": [1], "names": None},
         "status.watchdog": {"dtype": "int32", "shape": [1], "names": list(WATCHDOG_CODES)},
         "intervention": {"dtype": "bool", "shape": [1], "names": None},
+        # no policy or human action was due: the robot held (sync mode waiting for a chunk, failed inference)
+        "action.held": {"dtype": "bool", "shape": [1], "names": None},
         "next.success": {"dtype": "bool", "shape": [1], "names": None},
     }
 
@@ -56,10 +61,11 @@ class EpisodeRecorder:
     """Collects one episode's frames in memory and appends them to the store atomically at `finish`."""
 
     def __init__(self, path: str | os.PathLike, observation_features: dict[str, dict], action_feature: dict,
-                 fps: int, *, overwrite: bool = False, info: dict | None = None) -> None:
+                 fps: int, *, overwrite: bool = False, info: dict | None = None, lookback_s: float = 2.0) -> None:
         from robopolicy.data import DemoStore, StoreError
 
         self.path = Path(path)
+        self.lookback_s = lookback_s  # the policy's seconds before a takeover labelled undesirable
         self.features = recording_features(observation_features, action_feature)
         if self.path.exists() and not overwrite and any(self.path.iterdir()):
             self.store = DemoStore.open(self.path, mode="a")
@@ -80,7 +86,7 @@ class EpisodeRecorder:
     def add_frame(self, observation: dict[str, np.ndarray], *, requested: np.ndarray, sent: np.ndarray,
                   events: list[SafetyEvent], obs_timestamp: float, command_time: float,
                   chunk_obs_timestamp: float, inference_latency: float, obs_fresh: bool, watchdog: str,
-                  intervention: bool, success: bool) -> None:
+                  intervention: bool, success: bool, held: bool = False) -> None:
         frame = {k: np.asarray(observation[k]) for k in self.obs_keys}
         frame.update({
             "action": np.asarray(sent, dtype=np.float32),
@@ -94,6 +100,7 @@ class EpisodeRecorder:
             "status.obs_fresh": np.array([obs_fresh]),
             "status.watchdog": np.array([WATCHDOG_CODES[watchdog]], dtype=np.int32),
             "intervention": np.array([intervention]),
+            "action.held": np.array([held]),
             "next.success": np.array([success]),
         })
         self._frames.append(frame)
@@ -106,10 +113,18 @@ class EpisodeRecorder:
         """Append the collected frames as one episode (None when there were none); returns its index."""
         if not self._frames:
             return None
+        from robopolicy.data.preferences import LABEL_KEY, episode_labels
+
         frames = {key: np.stack([f[key] for f in self._frames]) for key in self.features}
         intervened = bool(frames["intervention"].any())
-        index = self.store.append_episode(frames, task=task, source="intervention" if intervened else "policy",
-                                          success=bool(success), extra=extra)
+        source = "intervention" if intervened else "policy"
+        extra = dict(extra or {})
+        # desirability labels (the intervener's segments, the policy's before a takeover; or the outcome)
+        labels = episode_labels(source, bool(success), length=len(self._frames), intervention=frames["intervention"],
+                                lookback=max(1, round(self.lookback_s * self.store.fps)), group=extra.get("seed"))
+        if labels is not None:
+            extra[LABEL_KEY] = labels
+        index = self.store.append_episode(frames, task=task, source=source, success=bool(success), extra=extra)
         self._frames = []
         return index
 

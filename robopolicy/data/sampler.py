@@ -32,10 +32,15 @@ class WindowDataset(torch.utils.data.Dataset):
         keys: Sequence[str] | None = None,
         episodes: Sequence[int] | None = None,
         image_cache_chunks: int = 256,
+        frame_stride: int = 1,
     ):
+        """`frame_stride` k > 1 reads every k-th frame (a store recorded at k times the policy's rate, such as a
+        deployment at 20 Hz of a 10 Hz policy)."""
         if n_obs_steps < 1 or horizon < n_obs_steps:
             raise StoreError(f"need 1 <= n_obs_steps <= horizon, got n_obs_steps={n_obs_steps}, horizon={horizon}.")
-        self.n_obs_steps, self.horizon = n_obs_steps, horizon
+        if frame_stride < 1:
+            raise StoreError(f"frame_stride must be at least 1, got {frame_stride}.")
+        self.n_obs_steps, self.horizon, self.frame_stride = n_obs_steps, horizon, frame_stride
         self.store_path = store.path
         keys = list(keys) if keys is not None else list(policy_features(store.features))
         for key in keys:
@@ -83,8 +88,9 @@ class WindowDataset(torch.utils.data.Dataset):
             raise IndexError(f"window index out of range for a dataset of {len(self)} items")
         anchor = self.item_frame[indices][:, None]
         start, end = self.item_start[indices][:, None], self.item_end[indices][:, None]
-        obs_frames = np.maximum(anchor + np.arange(1 - self.n_obs_steps, 1), start)  # [B, To]
-        action_frames = anchor + np.arange(1 - self.n_obs_steps, 1 - self.n_obs_steps + self.horizon)  # [B, H]
+        k = self.frame_stride
+        obs_frames = np.maximum(anchor + k * np.arange(1 - self.n_obs_steps, 1), start)  # [B, To]
+        action_frames = anchor + k * np.arange(1 - self.n_obs_steps, 1 - self.n_obs_steps + self.horizon)  # [B, H]
         batch = {"action_is_pad": (action_frames < start) | (action_frames >= end)}
         action_frames = np.clip(action_frames, start, end - 1)
         for key, values in self.lowdim.items():

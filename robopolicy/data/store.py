@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -363,6 +363,18 @@ class DemoStore:
         episodes = self.episodes
         for episode, weight in zip(episodes, weights):
             episode["quality"] = _check_quality(weight, f"quality of episode {episode['index']}")
+        self._write_attrs({**self._attrs, "episodes": episodes})
+
+    def update_extra(self, updates: Mapping[int, Mapping[str, Any]]) -> None:
+        """Merge keys into some episodes' `extra` metadata (e.g. preference labels), in one atomic write."""
+        self._check_writable()
+        episodes = self.episodes
+        for index, values in updates.items():
+            if not 0 <= int(index) < self.num_episodes:
+                raise StoreError(f"{self.path}: episode {index} does not exist (the store has {self.num_episodes}).")
+            extra = {**(episodes[int(index)].get("extra") or {}), **dict(values)}
+            _check_json(extra, f"extra of episode {index}")
+            episodes[int(index)] = {**episodes[int(index)], "extra": extra}
         self._write_attrs({**self._attrs, "episodes": episodes})
 
     def _check_writable(self) -> None:

@@ -141,6 +141,9 @@ class ChunkPolicy(nn.Module):
     name: str = ""
     supports_prefix: bool = False  # sample_chunk honours prefix_actions (real-time chunking)
     language: bool = False  # reads obs["task"], one instruction string per batch element
+    # trained by a denoising loss whose noise and time a caller may fix: denoising_inputs(B) -> (noise, time) and
+    # denoising_error(batch, noise, time) -> squared error [B, H, A] (what preference optimization compares)
+    denoising: bool = False
 
     features: dict[str, dict]
     n_obs_steps: int
@@ -235,6 +238,13 @@ class ActionChunkPolicy(ChunkPolicy):
             return error.mean()
         valid = (~torch.as_tensor(batch["action_is_pad"], device=error.device)).to(error.dtype)[..., None]
         return (error * valid).sum() / (valid.sum() * error.shape[-1]).clamp_min(1.0)
+
+    def per_sample_error(self, error: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean of a per-element error [B, H, A] over each sample's actions that are not padding -> [B]."""
+        if "action_is_pad" not in batch:
+            return error.mean(dim=(1, 2))
+        valid = (~torch.as_tensor(batch["action_is_pad"], device=error.device)).to(error.dtype)[..., None]
+        return (error * valid).sum(dim=(1, 2)) / (valid.sum(dim=(1, 2)) * error.shape[-1]).clamp_min(1.0)
 
     def normalized_prefix(self, prefix_actions: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A committed prefix [B, k, A] in robot units -> normalized (clipped like the sampler's output)."""

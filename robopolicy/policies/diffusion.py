@@ -52,6 +52,7 @@ class DiffusionPolicy(ActionChunkPolicy):
     name = "diffusion"
     config_class = DiffusionConfig
     supports_prefix = True
+    denoising = True
 
     def __init__(self, config: DiffusionConfig, features: Mapping[str, Mapping],
                  stats: Mapping[str, Mapping[str, np.ndarray]] | None):
@@ -69,16 +70,26 @@ class DiffusionPolicy(ActionChunkPolicy):
         self.sample_scheduler = (DDIMScheduler if self.sampler == "ddim" else DDPMScheduler)(**schedule)
         self.sample_scheduler.set_timesteps(config.num_inference_steps)
 
-    def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def denoising_inputs(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """A training draw: noise [B, H, A] and DDPM timesteps [B]."""
+        noise = torch.randn(batch_size, *self.noise_shape, device=device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), device=device)
+        return noise, timesteps
+
+    def denoising_error(self, batch: Mapping[str, torch.Tensor], noise: torch.Tensor,
+                        time: torch.Tensor) -> torch.Tensor:
+        """Squared error [B, H, A] of the denoiser on the batch's chunks noised to timesteps `time` with `noise`."""
         action_chunk = self.normalized_actions(batch)  # [B, H, A] in normalized units
         global_cond = self.encode(batch)  # [B, F]
-        noise = torch.randn_like(action_chunk)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (action_chunk.shape[0],),
-                                  device=action_chunk.device)
+        timesteps = time.to(action_chunk.device)
         noisy = self.noise_scheduler.add_noise(action_chunk, noise, timesteps)
         prediction = self.denoiser(noisy, timesteps, global_cond)
         target = noise if self.prediction_type == "epsilon" else action_chunk
-        loss = self.masked_mean((prediction - target) ** 2, batch)
+        return (prediction - target) ** 2
+
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        noise, timesteps = self.denoising_inputs(len(batch["action"]), self.device)
+        loss = self.masked_mean(self.denoising_error(batch, noise, timesteps), batch)
         return loss, {"loss": loss.item()}
 
     @torch.no_grad()

@@ -67,6 +67,7 @@ class FlowPolicy(ActionChunkPolicy):
     name = "flow"
     config_class = FlowConfig
     supports_prefix = True
+    denoising = True
 
     def __init__(self, config: FlowConfig, features: Mapping[str, Mapping],
                  stats: Mapping[str, Mapping[str, np.ndarray]] | None):
@@ -120,15 +121,24 @@ class FlowPolicy(ActionChunkPolicy):
                 x = torch.add(x, self.velocity(x_mid, t + 0.5 * dt, global_cond), alpha=dt)
         return x
 
-    def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def denoising_inputs(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """A training draw: noise x0 [B, H, A] and flow time t [B]."""
+        return torch.randn(batch_size, *self.noise_shape, device=device), self.sample_time(batch_size, device)
+
+    def denoising_error(self, batch: Mapping[str, torch.Tensor], noise: torch.Tensor,
+                        time: torch.Tensor) -> torch.Tensor:
+        """Squared error [B, H, A] of the denoiser on the batch's chunks carried to `time` along `noise`."""
         x1 = self.normalized_actions(batch)  # [B, H, A] data
         global_cond = self.encode(batch)
-        x0 = torch.randn_like(x1)  # noise
-        t = self.sample_time(x1.shape[0], x1.device)[:, None, None]
-        x_t = (1 - t) * x0 + t * x1
+        t = time.to(x1.device)[:, None, None]
+        x_t = (1 - t) * noise + t * x1
         prediction = self.denoiser(x_t, t.flatten() * TIME_SCALE, global_cond)
-        target = x1 - x0 if self.prediction_type == "velocity" else x1
-        loss = self.masked_mean((prediction - target) ** 2, batch)
+        target = x1 - noise if self.prediction_type == "velocity" else x1
+        return (prediction - target) ** 2
+
+    def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        noise, time = self.denoising_inputs(len(batch["action"]), self.device)
+        loss = self.masked_mean(self.denoising_error(batch, noise, time), batch)
         return loss, {"loss": loss.item()}
 
     @torch.no_grad()
