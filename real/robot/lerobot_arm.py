@@ -16,6 +16,7 @@ with its torque off falls onto its stops); `disconnect()` then disables the torq
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -197,13 +198,20 @@ class LeRobotArm(Robot):
         config = getattr(lerobot, config_class)(
             port=self.config.port, id=self.config.id, calibration_dir=self.calibration_dir, use_degrees=True,
             disable_torque_on_disconnect=self.config.disable_torque_on_disconnect)
-        robot = getattr(lerobot, robot_class)(config)
-        try:
-            robot.connect(calibrate=False)  # LeRobot's calibrate() asks questions on stdin: never here
-        except (ConnectionError, OSError, RuntimeError) as exc:
-            raise LeRobotArmError(f"Cannot connect to the {self.robot_type} on {self.config.port} "
-                                  f"({str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}); check "
-                                  "the port (lerobot-find-port), the power and the servo ids.") from None
+        for attempt in range(self.config.read_retries + 1):  # a bus that misses one status packet is asked again
+            robot = getattr(lerobot, robot_class)(config)
+            try:
+                robot.connect(calibrate=False)  # LeRobot's calibrate() asks questions on stdin: never here
+                break
+            except (ConnectionError, OSError, RuntimeError) as exc:
+                with contextlib.suppress(Exception):  # release the port before the next attempt
+                    robot.bus.disconnect(disable_torque=False)
+                if attempt == self.config.read_retries:
+                    raise LeRobotArmError(
+                        f"Cannot connect to the {self.robot_type} on {self.config.port} "
+                        f"({str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}); check the port "
+                        "(lerobot-find-port), the power and the servo ids.") from None
+                time.sleep(0.2)
         self._robot = robot
         if not robot.is_calibrated:  # what LeRobot does when you press ENTER to use the file
             with robot.bus.torque_disabled():
