@@ -77,7 +77,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+# Settings whose values are plain text (an instruction, a template with {fields}): written unquoted on the command
+# line, they are quoted here for Hydra, whose grammar refuses spaces and braces in a bare value.
+FREE_TEXT_KEYS = ("instruction_template", "instruction")
+
+
+def quote_free_text(override: str) -> str:
+    key, sep, value = override.partition("=")
+    if not sep or key.lstrip("+~") not in FREE_TEXT_KEYS or value[:1] in ("'", '"') or value == "null":
+        return override
+    return key + "='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def compose(command: str, overrides: list[str]) -> DictConfig:
+    overrides = [quote_free_text(o) for o in overrides]
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
