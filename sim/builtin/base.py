@@ -181,6 +181,7 @@ class ArmTaskEnv(gym.Env):
 
     # ---- gymnasium API ------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """`options={"instruction": text}` makes the goal the one `text` names (see `goal_from_instruction`)."""
         super().reset(seed=seed)
         rng = self.np_random
         mujoco.mj_resetData(self.model, self.data)
@@ -190,9 +191,14 @@ class ArmTaskEnv(gym.Env):
         self.data.qpos[self._finger_qpos] = FINGER_MAX_OPENING
         self.data.ctrl[7:9] = FINGER_MAX_OPENING
         self._sample_task(rng)
+        given = (options or {}).get("instruction")
         if self.goal_fields:  # drawn after the scene, which therefore does not depend on the goal
             self.goal = {f: values[int(rng.integers(len(values)))] for f, values in self.goal_fields.items()}
             self.instruction = self._phrase(rng)
+            if given:
+                self.goal, self.instruction = self.goal_from_instruction(given), given
+        elif given:
+            self.instruction = given
         mujoco.mj_forward(self.model, self.data)
         self._steps = 0
         return self._observation(), {"success": False}
@@ -236,6 +242,19 @@ class ArmTaskEnv(gym.Env):
     def observation(self) -> dict[str, np.ndarray]:
         """The current observation, as reset and step return it (for a real-time driver stepping physics itself)."""
         return self._observation()
+
+    def goal_from_instruction(self, text: str) -> dict[str, str]:
+        """The goal an instruction written by a person names: for every goal field, the one value whose word
+        appears in it ("put the red cube on the yellow pad" -> color red, target yellow)."""
+        words = set(text.lower().replace(",", " ").replace(".", " ").split())
+        goal = {}
+        for field, values in self.goal_fields.items():
+            named = [v for v in values if v in words]
+            if len(named) != 1:
+                raise ValueError(f"The instruction {text!r} must name exactly one {field} of builtin/{self.name} "
+                                 f"({', '.join(values)}); it names {', '.join(named) or 'none'}.")
+            goal[field] = named[0]
+        return goal
 
     # ---- helpers ------------------------------------------------------------------------------------
     def _phrase(self, rng: np.random.Generator) -> str:
