@@ -1,6 +1,11 @@
-"""Action-chunk latency at batch size 1 for flow and diffusion policies (shipped configs, random weights).
+"""Action-chunk latency at batch size 1 for flow, diffusion and vla policies (shipped configs, random weights).
 
     .venv/bin/python benchmarks/policy_latency.py --threads 1 --calls 200
+    .venv/bin/python benchmarks/policy_latency.py --policies vla     # also its uncached prefix, side by side
+
+A language policy (vla) gets an instruction with every call (its text encoding is cached per instruction, as in a
+rollout); for it the uncached path (prefix keys/values recomputed at every flow step) is measured beside the
+cached one, and the largest difference between their chunks is recorded.
 
 Cases: state-only (40-d state, 4-d action) and one 96x96 camera + state. Reports wall-clock medians and the
 process CPU time per call (the cost with a core to itself; wall time on a shared machine is inflated by load,
@@ -42,7 +47,7 @@ def stats(feats: dict) -> dict:
     return result
 
 
-def measure(config_name: str, with_image: bool, calls: int, warmup: int) -> dict:
+def measure(config_name: str, with_image: bool, calls: int, warmup: int, kv_cache: bool = True) -> dict:
     cfg = yaml.safe_load((ROOT / "configs" / "policy" / f"{config_name}.yaml").read_text())
     feats = features(with_image)
     policy = make_policy(cfg, feats, stats(feats)).eval()
@@ -50,6 +55,16 @@ def measure(config_name: str, with_image: bool, calls: int, warmup: int) -> dict
     if with_image:
         obs["observation.images.front"] = torch.randint(0, 256, (1, policy.n_obs_steps, IMAGE_SIZE, IMAGE_SIZE, 3),
                                                         dtype=torch.uint8)
+    extra = {}
+    if policy.language:
+        obs["task"] = ["pick up the red cube and place it on the yellow pad"]
+        noise = torch.randn(1, *policy.noise_shape)
+        policy.kv_cache = False
+        uncached = policy.sample_chunk(obs, noise)
+        policy.kv_cache = True
+        extra["cached_vs_uncached_max_abs"] = float((policy.sample_chunk(obs, noise) - uncached).abs().max())
+        policy.kv_cache = kv_cache
+        extra["kv_cache"] = kv_cache
     for _ in range(warmup):
         policy.sample_chunk(obs)
     times, cpu_times = [], []
@@ -64,7 +79,7 @@ def measure(config_name: str, with_image: bool, calls: int, warmup: int) -> dict
             "inference_steps": int(cfg.get("num_inference_steps", 0)),
             "median_ms": round(float(np.median(ms)), 3), "p90_ms": round(float(np.percentile(ms, 90)), 3),
             # CPU time of this process: what the call costs when it has a core to itself (robust to load)
-            "cpu_median_ms": round(float(np.median(cpu_ms)), 3)}
+            "cpu_median_ms": round(float(np.median(cpu_ms)), 3), **extra}
 
 
 def main() -> None:
@@ -77,14 +92,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = [measure(name, with_image, args.calls, args.warmup)
                for name in args.policies for with_image in (False, True)]
+    if "vla" in args.policies:
+        results.append(measure("vla", True, args.calls, args.warmup, kv_cache=False))
     for row in results:
-        print(f"{row['policy']:>22} {row['obs']:>14}: median {row['median_ms']:7.2f} ms  p90 {row['p90_ms']:7.2f} ms  "
+        cache = {True: " (kv cache)", False: " (uncached)"}.get(row.get("kv_cache"), "")
+        print(f"{row['policy'] + cache:>22} {row['obs']:>14}: median {row['median_ms']:7.2f} ms  p90 {row['p90_ms']:7.2f} ms  "
               f"cpu median {row['cpu_median_ms']:7.2f} ms")
     # The machine may be shared: the load average says how much the medians are inflated by other work.
     summary = {"benchmark": "policy_latency", "batch_size": 1, "threads": args.threads, "calls": args.calls,
                "load_avg_1min": round(os.getloadavg()[0], 2),
                "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-               "targets_ms": {"flow/state": 2.0, "flow/state+image96": 15.0}, "results": results}
+               "targets_ms": {"flow/state": 2.0, "flow/state+image96": 15.0, "vla/state+image96": 15.0}, "results": results}
     out = ROOT / "benchmarks" / "results" / "policy_latency.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))

@@ -78,7 +78,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+# Settings whose values are plain text (an instruction, a template with {fields}): written unquoted on the command
+# line, they are quoted here for Hydra, whose grammar refuses spaces and braces in a bare value.
+FREE_TEXT_KEYS = ("instruction_template", "instruction")
+
+
+def quote_free_text(override: str) -> str:
+    key, sep, value = override.partition("=")
+    if not sep or key.lstrip("+~") not in FREE_TEXT_KEYS or value[:1] in ("'", '"') or value == "null":
+        return override
+    return key + "='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def compose(command: str, overrides: list[str]) -> DictConfig:
+    overrides = [quote_free_text(o) for o in overrides]
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -257,6 +270,7 @@ def cmd_collect(cfg: CollectConfig) -> dict:
     features = features_from_env(probe.observation_space, probe.action_space,
                                  getattr(probe.unwrapped, "feature_names", None))
     fps, description = probe.unwrapped.fps, probe.unwrapped.task_description
+    instructed = bool(getattr(probe.unwrapped, "goal_fields", None))  # a language task: per-episode instructions
     probe.close()
     num_envs = min(cfg.num_envs, cfg.episodes)
     extra = {} if cfg.expert.dart is None else {"dart": cfg.expert.dart}
@@ -281,7 +295,7 @@ def cmd_collect(cfg: CollectConfig) -> dict:
     try:
         with progress(cfg.episodes, f"collect {task}") as bar:
             summary = collect(envs, experts, store, cfg.episodes, seed=seed, task=description, source=cfg.source,
-                              progress=bar)
+                              progress=bar, instructions=instructed)
     finally:
         envs.close()
     return {"command": "collect", "task": task, "store": str(out), "first_episode": first, "first_seed": seed,
@@ -391,13 +405,12 @@ def cmd_train(cfg: TrainConfig, policy: dict) -> dict:
 
 def cmd_eval(cfg: EvalConfig) -> dict:
     from robopolicy.checkpoint import read_checkpoint_info, resolve_checkpoint
-    from robopolicy.evaluate import evaluate
     from robopolicy.loading import load_policy
 
     ckpt = resolve_checkpoint(cfg.ckpt)
     info = read_checkpoint_info(ckpt)
-    task = cfg.task or info["config"].get("task")
-    if not task:
+    tasks = list(cfg.tasks or [cfg.task or info["config"].get("task")])
+    if not all(tasks):
         raise UserError(f"The checkpoint {ckpt} names no task: pass task=...")
     if cfg.threads:
         import torch
@@ -405,26 +418,52 @@ def cmd_eval(cfg: EvalConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     features = info["features"]
     kwargs = env_kwargs_for_features(features, cfg.max_episode_steps)
-    _check_env_matches(task, kwargs, features, f"the checkpoint {ckpt}")
+    if cfg.instruction_template is not None:
+        kwargs["instruction_template"] = cfg.instruction_template
+    if cfg.misinstruct:
+        kwargs["misinstruct"] = True
+    for task in tasks:
+        _check_env_matches(task, kwargs, features, f"the checkpoint {ckpt}")
     policy = load_policy(ckpt, num_inference_steps=cfg.num_inference_steps)
     if cfg.guidance is not None:  # value-guided selection (guidance=value n_samples=N) or none (the base alone)
         from robopolicy.rl.value_guidance import apply_guidance
 
         policy = apply_guidance(policy, cfg.guidance, cfg.n_samples, ckpt=str(ckpt))
-    out = Path(cfg.out) if cfg.out else ckpt / f"eval_{task.replace('/', '_')}"
+    name = "_".join(t.replace("/", "_") for t in tasks)
+    out = Path(cfg.out) if cfg.out else ckpt / f"eval_{name}"
     out.mkdir(parents=True, exist_ok=True)
+    results = {task: _eval_task(cfg, policy, task, kwargs, out / task.replace("/", "_") if len(tasks) > 1 else out)
+               for task in tasks}
+    if len(tasks) == 1:
+        summary = {"command": "eval", "checkpoint": str(ckpt), "task": tasks[0], **results[tasks[0]]}
+    else:
+        from robopolicy.metrics import success_summary
+
+        pooled = success_summary([e["success"] for r in results.values() for e in r["per_episode"]])
+        summary = {"command": "eval", "checkpoint": str(ckpt), "tasks": tasks, **pooled,
+                   "mean_success_rate": sum(r["success_rate"] for r in results.values()) / len(results),
+                   "per_task": results}
+    for key in ("instruction_template", "misinstruct"):
+        if kwargs.get(key):
+            summary[key] = kwargs[key]
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    brief = {k: v for k, v in summary.items() if k != "per_episode"}
+    if "per_task" in brief:
+        brief["per_task"] = {t: {k: v for k, v in r.items() if k != "per_episode"} for t, r in results.items()}
+    brief["summary"] = str(out / "summary.json")
+    return brief
+
+
+def _eval_task(cfg: EvalConfig, policy, task: str, kwargs: dict, out: Path) -> dict:
+    from robopolicy.evaluate import evaluate
+
     envs = make_vector_env(task, min(cfg.num_envs, cfg.episodes), kwargs)
     try:
         with progress(cfg.episodes, f"eval {task}") as bar:
-            result = evaluate(envs, policy, cfg.episodes, seed=cfg.seed, video_dir=out / "videos",
-                              n_videos=cfg.videos, progress=bar)
+            return evaluate(envs, policy, cfg.episodes, seed=cfg.seed, video_dir=out / "videos",
+                            n_videos=cfg.videos, progress=bar)
     finally:
         envs.close()
-    summary = {"command": "eval", "checkpoint": str(ckpt), "task": task, **result}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    brief = {k: v for k, v in summary.items() if k != "per_episode"}
-    brief["summary"] = str(out / "summary.json")
-    return brief
 
 
 def cmd_quickstart(cfg: QuickstartConfig) -> dict:

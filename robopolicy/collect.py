@@ -37,22 +37,25 @@ class ExpertAgent:
 
 
 def collect(envs, experts: list, store, n_episodes: int, *, seed: int, task: str, source: str = "expert",
-            progress=None) -> dict:
-    """Append `n_episodes` expert episodes to `store` as they finish; returns the summary figures."""
+            progress=None, instructions: bool = False) -> dict:
+    """Append `n_episodes` expert episodes to `store` as they finish; returns the summary figures. With
+    `instructions` (envs with `instruction` and `goal` attributes) the experts are told each episode's goal and
+    the store records each episode's instruction as its task; otherwise every episode's task is `task`."""
     start = time.perf_counter()
 
     dart = float(getattr(experts[0], "dart", 0.0))  # recorded: these episodes ran with perturbed actions
     extra = {"dart": dart} if dart > 0 else {}
 
     def append(ep: Episode) -> None:
-        store.append_episode(ep.stacked(), task=task, source=source, success=ep.success,
+        store.append_episode(ep.stacked(), task=ep.instruction or task, source=source, success=ep.success,
                              extra={"seed": ep.seed, **extra})
         if progress is not None:
             progress.update(1)
             progress.set_postfix(success=f"{ep.success}", refresh=False)
 
     agent = ExpertAgent(experts, envs.single_action_space.shape[0])
-    episodes = run_episodes(envs, agent, n_episodes, seed=seed, record=True, on_episode=append)
+    episodes = run_episodes(envs, agent, n_episodes, seed=seed, record=True, on_episode=append,
+                            instructions=instructions)
     elapsed = time.perf_counter() - start
     frames = sum(ep.length for ep in episodes)
     return {

@@ -29,7 +29,8 @@ class ObsConfig:
 @register_config("command", "collect")
 @dataclass(kw_only=True)
 class CollectConfig:
-    task: str = setting("builtin/pick_place", "builtin/<reach|push|pick_place|push_two_ways>, metaworld/<v3 task>")
+    task: str = setting("builtin/pick_place", "builtin/<reach|push|pick_place|push_two_ways|pick_color>, "
+                                              "metaworld/<v3 task>")
     episodes: int = setting(50, "episodes to record")
     out: str = setting(doc="the store (a folder); appended to when it exists with the same features")
     overwrite: bool = setting(False, "replace an existing store at out")
@@ -72,6 +73,11 @@ class EvalConfig:
     guidance: str | None = setting(None, "value: with a value_guided checkpoint, run the best of n_samples chunks; "
                                          "none: its base alone", choices=(None, "value", "none"))
     n_samples: int | None = setting(None, "guidance=value: candidate chunks per decision; null: the checkpoint's")
+    instruction_template: str | None = setting(None, "language tasks: phrase every instruction with this template "
+                                                     "over the task's goal fields, e.g. 'go {side} of the wall'")
+    misinstruct: bool = setting(False, "language tasks: instruct another valid goal than the one success checks")
+    tasks: list[str] | None = setting(None, "several tasks in one evaluation (success per task and the mean); "
+                                            "replaces task")
 
 
 @dataclass(kw_only=True)

@@ -3,7 +3,9 @@
 `PolicyAgent` is how every part of the project runs an action-chunk policy in a vector env: it keeps each
 worker's observation history (`n_obs_steps`) and queue of actions, and asks the policy for a new chunk only for
 the workers whose queue ran out, in one batch. The initial noise of each worker comes from a generator seeded by
-its episode seed, so an evaluation is reproducible given its seeds.
+its episode seed, so an evaluation is reproducible given its seeds. A policy that declares `language` gets each
+worker's instruction as `obs["task"]` (the envs' `instruction`, read by the rollout at every reset), and its
+evaluation reports success per goal beside the total.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from robopolicy.data.spec import OBSERVATION_PREFIX, is_image_key
 from robopolicy.metrics import success_summary
-from robopolicy.rollout import Episode, run_episodes
+from robopolicy.rollout import TASK_KEY, Episode, run_episodes
 
 # Seeds for evaluation start far from the collection seeds (0, 1, ...), so a policy is scored on unseen episodes.
 EVAL_SEED = 100_000
@@ -51,6 +53,8 @@ class PolicyAgent:
         if need:
             batch = {k: torch.from_numpy(np.stack([np.stack([f[k] for f in self.history[i]]) for i in need]))
                      for k in self.obs_keys}  # each [b, To, ...]
+            if policy.language:
+                batch[TASK_KEY] = [str(obs[TASK_KEY][i]) for i in need]
             noise = torch.stack([torch.randn(policy.noise_shape, generator=self.generators[i]) for i in need])
             with torch.inference_mode():
                 chunk = self.chunk_fn(batch, noise).cpu().numpy()  # [b, H, A]
@@ -79,17 +83,33 @@ def evaluate(envs, policy, n_episodes: int, *, seed: int = EVAL_SEED, chunk_fn: 
             progress.update(1)
 
     episodes = run_episodes(envs, agent, n_episodes, seed=seed, record=lambda index: index < n_videos,
-                            on_episode=done)
+                            on_episode=done, instructions=policy.language)
     summary = success_summary([ep.success for ep in episodes])
+    if policy.language:
+        summary["per_goal"] = per_group(episodes, lambda ep: goal_name(ep.goal))
     summary.update(
         mean_return=float(np.mean([ep.ret for ep in episodes])),
         mean_length=float(np.mean([ep.length for ep in episodes])),
         seed=seed,
         seconds=round(time.perf_counter() - start, 2),
-        per_episode=[{"seed": ep.seed, "success": ep.success, "return": round(ep.ret, 4), "length": ep.length}
-                     for ep in episodes],
+        per_episode=[{"seed": ep.seed, "success": ep.success, "return": round(ep.ret, 4), "length": ep.length,
+                      **({"instruction": ep.instruction} if policy.language else {})} for ep in episodes],
     )
     return summary
+
+
+def goal_name(goal: dict) -> str:
+    """A goal dict as one short label: {"color": "red", "target": "yellow"} -> "color=red,target=yellow"."""
+    return ",".join(f"{k}={v}" for k, v in goal.items()) or "-"
+
+
+def per_group(episodes: list[Episode], key: Callable[[Episode], str]) -> dict:
+    """Success (with its Wilson interval) per group of episodes, and the unweighted mean over the groups."""
+    groups: dict[str, list[bool]] = {}
+    for ep in episodes:
+        groups.setdefault(key(ep), []).append(ep.success)
+    out = {name: success_summary(groups[name]) for name in sorted(groups)}
+    return {"groups": out, "mean": float(np.mean([g["success_rate"] for g in out.values()]))}
 
 
 def _fps(envs) -> int:

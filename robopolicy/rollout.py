@@ -3,6 +3,11 @@
 Episode k always runs with seed `seed + k`, whichever worker it lands on, so results are reproducible and
 comparable across policies and worker counts. The vector env must be built with
 `autoreset_mode=AutoresetMode.DISABLED`: we reset finished workers ourselves, with the next episode's seed.
+
+Instructions: with `instructions=True` the envs' `instruction` (a string) and `goal` (a dict) attributes are read
+after every reset and handed to the agent as `obs["task"]` and `obs["goal"]` (object arrays [n_workers]); a
+language policy reads the first, a scripted expert the second. Neither is recorded as a frame: each episode keeps
+its instruction and goal (`Episode.instruction`, `Episode.goal`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Protocol
 import numpy as np
 
 from robopolicy.data.spec import ACTION_KEY, REWARD_KEY, SUCCESS_KEY
+
+TASK_KEY, GOAL_KEY = "task", "goal"  # per-worker instruction strings and goal dicts in the observations
 
 
 class Agent(Protocol):
@@ -33,6 +40,8 @@ class Episode:
     ret: float = 0.0
     recording: bool = False
     frames: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    instruction: str = ""
+    goal: dict = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -43,7 +52,14 @@ class Episode:
 
 
 def _slice(obs: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
-    return {k: v[i] for k, v in obs.items()}
+    return {k: v[i] for k, v in obs.items() if k not in (TASK_KEY, GOAL_KEY)}
+
+
+def read_instructions(envs) -> tuple[np.ndarray, np.ndarray]:
+    """Every env's current instruction and goal, as object arrays [n_workers]."""
+    texts, goals = np.empty(envs.num_envs, dtype=object), np.empty(envs.num_envs, dtype=object)
+    texts[:], goals[:] = list(envs.get_attr("instruction")), list(envs.get_attr("goal"))
+    return texts, goals
 
 
 def run_episodes(
@@ -55,12 +71,13 @@ def run_episodes(
     record: bool | Callable[[int], bool] = False,
     on_episode: Callable[[Episode], None] | None = None,
     on_step: Callable[[int], None] | None = None,
+    instructions: bool = False,
 ) -> list[Episode]:
     """Run `n_episodes` episodes on a gymnasium vector env; returns them in episode order.
 
     With `record` (a bool, or a predicate on the episode index), each episode keeps its frames (observation before the action, action, reward, success), ready
     for `DemoStore.append_episode`. `on_episode` is called as each episode finishes (e.g. to append it to a store
-    at once, so a killed process keeps every finished episode).
+    at once, so a killed process keeps every finished episode). `instructions`: see the module docstring.
     """
     n_workers = envs.num_envs
     episodes: list[Episode] = []
@@ -71,12 +88,16 @@ def run_episodes(
         nonlocal next_index
         current[i] = Episode(index=next_index, seed=seed + next_index,
                              recording=record(next_index) if callable(record) else record)
+        if instructions:
+            current[i].instruction, current[i].goal = str(obs[TASK_KEY][i]), dict(obs[GOAL_KEY][i])
         agent.reset(i, seed + next_index)
         next_index += 1
 
     first = min(n_workers, n_episodes)
     seeds = [seed + i if i < first else seed + 10**9 + i for i in range(n_workers)]
     obs, _ = envs.reset(seed=seeds)
+    if instructions:
+        obs[TASK_KEY], obs[GOAL_KEY] = read_instructions(envs)
     for i in range(first):
         start(i)
     done_count = 0
@@ -116,11 +137,13 @@ def run_episodes(
             reset_seeds = [seed + next_index + int(np.sum(restart[:i])) if restart[i] else None
                            for i in range(n_workers)]
             new_obs, _ = envs.reset(seed=reset_seeds, options={"reset_mask": restart})
+            obs = {k: np.where(_expand(restart, v), new_obs[k], next_obs[k]) for k, v in next_obs.items()}
+            if instructions:
+                obs[TASK_KEY], obs[GOAL_KEY] = read_instructions(envs)
             for i in restart_idx:
                 start(i)
-            obs = {k: np.where(_expand(restart, v), new_obs[k], next_obs[k]) for k, v in next_obs.items()}
         else:
-            obs = next_obs
+            obs = {**next_obs, **{k: obs[k] for k in (TASK_KEY, GOAL_KEY) if k in obs}}
     episodes.sort(key=lambda e: e.index)
     return episodes
 

@@ -172,7 +172,8 @@ def train(cfg: TrainConfig, policy_cfg: Mapping[str, Any], *, make_envs: Callabl
     optim = optimizer_settings(cfg.optim, policy_cfg)
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     policy = make_policy(policy_cfg, features, store.stats)
-    dataset = WindowDataset(store, policy.n_obs_steps, policy.horizon, keys=list(features), episodes=episodes)
+    dataset = WindowDataset(store, policy.n_obs_steps, policy.horizon, keys=list(features), episodes=episodes,
+                            tasks=policy.language)
     weights = None
     if cfg.quality_weighting:
         weights = np.asarray(dataset.sample_weights(), dtype=np.float64)
@@ -211,7 +212,8 @@ def train(cfg: TrainConfig, policy_cfg: Mapping[str, Any], *, make_envs: Callabl
                 idx = rng.integers(0, len(dataset), cfg.batch_size)
             else:
                 idx = rng.choice(len(dataset), cfg.batch_size, p=weights)
-            batch = {k: torch.from_numpy(v) for k, v in dataset.get_batch(idx).items()}
+            batch = {k: list(v) if v.dtype == object else torch.from_numpy(v)
+                     for k, v in dataset.get_batch(idx).items()}
             torch.manual_seed(cfg.seed * 1_000_003 + step)
             loss, metrics = policy.loss(batch)
             optimizer.zero_grad(set_to_none=True)

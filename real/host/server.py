@@ -8,7 +8,8 @@ the standard library for it. Inference is serialized by one lock: one model, one
 The policy is a `robopolicy.policies.base.ChunkPolicy`: `sample_chunk(obs, noise=None, prefix_actions=None)`, its
 shape (`n_obs_steps`, `horizon`, `n_action_steps`, `features`, `noise_shape`) and its declared `supports_prefix`,
 all sent in the hello reply. A request's `noise` (drawn by the robot from its episode seed) is passed on as
-`noise=`, so a deployed chunk is a function of the observation, the noise and the prefix, as in evaluation.
+`noise=`, so a deployed chunk is a function of the observation, the noise and the prefix, as in evaluation. A
+policy that declares `language` gets the request's `instruction` as `obs["task"]`; a request without one is refused.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def policy_metadata(policy: Any, fps: float | None = None) -> HelloReply:
         fps=None if fps is None else float(fps),
         noise_shape=[int(d) for d in policy.noise_shape],
         supports_prefix=bool(policy.supports_prefix),
+        language=bool(policy.language),
     )
 
 
@@ -254,6 +256,9 @@ class PolicyServer:
             if message.prefix_actions.ndim != 2 or message.prefix_actions.shape[1] != n_action:
                 raise ProtocolError(f"prefix_actions must have shape [k, {n_action}].", "schema")
             prefix = message.prefix_actions.astype(np.float32)
+        if self.metadata.language and not message.instruction:
+            raise ProtocolError("This policy is language-conditioned: send an instruction with every infer request "
+                                "(deploy instruction=\"...\").", "schema")
 
         queued = time.perf_counter()
         with self._infer_lock, torch.inference_mode():
@@ -262,6 +267,8 @@ class PolicyServer:
             # wire arrays are one robot's history [To, ...]; the policy takes a batch [B=1, To, ...]
             obs = {k: torch.from_numpy(v).unsqueeze(0).to(device) for k, v in observation.items()}
             noise, prefix = (None if a is None else torch.from_numpy(a).unsqueeze(0).to(device) for a in (noise, prefix))
+            if self.metadata.language:
+                obs["task"] = [message.instruction]
             chunk = self.policy.sample_chunk(obs, noise=noise, prefix_actions=prefix)
             chunk = chunk.detach().to("cpu", torch.float32).numpy()[0]  # [H, A]
             finished = time.perf_counter()

@@ -121,7 +121,10 @@ class SimArm:
             self.stopped = op == "stop"
             self._send({"op": op})
         elif op == "reset":
-            self._reset(message.get("seed"))
+            try:
+                self._reset(message.get("seed"), message.get("instruction"))
+            except ValueError as exc:  # an instruction naming no goal of the task
+                self._send({"op": op, "error": str(exc)})
         elif op == "fault":
             self.faults[message["kind"]] = time.monotonic() + message["duration_s"]
             if message["kind"] == "stale" and self.history:
@@ -130,8 +133,8 @@ class SimArm:
         else:
             self._send({"op": op, "error": f"unknown request {op!r}"})
 
-    def _reset(self, seed: int | None) -> None:
-        obs, _ = self.env.reset(seed=seed)
+    def _reset(self, seed: int | None, instruction: str | None = None) -> None:
+        obs, _ = self.env.reset(seed=seed, options={"instruction": instruction} if instruction else None)
         now = time.monotonic()
         self.t_start, self.steps_done = now, 0
         # physics step at which the command is next sampled: a control period after the reset, unless the
@@ -150,7 +153,7 @@ class SimArm:
         self.running = True
         first = self._frame(obs, now)
         self.history.append(first)
-        self._send({"op": "reset", "frame": first})
+        self._send({"op": "reset", "frame": first, "instruction": self.env.unwrapped.instruction})
 
     # ---------------------------------------------------------------------------------------- physics
     def _advance(self, now: float) -> None:

@@ -95,6 +95,7 @@ class PolicyClient:
         timestamp: float,
         noise: np.ndarray | None = None,
         prefix_actions: np.ndarray | None = None,
+        instruction: str | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """observation: key -> [n_obs_steps, ...] -> (action_chunk [horizon, A], info with server timing).
 
@@ -109,6 +110,7 @@ class PolicyClient:
             token=self.token,
             noise=None if noise is None else np.asarray(noise, dtype=np.float32),
             prefix_actions=None if prefix_actions is None else np.asarray(prefix_actions, dtype=np.float32),
+            instruction=instruction,
         )
         sent = time.perf_counter()
         reply = self._request(message)

@@ -83,10 +83,11 @@ class InferenceBackend(Protocol):
     features: dict[str, dict]
     fps: float | None
     supports_prefix: bool  # the policy keeps committed prefix_actions (rtc freezes them)
+    language: bool  # the policy reads the episode's instruction
     noise_shape: tuple[int, ...]  # the standard normal noise one chunk is sampled from
 
     def infer(self, observation: dict[str, np.ndarray], timestamp: float, prefix_actions: np.ndarray | None,
-              noise: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]: ...
+              noise: np.ndarray | None = None, instruction: str | None = None) -> tuple[np.ndarray, dict[str, Any]]: ...
 
     def close(self) -> None: ...
 
@@ -110,13 +111,14 @@ class RemoteInference:
                 time.sleep(0.1)
         self.n_obs_steps, self.horizon, self.n_action_steps = meta.n_obs_steps, meta.horizon, meta.n_action_steps
         self.features, self.fps = meta.features, meta.fps
-        self.supports_prefix = meta.supports_prefix
+        self.supports_prefix, self.language = meta.supports_prefix, meta.language
         self.noise_shape = tuple(meta.noise_shape or (meta.horizon, meta.features[ACTION_KEY]["shape"][0]))
         self.extra_latency_s = float(extra_latency_s)
 
-    def infer(self, observation, timestamp, prefix_actions, noise=None):
+    def infer(self, observation, timestamp, prefix_actions, noise=None, instruction=None):
         prefix = prefix_actions if self.supports_prefix else None
-        chunk, info = self.client.infer(observation, timestamp, noise=noise, prefix_actions=prefix)
+        chunk, info = self.client.infer(observation, timestamp, noise=noise, prefix_actions=prefix,
+                                        instruction=instruction if self.language else None)
         if self.extra_latency_s:
             time.sleep(self.extra_latency_s)
         return chunk, info
@@ -131,6 +133,7 @@ class InferenceRequest:
     t_obs: float  # capture time of the newest observation
     prefix_actions: np.ndarray | None
     noise: np.ndarray | None = None  # [*noise_shape] standard normal, from the episode's generator
+    instruction: str | None = None  # the episode's task in words (for a language policy)
 
 
 @dataclass
@@ -188,8 +191,9 @@ class InferenceWorker:
             result = InferenceResult(t_obs=request.t_obs, latency_s=0.0,
                                      prefix_len=0 if request.prefix_actions is None else len(request.prefix_actions))
             try:
+                told = {} if request.instruction is None else {"instruction": request.instruction}
                 chunk, _ = self.backend.infer(request.observation, request.t_obs, request.prefix_actions,
-                                              request.noise)
+                                              request.noise, **told)
                 chunk = np.asarray(chunk, dtype=np.float64)
                 if chunk.shape != self.expected_shape:
                     result.error = f"chunk of shape {chunk.shape}, expected {self.expected_shape}"
@@ -307,6 +311,7 @@ class ControlNode:
         buffer = ObservationBuffer(self.obs_keys, self.backend.n_obs_steps, self.action_dt)
         noise_rng = np.random.default_rng(seed)  # chunk k's noise: the k-th draw, as seeded evaluation does
         obs = robot.reset(seed)
+        instruction = self.task or robot.task_description  # the deployment's, else the robot's for this episode
         if self.teleop is not None:
             self.teleop.reset(seed)
         if self.recorder is not None:
@@ -364,7 +369,8 @@ class ControlNode:
                 if not self.worker.busy and fresh and now >= retry_at and executor.wants_inference(t_cmd):
                     history, t_obs = buffer.history()
                     noise = noise_rng.standard_normal(self.backend.noise_shape, dtype=np.float32)
-                    self.worker.submit(InferenceRequest(history, t_obs, executor.prefix_for(t_obs), noise))
+                    self.worker.submit(InferenceRequest(history, t_obs, executor.prefix_for(t_obs), noise,
+                                                        instruction if self.backend.language else None))
 
                 # 4. the action due now (a human's when intervening), the watchdog, the safety filter
                 action = executor.action_at(t_cmd)
@@ -429,7 +435,7 @@ class ControlNode:
             result.success = success
             if self.recorder is not None:
                 result.episode_index = self.recorder.finish_episode(
-                    task=self.task, success=success,
+                    task=instruction, success=success,
                     extra={"seed": seed, "mode": cfg.mode, "aborted": result.aborted, "counts": counts})
             self._drain(executor)
         return result

@@ -53,6 +53,9 @@ class DeployConfig:
     """configs/deploy.yaml without its `robot:` group (validated against the robot's own config class)."""
 
     task: str | None = setting(None, "the simulated robot's task; null: the one the checkpoint was trained on")
+    instruction: str | None = setting(None, "the task in words for every episode (a language policy reads it, the "
+                                            "store records it); null: the robot's own (a language task's sim draws "
+                                            "one per episode)")
     ckpt: str | None = setting(None, "a checkpoint folder (or a training run folder), served from a child process")
     server: str | None = setting(None, "or HOST:PORT of `robopolicy serve`")
     token: str | None = setting(None, "the server's token")
@@ -147,7 +150,9 @@ def run_episodes(config: DeployConfig, robot: Robot, backend: InferenceBackend,
             closers.append(recorder.close)
         watchdog = Watchdog(1.0 / control.control_hz, control.hold_after, control.stop_after)
         node = ControlNode(robot, backend, control, recorder=recorder, teleop=teleop, watchdog=watchdog,
-                           task=robot.task_description)
+                           task=config.instruction or "")
+        if config.instruction:
+            robot.set_instruction(config.instruction)
         closers.insert(0, node.close)
         in_main = threading.current_thread() is threading.main_thread()
         with watchdog.signal_estop() if in_main else contextlib.nullcontext():

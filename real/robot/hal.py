@@ -205,8 +205,13 @@ class Robot(ABC):
 
     @property
     def task_description(self) -> str:
-        """The instruction recorded with each episode (and read by language-conditioned policies)."""
+        """The instruction recorded with each episode (and read by language-conditioned policies) when the
+        deployment names none; a simulator may draw a new one at every reset."""
         return ""
+
+    def set_instruction(self, instruction: str) -> None:  # noqa: B027 (a default, deliberately empty)
+        """The instruction the next episodes are given (`deploy instruction=...`). A real robot needs nothing:
+        a person sets the scene up; a simulator makes it the episode's goal."""
 
     def __enter__(self) -> Robot:
         self.connect()

@@ -9,7 +9,8 @@ buffers must match dtype x shape exactly. Any failure raises `ProtocolError`, wh
 Messages (client -> server, reply):
   Hello(token)                                  -> HelloReply(policy metadata) | Error
   Infer(request_id, observation, timestamp,
-        token, noise?, prefix_actions?)         -> InferReply(request_id, action_chunk, timing) | Error
+        token, noise?, prefix_actions?,
+        instruction?)                           -> InferReply(request_id, action_chunk, timing) | Error
   EStop(reason, token)  (datagram to a `real.robot.watchdog.EStopListener`, no reply)
 """
 
@@ -28,8 +29,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+# 2: HelloReply.supports_prefix; 3: HelloReply.language and Infer.instruction (language-conditioned policies)
+PROTOCOL_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # Plain numeric dtypes only: no object, string, void or datetime dtypes can ever be built from the wire.
 DTYPES = frozenset(
@@ -81,11 +83,13 @@ class HelloReply:
     fps: float | None = None
     noise_shape: list[int] | None = None
     supports_prefix: bool = False  # sample_chunk keeps committed prefix_actions (real-time chunking); since 2
+    language: bool = False  # the policy reads an instruction: every Infer must carry one; since 3
 
 
 @dataclass
 class Infer:
-    """observation: key -> [n_obs_steps, *feature_shape]; noise: [horizon, A]; prefix_actions: [k, A]."""
+    """observation: key -> [n_obs_steps, *feature_shape]; noise: [horizon, A]; prefix_actions: [k, A];
+    instruction: the task in words, for a policy whose hello reply declares `language` (since 3)."""
 
     request_id: int
     observation: dict[str, np.ndarray]
@@ -93,6 +97,7 @@ class Infer:
     token: str | None = None
     noise: np.ndarray | None = None
     prefix_actions: np.ndarray | None = None
+    instruction: str | None = None
 
 
 @dataclass
@@ -247,6 +252,7 @@ _SCHEMAS: dict[type, dict[str, tuple[Any, bool]]] = {
         "fps": (_optional(_float), False),
         "noise_shape": (_optional(_shape), False),
         "supports_prefix": (_bool, False),
+        "language": (_bool, False),
     },
     Infer: {
         "request_id": (_int, True),
@@ -255,13 +261,15 @@ _SCHEMAS: dict[type, dict[str, tuple[Any, bool]]] = {
         "token": (_optional(_str), False),
         "noise": (_optional(decode_array), False),
         "prefix_actions": (_optional(decode_array), False),
+        "instruction": (_optional(_str), False),
     },
     InferReply: {"request_id": (_int, True), "action_chunk": (decode_array, True), "timing": (_float_dict, True)},
     Error: {"code": (_str, True), "message": (_str, True), "request_id": (_optional(_int), False)},
     EStop: {"reason": (_str, True), "token": (_optional(_str), False)},
 }
 # (message type, field) -> the protocol version that introduced it (fields not listed exist since 1)
-_SINCE: dict[tuple[type, str], int] = {(HelloReply, "supports_prefix"): 2}
+_SINCE: dict[tuple[type, str], int] = {(HelloReply, "supports_prefix"): 2, (HelloReply, "language"): 3,
+                                       (Infer, "instruction"): 3}
 
 
 # ------------------------------------------------------------------------------------------ encode/decode

@@ -112,6 +112,8 @@ class SimRobot(Robot):
                 f"{control_hz}, {sensor_hz}, {sensor_latency_s}."
             )
         self.task = task
+        self._instruction: str | None = None  # set_instruction's, sent with every reset
+        self._episode_instruction: str | None = None  # the simulator's for the current episode
         self.control_hz = float(control_hz)
         self.address = None if address is None else parse_address(address)
         self._arm_config = {
@@ -164,7 +166,12 @@ class SimRobot(Robot):
 
     @property
     def task_description(self) -> str:
-        return str(self._require_spec()["task_description"])
+        """The current episode's instruction (a language task draws one per reset), else the task's description."""
+        return self._episode_instruction or str(self._require_spec()["task_description"])
+
+    def set_instruction(self, instruction: str) -> None:
+        """Every next episode's goal is the one `instruction` names (the simulator refuses one naming none)."""
+        self._instruction = instruction
 
     @property
     def is_connected(self) -> bool:
@@ -252,7 +259,8 @@ class SimRobot(Robot):
     # ------------------------------------------------------------------------------------ extensions
     def reset(self, seed: int | None = None) -> dict[str, Any]:
         """Start an episode (the robot rests at `command_state()`); returns the first observation."""
-        reply = self._request({"op": "reset", "seed": seed}, timeout_s=30.0)
+        reply = self._request({"op": "reset", "seed": seed, "instruction": self._instruction}, timeout_s=30.0)
+        self._episode_instruction = reply.get("instruction")
         with self._latest_lock:
             self._latest = reply["frame"]
         self._status = reply["frame"]["status"]

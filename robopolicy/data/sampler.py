@@ -33,6 +33,7 @@ class WindowDataset(torch.utils.data.Dataset):
         episodes: Sequence[int] | None = None,
         image_cache_chunks: int = 256,
         frame_stride: int = 1,
+        tasks: bool = False,
     ):
         """`frame_stride` k > 1 reads every k-th frame (a store recorded at k times the policy's rate, such as a
         deployment at 20 Hz of a 10 Hz policy)."""
@@ -61,6 +62,8 @@ class WindowDataset(torch.utils.data.Dataset):
         self.item_start = np.repeat(starts[selected], lengths)
         self.item_end = np.repeat(ends[selected], lengths)
         self.item_frame = self.item_start + (np.arange(len(self.item_episode)) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+        # with `tasks`, each window carries its episode's instruction as "task" (for language policies)
+        self.episode_task = np.array([ep["task"] for ep in store.episodes], dtype=object) if tasks else None
         quality = np.array([ep["quality"] for ep in store.episodes], dtype=np.float64)
         self.item_quality = quality[self.item_episode] if len(quality) else np.zeros(0)
 
@@ -82,7 +85,7 @@ class WindowDataset(torch.utils.data.Dataset):
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """Stacked windows for many items at once: states [B, To, D], images [B, To, H, W, 3],
-        action [B, horizon, A], action_is_pad [B, horizon]."""
+        action [B, horizon, A], action_is_pad [B, horizon] (and task: instruction strings [B], an object array)."""
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < -len(self) or indices.max() >= len(self)):
             raise IndexError(f"window index out of range for a dataset of {len(self)} items")
@@ -97,6 +100,8 @@ class WindowDataset(torch.utils.data.Dataset):
             batch[key] = values[action_frames if key == ACTION_KEY else obs_frames]
         for key in self.image_keys:
             batch[key] = self._gather_images(key, obs_frames)
+        if self.episode_task is not None:
+            batch["task"] = self.episode_task[self.item_episode[indices]]
         return batch
 
     def _gather_images(self, key: str, frames: np.ndarray) -> np.ndarray:

@@ -21,11 +21,13 @@ from robopolicy.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from robopolicy.policies.flow import FlowConfig, FlowPolicy
 from robopolicy.policies.mlp import MLPConfig, MLPPolicy
 from robopolicy.policies.normalizer import NormalizationError, Normalizer
+from robopolicy.policies.vla import VLAConfig, VLAPolicy
 
 POLICIES: dict[str, type[ChunkPolicy]] = {
     "diffusion": DiffusionPolicy,
     "flow": FlowPolicy,
     "mlp": MLPPolicy,
+    "vla": VLAPolicy,
 }
 
 
@@ -67,5 +69,5 @@ def make_policy(cfg: Mapping[str, Any] | PolicyConfig, features: Mapping[str, Ma
 __all__ = [
     "POLICIES", "ActionChunkPolicy", "ChunkPolicy", "DiffusionConfig", "DiffusionPolicy", "FlowConfig", "FlowPolicy",
     "MLPConfig", "MLPPolicy", "NormalizationError", "Normalizer", "PolicyConfig", "PolicyConfigError", "make_policy",
-    "policy_class", "policy_config", "policy_features", "register_policy",
+    "policy_class", "policy_config", "policy_features", "register_policy", "VLAConfig", "VLAPolicy",
 ]

@@ -201,7 +201,11 @@ class ActionChunkPolicy(ChunkPolicy):
         for key in self.obs_keys:
             modes[key] = norm.images if key.startswith(IMAGE_PREFIX) else norm.state
         self.normalizer = Normalizer(self.features, modes, stats)
-        self.obs_encoder = ObservationEncoder(self.features, self.n_obs_steps, config.encoder)
+        self.obs_encoder = self.build_obs_encoder(config)
+
+    def build_obs_encoder(self, config: PolicyConfig) -> nn.Module:
+        """The module turning normalized observations into the policy's condition (the vla policy's differs)."""
+        return ObservationEncoder(self.features, self.n_obs_steps, config.encoder)
 
     @property
     def config(self) -> dict:

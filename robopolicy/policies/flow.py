@@ -72,12 +72,20 @@ class FlowPolicy(ActionChunkPolicy):
     def __init__(self, config: FlowConfig, features: Mapping[str, Mapping],
                  stats: Mapping[str, Mapping[str, np.ndarray]] | None):
         super().__init__(config, features, stats)
-        self.denoiser = make_denoiser(config, self.action_dim, self.obs_encoder.out_dim)
+        self.denoiser = self.build_denoiser(config)
         self.num_inference_steps = config.num_inference_steps
         self.ode_solver, self.time_sampling = config.ode_solver, config.time_sampling
         self.prediction_type, self.schedule_power = config.prediction_type, config.schedule_power
         self.clip_sample = self.normalizer.modes["action"] == "min_max"
         self.clip_prediction = config.clip_prediction and self.clip_sample
+
+    def build_denoiser(self, config: FlowConfig) -> Callable[..., torch.Tensor]:
+        """`denoiser(x_t [B, H, A], timestep [B], condition) -> [B, H, A]`, the condition being `condition(obs)`."""
+        return make_denoiser(config, self.action_dim, self.obs_encoder.out_dim)
+
+    def condition(self, obs: Mapping[str, torch.Tensor]):
+        """What the denoiser is conditioned on, computed once per chunk: here the encoded observation [B, F]."""
+        return self.encode(obs)
 
     def sample_time(self, batch_size: int, device: torch.device) -> torch.Tensor:
         if self.time_sampling == "uniform":
@@ -93,7 +101,7 @@ class FlowPolicy(ActionChunkPolicy):
         n = self.num_inference_steps
         return [1.0 - (1.0 - i / n) ** self.schedule_power for i in range(n + 1)]
 
-    def clean_estimate(self, x: torch.Tensor, t: float, global_cond: torch.Tensor) -> torch.Tensor:
+    def clean_estimate(self, x: torch.Tensor, t: float, global_cond) -> torch.Tensor:
         """The denoiser's estimate of the clean chunk x1 from x_t, clipped to [-1, 1] with `clip_prediction`
         (as diffusers' DDIM clips its predicted original sample)."""
         timestep = torch.full((x.shape[0],), t * TIME_SCALE, device=x.device)
@@ -101,11 +109,11 @@ class FlowPolicy(ActionChunkPolicy):
         x1 = out if self.prediction_type == "sample" else x + (1.0 - t) * out
         return x1.clamp(-1.0, 1.0) if self.clip_prediction else x1
 
-    def velocity(self, x: torch.Tensor, t: float, global_cond: torch.Tensor) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, t: float, global_cond) -> torch.Tensor:
         """dx/dt along the straight path towards the clean estimate."""
         return (self.clean_estimate(x, t, global_cond) - x) / (1.0 - t)
 
-    def integrate(self, x: torch.Tensor, global_cond: torch.Tensor,
+    def integrate(self, x: torch.Tensor, global_cond,
                   constrain: Callable[[torch.Tensor, float], torch.Tensor] | None = None) -> torch.Tensor:
         """The ODE from noise x (t = 0) to t = 1 over `time_grid`. `constrain(x_t, t)`, applied before every
         velocity evaluation, lets a caller pin part of the chunk (prefix inpainting)."""
@@ -129,7 +137,7 @@ class FlowPolicy(ActionChunkPolicy):
                         time: torch.Tensor) -> torch.Tensor:
         """Squared error [B, H, A] of the denoiser on the batch's chunks carried to `time` along `noise`."""
         x1 = self.normalized_actions(batch)  # [B, H, A] data
-        global_cond = self.encode(batch)
+        global_cond = self.condition(batch)
         t = time.to(x1.device)[:, None, None]
         x_t = (1 - t) * noise + t * x1
         prediction = self.denoiser(x_t, t.flatten() * TIME_SCALE, global_cond)
@@ -144,13 +152,14 @@ class FlowPolicy(ActionChunkPolicy):
     @torch.no_grad()
     def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None,
                      prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
-        global_cond = self.encode(obs)
+        global_cond = self.condition(obs)
+        device = self.device
         if noise is None:
-            noise = self.draw_noise(global_cond.shape[0], global_cond.device)
-        noise = noise.to(global_cond.device, torch.float32)
+            noise = self.draw_noise(len(obs[self.obs_keys[0]]), device)
+        noise = noise.to(device, torch.float32)
         constrain = None
         if self.check_prefix(prefix_actions):
-            prefix = self.normalized_prefix(prefix_actions, global_cond.device)  # [B, k, A]
+            prefix = self.normalized_prefix(prefix_actions, device)  # [B, k, A]
             k = prefix.shape[1]
 
             def constrain(x_t: torch.Tensor, t: float) -> torch.Tensor:

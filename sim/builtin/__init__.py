@@ -15,7 +15,7 @@ from sim.builtin.base import ArmTaskEnv
 from sim.builtin.experts import EXPERT_CLASSES, Expert
 from sim.builtin.tasks import TASK_CLASSES
 
-BUILTIN_TASKS: tuple[str, ...] = ("reach", "push", "pick_place", "push_two_ways")
+BUILTIN_TASKS: tuple[str, ...] = ("reach", "push", "pick_place", "push_two_ways", "pick_color")
 
 __all__ = ["BUILTIN_TASKS", "ArmTaskEnv", "Expert", "make_builtin_env", "make_builtin_expert"]
 
@@ -33,9 +33,13 @@ def make_builtin_env(
     control: str = "ee_delta",
     max_episode_steps: int | None = None,
     render_mode: str | None = None,
+    instruction_template: str | None = None,
+    misinstruct: bool = False,
 ) -> ArmTaskEnv:
     """One built-in task env; `images=True` adds the task's default camera(s), a list picks cameras
-    (front, wrist, top); `control` is "ee_delta" (default) or "joint_pos"."""
+    (front, wrist, top); `control` is "ee_delta" (default) or "joint_pos". `instruction_template` phrases every
+    instruction (fields the task defines, e.g. "{side}"); `misinstruct` names another valid goal than the one
+    success checks (to measure how much a policy follows its instruction)."""
     _check(name)
     return TASK_CLASSES[name](
         images=images,
@@ -43,6 +47,8 @@ def make_builtin_env(
         control=control,
         max_episode_steps=max_episode_steps,
         render_mode=render_mode,
+        instruction_template=instruction_template,
+        misinstruct=misinstruct,
     )
 
 

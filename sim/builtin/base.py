@@ -7,8 +7,9 @@ the per-step Python work is kept to a Jacobian, a 6x6 solve and writing prealloc
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import mujoco
@@ -53,6 +54,27 @@ def ee_delta_joint_targets(ik: DiffIKController, data: mujoco.MjData, ee_action:
     return ik.joint_targets(data, target - site_pos)
 
 
+def check_template(template: str, fields: dict[str, tuple[str, ...]], task: str) -> None:
+    """Refuses an instruction template naming a field the task does not define, in one sentence."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:
+        raise ValueError(f"instruction_template {template!r} is not a valid template ({err}).") from None
+    unknown = sorted(names - set(fields))
+    if unknown:
+        defined = ", ".join("{" + f + "}" for f in fields) or "no fields"
+        raise ValueError(f"instruction_template {template!r} names {', '.join('{' + u + '}' for u in unknown)}, "
+                         f"but {task} defines {defined}.")
+
+
+def all_goals(fields: dict[str, tuple[str, ...]]) -> list[dict[str, str]]:
+    """Every combination of goal field values, in a fixed order."""
+    goals: list[dict[str, str]] = [{}]
+    for field, values in fields.items():
+        goals = [{**g, field: v} for g in goals for v in values]
+    return goals
+
+
 class ArmTaskEnv(gym.Env):
     """Base class of the built-in tasks; subclasses set the class attributes and the four task hooks."""
 
@@ -65,6 +87,11 @@ class ArmTaskEnv(gym.Env):
     default_cameras: tuple[str, ...] = ("front",)
     fps: int = 10
     substeps: int = 50  # 50 x 2 ms = one 10 Hz control step
+    # Language: the goal fields an instruction names (field -> its values, drawn uniformly at every reset after
+    # the scene, so scenes do not reveal the goal) and the training phrasings, templates over those fields.
+    # A task without goal fields is instructed with its task_description.
+    goal_fields: ClassVar[dict[str, tuple[str, ...]]] = {}
+    instruction_templates: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -73,6 +100,8 @@ class ArmTaskEnv(gym.Env):
         control: str = "ee_delta",
         max_episode_steps: int | None = None,
         render_mode: str | None = None,
+        instruction_template: str | None = None,
+        misinstruct: bool = False,
     ):
         if control not in CONTROL_MODES:
             raise ValueError(
@@ -89,6 +118,13 @@ class ArmTaskEnv(gym.Env):
             if cam not in CAMERAS:
                 raise ValueError(f"Unknown camera {cam!r} for builtin/{self.name}: available are {CAMERAS}.")
         self.control, self.image_size, self.render_mode = control, image_size, render_mode
+        if instruction_template is not None:
+            check_template(instruction_template, self.goal_fields, f"builtin/{self.name}")
+        if misinstruct and not self.goal_fields:
+            raise ValueError(f"misinstruct needs a task whose instruction names a goal; builtin/{self.name} has none.")
+        self.instruction_template, self.misinstruct = instruction_template, misinstruct
+        self.goal: dict[str, str] = {}
+        self.instruction: str = instruction_template or self.task_description
         self.max_episode_steps = max_episode_steps or self.default_max_episode_steps
 
         self.model = mujoco.MjModel.from_xml_string(scene_xml(self.name, self.objects_xml))
@@ -145,6 +181,7 @@ class ArmTaskEnv(gym.Env):
 
     # ---- gymnasium API ------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """`options={"instruction": text}` makes the goal the one `text` names (see `goal_from_instruction`)."""
         super().reset(seed=seed)
         rng = self.np_random
         mujoco.mj_resetData(self.model, self.data)
@@ -154,6 +191,14 @@ class ArmTaskEnv(gym.Env):
         self.data.qpos[self._finger_qpos] = FINGER_MAX_OPENING
         self.data.ctrl[7:9] = FINGER_MAX_OPENING
         self._sample_task(rng)
+        given = (options or {}).get("instruction")
+        if self.goal_fields:  # drawn after the scene, which therefore does not depend on the goal
+            self.goal = {f: values[int(rng.integers(len(values)))] for f, values in self.goal_fields.items()}
+            self.instruction = self._phrase(rng)
+            if given:
+                self.goal, self.instruction = self.goal_from_instruction(given), given
+        elif given:
+            self.instruction = given
         mujoco.mj_forward(self.model, self.data)
         self._steps = 0
         return self._observation(), {"success": False}
@@ -198,7 +243,31 @@ class ArmTaskEnv(gym.Env):
         """The current observation, as reset and step return it (for a real-time driver stepping physics itself)."""
         return self._observation()
 
+    def goal_from_instruction(self, text: str) -> dict[str, str]:
+        """The goal an instruction written by a person names: for every goal field, the one value whose word
+        appears in it ("put the red cube on the yellow pad" -> color red, target yellow)."""
+        words = set(text.lower().replace(",", " ").replace(".", " ").split())
+        goal = {}
+        for field, values in self.goal_fields.items():
+            named = [v for v in values if v in words]
+            if len(named) != 1:
+                raise ValueError(f"The instruction {text!r} must name exactly one {field} of builtin/{self.name} "
+                                 f"({', '.join(values)}); it names {', '.join(named) or 'none'}.")
+            goal[field] = named[0]
+        return goal
+
     # ---- helpers ------------------------------------------------------------------------------------
+    def _phrase(self, rng: np.random.Generator) -> str:
+        """The episode's instruction: a training phrasing (or the user's template) over the goal; with
+        `misinstruct`, over another valid goal, while success still checks the true one."""
+        named = self.goal
+        if self.misinstruct:
+            others = [g for g in all_goals(self.goal_fields) if g != self.goal]
+            named = others[int(rng.integers(len(others)))]
+        templates = self.instruction_templates
+        template = self.instruction_template or templates[int(rng.integers(len(templates)))]
+        return template.format(**named)
+
     def _observation(self) -> dict[str, np.ndarray]:
         s, d = self._state, self.data
         s[0:7] = d.qpos[self._arm_qpos]

@@ -8,6 +8,10 @@ collected demonstrations visit perturbed states labelled with the expert's corre
 imprecise grasp/placement points, drawn anew each episode. With `control="joint_pos"` the expert turns
 its end-effector decision into absolute joint targets with the env's own IK on a private copy of the arm
 (the joint positions are in the state), so joint-space demonstrations replay the same behaviour.
+
+In a language task the goal is not in the state: the expert reads it from `obs["goal"]` (the env's `goal`
+dict, which `robopolicy.rollout` adds to the observations it hands to experts); without it, an expert
+draws a goal of its own at reset.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 from robopolicy.data.spec import STATE_KEY
 from sim.builtin.base import MAX_DELTA, ROBOT_STATE_NAMES, arm_controller, ee_delta_joint_targets
 from sim.builtin.scene import scene_xml
-from sim.builtin.tasks import BLOCK_HALF, CUBE_HALF, OBSTACLE_HALF, OBSTACLE_POS, TASK_CLASSES
+from sim.builtin.tasks import BLOCK_HALF, CUBE_HALF, OBSTACLE_HALF, OBSTACLE_POS, SIDES, TASK_CLASSES
 
 OPEN, CLOSED = -1.0, 1.0
 TRAVEL_Z = 0.08  # clear of the blocks when moving over them
@@ -43,6 +47,7 @@ class Expert:
         dart: float | None = None,
     ):
         task_cls = TASK_CLASSES[task]
+        self.goal_fields = task_cls.goal_fields
         names = list(ROBOT_STATE_NAMES) + list(task_cls.task_state_names)
         self._index = {n: i for i, n in enumerate(names)}
         self.noise, self.sloppy, self.control = noise, sloppy, control
@@ -75,9 +80,17 @@ class Expert:
         wanders = self.sloppy and rng.random() < 0.4  # sets off towards a wrong spot first
         self._detour = rng.uniform([0.35, -0.2, 0.1], [0.6, 0.2, 0.2]) if wanders else None
         self._reset_task(rng)
+        # a goal of its own until the env's is given (the draw comes last: the other choices keep their seeds)
+        self.goal: dict[str, str] = {}
+        if self.goal_fields:
+            self.set_goal({f: v[int(rng.integers(len(v)))] for f, v in self.goal_fields.items()})
 
     def _reset_task(self, rng: np.random.Generator) -> None:
         pass
+
+    def set_goal(self, goal: dict[str, str]) -> None:
+        """The goal of this episode (a language task's `env.goal`)."""
+        self.goal = dict(goal)
 
     def _get(self, state: np.ndarray, *names: str) -> np.ndarray:
         return state[[self._index[n] for n in names]].astype(np.float64)
@@ -89,6 +102,9 @@ class Expert:
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """The expert's action for `obs` (with its noise and sloppiness, if any): the label to record."""
         state = np.asarray(obs[STATE_KEY])
+        goal = obs.get("goal")
+        if goal and goal != self.goal:
+            self.set_goal(goal)
         self._ee_action = self._ee_act(state)
         return self._to_control(state, self._ee_action)
 
@@ -220,7 +236,7 @@ class PushExpert(Expert):
 
 
 class PushTwoWaysExpert(PushExpert):
-    """Goes around the wall on a side drawn 50/50 per episode: the demonstrations are bimodal."""
+    """Goes around the wall on the instructed side (drawn 50/50 per episode: the demonstrations are bimodal)."""
 
     # The detour is long and a cloned policy drifts off it: its demonstrations explore by default (DART).
     # Plain pushes do better without it. Compare values with `robopolicy collect ... expert.dart=X` and
@@ -229,8 +245,12 @@ class PushTwoWaysExpert(PushExpert):
 
     def _reset_task(self, rng: np.random.Generator) -> None:
         super()._reset_task(rng)
-        self.side = 1.0 if rng.random() < 0.5 else -1.0
         self.lane = OBSTACLE_HALF[1] + BLOCK_HALF + (rng.uniform(0.045, 0.06) if self.sloppy else 0.05)
+
+    def set_goal(self, goal: dict[str, str]) -> None:
+        super().set_goal(goal)
+        self.side = SIDES[goal["side"]]
+        self._route = None  # planned again on the next step, on this side
 
     def _waypoints(self, block: np.ndarray, target: np.ndarray) -> list[np.ndarray]:
         y = self.side * self.lane
@@ -242,9 +262,12 @@ class PushTwoWaysExpert(PushExpert):
 class PickPlaceExpert(Expert):
     """Above the cube, down, close, lift, carry above the marker, lower, open; regrasps after a drop."""
 
+    cube_names = ("object.x", "object.y", "object.z")
+    target_names = ("target.x", "target.y")
+
     def _plan(self, state: np.ndarray, ee: np.ndarray) -> np.ndarray:
-        cube = self._get(state, "object.x", "object.y", "object.z")
-        target = self._get(state, "target.x", "target.y")
+        cube = self._get(state, *self.cube_names)
+        target = self._get(state, *self.target_names)
         grasp_xy = cube[:2] + self.aim_error
         place_xy = target + self.aim_error
         held = np.linalg.norm(cube - ee) < 0.03 and cube[2] > CUBE_HALF - 0.005
@@ -299,9 +322,19 @@ class PickPlaceExpert(Expert):
         return np.append(self._move(ee, np.array([ee[0], ee[1], TRAVEL_Z + 0.05])), OPEN)
 
 
+class PickColorExpert(PickPlaceExpert):
+    """The pick-and-place expert on the instructed cube and pad."""
+
+    def set_goal(self, goal: dict[str, str]) -> None:
+        super().set_goal(goal)
+        self.cube_names = tuple(f"cube_{goal['color']}.{a}" for a in "xyz")
+        self.target_names = tuple(f"pad_{goal['target']}.{a}" for a in "xy")
+
+
 EXPERT_CLASSES: dict[str, type[Expert]] = {
     "reach": ReachExpert,
     "push": PushExpert,
     "pick_place": PickPlaceExpert,
     "push_two_ways": PushTwoWaysExpert,
+    "pick_color": PickColorExpert,
 }

@@ -1,7 +1,9 @@
-"""The four built-in tasks: reach, push, pick_place, push_two_ways.
+"""The built-in tasks: reach, push, pick_place, and the language tasks push_two_ways and pick_color.
 
 Each is the arm scene plus its objects, a seeded reset, its extra state dimensions, a dense shaped reward
-and a success test. Positions are in metres in the world frame (table top at z = 0).
+and a success test. Positions are in metres in the world frame (table top at z = 0). In a language task the
+scene is the same in distribution whatever the goal, and only the instruction (`env.instruction`, drawn with
+the goal `env.goal` at reset) says what success requires.
 """
 
 from __future__ import annotations
@@ -187,15 +189,26 @@ class PickPlaceTask(_ObjectTask):
         return reward + 10.0 * success, success
 
 
-class PushTwoWaysTask(_PushTask):
-    """Push a block past a wall to a target straight behind it: around the left or the right side.
+# The arm looks along +x from the origin: its left is +y.
+SIDES = {"left": 1.0, "right": -1.0}
 
-    Start and target sit on the x axis on either side of the wall, so both detours are equally good and a
-    policy that averages them pushes straight into the wall.
+
+class PushTwoWaysTask(_PushTask):
+    """Push a block past a wall to a target straight behind it, around the side the instruction names.
+
+    Start and target sit on the x axis on either side of the wall, so both detours are equally long and a
+    policy that averages them pushes straight into the wall; success requires the block to have passed the wall
+    on the instructed side (the side its centre was on when it crossed the wall's middle).
     """
 
     name = "push_two_ways"
     task_description = "push the red block around the gray wall onto the green target"
+    goal_fields = {"side": ("left", "right")}
+    instruction_templates = (
+        "push the red block around the {side} side of the gray wall onto the green target",
+        "go around the {side} of the obstacle",
+        "take the {side} way around the wall and push the block to the target",
+    )
     objects_xml = (
         _object_xml("block", BLOCK_HALF, ".85 .2 .2 1", 0.2)
         + _TARGET_MARKER.format(radius=0.04)
@@ -211,11 +224,83 @@ class PushTwoWaysTask(_PushTask):
         block = np.array([rng.uniform(0.36, 0.39), rng.uniform(-0.02, 0.02)])
         target = np.array([rng.uniform(0.63, 0.66), rng.uniform(-0.02, 0.02)])
         self._place(block, rng.uniform(-0.2, 0.2), target)
+        self.passed_side = 0.0  # +1 / -1 once the block's centre crossed the wall's middle on the left / right
 
     def _reward_and_success(self) -> tuple[float, bool]:
-        return self._push_reward(target_sharpness=5.0)  # a longer push: a gentler slope toward the target
+        reward, at_target = self._push_reward(target_sharpness=5.0)  # a longer push: a gentler slope
+        obj = self.object_pos()
+        if self.passed_side == 0.0 and obj[0] > OBSTACLE_POS[0]:
+            self.passed_side = 1.0 if obj[1] > 0 else -1.0
+        success = at_target and self.passed_side == SIDES[self.goal["side"]]
+        return reward - 10.0 * (at_target and not success), success
+
+
+PAD_RADIUS = 0.035
+
+
+class PickColorTask(ArmTaskEnv):
+    """Three coloured cubes and two coloured pads at random places; put the instructed cube on the instructed
+    pad (six goals). The state lists every cube and pad in a fixed order, so only the instruction tells which."""
+
+    name = "pick_color"
+    task_description = "pick up the instructed cube and place it on the instructed pad"
+    cube_colors = {"red": ".85 .2 .2 1", "green": ".2 .7 .25 1", "blue": ".2 .35 .9 1"}
+    pad_colors = {"yellow": ".95 .85 .15 1", "purple": ".6 .25 .75 1"}
+    goal_fields = {"color": tuple(cube_colors), "target": tuple(pad_colors)}
+    instruction_templates = (
+        "pick up the {color} cube and place it on the {target} pad",
+        "put the {color} block on the {target} marker",
+        "move the {color} cube onto the {target} target",
+    )
+    objects_xml = "".join(_object_xml(f"cube_{c}", CUBE_HALF, rgba, 0.05) for c, rgba in cube_colors.items()) + "".join(
+        f'<body name="pad_{p}" mocap="true" pos="0.5 0 0.001"><geom class="marker" type="cylinder" '
+        f'size="{PAD_RADIUS} 0.001" rgba="{rgba}"/></body>' for p, rgba in pad_colors.items())
+    task_state_names = tuple(f"cube_{c}.{a}" for c in cube_colors for a in "xyz") + tuple(
+        f"pad_{p}.{a}" for p in pad_colors for a in "xy")
+    default_max_episode_steps = 150
+    success_radius = 0.03
+    min_separation = 0.09  # between any two objects' centres: grasps and placements never disturb a neighbour
+
+    def _bind_task(self) -> None:
+        self._cube_qpos = {}
+        self._cube_body = {}
+        for c in self.cube_colors:
+            adr = self.model.joint(f"cube_{c}").qposadr[0]
+            self._cube_qpos[c] = slice(adr, adr + 7)
+            self._cube_body[c] = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_BODY, f"cube_{c}")
+        self._pad_mocap = {p: self.model.body(f"pad_{p}").mocapid[0] for p in self.pad_colors}
+
+    def _sample_task(self, rng: np.random.Generator) -> None:
+        n = len(self.cube_colors) + len(self.pad_colors)
+        while True:
+            xy = rng.uniform([0.36, -0.22], [0.64, 0.22], size=(n, 2))
+            gaps = np.linalg.norm(xy[:, None] - xy[None], axis=-1) + np.eye(n)
+            if gaps.min() > self.min_separation:
+                break
+        for q, p, yaw in zip(self._cube_qpos.values(), xy, rng.uniform(-0.3, 0.3, size=len(xy))):
+            self.data.qpos[q] = [p[0], p[1], CUBE_HALF, np.cos(yaw / 2), 0, 0, np.sin(yaw / 2)]
+        for mocap, p in zip(self._pad_mocap.values(), xy[len(self.cube_colors):]):
+            self.data.mocap_pos[mocap] = [p[0], p[1], 0.001]
+
+    def _write_task_state(self, out: np.ndarray) -> None:
+        for i, c in enumerate(self.cube_colors):
+            out[3 * i:3 * i + 3] = self.data.xpos[self._cube_body[c]]
+        k = 3 * len(self.cube_colors)
+        for i, mocap in enumerate(self._pad_mocap.values()):
+            out[k + 2 * i:k + 2 * i + 2] = self.data.mocap_pos[mocap][:2]
+
+    def _reward_and_success(self) -> tuple[float, bool]:
+        obj = self.data.xpos[self._cube_body[self.goal["color"]]]
+        target = self.data.mocap_pos[self._pad_mocap[self.goal["target"]]]
+        ee = self.data.site_xpos[self._site]
+        ee_to_obj = float(np.linalg.norm(obj - ee))
+        obj_to_target = float(np.linalg.norm(obj[:2] - target[:2]))
+        lifted = obj[2] > CUBE_HALF + 0.01
+        success = obj_to_target < self.success_radius and obj[2] < CUBE_HALF + 0.005
+        reward = 0.5 * (1 - np.tanh(10 * ee_to_obj)) + 0.5 * lifted + (1 - np.tanh(10 * obj_to_target))
+        return reward + 10.0 * success, success
 
 
 TASK_CLASSES: dict[str, type[ArmTaskEnv]] = {
-    cls.name: cls for cls in (ReachTask, PushTask, PickPlaceTask, PushTwoWaysTask)
+    cls.name: cls for cls in (ReachTask, PushTask, PickPlaceTask, PushTwoWaysTask, PickColorTask)
 }

