@@ -43,15 +43,14 @@ from pathlib import Path
 import numpy as np
 
 from sim.so100 import (
-    JOINTS,
+    ACCELERATION_UNIT,
     MOTOR_IDS,
     MOTORS,
-    PREFIX,
     RESOLUTION,
-    TICKS_PER_RAD,
+    STALL_TORQUE,
+    TOP_SPEED_TICKS,
     Encoders,
-    joint_ranges,
-    load_model,
+    ServoArm,
 )
 
 # ------------------------------------------------------------------------------------------- the packets
@@ -133,9 +132,6 @@ SIGN_BIT = {"Homing_Offset": 11, "Goal_Position": 15, "Goal_Velocity": 15, "Pres
             "Present_Velocity": 15, "Present_Load": 10}
 READ_ONLY = (0, 1, 2, 3, 4) + tuple(range(56, 72))  # firmware, model number, the present-state block
 TABLE_SIZE = 128
-TOP_SPEED_TICKS = 3400.0  # ~50 rpm: an STS3215 at 12 V without load (ticks/s)
-STALL_TORQUE = 2.9  # N m, STS3215 12 V (30 kg cm)
-ACCELERATION_UNIT = 100.0  # ticks/s^2 per unit of the Acceleration register
 
 
 def to_sign_magnitude(value: int, bit: int) -> int:
@@ -248,28 +244,19 @@ class FeetechBus:
 
 
 # ------------------------------------------------------------------------------------------- the physics
-class SO100Twin:
+class SO100Twin(ServoArm):
     """The SO-100's servos on a `FeetechBus`, moving a MuJoCo SO-100 in real time (`step_to(now)`).
 
     `q0`: initial joint angles [6] (rad; default: the middle of every range, where a calibration starts).
     `timestep`: the physics and servo-loop period (250 Hz by default: light enough for a loaded machine).
     The servos boot calibrated (their EPROM holds the homing offsets and ranges of `encoders.calibration()`)
-    unless `calibrated=False` (factory defaults: offset 0, limits 0..4095).
+    unless `calibrated=False` (factory defaults: offset 0, limits 0..4095). The position loop itself is
+    `sim.so100.ServoArm`'s, which the SO-100 tasks simulate too.
     """
 
     def __init__(self, q0: np.ndarray | None = None, calibrated: bool = True, worldbody: str = "",
                  timestep: float = 0.004) -> None:
-        import mujoco
-
-        self._mujoco = mujoco
-        self.model = load_model(worldbody, timestep)
-        self.data = mujoco.MjData(self.model)
-        self.encoders = Encoders(joint_ranges(self.model))
-        joints = [self.model.joint(PREFIX + j) for j in JOINTS]
-        self.qpos_index = np.array([j.qposadr[0] for j in joints])
-        self.dof_index = np.array([j.dofadr[0] for j in joints])
-        self.data.qpos[self.qpos_index] = self.encoders.center if q0 is None else q0
-        mujoco.mj_forward(self.model, self.data)
+        super().__init__(q0, worldbody, timestep)
         self.bus = FeetechBus()
         self.bus.on_write = self._on_write
         if calibrated:
@@ -278,23 +265,20 @@ class SO100Twin:
                 servo.set("Homing_Offset", cal.homing_offset)
                 servo.set("Min_Position_Limit", cal.range_min)
                 servo.set("Max_Position_Limit", cal.range_max)
-        n = len(MOTORS)
-        self.setpoint = self.raw()  # the position loop's setpoint (raw ticks, continuous)
-        self.setpoint_speed = np.zeros(n)
-        self.integral = np.zeros(n)
-        self.kp, self.ki, self.kd = 80.0, 800.0, 0.8  # N m/rad, N m/(rad s), N m s/rad
-        self.torque_on = np.zeros(n, dtype=bool)
-        self.goal, self.top_speed, self.acceleration, self.torque_max = (np.zeros(n) for _ in range(4))
-        self.sim_time = 0.0
+        self._update_present()
+        for k, servo in enumerate(self.bus.servos.values()):
+            servo.set("Goal_Position", servo.get("Present_Position"))
+            self._refresh(k)
+
+    def place(self, q: np.ndarray) -> None:
+        """Put the joints at `q` (rad) at rest, every servo's goal where its joint now is (a rehearsal's reset)."""
+        super().place(q)
         self._update_present()
         for k, servo in enumerate(self.bus.servos.values()):
             servo.set("Goal_Position", servo.get("Present_Position"))
             self._refresh(k)
 
     # ---- encoder <-> registers
-    def raw(self) -> np.ndarray:
-        return self.encoders.raw_ticks(self.data.qpos[self.qpos_index])
-
     def _servo(self, k: int) -> ServoRegisters:
         return self.bus.servos[MOTOR_IDS[k]]
 
@@ -348,46 +332,11 @@ class SO100Twin:
         return float(goal + servo.get("Homing_Offset"))
 
     # ---- time
-    def physics_step(self) -> None:
-        """One physics step of every servo's position loop (all six at once: this runs 500 times a second)."""
-        dt = self.model.opt.timestep
-        q = self.data.qpos[self.qpos_index]
-        qd = self.data.qvel[self.dof_index]
-        acc, tau = self.acceleration, self.torque_max
-        # the setpoint approaches the goal within the top speed and the acceleration register
-        error = self.goal - self.setpoint
-        finite = np.isfinite(acc)  # Acceleration 0: no ramp
-        brake = np.where(finite, np.sqrt(2 * np.where(finite, acc, 0.0) * np.abs(error)), np.inf)
-        wanted = np.sign(error) * np.minimum(np.minimum(self.top_speed, brake), np.abs(error) / dt)
-        self.setpoint_speed += np.clip(wanted - self.setpoint_speed, -acc * dt, acc * dt)
-        step = self.setpoint_speed * dt
-        arrived = np.abs(step) >= np.abs(error)
-        self.setpoint = np.where(arrived, self.goal, self.setpoint + step)
-        self.setpoint_speed[arrived] = 0.0
-        # a torque-limited PID on the joint angle; integrating near the setpoint only (no wind-up while slewing)
-        e = self.encoders.joint_angle(self.setpoint) - q
-        e_dot = self.setpoint_speed / (self.encoders.direction * TICKS_PER_RAD) - qd
-        near = np.abs(e) < 0.05
-        self.integral[near] = np.clip(self.integral[near] + e[near] * dt, -tau[near] / self.ki, tau[near] / self.ki)
-        ctrl = np.clip(self.kp * e + self.ki * self.integral + self.kd * e_dot, -tau, tau)
-        # a servo with its torque off is limp, and its loop starts over from where the joint is
-        off = ~self.torque_on
-        if off.any():
-            ctrl[off] = 0.0
-            self.setpoint[off] = self.raw()[off]
-            self.setpoint_speed[off] = self.integral[off] = 0.0
-        self.data.ctrl[: len(MOTORS)] = ctrl
-        self._mujoco.mj_step(self.model, self.data)
-        self.sim_time += dt
-
     def advance(self, seconds: float) -> None:
         """Run the physics for `seconds` and refresh the present-state registers."""
         for _ in range(max(int(round(seconds / self.model.opt.timestep)), 0)):
             self.physics_step()
         self._update_present()
-
-    def joint_positions(self) -> np.ndarray:
-        return self.data.qpos[self.qpos_index].copy()
 
 
 class PtyServer:
