@@ -156,3 +156,115 @@ class Encoders:
 def joint_ranges(model) -> np.ndarray:
     """[6, 2] ranges of the arm's joints in MOTORS order."""
     return np.stack([model.joint(PREFIX + j).range for j in JOINTS])
+
+
+TOP_SPEED_TICKS = 3400.0  # ~50 rpm: an STS3215 at 12 V without load (ticks/s)
+STALL_TORQUE = 2.9  # N m, STS3215 12 V (30 kg cm)
+ACCELERATION_UNIT = 100.0  # ticks/s^2 per unit of the Acceleration register
+
+
+class ServoArm:
+    """The SO-100 in MuJoCo with each joint under an STS3215-like position loop (the Feetech twin's servos, and
+    the SO-100 tasks' arm: one physics for both, so a policy trained on a task meets the same arm on the twin).
+
+    The loop's inputs are arrays in raw encoder ticks: `goal`, `top_speed` (ticks/s), `acceleration`
+    (ticks/s^2, inf: no ramp), `torque_max` (N m) and `torque_on`; the twin fills them from its registers.
+    """
+
+    def __init__(self, q0: np.ndarray | None = None, worldbody: str = "", timestep: float = 0.004) -> None:
+        import mujoco
+
+        self._mujoco = mujoco
+        self.model = load_model(worldbody, timestep)
+        self.data = mujoco.MjData(self.model)
+        self.encoders = Encoders(joint_ranges(self.model))
+        joints = [self.model.joint(PREFIX + j) for j in JOINTS]
+        self.qpos_index = np.array([j.qposadr[0] for j in joints])
+        self.dof_index = np.array([j.dofadr[0] for j in joints])
+        n = len(MOTORS)
+        self.kp, self.ki, self.kd = 80.0, 800.0, 0.8  # N m/rad, N m/(rad s), N m s/rad
+        self.torque_on = np.zeros(n, dtype=bool)
+        self.goal, self.top_speed, self.acceleration, self.torque_max = (np.zeros(n) for _ in range(4))
+        self.sim_time = 0.0
+        ServoArm.place(self, self.encoders.center if q0 is None else q0)  # a subclass places once it is built
+
+    def place(self, q: np.ndarray) -> None:
+        """Put the joints at `q` (rad) at rest, every loop holding there."""
+        self.data.qvel[:] = 0.0
+        self.data.qpos[self.qpos_index] = q
+        self._mujoco.mj_forward(self.model, self.data)
+        self.setpoint = self.raw()  # the position loop's setpoint (raw ticks, continuous)
+        self.goal = self.setpoint.copy()
+        self.setpoint_speed = np.zeros(len(MOTORS))
+        self.integral = np.zeros(len(MOTORS))
+
+    def raw(self) -> np.ndarray:
+        return self.encoders.raw_ticks(self.data.qpos[self.qpos_index])
+
+    def joint_positions(self) -> np.ndarray:
+        return self.data.qpos[self.qpos_index].copy()
+
+    def physics_step(self) -> None:
+        """One physics step of every servo's position loop (all six at once: this runs 250 times a second)."""
+        dt = self.model.opt.timestep
+        q = self.data.qpos[self.qpos_index]
+        qd = self.data.qvel[self.dof_index]
+        acc, tau = self.acceleration, self.torque_max
+        # the setpoint approaches the goal within the top speed and the acceleration register
+        error = self.goal - self.setpoint
+        finite = np.isfinite(acc)  # Acceleration 0: no ramp
+        brake = np.where(finite, np.sqrt(2 * np.where(finite, acc, 0.0) * np.abs(error)), np.inf)
+        wanted = np.sign(error) * np.minimum(np.minimum(self.top_speed, brake), np.abs(error) / dt)
+        self.setpoint_speed += np.clip(wanted - self.setpoint_speed, -acc * dt, acc * dt)
+        step = self.setpoint_speed * dt
+        arrived = np.abs(step) >= np.abs(error)
+        self.setpoint = np.where(arrived, self.goal, self.setpoint + step)
+        self.setpoint_speed[arrived] = 0.0
+        # a torque-limited PID on the joint angle; integrating near the setpoint only (no wind-up while slewing)
+        e = self.encoders.joint_angle(self.setpoint) - q
+        e_dot = self.setpoint_speed / (self.encoders.direction * TICKS_PER_RAD) - qd
+        near = np.abs(e) < 0.05
+        self.integral[near] = np.clip(self.integral[near] + e[near] * dt, -tau[near] / self.ki, tau[near] / self.ki)
+        ctrl = np.clip(self.kp * e + self.ki * self.integral + self.kd * e_dot, -tau, tau)
+        # a servo with its torque off is limp, and its loop starts over from where the joint is
+        off = ~self.torque_on
+        if off.any():
+            ctrl[off] = 0.0
+            self.setpoint[off] = self.raw()[off]
+            self.setpoint_speed[off] = self.integral[off] = 0.0
+        self.data.ctrl[: len(MOTORS)] = ctrl
+        self._mujoco.mj_step(self.model, self.data)
+        self.sim_time += dt
+
+
+class LeRobotUnits:
+    """LeRobot's SO100Follower (use_degrees=True) conversions on the twin's calibration, integer ticks included:
+    `goal_ticks(values)` is what its bus writes as Goal_Position, `observe(present)` what it reports for
+    Present_Position readings (`FeetechMotorsBus._unnormalize` / `_normalize`)."""
+
+    def __init__(self, encoders: Encoders) -> None:
+        cal = encoders.calibration()
+        self.homing = np.array([cal[m].homing_offset for m in MOTORS], dtype=np.int64)
+        self.lo = np.array([cal[m].range_min for m in MOTORS], dtype=np.int64)
+        self.hi = np.array([cal[m].range_max for m in MOTORS], dtype=np.int64)
+        self.mid = (self.lo + self.hi) / 2
+
+    def goal_ticks(self, values: np.ndarray) -> np.ndarray:
+        """LeRobot units [6] -> Goal_Position (homed ticks), truncated as LeRobot's int() does."""
+        values = np.asarray(values, dtype=np.float64)
+        ticks = np.trunc(values * MAX_RES / 360 + self.mid)
+        g = min(100.0, max(0.0, float(values[5])))
+        ticks[5] = math.trunc(g / 100 * (self.hi[5] - self.lo[5]) + self.lo[5])
+        return ticks.astype(np.int64)
+
+    def observe(self, present: np.ndarray) -> np.ndarray:
+        """Present_Position (homed ticks) [6] -> LeRobot units."""
+        present = np.asarray(present, dtype=np.float64)
+        out = (present - self.mid) * 360 / MAX_RES
+        bounded = min(self.hi[5], max(self.lo[5], present[5]))
+        out[5] = (bounded - self.lo[5]) / (self.hi[5] - self.lo[5]) * 100
+        return out
+
+    def present(self, raw: np.ndarray) -> np.ndarray:
+        """Raw continuous encoder ticks [6] -> the servos' Present_Position (homed ticks)."""
+        return np.clip(np.round(raw), 0, RESOLUTION - 1).astype(np.int64) - self.homing

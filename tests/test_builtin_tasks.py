@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from sim import make_env, make_expert
-from sim.builtin import BUILTIN_TASKS, make_builtin_env, make_builtin_expert
+from sim.builtin import BUILTIN_TASKS, SO100_TASKS, make_builtin_env, make_builtin_expert
 from sim.builtin.tasks import OBSTACLE_POS
 
-TASKS = list(BUILTIN_TASKS)
+TASKS = [t for t in BUILTIN_TASKS if t not in SO100_TASKS]  # the SO-100 tasks: tests/test_so100_task.py
 
 
 def rollout(env, expert, seed: int) -> tuple[bool, int, list[np.ndarray]]:

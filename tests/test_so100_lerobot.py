@@ -90,3 +90,26 @@ def test_hold_and_stop_keep_the_arm_where_it_is(twin):
         time.sleep(0.5)
         after = robot.command_state()
         assert np.abs(after - before).max() <= 2 * 360 / MAX_RES  # held against gravity, torque on
+
+
+# builtin/so100_touch's touching pose (sim/builtin/so100_touch.py TOUCH_POSE; this env has no MuJoCo to import it)
+TOUCH_POSE = np.array([35.0, 25.0, -30.0, 30.0, 0.0, 20.0])
+
+
+def test_scene_channel_resets_by_seed_and_reports_success_through_the_adapter(tmp_path_factory):
+    """robot.scene= (rehearsal only): reset(seed) places the task's start pose, status is the task's success."""
+    with TwinProcess(MUJOCO_PYTHON, tmp_path_factory.mktemp("scene"), task="builtin/so100_touch") as twin, \
+            SO100Arm(port=twin.port, id="so100_twin", calibration_dir=str(twin.calibration_dir),
+                     scene=twin.scene) as robot:
+        first = robot.reset(seed=3)["observation.state"]
+        assert robot.status == {"success": False, "truncated": False}
+        robot.reset(seed=4)
+        assert np.abs(robot.reset(seed=3)["observation.state"] - first).max() <= 2 * 360 / MAX_RES
+        safety = SafetyFilter(robot.limits)
+        safety.reset(robot.command_state())
+        for _ in range(60):
+            robot.send_action(safety.filter(TOUCH_POSE)[0])
+            time.sleep(robot.limits.control_period_s)
+            if robot.status["success"]:
+                break
+        assert robot.status["success"]

@@ -28,8 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import select
 import signal
+import socketserver
 import subprocess
 import sys
 import termios
@@ -37,21 +39,21 @@ import threading
 import time
 import tty
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from sim.so100 import (
-    JOINTS,
+    ACCELERATION_UNIT,
     MOTOR_IDS,
     MOTORS,
-    PREFIX,
     RESOLUTION,
-    TICKS_PER_RAD,
+    STALL_TORQUE,
+    TOP_SPEED_TICKS,
     Encoders,
-    joint_ranges,
-    load_model,
+    ServoArm,
 )
 
 # ------------------------------------------------------------------------------------------- the packets
@@ -133,9 +135,6 @@ SIGN_BIT = {"Homing_Offset": 11, "Goal_Position": 15, "Goal_Velocity": 15, "Pres
             "Present_Velocity": 15, "Present_Load": 10}
 READ_ONLY = (0, 1, 2, 3, 4) + tuple(range(56, 72))  # firmware, model number, the present-state block
 TABLE_SIZE = 128
-TOP_SPEED_TICKS = 3400.0  # ~50 rpm: an STS3215 at 12 V without load (ticks/s)
-STALL_TORQUE = 2.9  # N m, STS3215 12 V (30 kg cm)
-ACCELERATION_UNIT = 100.0  # ticks/s^2 per unit of the Acceleration register
 
 
 def to_sign_magnitude(value: int, bit: int) -> int:
@@ -248,28 +247,19 @@ class FeetechBus:
 
 
 # ------------------------------------------------------------------------------------------- the physics
-class SO100Twin:
+class SO100Twin(ServoArm):
     """The SO-100's servos on a `FeetechBus`, moving a MuJoCo SO-100 in real time (`step_to(now)`).
 
     `q0`: initial joint angles [6] (rad; default: the middle of every range, where a calibration starts).
     `timestep`: the physics and servo-loop period (250 Hz by default: light enough for a loaded machine).
     The servos boot calibrated (their EPROM holds the homing offsets and ranges of `encoders.calibration()`)
-    unless `calibrated=False` (factory defaults: offset 0, limits 0..4095).
+    unless `calibrated=False` (factory defaults: offset 0, limits 0..4095). The position loop itself is
+    `sim.so100.ServoArm`'s, which the SO-100 tasks simulate too.
     """
 
     def __init__(self, q0: np.ndarray | None = None, calibrated: bool = True, worldbody: str = "",
                  timestep: float = 0.004) -> None:
-        import mujoco
-
-        self._mujoco = mujoco
-        self.model = load_model(worldbody, timestep)
-        self.data = mujoco.MjData(self.model)
-        self.encoders = Encoders(joint_ranges(self.model))
-        joints = [self.model.joint(PREFIX + j) for j in JOINTS]
-        self.qpos_index = np.array([j.qposadr[0] for j in joints])
-        self.dof_index = np.array([j.dofadr[0] for j in joints])
-        self.data.qpos[self.qpos_index] = self.encoders.center if q0 is None else q0
-        mujoco.mj_forward(self.model, self.data)
+        super().__init__(q0, worldbody, timestep)
         self.bus = FeetechBus()
         self.bus.on_write = self._on_write
         if calibrated:
@@ -278,23 +268,20 @@ class SO100Twin:
                 servo.set("Homing_Offset", cal.homing_offset)
                 servo.set("Min_Position_Limit", cal.range_min)
                 servo.set("Max_Position_Limit", cal.range_max)
-        n = len(MOTORS)
-        self.setpoint = self.raw()  # the position loop's setpoint (raw ticks, continuous)
-        self.setpoint_speed = np.zeros(n)
-        self.integral = np.zeros(n)
-        self.kp, self.ki, self.kd = 80.0, 800.0, 0.8  # N m/rad, N m/(rad s), N m s/rad
-        self.torque_on = np.zeros(n, dtype=bool)
-        self.goal, self.top_speed, self.acceleration, self.torque_max = (np.zeros(n) for _ in range(4))
-        self.sim_time = 0.0
+        self._update_present()
+        for k, servo in enumerate(self.bus.servos.values()):
+            servo.set("Goal_Position", servo.get("Present_Position"))
+            self._refresh(k)
+
+    def place(self, q: np.ndarray) -> None:
+        """Put the joints at `q` (rad) at rest, every servo's goal where its joint now is (a rehearsal's reset)."""
+        super().place(q)
         self._update_present()
         for k, servo in enumerate(self.bus.servos.values()):
             servo.set("Goal_Position", servo.get("Present_Position"))
             self._refresh(k)
 
     # ---- encoder <-> registers
-    def raw(self) -> np.ndarray:
-        return self.encoders.raw_ticks(self.data.qpos[self.qpos_index])
-
     def _servo(self, k: int) -> ServoRegisters:
         return self.bus.servos[MOTOR_IDS[k]]
 
@@ -348,46 +335,11 @@ class SO100Twin:
         return float(goal + servo.get("Homing_Offset"))
 
     # ---- time
-    def physics_step(self) -> None:
-        """One physics step of every servo's position loop (all six at once: this runs 500 times a second)."""
-        dt = self.model.opt.timestep
-        q = self.data.qpos[self.qpos_index]
-        qd = self.data.qvel[self.dof_index]
-        acc, tau = self.acceleration, self.torque_max
-        # the setpoint approaches the goal within the top speed and the acceleration register
-        error = self.goal - self.setpoint
-        finite = np.isfinite(acc)  # Acceleration 0: no ramp
-        brake = np.where(finite, np.sqrt(2 * np.where(finite, acc, 0.0) * np.abs(error)), np.inf)
-        wanted = np.sign(error) * np.minimum(np.minimum(self.top_speed, brake), np.abs(error) / dt)
-        self.setpoint_speed += np.clip(wanted - self.setpoint_speed, -acc * dt, acc * dt)
-        step = self.setpoint_speed * dt
-        arrived = np.abs(step) >= np.abs(error)
-        self.setpoint = np.where(arrived, self.goal, self.setpoint + step)
-        self.setpoint_speed[arrived] = 0.0
-        # a torque-limited PID on the joint angle; integrating near the setpoint only (no wind-up while slewing)
-        e = self.encoders.joint_angle(self.setpoint) - q
-        e_dot = self.setpoint_speed / (self.encoders.direction * TICKS_PER_RAD) - qd
-        near = np.abs(e) < 0.05
-        self.integral[near] = np.clip(self.integral[near] + e[near] * dt, -tau[near] / self.ki, tau[near] / self.ki)
-        ctrl = np.clip(self.kp * e + self.ki * self.integral + self.kd * e_dot, -tau, tau)
-        # a servo with its torque off is limp, and its loop starts over from where the joint is
-        off = ~self.torque_on
-        if off.any():
-            ctrl[off] = 0.0
-            self.setpoint[off] = self.raw()[off]
-            self.setpoint_speed[off] = self.integral[off] = 0.0
-        self.data.ctrl[: len(MOTORS)] = ctrl
-        self._mujoco.mj_step(self.model, self.data)
-        self.sim_time += dt
-
     def advance(self, seconds: float) -> None:
         """Run the physics for `seconds` and refresh the present-state registers."""
         for _ in range(max(int(round(seconds / self.model.opt.timestep)), 0)):
             self.physics_step()
         self._update_present()
-
-    def joint_positions(self) -> np.ndarray:
-        return self.data.qpos[self.qpos_index].copy()
 
 
 class PtyServer:
@@ -403,7 +355,14 @@ class PtyServer:
         self.parser = PacketParser()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._calls: queue.Queue = queue.Queue()
         self.packets = 0
+
+    def call(self, fn, timeout_s: float = 5.0):
+        """Run `fn(twin)` on the serving thread between packets (the physics is not thread-safe); its result."""
+        done: Future = Future()
+        self._calls.put((fn, done))
+        return done.result(timeout=timeout_s)
 
     def start(self) -> PtyServer:
         self._thread = threading.Thread(target=self.serve, name="feetech-twin", daemon=True)
@@ -425,6 +384,12 @@ class PtyServer:
                     reply = self.twin.bus.handle(servo_id, instruction, params)
                     if reply:
                         os.write(self.master, reply)
+            while not self._calls.empty():
+                fn, done = self._calls.get()
+                try:
+                    done.set_result(fn(self.twin))
+                except Exception as exc:  # noqa: BLE001 (handed to the caller)
+                    done.set_exception(exc)
             now = time.monotonic()
             if now - clock > self.max_lag_s:  # fell behind (a loaded machine): slow the arm's time, never jump
                 clock = now - self.max_lag_s
@@ -447,6 +412,74 @@ class PtyServer:
                 pass
 
 
+class SceneChannel:
+    """Rehearsal only: a task's scene on the twin, and a loopback side channel that resets and scores it.
+
+    `python -m real.host.feetech_twin --task builtin/so100_touch` builds the task's objects into the twin's
+    model; this channel (TCP on 127.0.0.1, one JSON object a line) answers `{"cmd": "reset", "seed": S}` by
+    placing the arm at the start pose the task's env draws for seed S (every servo's goal where it now is), and
+    `{"cmd": "status"}` with the task's `success` and `truncated` (the env's episode length in the twin's time
+    since the reset). The LeRobot adapter uses it when `robot.scene=127.0.0.1:PORT`: a real arm has no such
+    channel, someone resets its scene by hand and judges success.
+    """
+
+    def __init__(self, server: PtyServer, task: str) -> None:
+        from sim.builtin.so100_touch import SUCCESS_RADIUS
+
+        self.server, self.scene, self.radius = server, scene_for_task(task), SUCCESS_RADIUS
+        self.reset_time = 0.0
+        channel = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                for line in self.rfile:
+                    try:
+                        reply = channel.answer(json.loads(line))
+                    except Exception as exc:  # noqa: BLE001 (a bad request gets its reason back)
+                        reply = {"error": f"{type(exc).__name__}: {exc}"}
+                    self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+        self.tcp = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.tcp.daemon_threads = True
+        self.port = self.tcp.server_address[1]
+        threading.Thread(target=self.tcp.serve_forever, name="twin-scene", daemon=True).start()
+
+    def answer(self, request: dict) -> dict:
+        if request.get("cmd") == "reset":
+            pose = self.scene.start_pose(np.random.default_rng(request.get("seed")))
+
+            def reset(twin: SO100Twin) -> dict:
+                twin.place(twin.encoders.from_lerobot(pose))
+                self.reset_time = twin.sim_time
+                return {"ok": True}
+
+            return self.server.call(reset)
+        if request.get("cmd") == "status":
+            def status(twin: SO100Twin) -> dict:
+                success = self.scene.tip_distance(twin) < self.radius
+                elapsed = twin.sim_time - self.reset_time
+                truncated = elapsed >= self.scene.default_max_episode_steps / self.scene.fps and not success
+                return {"success": bool(success), "truncated": bool(truncated)}
+
+            return self.server.call(status)
+        raise ValueError(f"unknown request {request!r}: use reset or status")
+
+    def close(self) -> None:
+        self.tcp.shutdown()
+        self.tcp.server_close()
+
+
+def scene_for_task(task: str):
+    """The scene of a task the twin can present (the SO-100 tasks of sim/builtin)."""
+    from sim.builtin import SO100_TASKS
+    from sim.builtin.so100_touch import SO100Touch
+
+    if task.removeprefix("builtin/") not in SO100_TASKS:
+        raise ValueError(f"The SO-100 twin has no scene for task {task!r}: use one of "
+                         f"{', '.join('builtin/' + t for t in SO100_TASKS)}.")
+    return SO100Touch()
+
+
 def write_calibration(encoders: Encoders, directory: Path, robot_id: str) -> Path:
     """The twin's LeRobot calibration file `<directory>/<robot_id>.json` (what `lerobot-calibrate` would save)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -460,21 +493,29 @@ class TwinProcess:
     which has no MuJoCo: `python` is an interpreter that has it. `with TwinProcess(python, folder) as twin:`
     gives `twin.port` (the pty) and `twin.calibration_dir` (the LeRobot calibration file `<id>.json`)."""
 
-    def __init__(self, python: str | Path, folder: Path, robot_id: str = "so100_twin", timeout_s: float = 60.0):
+    def __init__(self, python: str | Path, folder: Path, robot_id: str = "so100_twin", timeout_s: float = 60.0,
+                 task: str | None = None):
         self.python, self.folder, self.robot_id, self.timeout_s = str(python), Path(folder), robot_id, timeout_s
+        self.task = task
         self.calibration_dir = self.folder / "calibration"
         self.port = ""
+        self.scene = ""  # with a task: 127.0.0.1:PORT of its scene channel (robot.scene)
         self._proc: subprocess.Popen | None = None
 
     def __enter__(self) -> TwinProcess:
         port_file = self.folder / "twin_port"
         port_file.unlink(missing_ok=True)
+        task_file = None if self.task is None else self.folder / "twin_scene_port"
+        if task_file is not None:
+            task_file.unlink(missing_ok=True)
         log = self.folder / "twin.log"
         root = Path(__file__).resolve().parents[2]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
         self._proc = subprocess.Popen([self.python, "-m", "real.host.feetech_twin", "--calibration-dir",
                                        str(self.calibration_dir), "--id", self.robot_id, "--port-file",
-                                       str(port_file)], env=env, stdout=subprocess.DEVNULL,
+                                       str(port_file)] + ([] if task_file is None else
+                                                          ["--task", self.task, "--scene-port-file", str(task_file)]),
+                                      env=env, stdout=subprocess.DEVNULL,
                                       stderr=open(log, "wb"))  # noqa: SIM115 (the child holds it)
         deadline = time.monotonic() + self.timeout_s
         while not port_file.exists():
@@ -484,6 +525,8 @@ class TwinProcess:
                                    f"{log.read_text()[-2000:]}")
             time.sleep(0.05)
         self.port = port_file.read_text()
+        if task_file is not None:
+            self.scene = f"127.0.0.1:{task_file.read_text()}"
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -503,15 +546,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", default="so100_twin", help="the robot id LeRobot names the calibration file by")
     parser.add_argument("--uncalibrated", action="store_true", help="servos with factory EPROM (no homing)")
     parser.add_argument("--port-file", type=Path, default=None, help="also write the pty's path to this file")
+    parser.add_argument("--task", default=None, help="rehearsal only: present this task's scene (e.g. "
+                        "builtin/so100_touch) and serve its reset / success channel on a loopback port")
+    parser.add_argument("--scene-port-file", type=Path, default=None, help="write the scene channel's port here")
     args = parser.parse_args(argv)
-    twin = SO100Twin(calibrated=not args.uncalibrated)
+    try:
+        scene = scene_for_task(args.task) if args.task else None
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    twin = SO100Twin(calibrated=not args.uncalibrated, worldbody=scene.objects_xml if scene else "")
     if args.calibration_dir is not None:
         write_calibration(twin.encoders, args.calibration_dir, args.id)
     server = PtyServer(twin).start()
+    channel = SceneChannel(server, args.task) if args.task else None
+    if channel is not None:
+        print(f"scene channel: 127.0.0.1:{channel.port} (robot.scene=127.0.0.1:{channel.port})", flush=True)
+        if args.scene_port_file is not None:
+            _write_atomically(args.scene_port_file, str(channel.port))
     if args.port_file is not None:
-        tmp = args.port_file.with_suffix(".tmp")
-        tmp.write_text(server.port)
-        tmp.rename(args.port_file)
+        _write_atomically(args.port_file, server.port)
     print(server.port, flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -521,8 +575,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if channel is not None:
+            channel.close()
         server.close()
     return 0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
 
 
 if __name__ == "__main__":

