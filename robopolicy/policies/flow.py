@@ -111,14 +111,18 @@ class FlowPolicy(ActionChunkPolicy):
         constrain = constrain or (lambda x_t, t: x_t)
         grid = self.time_grid()
         for t, t_next in zip(grid[:-1], grid[1:]):
-            dt = t_next - t
-            x = constrain(x, t)
-            if self.ode_solver == "euler":
-                x = torch.add(x, self.velocity(x, t, global_cond), alpha=dt)
-            else:
-                x_mid = constrain(torch.add(x, self.velocity(x, t, global_cond), alpha=0.5 * dt), t + 0.5 * dt)
-                x = torch.add(x, self.velocity(x_mid, t + 0.5 * dt, global_cond), alpha=dt)
+            x = self.ode_step(constrain(x, t), t, t_next, global_cond, constrain)
         return x
+
+    def ode_step(self, x: torch.Tensor, t: float, t_next: float, global_cond: torch.Tensor,
+                 constrain: Callable[[torch.Tensor, float], torch.Tensor] | None = None) -> torch.Tensor:
+        """One solver step from x_t to x_{t_next} (Euler or midpoint); also the mean of ReinFlow's noisy step."""
+        dt = t_next - t
+        if self.ode_solver == "euler":
+            return torch.add(x, self.velocity(x, t, global_cond), alpha=dt)
+        constrain = constrain or (lambda x_t, t: x_t)
+        x_mid = constrain(torch.add(x, self.velocity(x, t, global_cond), alpha=0.5 * dt), t + 0.5 * dt)
+        return torch.add(x, self.velocity(x_mid, t + 0.5 * dt, global_cond), alpha=dt)
 
     def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         x1 = self.normalized_actions(batch)  # [B, H, A] data
