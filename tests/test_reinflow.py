@@ -140,6 +140,21 @@ def test_finetune_saves_a_plain_checkpoint_that_runs_without_its_base(tmp_path, 
     assert result["episodes"] == 2
 
 
+@pytest.mark.parametrize("name", ["reinflow", "dppo"])
+def test_chain_mean_is_the_plain_sampler(base_ckpt, diffusion_ckpt, name):  # noqa: F811
+    """With (almost) no injected noise the chain ends where the saved checkpoint's deterministic sampler does."""
+    tiny = {"min_std": 1e-7, "max_std": 1e-7} if name == "reinflow" else {"min_sampling_std": 1e-7}
+    method = chain_method(name, base_ckpt if name == "reinflow" else diffusion_ckpt, **tiny)
+    randomize(method.policy.model.denoiser, 0.05)
+    policy = method.policy
+    obs = observation(policy, 5)
+    with torch.no_grad():
+        chain, _ = policy.sample_chain(policy.encode(obs), torch.Generator().manual_seed(7))
+        noise = torch.randn(5, *policy.noise_shape, generator=torch.Generator().manual_seed(7))
+        plain = policy.normalize_actions(policy.standalone().sample_chunk(obs, noise))
+    assert torch.allclose(policy.final_chunk(chain), plain, atol=1e-4)
+
+
 def test_reinflow_refuses_a_diffusion_base(diffusion_ckpt):
     with pytest.raises(PolicyConfigError, match="reinflow fine-tunes a 'flow' base"):
         chain_method("reinflow", diffusion_ckpt)

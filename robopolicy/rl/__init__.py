@@ -13,7 +13,7 @@ Each method is one module (steer.py, residual.py, value_guidance.py) with its co
 rebuilds refined checkpoints) and `make_method(base, base_ref, algo, reward, seed) -> (method, buffer)`.
 """
 
-from robopolicy.rl import reinflow, residual, steer, value_guidance
+from robopolicy.rl import dppo, reinflow, residual, steer, value_guidance
 from robopolicy.rl.buffer import ReplayBuffer
 from robopolicy.rl.collector import RewardSpec
 from robopolicy.rl.refined import RefinedPolicy, save_refined
@@ -23,7 +23,7 @@ from robopolicy.rl.value_guidance import ValueGuidedPolicy
 
 # algo.name -> the module whose make_method builds it
 METHODS = {"steer": steer, "steer_na": steer, "residual": residual, "residual_ppo": residual,
-           "value_guided": value_guidance, "reinflow": reinflow}
+           "value_guided": value_guidance, "reinflow": reinflow, "dppo": dppo}
 
 __all__ = ["METHODS", "RefinedPolicy", "ReplayBuffer", "ResidualPolicy", "RewardSpec", "SteerPolicy",
            "ValueGuidedPolicy", "save_refined"]
