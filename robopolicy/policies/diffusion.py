@@ -71,7 +71,7 @@ class DiffusionPolicy(ActionChunkPolicy):
 
     def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         action_chunk = self.normalized_actions(batch)  # [B, H, A] in normalized units
-        global_cond = self.encode(batch)  # [B, F]
+        global_cond, penalty = self.encode_for_loss(batch)  # [B, F]
         noise = torch.randn_like(action_chunk)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (action_chunk.shape[0],),
                                   device=action_chunk.device)
@@ -79,12 +79,16 @@ class DiffusionPolicy(ActionChunkPolicy):
         prediction = self.denoiser(noisy, timesteps, global_cond)
         target = noise if self.prediction_type == "epsilon" else action_chunk
         loss = self.masked_mean((prediction - target) ** 2, batch)
-        return loss, {"loss": loss.item()}
+        return loss + penalty, {"loss": loss.item(), "encoder_penalty": penalty.item()}
 
     @torch.no_grad()
     def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None,
                      prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
-        global_cond = self.encode(obs)
+        return self.sample_from_features(self.encode(obs), noise, prefix_actions)
+
+    @torch.no_grad()
+    def sample_from_features(self, global_cond: torch.Tensor, noise: torch.Tensor | None = None,
+                             prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
         batch_size = global_cond.shape[0]
         if noise is None:
             noise = self.draw_noise(batch_size, global_cond.device)

@@ -126,19 +126,23 @@ class FlowPolicy(ActionChunkPolicy):
 
     def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         x1 = self.normalized_actions(batch)  # [B, H, A] data
-        global_cond = self.encode(batch)
+        global_cond, penalty = self.encode_for_loss(batch)
         x0 = torch.randn_like(x1)  # noise
         t = self.sample_time(x1.shape[0], x1.device)[:, None, None]
         x_t = (1 - t) * x0 + t * x1
         prediction = self.denoiser(x_t, t.flatten() * TIME_SCALE, global_cond)
         target = x1 - x0 if self.prediction_type == "velocity" else x1
         loss = self.masked_mean((prediction - target) ** 2, batch)
-        return loss, {"loss": loss.item()}
+        return loss + penalty, {"loss": loss.item(), "encoder_penalty": penalty.item()}
 
     @torch.no_grad()
     def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None,
                      prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
-        global_cond = self.encode(obs)
+        return self.sample_from_features(self.encode(obs), noise, prefix_actions)
+
+    @torch.no_grad()
+    def sample_from_features(self, global_cond: torch.Tensor, noise: torch.Tensor | None = None,
+                             prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
         if noise is None:
             noise = self.draw_noise(global_cond.shape[0], global_cond.device)
         noise = noise.to(global_cond.device, torch.float32)
