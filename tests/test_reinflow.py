@@ -167,3 +167,28 @@ def test_reinflow_noise_stays_within_its_bounds(base_ckpt):  # noqa: F811
     cond = torch.randn(64, policy.feature_dim) * 10
     std = policy.step_std(cond, torch.randn(64, *policy.noise_shape) * 10, 0.5)
     assert std.min() >= 0.02 - 1e-7 and std.max() <= 0.3 + 1e-7 and std.max() - std.min() > 0.2
+
+
+def test_refine_benchmark_runs_chain_methods_on_their_own_bases(tmp_path, monkeypatch, base_ckpt,  # noqa: F811
+                                                                diffusion_ckpt):
+    """reinflow on --base (flow), dppo on its --base-for (diffusion), steer_bottleneck skipped on a plain base."""
+    import json
+    import sys
+
+    from conftest import load_benchmark
+
+    bench = load_benchmark("refine_sample_efficiency")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    small = [f"--set={name}.{k}={json.dumps(v)}" for name in ("reinflow", "dppo")
+             for k, v in {"hidden": [16], "ppo_rollout": 4, "ppo_minibatch": 4, "ppo_epochs": 1}.items()]
+    monkeypatch.setattr(sys, "argv", [
+        "refine_sample_efficiency.py", "--base", str(base_ckpt), "--task", TASK, "--algos",
+        "reinflow,dppo,steer_bottleneck", "--base-for", f"dppo={diffusion_ckpt}", "--env-steps", "40",
+        "--eval-every", "0", "--eval-episodes", "0", "--final-episodes", "2", "--base-episodes", "2",
+        "--num-envs", "1", "--out", str(tmp_path / "runs"), *small])
+    bench.main()
+    report = json.loads((tmp_path / "refine_sample_efficiency.json").read_text())
+    results = report["results"]
+    assert results["reinflow"]["env_steps"] >= 40 and results["dppo"]["base"] == str(diffusion_ckpt.resolve())
+    assert "bottleneck=vib" in results["steer_bottleneck"]["skipped"]
+    assert set(report["base_evals"]) == {str(base_ckpt.resolve()), str(diffusion_ckpt.resolve())}
