@@ -56,15 +56,16 @@ def randomize(module: torch.nn.Module, scale: float = 0.3) -> None:
             p.add_(torch.randn_like(p) * scale)
 
 
-@pytest.fixture(params=["reinflow", "dppo"])
+@pytest.fixture(params=[("reinflow", True), ("reinflow", False), ("dppo", True), ("dppo", False)],
+                ids=lambda p: f"{p[0]}-{'average' if p[1] else 'sum'}")
 def method(request, base_ckpt, diffusion_ckpt):  # noqa: F811
-    if request.param == "dppo" and "dppo" not in METHODS:
-        pytest.skip("dppo is not built yet")
-    ckpt = base_ckpt if request.param == "reinflow" else diffusion_ckpt
+    """The method on a small base; log_prob_average: PPO's ratio on the per-element average or the exact sum."""
+    name, average = request.param
+    ckpt = base_ckpt if name == "reinflow" else diffusion_ckpt
     torch.manual_seed(1)
-    m = chain_method(request.param, ckpt, **({k: v for k, v in SMALL.items() if k != "noise_hidden"}
-                                           | ({"noise_hidden": [32]} if request.param == "reinflow" else {})))
-    if request.param == "reinflow":
+    settings = {k: v for k, v in SMALL.items() if k != "noise_hidden" or name == "reinflow"}
+    m = chain_method(name, ckpt, log_prob_average=average, **settings)
+    if name == "reinflow":
         randomize(m.policy.noise_net)
     return m
 
@@ -110,8 +111,6 @@ def test_ppo_step_with_zero_advantages_leaves_sampled_chunks_unchanged(method):
 @pytest.mark.parametrize("name", ["reinflow", "dppo"])
 def test_finetune_saves_a_plain_checkpoint_that_runs_without_its_base(tmp_path, base_ckpt, diffusion_ckpt,  # noqa: F811
                                                                       name):
-    if name not in METHODS:
-        pytest.skip(f"{name} is not built yet")
     base_src = base_ckpt if name == "reinflow" else diffusion_ckpt
     base = tmp_path / "base"
     shutil.copytree(base_src, base)

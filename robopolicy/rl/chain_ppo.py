@@ -8,6 +8,7 @@ PPO surrogate (`ppo.PPO`, GAE over whole episodes, a value network on the encode
                [-1, 1], is the chunk whose executed steps run open loop
     log-prob   reinflow: the chain's joint log-likelihood (one ratio per decision)
                dppo: one per denoising step (a ratio per step, DPPO's two-level MDP), with the denoising discount
+               (each divided by the chunk's H x A elements with `log_prob_average`, as DPPO's code averages)
 
 The observation encoder and the normalizer stay frozen (the value network and the chain are conditioned on the
 features recorded at collection). The result needs no base: `standalone()` is the fine-tuned copy, which
@@ -45,6 +46,9 @@ class ChainPPOConfig(AlgoConfig, PPOConfig):
     value_coef: float = setting(0.5, "value loss weight")
     entropy_coef: float = setting(0.0, "entropy bonus weight (on the chain's Gaussian steps)")
     max_grad_norm: float = setting(1.0, "gradient norm clip")
+    log_prob_average: bool = setting(True, "PPO's ratio from the chain's log-likelihood averaged over the chunk's "
+                                     "H x A elements (DPPO's practice: summed, a tiny shift of a 64-element "
+                                     "Gaussian's mean already moves the ratio past ppo_clip); false: the exact sum")
 
 
 class ChainPolicy(RefinedPolicy):
@@ -111,7 +115,7 @@ class ChainPPO:
                  step_weights: torch.Tensor | None = None):
         self.policy = policy
         self.gamma = cfg.gamma
-        self.chain_shape = (-1, policy.horizon, policy.action_dim)
+        self.log_prob_scale = 1.0 / (policy.horizon * policy.action_dim) if cfg.log_prob_average else 1.0
         self.ppo = PPO(policy.feature_dim, 0, cfg, actor=policy, seed=seed, log_prob=self.log_prob,
                        step_weights=None if policy.joint_ratio else step_weights, actor_lr=cfg.actor_lr)
         self.generator = torch.Generator().manual_seed(seed)
@@ -120,7 +124,12 @@ class ChainPPO:
         """PPO's score of stored chains `u` [B, (K + 1) H A]: [B] (joint) or [B, K] (per step), and entropy."""
         chain = rearrange(u, "b (k h a) -> b k h a", h=self.policy.horizon, a=self.policy.action_dim)
         log_prob, entropy = self.policy.chain_log_prob(cond, chain)
-        return (log_prob.sum(-1) if self.policy.joint_ratio else log_prob), entropy
+        return self.reduce(log_prob), entropy * self.log_prob_scale
+
+    def reduce(self, log_prob: torch.Tensor) -> torch.Tensor:
+        """Per-step log-likelihoods [B, K] -> what PPO's ratio compares: [B] (joint) or [B, K]."""
+        log_prob = log_prob * self.log_prob_scale
+        return log_prob.sum(-1) if self.policy.joint_ratio else log_prob
 
     def observe(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.policy.encode(obs)
@@ -132,7 +141,7 @@ class ChainPPO:
             return policy.normalize_actions(chunk[:, policy.exec_slice]).flatten(1), chunk[:, policy.exec_slice], {}
         chain, log_prob = policy.sample_chain(inputs, self.generator)
         executed = policy.final_chunk(chain)[:, policy.exec_slice]  # [b, n_exec, A], normalized
-        extras = {"u": chain.flatten(1), "log_prob": log_prob.sum(-1) if policy.joint_ratio else log_prob,
+        extras = {"u": chain.flatten(1), "log_prob": self.reduce(log_prob),
                   "policy_mask": torch.ones(len(workers))}
         return executed.flatten(1), policy.model.unnormalize_actions(executed), extras
 
