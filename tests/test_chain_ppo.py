@@ -191,3 +191,23 @@ def test_refine_benchmark_runs_chain_methods_on_their_own_bases(tmp_path, monkey
     assert results["reinflow"]["env_steps"] >= 40 and results["dppo"]["base"] == str(diffusion_ckpt.resolve())
     assert "bottleneck=vib" in results["steer_bottleneck"]["skipped"]
     assert set(report["base_evals"]) == {str(base_ckpt.resolve()), str(diffusion_ckpt.resolve())}
+
+
+def test_dppo_runs_a_ddpm_base_as_its_ddim_chain(tmp_path):
+    """The weights do not depend on the sampler: a base sampled with ancestral DDPM is fine-tuned (and saved) with
+    the DDIM chain whose steps are the fine-tuned Gaussian steps' means."""
+    env = sim.make_env(TASK)
+    features = features_from_env(env.observation_space, env.action_space)
+    env.close()
+    cfg = small_config("diffusion", num_inference_steps=4, sampler="ddpm")
+    policy = make_policy(cfg, features, make_stats(features, -1.0, 1.0)).eval()
+    ckpt = save_checkpoint(tmp_path / "ddpm", policy, config={"policy": cfg, "task": TASK})
+    method = chain_method("dppo", ckpt, min_sampling_std=1e-7)
+    tuned = method.policy.standalone()
+    assert tuned.sampler == "ddim" and tuned.config["sampler"] == "ddim" and load_policy(ckpt).sampler == "ddpm"
+    obs = observation(method.policy, 3)
+    with torch.no_grad():
+        chain, _ = method.policy.sample_chain(method.policy.encode(obs), torch.Generator().manual_seed(2))
+        noise = torch.randn(3, *method.policy.noise_shape, generator=torch.Generator().manual_seed(2))
+        plain = method.policy.normalize_actions(tuned.sample_chunk(obs, noise))
+    assert torch.allclose(method.policy.final_chunk(chain), plain, atol=1e-4)
