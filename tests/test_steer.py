@@ -166,3 +166,12 @@ def test_vib_encoder_compresses_features_and_adds_its_kl_to_the_loss(tmp_path):
     loss, metrics = policy.loss(batch)
     assert metrics["encoder_penalty"] > 0 and math.isclose(loss.item(), metrics["loss"] + metrics["encoder_penalty"],
                                                            rel_tol=1e-5)
+
+
+def test_noise_authority_reports_a_vib_latent_spread(tmp_path):
+    bench = load_benchmark("noise_authority")
+    base = load_policy(vib_base(tmp_path / "vib_base"))
+    obs = {"observation.state": torch.randn(4, base.n_obs_steps, *base.features["observation.state"]["shape"])}
+    moved = bench.latent_authority(base, obs, residuals=8, latent_scale=2.0, seed=0)
+    assert moved["observations"] == 4 and moved["mean_std"] > 0
+    assert bench.latent_authority(base, obs, residuals=8, latent_scale=0.0, seed=0)["mean_std"] == 0
