@@ -127,7 +127,7 @@ class EncoderConfig:
                               "(ZPRL), a latent that `algo=steer algo.latent=bottleneck` steers",
                               choices=("none", "vib"))
     bottleneck_dim: int = setting(32, "vib: width of the Gaussian latent (the features the policy sees)")
-    bottleneck_beta: float = setting(1.0e-3, "vib: weight of KL(q(z | obs) || N(0, I)) in the training loss")
+    bottleneck_beta: float = setting(1.0e-4, "vib: weight of KL(q(z | obs) || N(0, I)) in the training loss")
 
 
 class ObservationEncoder(nn.Module):
@@ -168,6 +168,8 @@ class ObservationEncoder(nn.Module):
         self.bottleneck = cfg.bottleneck
         if self.bottleneck == "vib":
             self.vib = nn.Linear(self.out_dim, 2 * cfg.bottleneck_dim)  # -> [mu, log variance]
+            with torch.no_grad():  # start nearly deterministic (std ~0.14): the KL term widens q only as it pays
+                self.vib.bias[cfg.bottleneck_dim:].fill_(-4.0)
             self.out_dim = cfg.bottleneck_dim
 
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
