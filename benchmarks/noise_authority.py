@@ -9,6 +9,9 @@ observation (observations from the store's last `--episodes` episodes, every `--
 drawn as steering draws it (standard normal times `--noise-scale`), and reports per action dimension, in the base's
 normalized units ([-1, 1] with min_max actions): the standard deviation over noises and the range (max - min),
 averaged over observations and executed steps. Compare with the residual's bound (`algo.scale`, same units).
+For a base trained with a VIB bottleneck (policy.encoder.bottleneck=vib) it also reports, under `bottleneck`, the
+same spread over residuals drawn uniformly from [-latent_scale, latent_scale] on its latent with the sampler noise
+held fixed: what bottleneck steering (`algo.latent=bottleneck`) can choose among.
 Prints one JSON object as the last line and writes benchmarks/results/noise_authority.json.
 """
 
@@ -49,6 +52,23 @@ def authority(policy, obs: dict[str, torch.Tensor], noises: int, noise_scale: fl
     generator = torch.Generator().manual_seed(seed)
     noise = noise_scale * torch.randn(b * noises, *policy.noise_shape, generator=generator)
     chunks = policy.sample_chunk({k: repeat(v, "b ... -> (b n) ...", n=noises) for k, v in obs.items()}, noise)
+    return spread(policy, chunks, b, noises)
+
+
+@torch.no_grad()
+def latent_authority(policy, obs: dict[str, torch.Tensor], residuals: int, latent_scale: float, seed: int) -> dict:
+    """The spread over uniform residuals on a VIB base's latent, one fixed sampler noise per observation."""
+    b = next(iter(obs.values())).shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    z = repeat(policy.encode(obs), "b f -> (b n) f", n=residuals)
+    noise = repeat(torch.randn(b, *policy.noise_shape, generator=generator), "b h a -> (b n) h a", n=residuals)
+    residual = latent_scale * (2 * torch.rand(z.shape, generator=generator) - 1)
+    return spread(policy, policy.sample_from_features(z + residual, noise), b, residuals)
+
+
+def spread(policy, chunks: torch.Tensor, b: int, noises: int) -> dict:
+    """Per action dimension: std and range of the executed actions (normalized) over the `noises` chunks of each
+    observation, averaged over observations and executed steps."""
     start = policy.n_obs_steps - 1  # the executed steps (common.md)
     executed = policy.normalizer.normalize("action", chunks[:, start:start + policy.n_action_steps])
     executed = rearrange(executed, "(b n) t a -> b n t a", n=noises)
@@ -66,6 +86,7 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=7)
     parser.add_argument("--noises", type=int, default=32)
     parser.add_argument("--noise-scale", type=float, default=1.0, help="steer's noise_scale (1.5 in configs/algo)")
+    parser.add_argument("--latent-scale", type=float, default=1.0, help="VIB bases: steer's latent_scale")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -77,6 +98,8 @@ def main() -> None:
         obs = store_observations(store, policy.obs_keys, policy.n_obs_steps, args.episodes, args.stride)
         results[ckpt] = {"checkpoint": str(path), "policy": policy.name,
                          **authority(policy, obs, args.noises, args.noise_scale, args.seed)}
+        if policy.obs_encoder.bottleneck == "vib":
+            results[ckpt]["bottleneck"] = latent_authority(policy, obs, args.noises, args.latent_scale, args.seed)
     report = {"benchmark": "noise_authority", "store": args.store, "noises": args.noises,
               "noise_scale": args.noise_scale, "units": "normalized actions", "results": results}
     results_dir = ROOT / "benchmarks" / "results"

@@ -1,8 +1,14 @@
 """Sample efficiency of online refinement on one task and budget, side by side in one run: steer (DSRL-SAC),
-steer_na (DSRL-NA), residual, value-guided selection (all on the same frozen base), and SAC from scratch.
+steer_na (DSRL-NA), residual, value-guided selection (all on the same frozen base), bottleneck steering
+(`steer_bottleneck`: steer with latent=bottleneck, on a base trained with policy.encoder.bottleneck=vib), PPO
+through the sampling chain (`reinflow` on a flow base, `dppo` on a diffusion base) and SAC from scratch.
 
     .venv/bin/python benchmarks/refine_sample_efficiency.py --base /tmp/h8/base --task metaworld/push-v3 \
-        --env-steps 20000 --eval-every 2500 --eval-episodes 20 --final-episodes 100
+        --env-steps 20000 --eval-every 2500 --eval-episodes 20 --final-episodes 100 \
+        --algos steer,steer_bottleneck,residual --base-for steer_bottleneck=/tmp/h8/vib_base
+
+A method runs on --base unless `--base-for NAME=CKPT` gives it its own; one whose base is of the wrong kind (dppo
+on a flow base, steer_bottleneck on a base without a VIB encoder) is reported as skipped, with the reason.
 
 Each method gets the same training env-step budget and the same evaluation seeds; we report the env steps (and
 wall-clock seconds) of the first evaluation at or above --target, and the final success rate. From-scratch SAC
@@ -35,6 +41,7 @@ from robopolicy.rl.steer import SteerConfig
 from sim.vector import make_vector_env
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def load_algo(name: str) -> dict:
@@ -155,8 +162,12 @@ def reward_settings(args, overrides: dict) -> dict:
             "success_bonus": args.success_bonus, **{k: v for k, v in overrides.items() if k in REWARD_KEYS}}
 
 
-def common_cfg(args, algo: dict, out: Path, reward: dict) -> dict:
-    return {"algo": algo, "ckpt": str(args.base), "task": args.task, "out": str(out), "overwrite": True,
+# benchmark names that are a method with settings of its own
+VARIANTS = {"steer_bottleneck": ("steer", {"latent": "bottleneck"})}
+
+
+def common_cfg(args, algo: dict, out: Path, reward: dict, base: Path | None = None) -> dict:
+    return {"algo": algo, "ckpt": str(base or args.base), "task": args.task, "out": str(out), "overwrite": True,
             "seed": args.seed, "env_steps": args.env_steps, "num_envs": args.num_envs, **reward,
             "threads": args.threads,
             "eval": {"every": args.eval_every, "episodes": args.eval_episodes, "base_episodes": 0,
@@ -168,7 +179,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="base checkpoint (or training run folder)")
     parser.add_argument("--task", default=None, help="task; default: the base's")
-    parser.add_argument("--algos", default="steer,steer_na,residual,value_guided,sac_scratch")
+    parser.add_argument("--algos", default="steer,steer_na,residual,value_guided,sac_scratch",
+                        help="also: steer_bottleneck, reinflow, dppo (each on a base of its kind: --base-for)")
+    parser.add_argument("--base-for", action="append", default=[], metavar="NAME=CKPT",
+                        help="this method's own base, e.g. dppo=runs/diffusion_base (repeatable)")
     parser.add_argument("--env-steps", type=int, default=20_000)
     parser.add_argument("--eval-every", type=int, default=2_500)
     parser.add_argument("--eval-episodes", type=int, default=20)
@@ -208,9 +222,15 @@ def main() -> None:
         algo, _, field = key.partition(".")
         overrides.setdefault(algo, {})[field] = yaml.safe_load(value)
 
+    from robopolicy.policies.base import PolicyConfigError
+
+    bases = {}
+    for item in args.base_for:
+        name, _, path = item.partition("=")
+        bases[name] = resolve_checkpoint(path)
     out_root = Path(args.out)
     results, runs = {}, {}
-    base_eval = None
+    base_evals: dict[str, dict] = {}
     for name in args.algos.split(","):
         print(f"== {name}", file=sys.stderr)
         reward = reward_settings(args, overrides.get(name, {}))
@@ -219,16 +239,25 @@ def main() -> None:
             runs[name] = r.pop("curves")
             results[name] = r
             continue
-        algo = {**load_algo(name), **{k: v for k, v in overrides.get(name, {}).items() if k not in REWARD_KEYS}}
-        cfg = common_cfg(args, algo, out_root / name, reward)
-        if base_eval is None:
+        algo_name, variant = VARIANTS.get(name, (name, {}))
+        algo = {**load_algo(algo_name), **variant,
+                **{k: v for k, v in overrides.get(name, {}).items() if k not in REWARD_KEYS}}
+        base = bases.get(name, args.base)
+        cfg = common_cfg(args, algo, out_root / name, reward, base)
+        if str(base) not in base_evals:
             cfg["eval"]["base_episodes"] = args.base_episodes
-        summary = finetune(cfg, make_envs, log=lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr))
-        base_eval = base_eval or summary["base_eval"]
+        try:
+            summary = finetune(cfg, make_envs, log=lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr))
+        except PolicyConfigError as e:  # a base of another kind than the method refines
+            print(f"[{name}] skipped: {e}", file=sys.stderr)
+            results[name] = {"algo": name, "base": str(base), "skipped": str(e)}
+            continue
+        base_evals.setdefault(str(base), summary["base_eval"])
         runs[name] = Curves(out_root / name, name, args.task)
         runs[name].eval = json.loads(Path(summary["curves"]).read_text())["eval"]
         runs[name].train_episodes = json.loads(Path(summary["curves"]).read_text())["train_episodes"]
-        results[name] = {"algo": name, "env_steps": summary["env_steps"], "wall_seconds": summary["wall_seconds"],
+        results[name] = {"algo": name, "base": str(base), "env_steps": summary["env_steps"],
+                         "wall_seconds": summary["wall_seconds"],
                          "steps_to_target": summary["steps_to_target"],
                          "wall_seconds_to_target": summary["wall_seconds_to_target"],
                          "final_success_rate": summary["final_eval"]["success_rate"],
@@ -236,12 +265,15 @@ def main() -> None:
                          "load_average_1min": summary["load_average_1min"], "settings": algo, "reward": reward}
     scratch = results.get("sac_scratch", {}).get("steps_to_target")
     for r in results.values():
-        if r["algo"] != "sac_scratch" and r["steps_to_target"]:
+        if r["algo"] != "sac_scratch" and r.get("steps_to_target"):
             # from-scratch never reaching the target within the budget: the ratio is at least budget / steps
             r["fewer_steps_than_scratch"] = (round(scratch / r["steps_to_target"], 2) if scratch
                                              else f">= {round(args.env_steps / r['steps_to_target'], 2)}")
+    base_eval = base_evals.get(str(args.base))
     report = {
         "benchmark": "refine_sample_efficiency", "task": args.task, "base": str(args.base),
+        "base_evals": {path: None if ev is None else {"success_rate": ev["success_rate"], "ci95": ev["success_ci95"]}
+                       for path, ev in base_evals.items()},
         "base_success_rate": None if base_eval is None else base_eval["success_rate"],
         "base_ci95": None if base_eval is None else base_eval["success_ci95"],
         "env_step_budget": args.env_steps, "target": args.target, "reward": args.reward,
@@ -251,7 +283,7 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                     "threads": args.threads, "num_envs": args.num_envs},
     }
-    results_dir = ROOT / "benchmarks" / "results"
+    results_dir = RESULTS
     results_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(runs, results_dir / "refine_sample_efficiency.png", title=f"{args.task}: success vs env steps")
     (results_dir / "refine_sample_efficiency.json").write_text(json.dumps(report, indent=2))

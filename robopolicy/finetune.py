@@ -30,6 +30,7 @@ from robopolicy.checkpoint import (
     point_last,
     read_checkpoint_info,
     resolve_checkpoint,
+    save_checkpoint,
 )
 from robopolicy.config import config_class, from_mapping, plain, register_config, setting
 from robopolicy.evaluate import EVAL_SEED, evaluate
@@ -125,8 +126,13 @@ def finetune(cfg: Mapping[str, Any], make_envs: Callable[[int], Any], *, log: Ca
     if final is not None:
         curves.add_eval(result["env_steps"], final)
     config = {**plain(run), "ckpt": str(base), "task": task, "algo": plain(algo)}
-    checkpoint = save_refined(out / "checkpoints" / "refined", method.policy, config,
-                              extra_json={"algo": name, "env_steps": result["env_steps"]})
+    extra = {"algo": name, "env_steps": result["env_steps"]}
+    standalone = method.policy.standalone()
+    if standalone is None:
+        checkpoint = save_refined(out / "checkpoints" / "refined", method.policy, config, extra_json=extra)
+    else:  # fine-tuned weights: a plain checkpoint of the base's kind that records where it came from
+        checkpoint = save_checkpoint(out / "checkpoints" / "refined", standalone, config=config,
+                                     extra_json={**extra, "refined_from": base_ref})
     point_last(checkpoint)
     json_path, png_path = curves.write()
     summary = {

@@ -93,3 +93,85 @@ def test_noise_authority_is_zero_for_a_base_that_ignores_its_noise(base_ckpt):  
     sample = base.sample_chunk
     base.sample_chunk = lambda o, noise: sample(o, torch.zeros_like(noise))  # the noise has no say
     assert authority(base, obs, noises=8, noise_scale=1.5, seed=0)["mean_std"] == 0
+
+
+def vib_base(folder):
+    """A small (untrained) flow policy with a VIB bottleneck on its encoder, saved as a checkpoint."""
+    from test_policies import make_stats, small_config
+    from test_rl_core import TASK
+
+    import sim
+    from robopolicy.checkpoint import save_checkpoint
+    from robopolicy.features import features_from_env
+    from robopolicy.policies import make_policy
+
+    env = sim.make_env(TASK)
+    features = features_from_env(env.observation_space, env.action_space)
+    env.close()
+    torch.manual_seed(0)
+    cfg = small_config("flow", num_inference_steps=2)
+    cfg["encoder"] = {**cfg.get("encoder", {}), "bottleneck": "vib", "bottleneck_dim": 8}
+    policy = make_policy(cfg, features, make_stats(features, -1.0, 1.0)).eval()
+    return save_checkpoint(folder, policy, config={"policy": cfg, "task": TASK})
+
+
+def test_bottleneck_steering_moves_the_vib_latent_within_its_bound(tmp_path):
+    base = vib_base(tmp_path / "vib_base")
+    policy = refined(SteerPolicy, base, latent="bottleneck", latent_scale=0.5, hidden=[16])
+    assert policy.latent_dim == policy.feature_dim == 8
+    seen = []
+    sample = policy.base.sample_from_features
+
+    def spy(features, noise=None, prefix_actions=None):
+        seen.append(features)
+        return sample(features, noise)
+
+    policy.base.sample_from_features = spy
+    obs = {"observation.state": torch.randn(5, 2, *policy.features["observation.state"]["shape"])}
+    with torch.no_grad():
+        for p in policy.actor.parameters():
+            p.normal_(0, 10.0)  # saturated residuals
+    noise = torch.randn(5, *policy.noise_shape)
+    chunk = policy.sample_chunk(obs, noise)
+    z = policy.encode(obs)
+    assert (seen[0] - z).abs().max() <= 0.5 + 1e-5 and (seen[0] - z).abs().max() > 0.45
+    assert torch.allclose(chunk, sample(seen[0], noise), atol=1e-6)  # the noise goes to the base
+    with pytest.raises(ValueError, match="bottleneck=vib"):
+        refined(SteerPolicy, base_ckpt_plain(tmp_path), latent="bottleneck")
+
+
+def base_ckpt_plain(tmp_path):
+    from test_rl_core import make_base
+
+    return make_base(tmp_path / "plain")
+
+
+def test_bottleneck_steering_finetunes_and_reloads(tmp_path):
+    base = vib_base(tmp_path / "vib_base")
+    summary = finetune(finetune_cfg({"name": "steer", "latent": "bottleneck"}, base, tmp_path / "run"), make_envs,
+                       log=lambda m: None)
+    assert summary["updates"] > 0 and all(math.isfinite(v) for v in summary["last_metrics"].values())
+    policy = load_policy(tmp_path / "run" / "checkpoints" / "last")
+    assert isinstance(policy, SteerPolicy) and policy.latent == "bottleneck"
+
+
+def test_vib_encoder_compresses_features_and_adds_its_kl_to_the_loss(tmp_path):
+    policy = load_policy(vib_base(tmp_path / "vib_base"))
+    obs = {"observation.state": torch.randn(4, 2, *policy.features["observation.state"]["shape"])}
+    assert policy.encode(obs).shape == (4, 8) and torch.equal(policy.encode(obs), policy.encode(obs))  # eval: mean
+    policy.train()
+    assert not torch.equal(policy.encode(obs), policy.encode(obs))  # training: a sample of q(z | obs)
+    batch = {**obs, "action": torch.rand(4, policy.horizon, policy.action_dim) * 2 - 1}
+    torch.manual_seed(0)
+    loss, metrics = policy.loss(batch)
+    assert metrics["encoder_penalty"] > 0 and math.isclose(loss.item(), metrics["loss"] + metrics["encoder_penalty"],
+                                                           rel_tol=1e-5)
+
+
+def test_noise_authority_reports_a_vib_latent_spread(tmp_path):
+    bench = load_benchmark("noise_authority")
+    base = load_policy(vib_base(tmp_path / "vib_base"))
+    obs = {"observation.state": torch.randn(4, base.n_obs_steps, *base.features["observation.state"]["shape"])}
+    moved = bench.latent_authority(base, obs, residuals=8, latent_scale=2.0, seed=0)
+    assert moved["observations"] == 4 and moved["mean_std"] > 0
+    assert bench.latent_authority(base, obs, residuals=8, latent_scale=0.0, seed=0)["mean_std"] == 0

@@ -230,6 +230,16 @@ class ActionChunkPolicy(ChunkPolicy):
         """Observation features [B, F] (the denoiser's global condition; reused by residual / value heads)."""
         return self.obs_encoder(self.normalize_obs(obs))
 
+    def encode_for_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [B, F], the encoder's penalty to add to the loss: beta * KL of a VIB bottleneck, else 0)."""
+        features, kl = self.obs_encoder.encode_with_kl(self.normalize_obs(batch))
+        return features, self.cfg.encoder.bottleneck_beta * kl.mean()
+
+    def sample_from_features(self, global_cond: torch.Tensor, noise: torch.Tensor | None = None,
+                             prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
+        """`sample_chunk` from given observation features [B, F] (what bottleneck steering perturbs)."""
+        raise NotImplementedError
+
     def normalized_actions(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.normalizer.normalize("action", torch.as_tensor(batch["action"], device=self.device))
 

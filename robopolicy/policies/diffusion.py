@@ -76,11 +76,12 @@ class DiffusionPolicy(ActionChunkPolicy):
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), device=device)
         return noise, timesteps
 
-    def denoising_error(self, batch: Mapping[str, torch.Tensor], noise: torch.Tensor,
-                        time: torch.Tensor) -> torch.Tensor:
-        """Squared error [B, H, A] of the denoiser on the batch's chunks noised to timesteps `time` with `noise`."""
+    def denoising_error(self, batch: Mapping[str, torch.Tensor], noise: torch.Tensor, time: torch.Tensor,
+                        global_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Squared error [B, H, A] of the denoiser on the batch's chunks noised to timesteps `time` with `noise`
+        (`global_cond`: the batch's observation features when the caller has them)."""
         action_chunk = self.normalized_actions(batch)  # [B, H, A] in normalized units
-        global_cond = self.encode(batch)  # [B, F]
+        global_cond = self.encode(batch) if global_cond is None else global_cond  # [B, F]
         timesteps = time.to(action_chunk.device)
         noisy = self.noise_scheduler.add_noise(action_chunk, noise, timesteps)
         prediction = self.denoiser(noisy, timesteps, global_cond)
@@ -89,13 +90,18 @@ class DiffusionPolicy(ActionChunkPolicy):
 
     def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         noise, timesteps = self.denoising_inputs(len(batch["action"]), self.device)
-        loss = self.masked_mean(self.denoising_error(batch, noise, timesteps), batch)
-        return loss, {"loss": loss.item()}
+        global_cond, penalty = self.encode_for_loss(batch)  # the VIB bottleneck's KL term, else 0
+        loss = self.masked_mean(self.denoising_error(batch, noise, timesteps, global_cond), batch)
+        return loss + penalty, {"loss": loss.item(), "encoder_penalty": penalty.item()}
 
     @torch.no_grad()
     def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None,
                      prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
-        global_cond = self.encode(obs)
+        return self.sample_from_features(self.encode(obs), noise, prefix_actions)
+
+    @torch.no_grad()
+    def sample_from_features(self, global_cond: torch.Tensor, noise: torch.Tensor | None = None,
+                             prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
         batch_size = global_cond.shape[0]
         if noise is None:
             noise = self.draw_noise(batch_size, global_cond.device)

@@ -123,6 +123,11 @@ class EncoderConfig:
     crop: int | None = setting(88, "random crop while training, centre crop at eval; null for none")
     share_image_encoder: bool = setting(False, "one CNN for every camera")
     stem_stride: int = setting(2, "stride of the first convolution (4: a patchify stem, 1/4 of the positions)")
+    bottleneck: str = setting("none", "none | vib: the features pass through a variational information bottleneck "
+                              "(ZPRL), a latent that `algo=steer algo.latent=bottleneck` steers",
+                              choices=("none", "vib"))
+    bottleneck_dim: int = setting(32, "vib: width of the Gaussian latent (the features the policy sees)")
+    bottleneck_beta: float = setting(1.0e-4, "vib: weight of KL(q(z | obs) || N(0, I)) in the training loss")
 
 
 class ObservationEncoder(nn.Module):
@@ -131,7 +136,9 @@ class ObservationEncoder(nn.Module):
     Low-dim keys (every non-image `observation.*`) are concatenated per frame and flattened over time
     ("b t d -> b (t d)"), optionally through an MLP (`state_dim > 0`). Each camera gets its own CNN (or one
     shared CNN with `share_image_encoder`); per-frame image features are flattened over time and concatenated
-    after the state features.
+    after the state features. With `bottleneck: vib` they are then compressed into a Gaussian latent
+    q(z | obs) = N(mu, sigma^2) of `bottleneck_dim` (sampled while training, its mean at eval), whose KL to N(0, I)
+    the policy's loss adds (`encode_with_kl`): a compact, smooth latent that a steering method can perturb.
     """
 
     def __init__(self, features: Mapping[str, Mapping], n_obs_steps: int, cfg: EncoderConfig):
@@ -158,8 +165,29 @@ class ObservationEncoder(nn.Module):
         n_encoders = min(len(self.image_keys), 1) if self.share_image_encoder else len(self.image_keys)
         self.image_encoders = nn.ModuleList(image_encoder() for _ in range(n_encoders))
         self.out_dim += len(self.image_keys) * n_obs_steps * cfg.image_feature_dim
+        self.bottleneck = cfg.bottleneck
+        if self.bottleneck == "vib":
+            self.vib = nn.Linear(self.out_dim, 2 * cfg.bottleneck_dim)  # -> [mu, log variance]
+            with torch.no_grad():  # start nearly deterministic (std ~0.14): the KL term widens q only as it pays
+                self.vib.bias[cfg.bottleneck_dim:].fill_(-4.0)
+            self.out_dim = cfg.bottleneck_dim
 
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.encode_with_kl(obs)[0]
+
+    def encode_with_kl(self, obs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [B, F], KL(q(z | obs) || N(0, I)) [B]; zeros without a bottleneck)."""
+        features = self.features(obs)
+        if self.bottleneck != "vib":
+            return features, features.new_zeros(features.shape[0])
+        mu, log_var = self.vib(features).chunk(2, dim=-1)
+        log_var = log_var.clamp(-10.0, 4.0)
+        kl = 0.5 * (mu.pow(2) + log_var.exp() - 1.0 - log_var).sum(-1)
+        z = mu + (0.5 * log_var).exp() * torch.randn_like(mu) if self.training else mu
+        return z, kl
+
+    def features(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The concatenated state and image features, before any bottleneck."""
         parts = []
         if self.lowdim_keys:
             lowdim = torch.cat([obs[k] for k in self.lowdim_keys], dim=-1)  # [B, To, D]

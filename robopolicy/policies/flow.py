@@ -120,42 +120,60 @@ class FlowPolicy(ActionChunkPolicy):
         constrain = constrain or (lambda x_t, t: x_t)
         grid = self.time_grid()
         for t, t_next in zip(grid[:-1], grid[1:]):
-            dt = t_next - t
-            x = constrain(x, t)
-            if self.ode_solver == "euler":
-                x = torch.add(x, self.velocity(x, t, global_cond), alpha=dt)
-            else:
-                x_mid = constrain(torch.add(x, self.velocity(x, t, global_cond), alpha=0.5 * dt), t + 0.5 * dt)
-                x = torch.add(x, self.velocity(x_mid, t + 0.5 * dt, global_cond), alpha=dt)
+            x = self.ode_step(constrain(x, t), t, t_next, global_cond, constrain)
         return x
+
+    def ode_step(self, x: torch.Tensor, t: float, t_next: float, global_cond,
+                 constrain: Callable[[torch.Tensor, float], torch.Tensor] | None = None) -> torch.Tensor:
+        """One solver step from x_t to x_{t_next} (Euler or midpoint); also the mean of ReinFlow's noisy step."""
+        dt = t_next - t
+        if self.ode_solver == "euler":
+            return torch.add(x, self.velocity(x, t, global_cond), alpha=dt)
+        constrain = constrain or (lambda x_t, t: x_t)
+        x_mid = constrain(torch.add(x, self.velocity(x, t, global_cond), alpha=0.5 * dt), t + 0.5 * dt)
+        return torch.add(x, self.velocity(x_mid, t + 0.5 * dt, global_cond), alpha=dt)
 
     def denoising_inputs(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """A training draw: noise x0 [B, H, A] and flow time t [B]."""
         return torch.randn(batch_size, *self.noise_shape, device=device), self.sample_time(batch_size, device)
 
-    def denoising_error(self, batch: Mapping[str, torch.Tensor], noise: torch.Tensor,
-                        time: torch.Tensor) -> torch.Tensor:
-        """Squared error [B, H, A] of the denoiser on the batch's chunks carried to `time` along `noise`."""
+    def denoising_error(self, batch: Mapping[str, torch.Tensor], noise: torch.Tensor, time: torch.Tensor,
+                        global_cond=None) -> torch.Tensor:
+        """Squared error [B, H, A] of the denoiser on the batch's chunks carried to `time` along `noise`
+        (`global_cond`: the batch's condition when the caller has it)."""
         x1 = self.normalized_actions(batch)  # [B, H, A] data
-        global_cond = self.condition(batch)
+        global_cond = self.condition(batch) if global_cond is None else global_cond
         t = time.to(x1.device)[:, None, None]
         x_t = (1 - t) * noise + t * x1
         prediction = self.denoiser(x_t, t.flatten() * TIME_SCALE, global_cond)
         target = x1 - noise if self.prediction_type == "velocity" else x1
         return (prediction - target) ** 2
 
+    def condition_for_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the denoiser's condition, the encoder's penalty: the VIB bottleneck's KL term while training, else 0)."""
+        return self.encode_for_loss(batch)
+
     def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         noise, time = self.denoising_inputs(len(batch["action"]), self.device)
-        loss = self.masked_mean(self.denoising_error(batch, noise, time), batch)
-        return loss, {"loss": loss.item()}
+        global_cond, penalty = self.condition_for_loss(batch)
+        loss = self.masked_mean(self.denoising_error(batch, noise, time, global_cond), batch)
+        return loss + penalty, {"loss": loss.item(), "encoder_penalty": penalty.item()}
 
     @torch.no_grad()
     def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None,
                      prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
-        global_cond = self.condition(obs)
+        if noise is None:
+            noise = self.draw_noise(len(obs[self.obs_keys[0]]), self.device)
+        return self.sample_from_features(self.condition(obs), noise, prefix_actions)
+
+    @torch.no_grad()
+    def sample_from_features(self, global_cond, noise: torch.Tensor | None = None,
+                             prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
+        """`sample_chunk` from the denoiser's condition (observation features [B, F]: what bottleneck steering
+        perturbs)."""
         device = self.device
         if noise is None:
-            noise = self.draw_noise(len(obs[self.obs_keys[0]]), device)
+            noise = self.draw_noise(global_cond.shape[0], device)
         noise = noise.to(device, torch.float32)
         constrain = None
         if self.check_prefix(prefix_actions):

@@ -42,18 +42,24 @@ class MLPPolicy(ActionChunkPolicy):
         self.head = nn.Sequential(*layers)
         self.loss_type = config.loss_type
 
-    def predict(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Normalized action chunk [B, H, A]."""
-        return rearrange(self.head(self.encode(obs)), "b (h a) -> b h a", h=self.horizon)
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """Normalized action chunk [B, H, A] from observation features [B, F]."""
+        return rearrange(self.head(features), "b (h a) -> b h a", h=self.horizon)
 
     def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        error = self.predict(batch) - self.normalized_actions(batch)
+        features, penalty = self.encode_for_loss(batch)
+        error = self.predict(features) - self.normalized_actions(batch)
         loss = self.masked_mean(error.abs() if self.loss_type == "l1" else error ** 2, batch)
-        return loss, {"loss": loss.item()}
+        return loss + penalty, {"loss": loss.item(), "encoder_penalty": penalty.item()}
 
     @torch.no_grad()
     def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None,
                      prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.sample_from_features(self.encode(obs), noise, prefix_actions)
+
+    @torch.no_grad()
+    def sample_from_features(self, global_cond: torch.Tensor, noise: torch.Tensor | None = None,
+                             prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
         del noise  # deterministic regression: accepted for a uniform runtime, not used
         self.check_prefix(prefix_actions)
-        return self.unnormalize_actions(self.predict(obs))
+        return self.unnormalize_actions(self.predict(global_cond))

@@ -246,6 +246,10 @@ class VLAPolicy(FlowPolicy):
         prefix = self._prefix(obs)
         return self.obs_encoder.cache_prefix(prefix) if self.kv_cache else prefix
 
+    def condition_for_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[PrefixCache | PrefixTokens, torch.Tensor]:
+        """The condition as sampling computes it, and no encoder penalty (no VIB bottleneck on this encoder)."""
+        return self.condition(batch), torch.zeros((), device=self.device)
+
     def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Features [B, d]: the mean of the prefix's final states over its real tokens (for residual/value heads)."""
         cache = self.obs_encoder.cache_prefix(self._prefix(obs))

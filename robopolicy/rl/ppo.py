@@ -4,6 +4,9 @@ The actor is the same tanh-squashed Gaussian (`sac.TanhGaussianActor`) the refin
 trained with PPO saves and runs exactly like one trained with SAC. Decisions store the pre-tanh sample `u` (the
 log-probability of a saturated tanh cannot be recovered from the action) and its log-probability at collection
 time; the tanh Jacobian does not depend on the parameters, so the probability ratio needs only log N(u; mu, sigma).
+Methods whose decision is a whole sampling chain (`reinflow`, `dppo`) give their own `log_prob(obs, u)`: one
+log-likelihood per decision [B] (one ratio), or one per denoising step [B, K] (a ratio per step, each step's
+advantage weighted by `step_weights`, DPPO's denoising discount).
 
 Rollouts arrive as whole episodes (the collector flushes an episode's chunk transitions together, in order), so
 GAE runs backwards over each episode with the chunk discount gamma ** steps; an episode cut by the time limit
@@ -13,7 +16,7 @@ bootstraps from V(next_obs) of its last transition.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +25,8 @@ import torch.nn.functional as F
 
 from robopolicy.config import setting
 from robopolicy.rl.sac import TanhGaussianActor, adam, mlp
+
+LogProb = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -67,18 +72,27 @@ class PPO:
     """Clipped-surrogate PPO with a separate value network V(s) and GAE(lambda).
 
     `cfg`: a method config with PPOConfig's fields and `hidden`, `gamma`, `lr`; `action_penalty` adds c |a|^2
-    (the pull towards the base).
+    (the pull towards the base). `actor` is a `TanhGaussianActor` unless `log_prob(obs, u) -> (log-probability
+    [B] or [B, K], entropy [B])` says how the actor module scores a stored decision `u`; its trainable parameters
+    learn at `actor_lr` (None: `lr`).
     """
 
-    def __init__(self, obs_dim: int, action_dim: int, cfg: PPOConfig, actor: TanhGaussianActor, seed: int = 0,
-                 action_penalty: float = 0.0):
+    def __init__(self, obs_dim: int, action_dim: int, cfg: PPOConfig, actor: torch.nn.Module, seed: int = 0,
+                 action_penalty: float = 0.0, log_prob: LogProb | None = None,
+                 step_weights: torch.Tensor | None = None, actor_lr: float | None = None):
         self.gamma, self.lam, self.clip = cfg.gamma, cfg.gae_lambda, cfg.ppo_clip
         self.epochs, self.minibatch, self.rollout = cfg.ppo_epochs, cfg.ppo_minibatch, cfg.ppo_rollout
         self.value_coef, self.entropy_coef, self.max_grad_norm = cfg.value_coef, cfg.entropy_coef, cfg.max_grad_norm
         self.action_penalty = action_penalty
         self.actor = actor
+        self.log_prob = log_prob or (lambda obs, u: gaussian_log_prob(actor, obs, u))
+        self.step_weights = step_weights
         self.value = mlp(obs_dim, list(cfg.hidden), 1)
-        self.optim = adam([*actor.parameters(), *self.value.parameters()], cfg.lr)
+        self.params = [p for p in [*actor.parameters(), *self.value.parameters()] if p.requires_grad]
+        self.optim = torch.optim.Adam([{"params": [p for p in actor.parameters() if p.requires_grad],
+                                        "lr": actor_lr or cfg.lr},
+                                       {"params": list(self.value.parameters())}], lr=cfg.lr, fused=True) \
+            if actor_lr else adam(self.params, cfg.lr)
         self.rollouts = RolloutStore()
         self.rng = np.random.default_rng(seed)
 
@@ -119,6 +133,10 @@ class PPO:
         """`ppo_epochs` passes of minibatch updates over the stored rollouts, which are then dropped."""
         data = self.advantages()
         self.rollouts.clear()
+        return self.optimize(data)
+
+    def optimize(self, data: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The minibatch passes over one batch of decisions with their advantages (`advantages()`'s fields)."""
         n = len(data["adv"])
         mask = data["mask"]
         on = mask > 0
@@ -129,9 +147,12 @@ class PPO:
         for _ in range(self.epochs):
             for idx in np.array_split(self.rng.permutation(n), max(1, n // self.minibatch)):
                 b = {k: v[idx] for k, v in data.items()}
-                log_prob, entropy = gaussian_log_prob(self.actor, b["obs"], b["u"])
+                log_prob, entropy = self.log_prob(b["obs"], b["u"])
                 ratio = (log_prob - b["log_prob"]).exp()
-                surrogate = torch.min(ratio * b["adv"], ratio.clamp(1 - self.clip, 1 + self.clip) * b["adv"])
+                adv = b["adv"] if ratio.dim() == 1 else b["adv"][:, None] * self.step_weights  # [B] or [B, K]
+                surrogate = torch.min(ratio * adv, ratio.clamp(1 - self.clip, 1 + self.clip) * adv)
+                if surrogate.dim() > 1:  # one ratio per denoising step: their mean per decision
+                    surrogate = surrogate.mean(-1)
                 weight = b["mask"] / b["mask"].sum().clamp_min(1.0)  # decisions without the residual: value only
                 policy_loss = -(surrogate * weight).sum() - self.entropy_coef * (entropy * weight).sum()
                 if self.action_penalty:
@@ -141,8 +162,7 @@ class PPO:
                 loss = policy_loss + self.value_coef * value_loss
                 self.optim.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_([*self.actor.parameters(), *self.value.parameters()],
-                                               self.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
                 self.optim.step()
                 stats["policy_loss"].append(policy_loss.item())
                 stats["value_loss"].append(value_loss.item())

@@ -80,6 +80,11 @@ class RefinedPolicy(ChunkPolicy):
     def build(self, config: Any) -> None:
         raise NotImplementedError
 
+    def standalone(self) -> ChunkPolicy | None:
+        """None: the refined checkpoint holds the method's module on its base. A method that fine-tunes the base's
+        own weights (reinflow, dppo) returns the fine-tuned policy, saved as a plain checkpoint without the base."""
+        return None
+
     @property
     def n_exec(self) -> int:
         return self.n_action_steps

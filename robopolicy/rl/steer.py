@@ -5,6 +5,10 @@ tanh-bounded to [-noise_scale, noise_scale] per element, once per chunk; the env
 actions, so the refined policy stays on the base's action manifold while RL chooses among its modes.
 
 `steer` (DSRL-SAC): the critic is Q(s, noise), trained on the chunk-level transitions directly.
+`latent: bottleneck` (after ZPRL): for a base whose noise has little authority (cloned from a near-deterministic
+expert), the actor instead adds a bounded residual to the base's VIB latent (a base trained with
+`policy.encoder.bottleneck=vib`): chunk = base.sample_from_features(z + latent_scale * tanh(...), noise).
+
 `steer_na` (DSRL-NA, noise aliasing): the critic Q_A(s, chunk) is over the executed actions, so noises that give
 the same chunk share their value; it is distilled into Q_W(s, noise) = Q_A(s, base(s, noise)), which trains the
 noise actor.
@@ -20,7 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from robopolicy.config import register_config, setting
-from robopolicy.policies import ChunkPolicy, register_policy
+from robopolicy.policies import ActionChunkPolicy, ChunkPolicy, register_policy
+from robopolicy.policies.base import PolicyConfigError
 from robopolicy.rl.buffer import ReplayBuffer
 from robopolicy.rl.collector import RewardSpec, raw_dtypes, raw_obs, transition_shapes
 from robopolicy.rl.online import AlgoConfig
@@ -37,8 +42,11 @@ class SteerConfig(SACConfig, AlgoConfig):  # fields: AlgoConfig's, SACConfig's, 
                                   "its epsilon (as DSRL evaluates) | mean: noise_scale * tanh(actor mean)",
                                   choices=("sample", "mean"))
     latent: str = setting("executed", "executed: only the executed steps' noise [n_action_steps x A], the rest 0, "
-                          "a space H / n_action_steps times smaller | full: the whole chunk's [H x A]",
-                          choices=("executed", "full"))
+                          "a space H / n_action_steps times smaller | full: the whole chunk's [H x A] | "
+                          "bottleneck: a residual on the base's VIB latent (policy.encoder.bottleneck=vib)",
+                          choices=("executed", "full", "bottleneck"))
+    latent_scale: float = setting(1.0, "latent bottleneck: |residual| <= latent_scale per latent dimension (in "
+                                  "units of the VIB prior's std)")
     init_alpha: float = setting(0.05, "initial entropy temperature")
     target_entropy: float | None = setting(0.0, "DSRL's 0: a noise policy that keeps some spread; null: "
                                            "SAC's -(latent dimension)")
@@ -62,11 +70,17 @@ class SteerPolicy(RefinedPolicy):
 
     name = "steer"
     config_class = SteerConfig
-    runtime_fields = ("noise_scale", "actor_sampling", "latent", "hidden")
+    runtime_fields = ("noise_scale", "actor_sampling", "latent", "latent_scale", "hidden")
 
     def build(self, config: SteerConfig) -> None:
         self.noise_scale, self.actor_sampling, self.latent = config.noise_scale, config.actor_sampling, config.latent
+        self.latent_scale = config.latent_scale
         self.latent_dim = (self.horizon if self.latent == "full" else self.n_exec) * self.action_dim
+        if self.latent == "bottleneck":
+            if not isinstance(self.base, ActionChunkPolicy) or self.base.obs_encoder.bottleneck != "vib":
+                raise PolicyConfigError("algo.latent=bottleneck steers a VIB latent: train the base with "
+                                        "policy.encoder.bottleneck=vib.")
+            self.latent_dim = self.feature_dim
         self.actor = TanhGaussianActor(self.feature_dim, self.latent_dim, list(config.hidden))
 
     def latent_to_noise(self, latent: torch.Tensor) -> torch.Tensor:
@@ -77,12 +91,23 @@ class SteerPolicy(RefinedPolicy):
         noise[:, self.exec_slice] = self.noise_scale * rearrange(latent, "b (t a) -> b t a", a=self.action_dim)
         return noise
 
+    def steered_chunk(self, obs: Mapping[str, torch.Tensor], latent: torch.Tensor,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The base's chunk [B, H, A] for latent actions [B, latent_dim] in [-1, 1]: as its initial noise, or
+        (bottleneck) as a residual on its VIB latent, sampled from the base's `noise`."""
+        if self.latent == "bottleneck":
+            return self.base.sample_from_features(self.encode(obs) + self.latent_scale * latent, noise)
+        return self.base.sample_chunk(obs, self.latent_to_noise(latent))
+
     @torch.no_grad()
     def sample_chunk(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None,
                      prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
-        """The base's chunk at the actor's noise; the given noise is only the actor's epsilon ("sample")."""
+        """The base's chunk at the actor's noise; the given noise is only the actor's epsilon ("sample"). With the
+        bottleneck latent the residual is the actor's mean and the noise is the base's."""
         self.check_prefix(prefix_actions)
         features = self.encode(obs)
+        if self.latent == "bottleneck":
+            return self.steered_chunk(obs, self.actor.deterministic(features), noise)
         if self.actor_sampling == "sample":
             mu, log_std = self.actor(features)
             if noise is None:
@@ -111,8 +136,7 @@ class Steer:
 
     def executed_chunk(self, obs: Mapping[str, torch.Tensor], latent: torch.Tensor) -> torch.Tensor:
         """The base's executed actions [b, n_exec, A] for these latents."""
-        chunk = self.policy.base.sample_chunk(obs, self.policy.latent_to_noise(latent))
-        return chunk[:, self.policy.exec_slice]
+        return self.policy.steered_chunk(obs, latent)[:, self.policy.exec_slice]
 
     def act(self, obs, inputs, workers, explore):
         latent = self.sac.act(inputs, explore, self.generator)

@@ -1,0 +1,108 @@
+"""DPPO (Ren et al. 2024): PPO fine-tuning of a diffusion policy, each denoising step a Gaussian policy step.
+
+The base's DDIM sampler runs as usual for its first steps; its last `ft_denoising_steps` become Gaussian steps of
+a two-level MDP (the environment's decision, then the denoising steps inside it):
+
+    x_{k-1} ~ N(mu_theta(x_k, k, s), std^2),   mu = the deterministic DDIM step (eta 0),   std = min_sampling_std
+    log pi(x_{k-1} | x_k, s) with std clamped below at min_logprob_std
+
+PPO (`chain_ppo.ChainPPO`) takes one clipped ratio per fine-tuned denoising step, its advantage (the decision's)
+discounted by denoising_discount ** (steps to the final chunk). The mean is exactly the step the plain sampler
+takes, so the fine-tuned network saved as a plain `diffusion` checkpoint (DDIM, eta 0) runs the chain's mean.
+A base trained with `sampler: ddpm` is fine-tuned and saved with the DDIM sampler (the weights do not depend on
+the sampler). One network serves every step: the earlier, deterministic steps follow the fine-tuned weights too
+(DPPO keeps a frozen copy for them, which a standalone checkpoint would have to carry).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler
+
+from robopolicy.config import register_config, setting
+from robopolicy.policies import ChunkPolicy, DiffusionPolicy
+from robopolicy.rl.chain_ppo import (
+    ChainPolicy,
+    ChainPPO,
+    ChainPPOConfig,
+    gaussian_step_log_prob,
+    make_chain_method,
+)
+from robopolicy.rl.collector import RewardSpec
+from robopolicy.rl.ppo import RolloutStore
+
+
+@register_config("algo", "dppo")
+@dataclass
+class DPPOConfig(ChainPPOConfig):
+    name: str = setting("dppo", "the method (configs/algo/<name>.yaml)")
+    ft_denoising_steps: int = setting(5, "the last this many DDIM steps are fine-tuned Gaussian steps (at most the "
+                                      "base's num_inference_steps)")
+    min_sampling_std: float = setting(0.1, "std of the fine-tuned steps' exploration noise (normalized units)")
+    min_logprob_std: float = setting(0.1, "the std is clamped to at least this in the log-probability")
+    denoising_discount: float = setting(0.99, "a denoising step k steps before the final chunk has its advantage "
+                                        "discounted by this ** k")
+
+    def __post_init__(self) -> None:
+        if self.ft_denoising_steps < 1 or self.min_sampling_std <= 0.0:
+            raise ValueError(f"dppo needs ft_denoising_steps >= 1 and min_sampling_std > 0, got "
+                             f"{self.ft_denoising_steps} and {self.min_sampling_std}.")
+
+
+class DPPOPolicy(ChainPolicy):
+    """A fine-tuned copy of a diffusion base whose last DDIM steps are Gaussian policy steps."""
+
+    name = "dppo"
+    config_class = DPPOConfig
+    base_class = DiffusionPolicy
+    joint_ratio = False
+
+    def build_chain(self, config: DPPOConfig) -> None:
+        model = self.model
+        if model.sampler != "ddim":  # the chain's mean is the DDIM step; the saved checkpoint samples with it
+            model.cfg = dataclasses.replace(model.cfg, sampler="ddim")
+            model.sampler = "ddim"
+            model.sample_scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
+            model.sample_scheduler.set_timesteps(model.cfg.num_inference_steps)
+        self.timesteps = model.sample_scheduler.timesteps
+        self.ft_steps = min(config.ft_denoising_steps, len(self.timesteps))
+        self.std, self.logprob_std = config.min_sampling_std, max(config.min_sampling_std, config.min_logprob_std)
+        k = torch.arange(self.ft_steps, dtype=torch.float32)
+        self.step_weights = config.denoising_discount ** (self.ft_steps - 1 - k)  # [K], 1 at the final step
+
+    def step_mean(self, cond: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The deterministic DDIM step from x_t (differentiable in the denoiser)."""
+        prediction = self.model.denoiser(x, t.expand(x.shape[0]), cond)
+        return self.model.sample_scheduler.step(prediction, t, x, eta=0.0).prev_sample
+
+    def sample_chain(self, cond: torch.Tensor, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(cond.shape[0], *self.noise_shape, generator=generator)
+        first_ft = len(self.timesteps) - self.ft_steps
+        for t in self.timesteps[:first_ft]:
+            x = self.step_mean(cond, x, t)
+        chain, log_probs = [x], []
+        for t in self.timesteps[first_ft:]:
+            mean = self.step_mean(cond, x, t)
+            x = mean + self.std * torch.randn(mean.shape, generator=generator)
+            chain.append(x)
+            log_probs.append(gaussian_step_log_prob(x, mean, torch.full_like(mean, self.logprob_std)))
+        return torch.stack(chain, 1), torch.stack(log_probs, 1)
+
+    def chain_log_prob(self, cond: torch.Tensor, chain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_probs = []
+        for k, t in enumerate(self.timesteps[len(self.timesteps) - self.ft_steps:]):
+            mean = self.step_mean(cond, chain[:, k], t)
+            log_probs.append(gaussian_step_log_prob(chain[:, k + 1], mean, torch.full_like(mean, self.logprob_std)))
+        entropy = torch.distributions.Normal(0.0, self.logprob_std).entropy() * chain[0, 0].numel() * self.ft_steps
+        return torch.stack(log_probs, 1), entropy.expand(chain.shape[0])
+
+
+def make_method(base: ChunkPolicy, base_ref: Mapping[str, str], algo: DPPOConfig, reward: RewardSpec, seed: int
+                ) -> tuple[ChainPPO, RolloutStore]:
+    policy = DPPOPolicy(algo, base, base_ref)
+    return make_chain_method(policy, algo, seed, step_weights=policy.step_weights)

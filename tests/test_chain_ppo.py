@@ -1,0 +1,213 @@
+"""PPO through the sampling chain (reinflow on a flow base, dppo on a diffusion base): the log-probability PPO
+recomputes for a stored chain is the one recorded while sampling, zero advantages leave the sampled chunks as
+they were, and a short `finetune` run saves a plain checkpoint that loads and evaluates with its base deleted."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+from test_policies import make_stats, small_config
+from test_rl_core import TASK, base_ckpt, finetune_cfg, make_envs  # noqa: F401  (base_ckpt is a fixture)
+
+import sim
+from robopolicy.checkpoint import base_reference, read_checkpoint_info, save_checkpoint
+from robopolicy.config import config_class, from_mapping
+from robopolicy.evaluate import evaluate
+from robopolicy.features import features_from_env
+from robopolicy.finetune import finetune
+from robopolicy.loading import load_policy
+from robopolicy.policies import make_policy
+from robopolicy.policies.base import PolicyConfigError
+from robopolicy.rl import METHODS
+
+SMALL = {"hidden": [32, 32], "noise_hidden": [32], "ppo_rollout": 8, "ppo_minibatch": 4, "ppo_epochs": 2}
+
+
+@pytest.fixture(scope="module")
+def diffusion_ckpt(tmp_path_factory):
+    env = sim.make_env(TASK)
+    features = features_from_env(env.observation_space, env.action_space)
+    env.close()
+    torch.manual_seed(0)
+    cfg = small_config("diffusion", num_inference_steps=4)
+    policy = make_policy(cfg, features, make_stats(features, -1.0, 1.0)).eval()
+    return save_checkpoint(tmp_path_factory.mktemp("dppo") / "base", policy, config={"policy": cfg, "task": TASK})
+
+
+def chain_method(name: str, ckpt, **settings):
+    module = METHODS[name]
+    cfg = from_mapping(config_class("algo", name), {"name": name, **settings})
+    method, _ = module.make_method(load_policy(ckpt), base_reference(ckpt), cfg, None, seed=0)
+    return method
+
+
+def observation(policy, batch: int = 6) -> dict[str, torch.Tensor]:
+    shape = policy.features["observation.state"]["shape"]
+    return {"observation.state": torch.randn(batch, policy.n_obs_steps, *shape)}
+
+
+def randomize(module: torch.nn.Module, scale: float = 0.3) -> None:
+    """Weights far from their initial values, so the chain's stds and means depend on state and step."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+@pytest.fixture(params=[("reinflow", True), ("reinflow", False), ("dppo", True), ("dppo", False)],
+                ids=lambda p: f"{p[0]}-{'average' if p[1] else 'sum'}")
+def method(request, base_ckpt, diffusion_ckpt):  # noqa: F811
+    """The method on a small base; log_prob_average: PPO's ratio on the per-element average or the exact sum."""
+    name, average = request.param
+    ckpt = base_ckpt if name == "reinflow" else diffusion_ckpt
+    torch.manual_seed(1)
+    settings = {k: v for k, v in SMALL.items() if k != "noise_hidden" or name == "reinflow"}
+    m = chain_method(name, ckpt, log_prob_average=average, **settings)
+    if name == "reinflow":
+        randomize(m.policy.noise_net)
+    return m
+
+
+def test_recomputed_chain_log_prob_equals_the_recorded_one(method):
+    obs = observation(method.policy, 16)
+    inputs = method.observe(obs)
+    with torch.no_grad():
+        _, actions, extras = method.act(obs, inputs, list(range(16)), explore=True)
+    assert actions.shape == (16, method.policy.n_exec, method.policy.action_dim)
+    idx = torch.randperm(16)[:5]  # as a PPO minibatch recomputes it: another batch, another order
+    with torch.no_grad():
+        recomputed, entropy = method.log_prob(inputs[idx], extras["u"][idx])
+    assert recomputed.shape == extras["log_prob"][idx].shape and torch.isfinite(entropy).all()
+    assert (recomputed - extras["log_prob"][idx]).abs().max() <= 1e-5
+    # the score is a real density: another chain from the same state scores differently
+    other = extras["u"][idx].roll(1, dims=0)
+    with torch.no_grad():
+        assert (method.log_prob(inputs[idx], other)[0] - recomputed).abs().max() > 1e-3
+
+
+def rollout_batch(method, n: int = 16, adv: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    obs = observation(method.policy, n)
+    inputs = method.observe(obs)
+    with torch.no_grad():
+        _, _, extras = method.act(obs, inputs, list(range(n)), explore=True)
+    return {"obs": inputs, "u": extras["u"], "log_prob": extras["log_prob"], "mask": torch.ones(n),
+            "adv": torch.zeros(n) if adv is None else adv, "ret": torch.randn(n)}
+
+
+def test_ppo_step_with_zero_advantages_leaves_sampled_chunks_unchanged(method):
+    policy = method.policy
+    obs, noise = observation(policy, 8), torch.randn(8, *policy.noise_shape)
+    before = policy.sample_chunk(obs, noise)
+    metrics = method.ppo.optimize(rollout_batch(method))
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert torch.allclose(policy.sample_chunk(obs, noise), before, atol=1e-6)
+    # the same step with advantages does move them (the check above can fail)
+    method.ppo.optimize(rollout_batch(method, adv=torch.randn(16)))
+    assert not torch.allclose(policy.sample_chunk(obs, noise), before, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["reinflow", "dppo"])
+def test_finetune_saves_a_plain_checkpoint_that_runs_without_its_base(tmp_path, base_ckpt, diffusion_ckpt,  # noqa: F811
+                                                                      name):
+    base_src = base_ckpt if name == "reinflow" else diffusion_ckpt
+    base = tmp_path / "base"
+    shutil.copytree(base_src, base)
+    extra = {"noise_hidden": [32]} if name == "reinflow" else {}
+    cfg = finetune_cfg({"name": name, **{k: v for k, v in SMALL.items() if k != "noise_hidden"}, **extra},
+                       base, tmp_path / "run")
+    summary = finetune(cfg, make_envs, log=lambda m: None)
+    assert summary["env_steps"] == 64 and summary["updates"] > 0
+    assert {"policy_loss", "value_loss", "clip_frac"} <= set(summary["last_metrics"])
+    assert all(math.isfinite(v) for v in summary["last_metrics"].values())
+    info = read_checkpoint_info(tmp_path / "run" / "checkpoints" / "last")
+    kind = "flow" if name == "reinflow" else "diffusion"
+    assert info["policy"] == kind and "base" not in info["config"]["policy"]
+    assert info["extra"]["refined_from"]["path"] == str(base.resolve())
+    tuned = load_policy(tmp_path / "run" / "checkpoints" / "last")
+    before = {k: v.clone() for k, v in load_policy(base).state_dict().items()}
+    shutil.rmtree(base)  # the fine-tuned weights stand alone
+    policy = load_policy(tmp_path / "run" / "checkpoints" / "last")
+    assert type(policy).__name__ == type(tuned).__name__
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())  # the weights moved
+    envs = make_envs(1)
+    try:
+        result = evaluate(envs, policy, 2, seed=0)
+    finally:
+        envs.close()
+    assert result["episodes"] == 2
+
+
+@pytest.mark.parametrize("name", ["reinflow", "dppo"])
+def test_chain_mean_is_the_plain_sampler(base_ckpt, diffusion_ckpt, name):  # noqa: F811
+    """With (almost) no injected noise the chain ends where the saved checkpoint's deterministic sampler does."""
+    tiny = {"min_std": 1e-7, "max_std": 1e-7} if name == "reinflow" else {"min_sampling_std": 1e-7}
+    method = chain_method(name, base_ckpt if name == "reinflow" else diffusion_ckpt, **tiny)
+    randomize(method.policy.model.denoiser, 0.05)
+    policy = method.policy
+    obs = observation(policy, 5)
+    with torch.no_grad():
+        chain, _ = policy.sample_chain(policy.encode(obs), torch.Generator().manual_seed(7))
+        noise = torch.randn(5, *policy.noise_shape, generator=torch.Generator().manual_seed(7))
+        plain = policy.normalize_actions(policy.standalone().sample_chunk(obs, noise))
+    assert torch.allclose(policy.final_chunk(chain), plain, atol=1e-4)
+
+
+def test_reinflow_refuses_a_diffusion_base(diffusion_ckpt):
+    with pytest.raises(PolicyConfigError, match="reinflow fine-tunes a 'flow' base"):
+        chain_method("reinflow", diffusion_ckpt)
+
+
+def test_reinflow_noise_stays_within_its_bounds(base_ckpt):  # noqa: F811
+    method = chain_method("reinflow", base_ckpt, min_std=0.02, max_std=0.3, noise_hidden=[16])
+    randomize(method.policy.noise_net, 10.0)  # saturating outputs
+    policy = method.policy
+    cond = torch.randn(64, policy.feature_dim) * 10
+    std = policy.step_std(cond, torch.randn(64, *policy.noise_shape) * 10, 0.5)
+    assert std.min() >= 0.02 - 1e-7 and std.max() <= 0.3 + 1e-7 and std.max() - std.min() > 0.2
+
+
+def test_refine_benchmark_runs_chain_methods_on_their_own_bases(tmp_path, monkeypatch, base_ckpt,  # noqa: F811
+                                                                diffusion_ckpt):
+    """reinflow on --base (flow), dppo on its --base-for (diffusion), steer_bottleneck skipped on a plain base."""
+    import json
+    import sys
+
+    from conftest import load_benchmark
+
+    bench = load_benchmark("refine_sample_efficiency")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    small = [f"--set={name}.{k}={json.dumps(v)}" for name in ("reinflow", "dppo")
+             for k, v in {"hidden": [16], "ppo_rollout": 4, "ppo_minibatch": 4, "ppo_epochs": 1}.items()]
+    monkeypatch.setattr(sys, "argv", [
+        "refine_sample_efficiency.py", "--base", str(base_ckpt), "--task", TASK, "--algos",
+        "reinflow,dppo,steer_bottleneck", "--base-for", f"dppo={diffusion_ckpt}", "--env-steps", "40",
+        "--eval-every", "0", "--eval-episodes", "0", "--final-episodes", "2", "--base-episodes", "2",
+        "--num-envs", "1", "--out", str(tmp_path / "runs"), *small])
+    bench.main()
+    report = json.loads((tmp_path / "refine_sample_efficiency.json").read_text())
+    results = report["results"]
+    assert results["reinflow"]["env_steps"] >= 40 and results["dppo"]["base"] == str(diffusion_ckpt.resolve())
+    assert "bottleneck=vib" in results["steer_bottleneck"]["skipped"]
+    assert set(report["base_evals"]) == {str(base_ckpt.resolve()), str(diffusion_ckpt.resolve())}
+
+
+def test_dppo_runs_a_ddpm_base_as_its_ddim_chain(tmp_path):
+    """The weights do not depend on the sampler: a base sampled with ancestral DDPM is fine-tuned (and saved) with
+    the DDIM chain whose steps are the fine-tuned Gaussian steps' means."""
+    env = sim.make_env(TASK)
+    features = features_from_env(env.observation_space, env.action_space)
+    env.close()
+    cfg = small_config("diffusion", num_inference_steps=4, sampler="ddpm")
+    policy = make_policy(cfg, features, make_stats(features, -1.0, 1.0)).eval()
+    ckpt = save_checkpoint(tmp_path / "ddpm", policy, config={"policy": cfg, "task": TASK})
+    method = chain_method("dppo", ckpt, min_sampling_std=1e-7)
+    tuned = method.policy.standalone()
+    assert tuned.sampler == "ddim" and tuned.config["sampler"] == "ddim" and load_policy(ckpt).sampler == "ddpm"
+    obs = observation(method.policy, 3)
+    with torch.no_grad():
+        chain, _ = method.policy.sample_chain(method.policy.encode(obs), torch.Generator().manual_seed(2))
+        noise = torch.randn(3, *method.policy.noise_shape, generator=torch.Generator().manual_seed(2))
+        plain = method.policy.normalize_actions(tuned.sample_chunk(obs, noise))
+    assert torch.allclose(method.policy.final_chunk(chain), plain, atol=1e-4)
