@@ -202,6 +202,7 @@ class ScriptedPolicy:
 
     n_obs_steps, horizon, n_action_steps = 1, 8, 4
     supports_prefix = False
+    language = False
 
     def __init__(self, robot: Robot) -> None:
         self.features = {**robot.observation_features, **robot.action_features}
@@ -214,7 +215,7 @@ class ScriptedPolicy:
         self.fault: str | None = None
         self.calls = 0
 
-    def infer(self, observation, timestamp, prefix_actions, noise=None):
+    def infer(self, observation, timestamp, prefix_actions, noise=None, instruction=None):
         self.calls += 1
         if self.fault == "killed":
             raise ConnectionError("the policy server is gone")
