@@ -179,14 +179,18 @@ class PickPlaceTask(_ObjectTask):
         self._place(cube, rng.uniform(-0.3, 0.3), target)
 
     def _reward_and_success(self) -> tuple[float, bool]:
-        obj, target, ee = self.object_pos(), self.target_pos(), self.data.site_xpos[self._site]
-        ee_to_obj = float(np.linalg.norm(obj - ee))
-        obj_to_target = float(np.linalg.norm(obj[:2] - target[:2]))
-        lifted = obj[2] > CUBE_HALF + 0.01
-        # placed: resting on the table (not held in the air) inside the marker
-        success = obj_to_target < self.success_radius and obj[2] < CUBE_HALF + 0.005
-        reward = 0.5 * (1 - np.tanh(10 * ee_to_obj)) + 0.5 * lifted + (1 - np.tanh(10 * obj_to_target))
-        return reward + 10.0 * success, success
+        return place_reward(self.object_pos(), self.target_pos(), self.data.site_xpos[self._site], self.success_radius)
+
+
+def place_reward(obj: np.ndarray, target: np.ndarray, ee: np.ndarray, success_radius: float) -> tuple[float, bool]:
+    """Pick-and-place's shaped reward and success: reach the cube, lift it, bring it over the target; success is
+    the cube resting on the table (not held in the air) inside the target's radius."""
+    ee_to_obj = float(np.linalg.norm(obj - ee))
+    obj_to_target = float(np.linalg.norm(obj[:2] - target[:2]))
+    lifted = obj[2] > CUBE_HALF + 0.01
+    success = obj_to_target < success_radius and obj[2] < CUBE_HALF + 0.005
+    reward = 0.5 * (1 - np.tanh(10 * ee_to_obj)) + 0.5 * lifted + (1 - np.tanh(10 * obj_to_target))
+    return reward + 10.0 * success, success
 
 
 # The arm looks along +x from the origin: its left is +y.
@@ -292,13 +296,7 @@ class PickColorTask(ArmTaskEnv):
     def _reward_and_success(self) -> tuple[float, bool]:
         obj = self.data.xpos[self._cube_body[self.goal["color"]]]
         target = self.data.mocap_pos[self._pad_mocap[self.goal["target"]]]
-        ee = self.data.site_xpos[self._site]
-        ee_to_obj = float(np.linalg.norm(obj - ee))
-        obj_to_target = float(np.linalg.norm(obj[:2] - target[:2]))
-        lifted = obj[2] > CUBE_HALF + 0.01
-        success = obj_to_target < self.success_radius and obj[2] < CUBE_HALF + 0.005
-        reward = 0.5 * (1 - np.tanh(10 * ee_to_obj)) + 0.5 * lifted + (1 - np.tanh(10 * obj_to_target))
-        return reward + 10.0 * success, success
+        return place_reward(obj, target, self.data.site_xpos[self._site], self.success_radius)
 
 
 TASK_CLASSES: dict[str, type[ArmTaskEnv]] = {
