@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # CUDA one: make quickstart TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= metaworld,pusht,interop,so100,vla,dev
+EXTRAS ?= metaworld,pusht,interop,so100,vla,scale,view,dev
 # pytest-xdist workers: 2 cores.
 TEST_WORKERS ?= 2
 
