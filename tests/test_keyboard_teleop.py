@@ -126,3 +126,38 @@ def test_a_deployment_episode_records_the_takeover_and_ends_with_the_marked_outc
     assert not frames["action.held"][flags].any()  # the person's frames are decisions, never holds
     kinds = [s[3] for s in meta["extra"]["preference"]["segments"]]
     assert kinds == ["pre_takeover", "intervention"]
+
+
+def test_as_a_pedal_only_the_keyboard_ignores_its_driving_keys():
+    read_fd, write_fd = os.pipe()
+    teleop = KeyboardTeleop(6, fd=read_fd, drive=False)
+    with teleop:
+        type_keys(write_fd, " ", teleop, lambda: teleop.is_intervening)
+        os.write(write_fd, b"wg")
+        type_keys(write_fd, "n", teleop, lambda: teleop.outcome is False)
+        np.testing.assert_allclose(teleop.get_action(), [0, 0, 0, 0, 0, -1.0])  # w and g did nothing
+    os.close(write_fd)
+    os.close(read_fd)
+
+
+def test_a_leader_arm_refuses_a_follower_it_cannot_drive_and_a_missing_calibration(tmp_path):
+    """intervention.device=leader: one sentence naming the problem, before any port is opened."""
+    import pytest
+
+    from real.robot.deployment import InterventionConfig, human_teleop
+    from real.robot.lerobot_arm import LeRobotArmError
+    from real.robot.lerobot_teleop import LeaderConfig
+
+    class Arm:
+        def __init__(self, names):
+            self.action_features = {"action": {"shape": [len(names)], "names": names}}
+
+    leader = LeaderConfig(port="/dev/null", id="nobody", calibration_dir=str(tmp_path))
+    iv = InterventionConfig(enabled=True, device="leader", leader=leader)
+    with pytest.raises(LeRobotArmError, match="drives an arm whose actions are"):
+        human_teleop(iv, Arm(["ee.dx", "ee.dy", "ee.dz", "gripper"]))
+    so100 = [f"{m}.pos" for m in ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")]
+    with pytest.raises(LeRobotArmError, match="No LeRobot calibration file"):
+        human_teleop(iv, Arm(so100))
+    assert human_teleop(InterventionConfig(enabled=True, device="scripted"), Arm(so100)) is None
+    assert isinstance(human_teleop(InterventionConfig(enabled=True, device="keyboard"), Arm(so100)), KeyboardTeleop)

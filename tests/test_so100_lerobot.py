@@ -9,6 +9,8 @@ import base64
 import csv
 import hashlib
 import importlib.metadata
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -113,3 +115,129 @@ def test_scene_channel_resets_by_seed_and_reports_success_through_the_adapter(tm
             if robot.status["success"]:
                 break
         assert robot.status["success"]
+
+
+# ------------------------------------------------------------------------------ LeRobot's leader arm, on a twin
+def hold(channel: str, pose) -> None:
+    """A person's hand holds the leader twin's joints at `pose` (LeRobot units); None lets go."""
+    import json
+    import socket
+
+    host, _, port = channel.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=5.0) as sock, sock.makefile("rwb") as f:
+        f.write(json.dumps({"cmd": "release"} if pose is None else
+                           {"cmd": "hold", "lerobot": [float(v) for v in pose]}).encode() + b"\n")
+        f.flush()
+        assert json.loads(f.readline()) == {"ok": True}
+
+
+def wait_for(condition, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert condition()
+
+
+@pytest.fixture(scope="module")
+def leader_twin(tmp_path_factory):
+    """A second twin playing the leader arm (its torque off, held by a hand through the side channel)."""
+    with TwinProcess(MUJOCO_PYTHON, tmp_path_factory.mktemp("leader"), robot_id="so100_leader_twin",
+                     channel=True) as twin:
+        yield twin
+
+
+def test_leader_driver_code_is_unmodified():
+    dist = importlib.metadata.distribution("lerobot")
+    checked = 0
+    for path, digest, _ in csv.reader(dist.read_text("RECORD").splitlines()):
+        if path.startswith("lerobot/teleoperators/so_leader/") and path.endswith(".py") and digest:
+            algo, expected = digest.split("=", 1)
+            actual = hashlib.new(algo, Path(dist.locate_file(path)).read_bytes()).digest()
+            assert base64.urlsafe_b64encode(actual).rstrip(b"=").decode() == expected, path
+            checked += 1
+    assert checked >= 2
+
+
+def test_leader_arm_reads_the_hand_held_pose_only_while_the_pedal_is_down(twin, leader_twin):
+    """LeRobot's SO100Leader on the leader twin, behind our Teleoperator: space takes over, the action is the leader's
+    pose in the follower's units (within one encoder tick), space releases, y marks a success."""
+    from real.robot.lerobot_teleop import LeaderArm, LeaderConfig
+
+    read_fd, write_fd = os.pipe()
+    with SO100Arm(port=twin.port, id="so100_twin", calibration_dir=str(twin.calibration_dir)) as follower:
+        leader = LeaderArm(follower, LeaderConfig(port=leader_twin.port, id="so100_leader_twin",
+                                                  calibration_dir=str(leader_twin.calibration_dir)), fd=read_fd)
+        cal = leader.calibration
+        tick = np.array([360.0 / MAX_RES] * 5 + [100.0 / (cal["gripper"]["range_max"] - cal["gripper"]["range_min"])])
+        with leader:
+            pose = np.array([20.0, -15.0, 25.0, 10.0, -30.0, 40.0])
+            hold(leader_twin.scene, pose)
+            assert leader.get_action() is None and not leader.is_intervening
+            os.write(write_fd, b" ")
+            wait_for(lambda: leader.is_intervening)
+            assert np.abs(leader.get_action() - pose).max() <= tick.max() + 1e-6
+            moved = pose + np.array([-10.0, 12.0, -8.0, 5.0, 15.0, -20.0])
+            hold(leader_twin.scene, moved)
+            time.sleep(0.1)
+            assert (np.abs(leader.get_action() - moved) <= tick + 1e-6).all()
+            os.write(write_fd, b" ")
+            wait_for(lambda: not leader.is_intervening)
+            assert leader.get_action() is None
+            os.write(write_fd, b"y")
+            wait_for(lambda: leader.outcome is True)
+            leader.reset()
+            assert leader.outcome is None
+            hold(leader_twin.scene, None)
+    os.close(write_fd)
+    os.close(read_fd)
+
+
+def test_a_takeover_with_the_leader_moves_the_follower_through_the_control_node(twin, leader_twin, tmp_path):
+    """The control node on the follower twin, a policy holding still, the leader held at a pose and the pedal down:
+    the follower goes to the leader's pose within its safety limits and the recording marks the takeover."""
+    from real.robot.control_node import ControlConfig, ControlNode
+    from real.robot.lerobot_teleop import LeaderArm, LeaderConfig
+    from real.robot.recording import EpisodeRecorder
+    from real.robot.watchdog import Watchdog
+    from robopolicy.data import DemoStore
+
+    class Still:  # an InferenceBackend whose chunks hold the follower where the episode began
+        n_obs_steps, horizon, n_action_steps, supports_prefix, language = 1, 8, 4, False, False
+
+        def __init__(self, robot):
+            self.features = {**robot.observation_features, **robot.action_features}
+            self.noise_shape, self.fps = (self.horizon, 6), robot.fps
+            self.rest = robot.command_state()
+
+        def infer(self, observation, timestamp, prefix_actions, noise=None, instruction=None):
+            return np.repeat(self.rest[None], self.horizon, axis=0), {}
+
+        def close(self):
+            pass
+
+    read_fd, write_fd = os.pipe()
+    with SO100Arm(port=twin.port, id="so100_twin", calibration_dir=str(twin.calibration_dir)) as follower, \
+            LeaderArm(follower, LeaderConfig(port=leader_twin.port, id="so100_leader_twin",
+                                             calibration_dir=str(leader_twin.calibration_dir)), fd=read_fd) as leader:
+        start = follower.command_state()
+        target = np.clip(start + np.array([15.0, -10.0, 12.0, 8.0, -10.0, 10.0]), *follower.limits.command_bounds())
+        hold(leader_twin.scene, target)
+        control = ControlConfig(control_hz=follower.fps, max_episode_s=4.0)
+        recorder = EpisodeRecorder(tmp_path / "episodes", follower.observation_features,
+                                   follower.action_features["action"], round(follower.fps))
+        node = ControlNode(follower, Still(follower), control, recorder=recorder, teleop=leader,
+                           watchdog=Watchdog(1.0 / control.control_hz, control.hold_after, control.stop_after))
+        threading.Timer(1.0, os.write, (write_fd, b" ")).start()  # the person steps on the pedal after a second
+        result = node.run_episode(seed=0)
+        node.close()
+        recorder.close()
+        hold(leader_twin.scene, None)
+        time.sleep(0.5)
+        reached = follower.command_state()
+    os.close(write_fd)
+    os.close(read_fd)
+    assert result.intervention and result.counts["intervention_ticks"] > 0
+    assert np.abs(reached - target).max() <= 1.0, (reached, target)  # degrees (gripper: percent)
+    with DemoStore.open(tmp_path / "episodes") as store:
+        flags = store.get_episode(0)["intervention"].reshape(-1)
+    assert not flags[:10].any() and flags[-10:].all()

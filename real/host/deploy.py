@@ -23,7 +23,14 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from real.robot.deployment import DeployConfig, DeployError, deploy_config, make_robot, run_episodes
+from real.robot.deployment import (
+    DeployConfig,
+    DeployError,
+    deploy_config,
+    human_teleop,
+    make_robot,
+    run_episodes,
+)
 from robopolicy.config import register_config, setting
 
 
@@ -149,12 +156,9 @@ def deploy(cfg: Any) -> dict:
         robot = make_robot(robot_section, backend.features, config.control.control_hz)
         robot.connect()
         closers.insert(0, robot.disconnect)  # disconnect (and stop) the robot first
-        teleop = None
         iv = config.intervention
-        if iv.enabled and iv.device == "keyboard":
-            from real.robot.keyboard import KeyboardTeleop
-
-            teleop = KeyboardTeleop(int(robot.action_features["action"]["shape"][0]), robot=robot)
+        teleop = human_teleop(iv, robot)  # keyboard or leader arm
+        if teleop is not None:
             teleop.connect()
             closers.insert(0, teleop.disconnect)
         elif iv.enabled:

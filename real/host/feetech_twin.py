@@ -260,6 +260,7 @@ class SO100Twin(ServoArm):
     def __init__(self, q0: np.ndarray | None = None, calibrated: bool = True, worldbody: str = "",
                  timestep: float = 0.004) -> None:
         super().__init__(q0, worldbody, timestep)
+        self.hand: np.ndarray | None = None  # joints a person's hand holds (hold_by_hand)
         self.bus = FeetechBus()
         self.bus.on_write = self._on_write
         if calibrated:
@@ -280,6 +281,21 @@ class SO100Twin(ServoArm):
         for k, servo in enumerate(self.bus.servos.values()):
             servo.set("Goal_Position", servo.get("Present_Position"))
             self._refresh(k)
+
+    def hold_by_hand(self, q: np.ndarray | None) -> None:
+        """A person's hand holds the joints at `q` (rad) whatever the servos do (a leader arm moved by hand, its
+        torque off); None lets go."""
+        self.hand = None if q is None else np.asarray(q, dtype=np.float64).copy()
+        if self.hand is not None:
+            self.data.qpos[self.qpos_index] = self.hand
+            self.data.qvel[self.dof_index] = 0.0
+            self._update_present()
+
+    def physics_step(self) -> None:
+        super().physics_step()
+        if self.hand is not None:
+            self.data.qpos[self.qpos_index] = self.hand
+            self.data.qvel[self.dof_index] = 0.0
 
     # ---- encoder <-> registers
     def _servo(self, k: int) -> ServoRegisters:
@@ -413,20 +429,23 @@ class PtyServer:
 
 
 class SceneChannel:
-    """Rehearsal only: a task's scene on the twin, and a loopback side channel that resets and scores it.
+    """Rehearsal only: a loopback side channel into the twin (what a person does to a real arm by hand).
 
-    `python -m real.host.feetech_twin --task builtin/so100_touch` builds the task's objects into the twin's
-    model; this channel (TCP on 127.0.0.1, one JSON object a line) answers `{"cmd": "reset", "seed": S}` by
-    placing the arm at the start pose the task's env draws for seed S (every servo's goal where it now is), and
-    `{"cmd": "status"}` with the task's `success` and `truncated` (the env's episode length in the twin's time
-    since the reset). The LeRobot adapter uses it when `robot.scene=127.0.0.1:PORT`: a real arm has no such
-    channel, someone resets its scene by hand and judges success.
+    TCP on 127.0.0.1, one JSON object a line. With a task (`python -m real.host.feetech_twin --task
+    builtin/so100_touch`, whose objects are built into the twin's model), `{"cmd": "reset", "seed": S}` places the
+    arm at the start pose the task's env draws for seed S (every servo's goal where it now is), and
+    `{"cmd": "status"}` answers the task's `success` and `truncated` (the env's episode length in the twin's time
+    since the reset); the LeRobot adapter uses them when `robot.scene=127.0.0.1:PORT`: a real arm has no such
+    channel, someone resets its scene by hand and judges success. With or without a task (`--channel`),
+    `{"cmd": "hold", "lerobot": [6 values]}` has a hand hold the joints at that pose in LeRobot's units (a twin
+    playing a leader arm, its torque off, moved by a person) and `{"cmd": "release"}` lets go.
     """
 
-    def __init__(self, server: PtyServer, task: str) -> None:
+    def __init__(self, server: PtyServer, task: str | None = None) -> None:
         from sim.builtin.so100_touch import SUCCESS_RADIUS
 
-        self.server, self.scene, self.radius = server, scene_for_task(task), SUCCESS_RADIUS
+        self.server, self.radius = server, SUCCESS_RADIUS
+        self.scene = scene_for_task(task) if task else None
         self.reset_time = 0.0
         channel = self
 
@@ -445,6 +464,18 @@ class SceneChannel:
         threading.Thread(target=self.tcp.serve_forever, name="twin-scene", daemon=True).start()
 
     def answer(self, request: dict) -> dict:
+        if request.get("cmd") in ("hold", "release"):
+            pose = None if request["cmd"] == "release" else np.asarray(request["lerobot"], dtype=np.float64)
+            if pose is not None and pose.shape != (len(MOTORS),):
+                raise ValueError(f"hold needs {len(MOTORS)} joint values in LeRobot's units, got {pose.shape}")
+
+            def hold(twin: SO100Twin) -> dict:
+                twin.hold_by_hand(None if pose is None else twin.encoders.from_lerobot(pose))
+                return {"ok": True}
+
+            return self.server.call(hold)
+        if request.get("cmd") in ("reset", "status") and self.scene is None:
+            raise ValueError("this twin presents no task: start it with --task to reset or score episodes")
         if request.get("cmd") == "reset":
             pose = self.scene.start_pose(np.random.default_rng(request.get("seed")))
 
@@ -462,7 +493,7 @@ class SceneChannel:
                 return {"success": bool(success), "truncated": bool(truncated)}
 
             return self.server.call(status)
-        raise ValueError(f"unknown request {request!r}: use reset or status")
+        raise ValueError(f"unknown request {request!r}: use reset, status, hold or release")
 
     def close(self) -> None:
         self.tcp.shutdown()
@@ -494,18 +525,19 @@ class TwinProcess:
     gives `twin.port` (the pty) and `twin.calibration_dir` (the LeRobot calibration file `<id>.json`)."""
 
     def __init__(self, python: str | Path, folder: Path, robot_id: str = "so100_twin", timeout_s: float = 60.0,
-                 task: str | None = None):
+                 task: str | None = None, channel: bool = False):
+        """`task`: present its scene, with the side channel; `channel`: the side channel alone (hold/release)."""
         self.python, self.folder, self.robot_id, self.timeout_s = str(python), Path(folder), robot_id, timeout_s
-        self.task = task
+        self.task, self.channel = task, channel or task is not None
         self.calibration_dir = self.folder / "calibration"
         self.port = ""
-        self.scene = ""  # with a task: 127.0.0.1:PORT of its scene channel (robot.scene)
+        self.scene = ""  # with a task or channel=True: 127.0.0.1:PORT of its side channel (robot.scene)
         self._proc: subprocess.Popen | None = None
 
     def __enter__(self) -> TwinProcess:
         port_file = self.folder / "twin_port"
         port_file.unlink(missing_ok=True)
-        task_file = None if self.task is None else self.folder / "twin_scene_port"
+        task_file = self.folder / "twin_scene_port" if self.channel else None
         if task_file is not None:
             task_file.unlink(missing_ok=True)
         log = self.folder / "twin.log"
@@ -513,8 +545,9 @@ class TwinProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
         self._proc = subprocess.Popen([self.python, "-m", "real.host.feetech_twin", "--calibration-dir",
                                        str(self.calibration_dir), "--id", self.robot_id, "--port-file",
-                                       str(port_file)] + ([] if task_file is None else
-                                                          ["--task", self.task, "--scene-port-file", str(task_file)]),
+                                       str(port_file)]
+                                      + ([] if task_file is None else ["--scene-port-file", str(task_file)])
+                                      + (["--task", self.task] if self.task else ["--channel"] if self.channel else []),
                                       env=env, stdout=subprocess.DEVNULL,
                                       stderr=open(log, "wb"))  # noqa: SIM115 (the child holds it)
         deadline = time.monotonic() + self.timeout_s
@@ -548,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-file", type=Path, default=None, help="also write the pty's path to this file")
     parser.add_argument("--task", default=None, help="rehearsal only: present this task's scene (e.g. "
                         "builtin/so100_touch) and serve its reset / success channel on a loopback port")
+    parser.add_argument("--channel", action="store_true", help="rehearsal only: serve the side channel without a "
+                        "task (a hand holding the arm: the twin as a leader arm)")
     parser.add_argument("--scene-port-file", type=Path, default=None, help="write the scene channel's port here")
     args = parser.parse_args(argv)
     try:
@@ -559,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibration_dir is not None:
         write_calibration(twin.encoders, args.calibration_dir, args.id)
     server = PtyServer(twin).start()
-    channel = SceneChannel(server, args.task) if args.task else None
+    channel = SceneChannel(server, args.task) if args.task or args.channel else None
     if channel is not None:
         print(f"scene channel: 127.0.0.1:{channel.port} (robot.scene=127.0.0.1:{channel.port})", flush=True)
         if args.scene_port_file is not None:

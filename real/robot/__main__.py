@@ -10,6 +10,7 @@ Prints the summary as one JSON line last; a bad setting is one sentence on stand
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -17,8 +18,7 @@ from typing import Any
 
 from real.robot.client import PolicyClientError
 from real.robot.control_node import ControlNodeError, RemoteInference
-from real.robot.deployment import DeployError, deploy_config, make_robot, run_episodes
-from real.robot.keyboard import KeyboardTeleop
+from real.robot.deployment import DeployError, deploy_config, human_teleop, make_robot, run_episodes
 from real.robot.robots import ROBOT_ERRORS
 from robopolicy.config import ConfigError, config_class, defaults
 
@@ -75,14 +75,13 @@ def main(argv: list[str] | None = None) -> None:
         try:
             with make_robot(robot_section, backend.features, config.control.control_hz) as robot:
                 iv = config.intervention
-                if iv.enabled and iv.device != "keyboard":
+                if iv.enabled and iv.device == "scripted":
                     raise DeployError("On the robot computer interventions come from intervention.device=keyboard "
-                                      "(the scripted intervener needs the simulator: use `robopolicy deploy`).")
-                if iv.enabled:  # a person at this terminal takes over, releases and marks outcomes
-                    with KeyboardTeleop(int(robot.action_features["action"]["shape"][0]), robot=robot) as teleop:
-                        summary = run_episodes(config, robot, backend, teleop)
-                else:
-                    summary = run_episodes(config, robot, backend)
+                                      "or leader (the scripted intervener needs the simulator: use `robopolicy "
+                                      "deploy`).")
+                teleop = human_teleop(iv, robot)  # a person at this terminal (and a leader arm) takes over
+                with teleop if teleop is not None else contextlib.nullcontext():
+                    summary = run_episodes(config, robot, backend, teleop)
         finally:
             backend.close()
     except (ConfigError, DeployError, ControlNodeError, PolicyClientError, *ROBOT_ERRORS) as exc:

@@ -23,6 +23,7 @@ import numpy as np
 
 from real.robot.control_node import ControlConfig, ControlNode, EpisodeResult, InferenceBackend
 from real.robot.hal import Robot, Teleoperator
+from real.robot.lerobot_teleop import LeaderConfig
 from real.robot.watchdog import Watchdog
 from robopolicy.config import CONFIGS, ConfigError, from_mapping, register_config, setting, to_dict
 from robopolicy.data.spec import camera_name, is_image_key
@@ -39,12 +40,15 @@ class InterventionConfig:
     enabled: bool = setting(False, "record interventions from `device`")
     device: str = setting("scripted", "scripted: the task's expert takes over when the policy stalls (sim robot) | "
                           "keyboard: a person at the terminal (space take over/release, w/s a/d r/f move, g/h "
-                          "gripper, y/n success/failure)", choices=("scripted", "keyboard"))
+                          "gripper, y/n success/failure) | leader: a LeRobot leader arm (intervention.leader) drives "
+                          "a LeRobot follower while space is down at the terminal (y/n mark the outcome)",
+                          choices=("scripted", "keyboard", "leader"))
     stall_s: float = setting(2.0, "seconds without end-effector motion that count as a stall")
     stall_distance: float = setting(0.01, "end-effector motion (m) within stall_s that still counts as a stall")
     patience_s: float | None = setting(None, "also take over after this many seconds without success since the "
                                              "episode began or the last takeover ended (null: only on stalls)")
     takeover_s: float = setting(3.0, "seconds the expert acts once it took over")
+    leader: LeaderConfig = setting(LeaderConfig(), "device=leader: LeRobot's leader arm (robot=so100/so101/koch)")
 
 
 @register_config("command", "deploy")
@@ -127,6 +131,19 @@ def make_robot(section: Mapping[str, Any], policy_features: Mapping[str, Any], c
     except (ImportError, AttributeError) as exc:
         raise DeployError(f"robot._target_={target!r} cannot be imported ({exc}).") from None
     return robot_cls(**kwargs)
+
+
+def human_teleop(intervention: InterventionConfig, robot: Robot) -> Teleoperator | None:
+    """The person's device for `intervention.device` keyboard or leader (not connected); None for the others."""
+    if not intervention.enabled or intervention.device not in ("keyboard", "leader"):
+        return None
+    if intervention.device == "leader":
+        from real.robot.lerobot_teleop import LeaderArm
+
+        return LeaderArm(robot, intervention.leader)
+    from real.robot.keyboard import KeyboardTeleop
+
+    return KeyboardTeleop(int(robot.action_features["action"]["shape"][0]), robot=robot)
 
 
 # ========================================================================================== the episodes

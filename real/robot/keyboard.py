@@ -32,13 +32,17 @@ TOGGLE_KEY = " "
 
 class KeyboardTeleop(Teleoperator):
     def __init__(self, action_dim: int = 4, *, robot: Robot | None = None, fd: int | None = None,
-                 speed: float = 0.5, hold_s: float = 0.15, clock: Callable[[], float] = time.monotonic) -> None:
-        """`robot`: a takeover keeps the gripper where the robot's command holds it (without one: open)."""
+                 speed: float = 0.5, hold_s: float = 0.15, clock: Callable[[], float] = time.monotonic,
+                 drive: bool = True) -> None:
+        """`robot`: a takeover keeps the gripper where the robot's command holds it (without one: open).
+        `drive=False`: a pedal only (take over / release, outcomes); another device (a leader arm) drives."""
         if action_dim < 4:
             raise ValueError(f"the keyboard drives x, y, z and a gripper: action_dim must be at least 4, got "
                              f"{action_dim}.")
         self.action_dim, self.speed, self.hold_s, self.robot = action_dim, speed, hold_s, robot
-        self._fd = sys.stdin.fileno() if fd is None else fd
+        self.drive = drive
+        self._given_fd = fd  # None: the terminal's standard input, looked up at connect
+        self._fd = -1
         self._clock = clock
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -48,6 +52,7 @@ class KeyboardTeleop(Teleoperator):
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def connect(self) -> None:
+        self._fd = sys.stdin.fileno() if self._given_fd is None else self._given_fd
         if os.isatty(self._fd):  # keys arrive one by one, unechoed; restored at disconnect
             import termios
             import tty
@@ -57,8 +62,8 @@ class KeyboardTeleop(Teleoperator):
         self._stop.clear()
         self._thread = threading.Thread(target=self._read_keys, name="keyboard-teleop", daemon=True)
         self._thread.start()
-        print("keyboard intervener: space take over/release, w/s a/d r/f move, g/h gripper, y/n success/failure",
-              file=sys.stderr)
+        keys = "w/s a/d r/f move, g/h gripper" if self.drive else "the leader arm drives"
+        print(f"keyboard intervener: space take over/release, {keys}, y/n success/failure", file=sys.stderr)
 
     def disconnect(self) -> None:
         self._stop.set()
@@ -90,6 +95,8 @@ class KeyboardTeleop(Teleoperator):
                 self._velocity_until[:] = -np.inf
                 if self._intervening:
                     self._gripper = None
+            elif not self.drive and (key in MOTION_KEYS or key in GRIPPER_KEYS):
+                pass
             elif key in MOTION_KEYS:
                 axis, sign = MOTION_KEYS[key]
                 self._velocity[axis] = sign * self.speed
