@@ -6,8 +6,10 @@ same checkpoint through LeRobot's unmodified SO100Follower on the Feetech twin, 
 
 Runs the commands a user runs (README, "Rehearsing on the SO-100 twin"): `robopolicy collect`, `robopolicy train`
 (skipped with --ckpt), `robopolicy eval`; the twin with the task's scene (`python -m real.host.feetech_twin --task
-...`), `robopolicy serve`, and the robot computer's `python -m real.robot --robot so100` in LeRobot's virtualenv
-(.venv-lerobot) with `robot.scene=` (the twin's reset/success channel). Prints one JSON object as the last line
+...`), then `robopolicy deploy robot=so100 ckpt=RUN robot.port=<the pty> ...` (which runs the robot side in
+LeRobot's virtualenv, .venv-lerobot, and serves the policy from ours) with `robot.scene=` (the twin's reset/success
+channel); `--robot-computer` runs the two halves by hand instead, as on a separate robot computer: `robopolicy
+serve` and `python -m real.robot --robot so100` in LeRobot's virtualenv. Prints one JSON object as the last line
 and writes benchmarks/results/so100_rehearsal.json: both success rates, their difference, wall times, load.
 """
 
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--episodes", type=int, default=50, help="episodes of eval and of the twin deployment")
     parser.add_argument("--folder", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/so100_rehearsal.json"))
+    parser.add_argument("--robot-computer", action="store_true", help="serve + python -m real.robot by hand "
+                        "instead of one `robopolicy deploy robot=so100`")
     args = parser.parse_args(argv)
     if not LEROBOT_PYTHON.exists():
         raise SystemExit(f"{LEROBOT_PYTHON} is missing: build LeRobot's virtualenv with `make lerobot-env`.")
@@ -92,16 +96,21 @@ def main(argv: list[str] | None = None) -> dict:
         times["eval_s"] = time.perf_counter() - t
         t = time.perf_counter()
         with TwinProcess(ROOT / ".venv" / "bin" / "python", folder, task=TASK) as twin:
-            server, address = serve(ckpt, env)
-            try:
-                deployed = run([str(LEROBOT_PYTHON), "-m", "real.robot", "--robot", "so100", "--server", address,
-                                "--out", str(folder / "twin_deploy"), f"robot.port={twin.port}",
-                                "robot.id=so100_twin", f"robot.calibration_dir={twin.calibration_dir}",
-                                f"robot.scene={twin.scene}", "control.control_hz=10", f"episodes={args.episodes}",
-                                "control.max_episode_s=8", "overwrite=true"], env)
-            finally:
-                os.killpg(server.pid, signal.SIGTERM)
-                server.wait(timeout=30)
+            settings = [f"robot.port={twin.port}", "robot.id=so100_twin",
+                        f"robot.calibration_dir={twin.calibration_dir}", f"robot.scene={twin.scene}",
+                        "control.control_hz=10", f"episodes={args.episodes}", "control.max_episode_s=8",
+                        "overwrite=true"]
+            if not args.robot_computer:  # one command: the robot side goes to LeRobot's virtualenv by itself
+                deployed = run([ROBOPOLICY, "deploy", "robot=so100", f"ckpt={ckpt}",
+                                f"out={folder / 'twin_deploy'}", *settings], env)
+            else:
+                server, address = serve(ckpt, env)
+                try:
+                    deployed = run([str(LEROBOT_PYTHON), "-m", "real.robot", "--robot", "so100", "--server",
+                                    address, "--out", str(folder / "twin_deploy"), *settings], env)
+                finally:
+                    os.killpg(server.pid, signal.SIGTERM)
+                    server.wait(timeout=30)
         times["twin_deploy_s"] = time.perf_counter() - t
     result = {
         "task": TASK, "episodes": args.episodes,
@@ -109,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         "twin_success_rate": deployed["success_rate"], "twin_success_ci95": deployed["success_ci95"],
         "difference_points": round(100 * (deployed["success_rate"] - evaluated["success_rate"]), 1),
         "twin_counts": deployed.get("counts", {}),
+        "twin_via": "serve + python -m real.robot" if args.robot_computer else "robopolicy deploy robot=so100",
         **{k: round(v, 1) for k, v in times.items()},
         "loadavg": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None,
     }

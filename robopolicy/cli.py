@@ -585,7 +585,8 @@ def cmd_serve(cfg: DictConfig) -> dict:
 def cmd_deploy(cfg: DictConfig) -> dict:
     from real.host.deploy import deploy
 
-    if cfg.task is None and "task" in cfg.robot:  # the simulated robot runs the checkpoint's task
+    simulated = cfg.robot.get("_target_") == group_config_class("robot", "sim").target
+    if cfg.task is None and simulated:  # the simulated robot runs the checkpoint's task
         if not cfg.ckpt:
             raise UserError("Pass task=... for the simulated robot (with server=, the checkpoint is not local).")
         from robopolicy.checkpoint import read_checkpoint_info, resolve_checkpoint

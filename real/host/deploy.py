@@ -13,6 +13,7 @@ entry point, without hydra or torch, is `python -m real.robot` (real/robot/__mai
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import secrets
@@ -20,7 +21,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from real.robot.deployment import (
@@ -29,9 +32,13 @@ from real.robot.deployment import (
     deploy_config,
     human_teleop,
     make_robot,
+    parse_value,
+    robot_config_class,
     run_episodes,
 )
-from robopolicy.config import register_config, setting
+from robopolicy.config import CONFIGS, register_config, setting, to_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @register_config("command", "serve")
@@ -150,6 +157,9 @@ def deploy(cfg: Any) -> dict:
         cfg = OmegaConf.to_container(cfg, resolve=True)
     config, robot_section = deploy_config(cfg)
     config.check_out()
+    robot_cls = robot_config_class(str(robot_section.get("_target_", "")))
+    if getattr(robot_cls, "driver_env", None) == "lerobot" and importlib.util.find_spec("lerobot") is None:
+        return deploy_from_lerobot_env(config, robot_section)
     closers: list = []
     try:
         backend = make_backend(config, closers)
@@ -176,6 +186,86 @@ def deploy(cfg: Any) -> dict:
                 close()
             except Exception as exc:  # keep closing the rest: the robot must be released
                 print(f"warning: cleanup step failed: {exc}", file=sys.stderr)
+
+
+# ==================================================================== a robot whose driver lives in another env
+
+
+def lerobot_python() -> Path:
+    """The interpreter of LeRobot's virtualenv: $ROBOPOLICY_LEROBOT_PYTHON, or .venv-lerobot in the working folder
+    or beside this package (what `make lerobot-env` builds)."""
+    if os.environ.get("ROBOPOLICY_LEROBOT_PYTHON"):
+        return Path(os.environ["ROBOPOLICY_LEROBOT_PYTHON"])
+    for root in (Path.cwd(), REPO_ROOT):
+        if (root / ".venv-lerobot" / "bin" / "python").exists():
+            return root / ".venv-lerobot" / "bin" / "python"
+    raise DeployError("This robot runs LeRobot's driver, which imports only in LeRobot's virtualenv (it pins its own "
+                      "torch): build it with `make lerobot-env` or point ROBOPOLICY_LEROBOT_PYTHON at its python.")
+
+
+def robot_side_overrides(config: DeployConfig, robot_section: Mapping[str, Any]) -> list[str]:
+    """Every setting of this run as the robot computer's `key=value` overrides (`python -m real.robot`)."""
+    settings = to_dict(config)
+    for key in ("ckpt", "server", "token", "inference", "policy_threads", "out"):
+        settings.pop(key)
+    settings["robot"] = {k: v for k, v in robot_section.items() if k != "_target_"}
+
+    def text(value: Any) -> str:
+        if isinstance(value, str) and parse_value(value) == value:
+            return value
+        return json.dumps(value)
+
+    def flatten(prefix: str, section: Mapping[str, Any]) -> list[str]:
+        items = []
+        for key, value in section.items():
+            if isinstance(value, Mapping):
+                items += flatten(f"{prefix}{key}.", value)
+            else:
+                items.append(f"{prefix}{key}={text(value)}")
+        return items
+
+    return flatten("", settings)
+
+
+def deploy_from_lerobot_env(config: DeployConfig, robot_section: Mapping[str, Any]) -> dict:
+    """The same run with the robot side (`python -m real.robot`) in LeRobot's virtualenv, the policy served from
+    this one (a child process on loopback with a random token, or `server=`); keys go to the child's terminal."""
+    python = lerobot_python()
+    if not python.exists():
+        raise DeployError(f"ROBOPOLICY_LEROBOT_PYTHON={python} does not exist; build LeRobot's virtualenv with "
+                          "`make lerobot-env`.")
+    name = next(n for (group, n), cls in CONFIGS.items()
+                if group == "robot" and cls.target == robot_section["_target_"])
+    closers: list = []
+    try:
+        if config.server:
+            address, token = config.server, config.token
+        elif config.ckpt:
+            from robopolicy.checkpoint import resolve_checkpoint
+
+            server = ServerProcess(resolve_checkpoint(config.ckpt), threads=config.policy_threads)
+            closers.append(server.close)
+            address, token = server.address, server.token
+        else:
+            raise DeployError("`robopolicy deploy` needs ckpt=CHECKPOINT or server=HOST:PORT.")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT),
+                                                                        os.environ.get("PYTHONPATH")) if p)}
+        if token:
+            env["ROBOPOLICY_SERVE_TOKEN"] = token
+        cmd = [str(python), "-m", "real.robot", "--robot", name, "--server", address, "--out", str(config.out),
+               *robot_side_overrides(config, robot_section)]
+        print(f"robot={name} runs LeRobot's driver in {python.parent.parent}: python -m real.robot --robot {name} "
+              f"--server {address} ...", file=sys.stderr)
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise DeployError(f"The robot side in LeRobot's virtualenv exited with code {proc.returncode} (its "
+                              "error is printed above).")
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        summary.pop("command", None)
+        return summary
+    finally:
+        for close in closers:
+            close()
 
 
 def _main() -> None:

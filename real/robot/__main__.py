@@ -18,17 +18,16 @@ from typing import Any
 
 from real.robot.client import PolicyClientError
 from real.robot.control_node import ControlNodeError, RemoteInference
-from real.robot.deployment import DeployError, deploy_config, human_teleop, make_robot, run_episodes
+from real.robot.deployment import (
+    DeployError,
+    deploy_config,
+    human_teleop,
+    make_robot,
+    parse_value,
+    run_episodes,
+)
 from real.robot.robots import ROBOT_ERRORS
 from robopolicy.config import ConfigError, config_class, defaults
-
-
-def parse_value(text: str) -> Any:
-    """`3` -> 3, `0.5` -> 0.5, `true` / `null` / `[a, b]` as JSON would; anything else is the string itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def settings_from(args: argparse.Namespace) -> dict[str, Any]:

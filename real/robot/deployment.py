@@ -92,6 +92,14 @@ class DeployConfig:
             raise DeployError(f"{self.summary_path} exists; choose another out=... or pass overwrite=true.")
 
 
+def parse_value(text: str) -> Any:
+    """`3` -> 3, `0.5` -> 0.5, `true` / `null` / `[a, b]` as JSON would; anything else is the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def deploy_config(settings: Mapping[str, Any]) -> tuple[DeployConfig, dict[str, Any]]:
     """The validated deploy settings and the robot's section (`robot:`), from plain data (no OmegaConf)."""
     settings = dict(settings)

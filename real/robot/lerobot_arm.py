@@ -77,6 +77,10 @@ def load_calibration(path: Path) -> dict[str, dict[str, int]]:
 class LeRobotArmConfig:
     """The settings every LeRobot arm shares (configs/robot/so100.yaml, so101.yaml, koch.yaml)."""
 
+    # LeRobot's driver imports only in LeRobot's virtualenv: `robopolicy deploy` runs the robot side there
+    # (`python -m real.robot`), serving the policy from its own environment (real/host/deploy.py)
+    driver_env = "lerobot"
+
     port: str = setting("/dev/ttyACM0", "the arm's serial port (lerobot-find-port), or the SO-100 twin's pty")
     id: str = setting("my_arm", "the arm's LeRobot id: its calibration file is <calibration_dir>/<id>.json")
     calibration_dir: str | None = setting(None, "folder of LeRobot calibration files; null: LeRobot's default "
