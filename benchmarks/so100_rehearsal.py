@@ -1,5 +1,5 @@
-"""The SO-100 rehearsal end to end: collect and train on builtin/so100_touch, `robopolicy eval` in sim, then the
-same checkpoint through LeRobot's unmodified SO100Follower on the Feetech twin, side by side on the same seeds.
+"""The SO-100 rehearsal end to end: collect and train on builtin/so100_pick (or --task builtin/so100_touch),
+`robopolicy eval` in sim, then the same checkpoint through LeRobot's unmodified SO100Follower on the Feetech twin, side by side on the same seeds.
 
     .venv/bin/python benchmarks/so100_rehearsal.py                       # 50 demos, 1500 steps, 50 + 50 episodes
     .venv/bin/python benchmarks/so100_rehearsal.py --ckpt RUN --episodes 10
@@ -32,7 +32,6 @@ from real.host.feetech_twin import TwinProcess  # noqa: E402
 
 ROBOPOLICY = str(Path(sys.executable).parent / "robopolicy")
 LEROBOT_PYTHON = ROOT / ".venv-lerobot" / "bin" / "python"
-TASK = "builtin/so100_touch"
 
 
 def run(args: list[str], env: dict) -> dict:
@@ -61,15 +60,17 @@ def serve(ckpt: Path, env: dict) -> tuple[subprocess.Popen, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="builtin/so100_pick", help="an SO-100 task (builtin/so100_pick, so100_touch)")
     parser.add_argument("--ckpt", default=None, help="a trained run or checkpoint (skips collect and train)")
     parser.add_argument("--demos", type=int, default=50)
     parser.add_argument("--train-steps", type=int, default=1500)
     parser.add_argument("--episodes", type=int, default=50, help="episodes of eval and of the twin deployment")
     parser.add_argument("--folder", default=None, help="work folder (default: a temporary one)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/so100_rehearsal.json"))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/<task>_rehearsal.json")
     parser.add_argument("--robot-computer", action="store_true", help="serve + python -m real.robot by hand "
                         "instead of one `robopolicy deploy robot=so100`")
     args = parser.parse_args(argv)
+    task = args.task
     if not LEROBOT_PYTHON.exists():
         raise SystemExit(f"{LEROBOT_PYTHON} is missing: build LeRobot's virtualenv with `make lerobot-env`.")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -81,21 +82,21 @@ def main(argv: list[str] | None = None) -> dict:
         if args.ckpt:
             ckpt = Path(args.ckpt)
         else:
-            run([ROBOPOLICY, "collect", f"task={TASK}", f"episodes={args.demos}", f"out={folder / 'demos'}",
+            run([ROBOPOLICY, "collect", f"task={task}", f"episodes={args.demos}", f"out={folder / 'demos'}",
                  "overwrite=true"], env)
             times["collect_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            run([ROBOPOLICY, "train", f"task={TASK}", f"data={folder / 'demos'}", f"out={folder / 'run'}",
+            run([ROBOPOLICY, "train", f"task={task}", f"data={folder / 'demos'}", f"out={folder / 'run'}",
                  f"steps={args.train_steps}", "eval.every=0", "eval.final_episodes=0", "eval.videos=0",
                  "overwrite=true"], env)
             times["train_s"] = time.perf_counter() - t
             ckpt = folder / "run"
         t = time.perf_counter()
-        evaluated = run([ROBOPOLICY, "eval", f"ckpt={ckpt}", f"task={TASK}", f"episodes={args.episodes}",
+        evaluated = run([ROBOPOLICY, "eval", f"ckpt={ckpt}", f"task={task}", f"episodes={args.episodes}",
                          "num_envs=2", f"out={folder / 'eval'}"], env)
         times["eval_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        with TwinProcess(ROOT / ".venv" / "bin" / "python", folder, task=TASK) as twin:
+        with TwinProcess(ROOT / ".venv" / "bin" / "python", folder, task=task) as twin:
             settings = [f"robot.port={twin.port}", "robot.id=so100_twin",
                         f"robot.calibration_dir={twin.calibration_dir}", f"robot.scene={twin.scene}",
                         "control.control_hz=10", f"episodes={args.episodes}", "control.max_episode_s=8",
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
                     server.wait(timeout=30)
         times["twin_deploy_s"] = time.perf_counter() - t
     result = {
-        "task": TASK, "episodes": args.episodes,
+        "task": task, "episodes": args.episodes,
         "eval_success_rate": evaluated["success_rate"], "eval_success_ci95": evaluated["success_ci95"],
         "twin_success_rate": deployed["success_rate"], "twin_success_ci95": deployed["success_ci95"],
         "difference_points": round(100 * (deployed["success_rate"] - evaluated["success_rate"]), 1),
@@ -122,8 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
         **{k: round(v, 1) for k, v in times.items()},
         "loadavg": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    out = Path(args.out or ROOT / f"benchmarks/results/{task.removeprefix('builtin/')}_rehearsal.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
     return result
 

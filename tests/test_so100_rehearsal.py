@@ -1,7 +1,7 @@
 """The SO-100 rehearsal end to end, short (about a minute): collect and train on builtin/so100_touch, `robopolicy
-eval`, then the checkpoint behind `robopolicy serve` drives the twin through LeRobot's SO100Follower
-(`python -m real.robot --robot so100 robot.scene=...` in LeRobot's virtualenv). The full-size run, 50 demos and
-50 + 50 episodes, is benchmarks/so100_rehearsal.py."""
+eval`, then `robopolicy deploy robot=so100 ckpt=...` drives the twin through LeRobot's SO100Follower (the robot
+side in LeRobot's virtualenv, `robot.scene=...`). The full-size run on builtin/so100_pick, 50 demos and 50 + 50
+episodes, is benchmarks/so100_rehearsal.py."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_a_policy_trained_on_so100_touch_succeeds_on_the_twin_as_in_eval(tmp_pat
     bench = importlib.util.module_from_spec(spec)
     sys.modules["so100_rehearsal"] = bench
     spec.loader.exec_module(bench)
-    result = bench.main(["--demos", "20", "--train-steps", "300", "--episodes", "5", "--folder", str(tmp_path),
+    result = bench.main(["--task", "builtin/so100_touch", "--demos", "20", "--train-steps", "300", "--episodes", "5", "--folder", str(tmp_path),
                          "--out", str(tmp_path / "result.json")])
     assert result["eval_success_rate"] >= 0.8
     assert result["twin_success_rate"] >= 0.8

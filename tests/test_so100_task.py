@@ -1,5 +1,6 @@
-"""builtin/so100_touch: the SO-100 task in LeRobot's units on the twin's arm (its expert, its seeding, its units),
-and the twin's scene channel that replays its resets and success (the LeRobot side: tests/test_so100_lerobot.py)."""
+"""builtin/so100_touch and builtin/so100_pick: the SO-100 tasks in LeRobot's units on the twin's arm (their experts,
+seeding, units), and the twin's scene channel that replays their resets and success (the LeRobot side:
+tests/test_so100_lerobot.py)."""
 
 from __future__ import annotations
 
@@ -31,11 +32,32 @@ def run(env, expert, seed: int) -> tuple[bool, int, np.ndarray]:
     raise AssertionError("the episode neither ended nor was truncated")
 
 
-def test_expert_succeeds_in_short_episodes():
-    env, expert = make_env(TASK), make_expert(TASK)
+@pytest.mark.parametrize(("task", "max_steps"), [(TASK, 20), ("builtin/so100_pick", 35)])
+def test_expert_succeeds_in_short_episodes(task, max_steps):
+    env, expert = make_env(task), make_expert(task)
     results = [run(env, expert, seed) for seed in range(100)]
     assert np.mean([r[0] for r in results]) >= 0.95
-    assert max(r[1] for r in results) <= 20  # 50 demos in seconds
+    assert max(r[1] for r in results) <= max_steps  # 50 demos in seconds
+
+
+def test_so100_pick_needs_a_grasp():
+    """The cube is lifted only by closing the jaws around it: the same motion with the gripper held open (or a
+    grasp from beside the cube) leaves it on the table."""
+    from sim.builtin import so100_pick
+
+    env = make_env("builtin/so100_pick")
+
+    class OpenHanded(so100_pick.SO100PickExpert):
+        def act(self, obs):
+            action = super().act(obs)
+            action[5] = so100_pick.GRIPPER_OPEN
+            if self.phase == "close":
+                self.phase = "lift"
+            return action
+
+    assert not any(run(env, OpenHanded(), seed)[0] for seed in range(5))
+    obs, _ = env.reset(seed=0)
+    assert env.unwrapped.task.reward(env.unwrapped.arm) == pytest.approx(0.0, abs=1e-3)
 
 
 def test_seeded_starts_and_the_adapters_units():
@@ -78,6 +100,39 @@ def test_twin_scene_channel_replays_the_tasks_reset_and_success():
             server.call(lambda t: t.place(t.encoders.from_lerobot(TOUCH_POSE)))
             assert ask(link, {"cmd": "status"})["success"] is True
             assert "error" in ask(link, {"cmd": "fly"})
+    finally:
+        channel.close()
+        server.close()
+
+
+def test_twin_scene_channel_replays_the_pick_and_its_success():
+    """The twin with builtin/so100_pick's table and cube: reset(seed) puts the arm at the env's start pose and the
+    cube back; status is the env's success (the cube lifted)."""
+    from sim.builtin.so100_pick import CUBE_POS, LIFT_M, SO100Pick
+
+    task = "builtin/so100_pick"
+    twin = SO100Twin(worldbody=SO100Pick().objects_xml)
+    server = PtyServer(twin).start()
+    channel = SceneChannel(server, task)
+    env = make_env(task)
+    try:
+        server.call(lambda t: [t.bus.handle(i, INST_WRITE, bytes([REG["Torque_Enable"][0], 1])) for i in MOTOR_IDS])
+        with socket.create_connection(("127.0.0.1", channel.port), timeout=5).makefile("rwb") as link:
+            assert ask(link, {"cmd": "reset", "seed": 7}) == {"ok": True}
+            twin_pose = server.call(lambda t: t.encoders.to_lerobot(t.joint_positions()))
+            env.reset(seed=7)
+            assert np.allclose(twin_pose, env.unwrapped.arm.encoders.to_lerobot(env.unwrapped.arm.joint_positions()),
+                               atol=0.05)
+            assert ask(link, {"cmd": "status"}) == {"success": False, "truncated": False}
+
+            def lift_cube(t):
+                cube = t.model.joint("cube").qposadr[0]
+                t.data.qpos[cube + 2] = CUBE_POS[2] + 2 * LIFT_M
+
+            server.call(lift_cube)
+            assert ask(link, {"cmd": "status"})["success"] is True
+            assert ask(link, {"cmd": "reset", "seed": 7}) == {"ok": True}  # the cube is back on the table
+            assert ask(link, {"cmd": "status"})["success"] is False
     finally:
         channel.close()
         server.close()

