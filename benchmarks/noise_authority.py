@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import rearrange, repeat
+from einops import repeat
 
 from robopolicy.checkpoint import resolve_checkpoint
 from robopolicy.data import DemoStore
 from robopolicy.loading import load_policy
+from robopolicy.rl.task_profile import sample_over_noises, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,13 +47,8 @@ def store_observations(store: DemoStore, obs_keys: list[str], n_obs_steps: int, 
     return {k: torch.as_tensor(np.stack(v)) for k, v in rows.items()}
 
 
-@torch.no_grad()
 def authority(policy, obs: dict[str, torch.Tensor], noises: int, noise_scale: float, seed: int) -> dict:
-    b = next(iter(obs.values())).shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    noise = noise_scale * torch.randn(b * noises, *policy.noise_shape, generator=generator)
-    chunks = policy.sample_chunk({k: repeat(v, "b ... -> (b n) ...", n=noises) for k, v in obs.items()}, noise)
-    return spread(policy, chunks, b, noises)
+    return spread(policy, *sample_over_noises(policy, obs, noises, noise_scale, seed))
 
 
 @torch.no_grad()
@@ -63,19 +59,7 @@ def latent_authority(policy, obs: dict[str, torch.Tensor], residuals: int, laten
     z = repeat(policy.encode(obs), "b f -> (b n) f", n=residuals)
     noise = repeat(torch.randn(b, *policy.noise_shape, generator=generator), "b h a -> (b n) h a", n=residuals)
     residual = latent_scale * (2 * torch.rand(z.shape, generator=generator) - 1)
-    return spread(policy, policy.sample_from_features(z + residual, noise), b, residuals)
-
-
-def spread(policy, chunks: torch.Tensor, b: int, noises: int) -> dict:
-    """Per action dimension: std and range of the executed actions (normalized) over the `noises` chunks of each
-    observation, averaged over observations and executed steps."""
-    start = policy.n_obs_steps - 1  # the executed steps (common.md)
-    executed = policy.normalizer.normalize("action", chunks[:, start:start + policy.n_action_steps])
-    executed = rearrange(executed, "(b n) t a -> b n t a", n=noises)
-    std = executed.std(dim=1).mean(dim=(0, 1))
-    spread = (executed.amax(dim=1) - executed.amin(dim=1)).mean(dim=(0, 1))
-    return {"observations": b, "std": [round(float(x), 4) for x in std],
-            "range": [round(float(x), 4) for x in spread], "mean_std": round(float(std.mean()), 4)}
+    return spread(policy, policy.sample_from_features(z + residual, noise), residuals)
 
 
 def main() -> None:

@@ -175,8 +175,9 @@ def run(command: str, overrides: list[str], sub: str | None = None) -> dict:
         return cmd_data(config, sub)
     if command == "train":
         return cmd_train(config, OmegaConf.to_container(cfg.policy, resolve=True))
-    if command == "finetune":
-        return cmd_finetune(config, OmegaConf.to_container(cfg.algo, resolve=True))
+    if command == "finetune":  # the keys given here are never replaced by defaults derived from the task
+        explicit = {o.partition("=")[0].lstrip("+~") for o in overrides if "=" in o} - {"algo"}
+        return cmd_finetune(config, OmegaConf.to_container(cfg.algo, resolve=True), explicit)
     if command in ("collect", "eval", "quickstart"):
         return {"collect": cmd_collect, "eval": cmd_eval, "quickstart": cmd_quickstart}[command](config)
     # serve and deploy (typed by the robot side) still read the composed config.
@@ -550,7 +551,7 @@ def _quickstart_refine(cfg: QuickstartConfig, store: Path, out: Path) -> dict:
         f"eval.final_episodes={refine.eval_episodes}", f"eval.every={refine.eval_every}", *refine.finetune])
 
 
-def cmd_finetune(cfg: FinetuneConfig, algo: Mapping[str, Any]) -> dict:
+def cmd_finetune(cfg: FinetuneConfig, algo: Mapping[str, Any], explicit: set[str] | None = None) -> dict:
     from robopolicy.checkpoint import read_checkpoint_info, resolve_checkpoint
     from robopolicy.finetune import finetune
 
@@ -566,7 +567,7 @@ def cmd_finetune(cfg: FinetuneConfig, algo: Mapping[str, Any]) -> dict:
     with progress(total, f"finetune {algo.get('name')}") as bar:
         return {"command": "finetune", **finetune(run_cfg, lambda n: make_vector_env(task, n, kwargs),
                                                   log=lambda m: print(m, file=sys.stderr), progress=bar,
-                                                  base_info=info)}
+                                                  base_info=info, explicit=explicit or set())}
 
 
 def cmd_serve(cfg: DictConfig) -> dict:

@@ -93,6 +93,7 @@ def evaluate(envs, policy, n_episodes: int, *, seed: int = EVAL_SEED, chunk_fn: 
         seed=seed,
         seconds=round(time.perf_counter() - start, 2),
         per_episode=[{"seed": ep.seed, "success": ep.success, "return": round(ep.ret, 4), "length": ep.length,
+                      "max_step_reward": round(ep.max_step_reward, 4),
                       **({"instruction": ep.instruction} if policy.language else {})} for ep in episodes],
     )
     return summary

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from robopolicy.checkpoint import (
@@ -40,6 +41,7 @@ from robopolicy.rl import METHODS
 from robopolicy.rl.collector import RewardSpec
 from robopolicy.rl.online import EvalSchedule, run_online
 from robopolicy.rl.refined import save_refined
+from robopolicy.rl.task_profile import derive_defaults, profile_task
 
 
 @dataclass
@@ -69,6 +71,10 @@ class FinetuneConfig:
                                   "step, 0 on success, so an untrained critic is optimistic")
     threads: int = setting(1, "torch CPU threads (the env workers use the other cores)")
     max_episode_steps: int | None = setting(None, "null: the task's default")
+    auto: bool = setting(True, "fill the settings not given (reward, reward_scale, step_penalty; the residual's "
+                         "decision rate and TD horizon) from the task and the base, measured on the base's "
+                         "evaluation at the start; each choice is printed with its reason (robopolicy/rl/"
+                         "task_profile.py)")
     eval: FinetuneEvalConfig = setting(FinetuneEvalConfig(), "evaluation schedule")
 
     @property
@@ -81,10 +87,14 @@ class FinetuneError(ValueError):
 
 
 def finetune(cfg: Mapping[str, Any], make_envs: Callable[[int], Any], *, log: Callable[[str], None] = print,
-             progress=None, base_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             progress=None, base_info: Mapping[str, Any] | None = None,
+             explicit: set[str] | None = None) -> dict[str, Any]:
     """Refine `cfg["ckpt"]` with `cfg["algo"]`; `base_info` is the base's `read_checkpoint_info` when the caller
-    has already read it (the CLI, which checks the task's features against it)."""
+    has already read it (the CLI, which checks the task's features against it). `explicit`: the dotted keys the
+    user gave (they are never replaced by derived defaults); None: every key present in `cfg`."""
     cfg = plain(cfg)
+    if explicit is None:
+        explicit = set(_dotted_keys(cfg))
     algo_section = dict(cfg.pop("algo", None) or {})
     run = from_mapping(FinetuneConfig, cfg)
     name = algo_section.get("name")
@@ -106,17 +116,30 @@ def finetune(cfg: Mapping[str, Any], make_envs: Callable[[int], Any], *, log: Ca
     torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)
 
-    base_ref = base_reference(base)  # hashed once; loading the refined checkpoint verifies it once more
-    method, buffer = METHODS[name].make_method(load_policy(base), base_ref, algo, run.reward_spec, run.seed)
-    n_params = sum(p.numel() for p in method.policy.parameters())
-    log(f"finetune {name} on {task}: base {base} ({info['policy']}), {n_params / 1e6:.3f}M refined "
-        f"parameters, {run.env_steps} env steps")
     started, cpu_started = time.perf_counter(), _cpu_seconds()
     load_started = os.getloadavg()[0]
     ev = run.eval
-    base_eval = _evaluate(make_envs, method.policy.base, ev.base_episodes, ev.num_envs)
+    base_policy = load_policy(base)
+    base_eval = _evaluate(make_envs, base_policy, ev.base_episodes, ev.num_envs)
     if base_eval is not None:
         log(f"base success {base_eval['success_rate']:.2f} over {base_eval['episodes']} episodes")
+    profile, derived = None, None
+    if run.auto and base_eval is not None:  # defaults from the task and the base (explicit settings win)
+        profile = profile_task(base_eval, base_policy, *_probe_envs(make_envs, ev.num_envs))
+        derived = derive_defaults(profile, name, explicit, run.reward)
+        run, algo = _apply(derived, run, algo, name)
+        for choice in derived.choices:
+            log(f"default {choice.key}={choice.value}: {choice.why}")
+        for advice in derived.advice:
+            log(f"note: {advice}")
+    elif run.auto:
+        log("eval.base_episodes=0: no base episodes to measure the task on, so the configured defaults stand")
+    torch.manual_seed(run.seed)  # the method's initialisation does not depend on the evaluation above
+    base_ref = base_reference(base)  # hashed once; loading the refined checkpoint verifies it once more
+    method, buffer = METHODS[name].make_method(base_policy, base_ref, algo, run.reward_spec, run.seed)
+    n_params = sum(p.numel() for p in method.policy.parameters())
+    log(f"finetune {name} on {task}: base {base} ({info['policy']}), {n_params / 1e6:.3f}M refined "
+        f"parameters, {run.env_steps} env steps")
     result = run_online(method, buffer, make_envs, algo=algo, ev=ev, reward=run.reward_spec,
                         env_steps=run.env_steps, num_envs=run.num_envs, seed=run.seed, out=out, task=task, log=log,
                         progress=progress)
@@ -143,6 +166,10 @@ def finetune(cfg: Mapping[str, Any], make_envs: Callable[[int], Any], *, log: Ca
         "cpu_seconds": round(_cpu_seconds() - cpu_started, 1),
         "load_average_1min": [round(load_started, 2), round(os.getloadavg()[0], 2)],
         "base_eval": _brief(base_eval), "final_eval": _brief(final), "target": ev.target,
+        "task_profile": None if profile is None else profile.as_dict(),
+        "derived_defaults": None if derived is None else {c.key: {"value": c.value, "why": c.why}
+                                                          for c in derived.choices},
+        "advice": None if derived is None else derived.advice,
         # only evaluations of the confirming size count (the final one included)
         "steps_to_target": curves.steps_to(ev.target, min_episodes=ev.confirm_episodes),
         "wall_seconds_to_target": next((p["wall_seconds"] for p in curves.eval
@@ -154,6 +181,39 @@ def finetune(cfg: Mapping[str, Any], make_envs: Callable[[int], Any], *, log: Ca
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["summary"] = str(out / "summary.json")
     return summary
+
+
+def _dotted_keys(mapping: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in mapping.items():
+        keys.append(prefix + key)
+        if isinstance(value, Mapping):
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _apply(derived, run: FinetuneConfig, algo: Any, name: str) -> tuple[FinetuneConfig, Any]:
+    """The run and algo configs with the derived choices set (validated again by their classes)."""
+    top = {c.key: c.value for c in derived.choices if not c.key.startswith("algo.")}
+    inner = {c.key.removeprefix("algo."): c.value for c in derived.choices if c.key.startswith("algo.")}
+    run = from_mapping(FinetuneConfig, {**plain(run), **top})
+    algo = from_mapping(config_class("algo", name), {**plain(algo), **inner}, where="algo")
+    return run, algo
+
+
+def _probe_envs(make_envs: Callable[[int], Any], num_envs: int) -> tuple[dict, int | None]:
+    """The task's first observations on a few evaluation seeds (for the base's noise authority) and its episode
+    limit in env steps (None when the env does not say)."""
+    envs = make_envs(num_envs)
+    try:
+        observations, _ = envs.reset(seed=EVAL_SEED)
+        try:
+            horizon = int(envs.get_attr("max_episode_steps")[0])
+        except Exception:  # an env without the attribute
+            horizon = None
+        return {k: v for k, v in observations.items() if isinstance(v, np.ndarray) and v.dtype != object}, horizon
+    finally:
+        envs.close()
 
 
 def _evaluate(make_envs: Callable[[int], Any], policy, episodes: int, num_envs: int) -> dict | None:

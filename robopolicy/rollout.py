@@ -38,6 +38,7 @@ class Episode:
     seed: int
     success: bool = False
     ret: float = 0.0
+    rewards: list[float] = field(default_factory=list)  # per step (ret is their sum)
     recording: bool = False
     frames: dict[str, list[np.ndarray]] = field(default_factory=dict)
     instruction: str = ""
@@ -46,6 +47,12 @@ class Episode:
     @property
     def length(self) -> int:
         return len(self.frames.get(ACTION_KEY, ()))
+
+    @property
+    def max_step_reward(self) -> float:
+        """The largest reward of one step short of success (a success step's bonus left out)."""
+        steps = self.rewards[:-1] if self.success else self.rewards
+        return max(steps, default=0.0)
 
     def stacked(self) -> dict[str, np.ndarray]:
         return {k: np.stack(v) for k, v in self.frames.items()}
@@ -119,6 +126,7 @@ def run_episodes(
             else:
                 ep.frames.setdefault(ACTION_KEY, []).append(None)  # only the length is kept
             ep.ret += float(reward[i])
+            ep.rewards.append(float(reward[i]))
             ep.success |= bool(success[i])
             if terminated[i] or truncated[i]:
                 episodes.append(ep)
