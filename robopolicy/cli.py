@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from robopolicy.commands import CollectConfig, DataConfig, EvalConfig, ObsConfig, QuickstartConfig
 from robopolicy.config import CONFIGS, ConfigError, describe, from_mapping, to_dict
 from robopolicy.data.spec import camera_name, feature_mismatch, image_key, is_image_key, policy_features
+from robopolicy.rollout import RolloutConfig
 
 if TYPE_CHECKING:
     from robopolicy.finetune import FinetuneConfig
@@ -90,8 +91,14 @@ def quote_free_text(override: str) -> str:
     return key + "='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def rollout_shorthand(override: str) -> str:
+    """`rollout=ray` (a backend's name) stands for `rollout.backend=ray`."""
+    key, sep, value = override.partition("=")
+    return f"rollout.backend={value}" if sep and key == "rollout" else override
+
+
 def compose(command: str, overrides: list[str]) -> DictConfig:
-    overrides = [quote_free_text(o) for o in overrides]
+    overrides = [rollout_shorthand(quote_free_text(o)) for o in overrides]
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -230,12 +237,20 @@ def env_kwargs_for_features(features: Mapping[str, Mapping], max_episode_steps: 
     return kwargs
 
 
-def make_vector_env(task: str, num_envs: int, kwargs: dict):
-    """Workers in subprocesses (shared-memory observations); we reset finished workers ourselves.
+def make_vector_env(task: str, num_envs: int, kwargs: dict, rollout: RolloutConfig | None = None):
+    """The rollout backend's vector env (robopolicy/rollout.py): workers in subprocesses (shared-memory
+    observations) or Ray actors; either way we reset finished workers ourselves.
 
     Callers have already built one env of `task` in this process (to read or check its features), so an unknown
     task or a bad option fails there, with its own message, before any worker starts.
     """
+    if rollout is not None and rollout.backend == "ray":
+        try:
+            from sim.ray_vector import RayVectorEnv
+        except ImportError as e:
+            raise UserError(f"rollout=ray needs Ray ({e}): pip install 'robopolicy[scale]'.") from e
+        return RayVectorEnv(task, num_envs, workers=rollout.workers, address=rollout.address,
+                            max_restarts=rollout.max_restarts, **kwargs)
     from sim.vector import make_vector_env as make
 
     return make(task, num_envs, autoreset="disabled", **kwargs)
@@ -291,7 +306,7 @@ def cmd_collect(cfg: CollectConfig) -> dict:
     # Appending continues after the seeds already recorded, so a store never holds the same episode twice.
     seeds = [e.get("extra", {}).get("seed") for e in store.episodes]
     seed = max([cfg.seed - 1] + [s for s in seeds if s is not None]) + 1
-    envs = make_vector_env(task, num_envs, kwargs)
+    envs = make_vector_env(task, num_envs, kwargs, cfg.rollout)
     try:
         with progress(cfg.episodes, f"collect {task}") as bar:
             summary = collect(envs, experts, store, cfg.episodes, seed=seed, task=description, source=cfg.source,
@@ -457,7 +472,7 @@ def cmd_eval(cfg: EvalConfig) -> dict:
 def _eval_task(cfg: EvalConfig, policy, task: str, kwargs: dict, out: Path) -> dict:
     from robopolicy.evaluate import evaluate
 
-    envs = make_vector_env(task, min(cfg.num_envs, cfg.episodes), kwargs)
+    envs = make_vector_env(task, min(cfg.num_envs, cfg.episodes), kwargs, cfg.rollout)
     try:
         with progress(cfg.episodes, f"eval {task}") as bar:
             return evaluate(envs, policy, cfg.episodes, seed=cfg.seed, video_dir=out / "videos",
@@ -564,7 +579,7 @@ def cmd_finetune(cfg: FinetuneConfig, algo: Mapping[str, Any]) -> dict:
     run_cfg = {**to_dict(cfg), "task": task, "ckpt": str(base), "algo": dict(algo)}
     total = algo["steps"] if "data" in algo else cfg.env_steps  # offline methods count gradient steps
     with progress(total, f"finetune {algo.get('name')}") as bar:
-        return {"command": "finetune", **finetune(run_cfg, lambda n: make_vector_env(task, n, kwargs),
+        return {"command": "finetune", **finetune(run_cfg, lambda n: make_vector_env(task, n, kwargs, cfg.rollout),
                                                   log=lambda m: print(m, file=sys.stderr), progress=bar,
                                                   base_info=info)}
 

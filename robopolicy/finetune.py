@@ -40,6 +40,7 @@ from robopolicy.rl import METHODS
 from robopolicy.rl.collector import RewardSpec
 from robopolicy.rl.online import EvalSchedule, run_online
 from robopolicy.rl.refined import save_refined
+from robopolicy.rollout import RolloutConfig
 
 
 @dataclass
@@ -70,6 +71,7 @@ class FinetuneConfig:
     threads: int = setting(1, "torch CPU threads (the env workers use the other cores)")
     max_episode_steps: int | None = setting(None, "null: the task's default")
     eval: FinetuneEvalConfig = setting(FinetuneEvalConfig(), "evaluation schedule")
+    rollout: RolloutConfig = setting(RolloutConfig(), "where the envs step (rollout=ray: Ray actors)")
 
     @property
     def reward_spec(self) -> RewardSpec:
