@@ -14,11 +14,13 @@ takes environments through the gymnasium API.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
 import sys
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +47,7 @@ COMMANDS = {
     "serve": "a policy server for remote robots (msgpack protocol, loopback by default)",
     "deploy": "a control node driving a robot (robot=sim: a MuJoCo task in real time) with a local or remote policy",
     "quickstart": "the embedded default: collect, train, evaluate, deploy and refine on a built-in task",
+    "sweep": "train or finetune over seeds x settings, gathered into one table (CSV, JSON, plot) with intervals",
 }
 DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "filter", "label")
 
@@ -53,7 +56,8 @@ DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "fi
 # ("policy", <name>) ...; imported on demand (train's and the groups' pull in torch).
 CONFIG_MODULES = {"collect": "robopolicy.commands", "data": "robopolicy.commands", "eval": "robopolicy.commands",
                   "quickstart": "robopolicy.commands", "train": "robopolicy.train",
-                  "finetune": "robopolicy.finetune", "serve": "real.host.deploy", "deploy": "real.robot.deployment"}
+                  "finetune": "robopolicy.finetune", "serve": "real.host.deploy", "deploy": "real.robot.deployment",
+                  "sweep": "robopolicy.sweep"}
 GROUP_MODULES = {"policy": "robopolicy.policies", "algo": "robopolicy.rl", "robot": "real.robot.robots"}
 
 
@@ -177,6 +181,12 @@ def _field_doc(cls: type | None, name: str) -> str:
 
 def run(command: str, overrides: list[str], sub: str | None = None) -> dict:
     """Configure and run one command (`sub`: the `data` subcommand); returns its summary."""
+    if command == "sweep":  # its own settings; every other override goes to each run
+        from robopolicy.sweep import split_overrides, sweep
+
+        own, base = split_overrides(overrides)
+        config, _ = configure(command, own)
+        return sweep(config, run, base=base, log=lambda m: print(m, file=sys.stderr))
     config, cfg = configure(command, overrides)
     if command == "data":
         return cmd_data(config, sub)
@@ -413,8 +423,9 @@ def cmd_train(cfg: TrainConfig, policy: dict) -> dict:
     features = select_features(DemoStore.open(cfg.data).features, cfg.use_images)
     kwargs = env_kwargs_for_features(features, cfg.max_episode_steps)
     _check_env_matches(cfg.task, kwargs, features, f"the store {cfg.data}")
-    with progress(cfg.steps, f"train {policy.get('name')}") as bar:
-        return train(cfg, policy, make_envs=lambda: make_vector_env(cfg.task, cfg.eval.num_envs, kwargs),
+    with progress(cfg.steps, f"train {policy.get('name')}") if cfg.launcher == "none" else nullcontext() as bar:
+        # a partial, not a lambda: with launcher=ddp it travels to rank 0's process
+        return train(cfg, policy, make_envs=functools.partial(make_vector_env, cfg.task, cfg.eval.num_envs, kwargs),
                      progress=bar, log=lambda m: print(m, file=sys.stderr))
 
 
