@@ -29,14 +29,13 @@ from gymnasium.vector import AutoresetMode
 from sim.vector import VectorEnvError
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-_owned = False  # a RayVectorEnv started this process's Ray (the last of them to close shuts it down)
-_open_envs = 0
 
 
 def init_ray(address: str = "local", num_cpus: int | None = None) -> bool:
     """Connect to Ray once per process: `local` starts a private instance bound to loopback, `auto` joins the
     cluster of `ray start`, `HOST:PORT` joins that one. An instance already running in this process is reused.
-    Returns whether this call started or joined one (then the caller shuts it down)."""
+    Returns whether this call started or joined one. A Ray started here stays up for the next vector env (a
+    command may build several in turn) until `ray.shutdown()` or the process ends (Ray shuts it down at exit)."""
     if address == "local":
         os.environ.update(LOOPBACK_ENV)  # read as Ray is imported and as its services start: bind 127.0.0.1 only
     import ray
@@ -105,7 +104,6 @@ class RayVectorEnv(gym.vector.VectorEnv):
     def __init__(self, task: str, num_envs: int, *, workers: int | None = None, address: str = "local",
                  max_restarts: int = 3, timeout: float = 300.0, **env_kwargs: Any):
         self._actors: list = []  # set first: close() must work whatever fails below
-        global _open_envs, _owned
         import ray
 
         from sim import make_env
@@ -118,9 +116,7 @@ class RayVectorEnv(gym.vector.VectorEnv):
         self.num_envs, self.name, self.timeout = num_envs, task, timeout
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
-        if init_ray(address):
-            _owned = True
-        _open_envs += 1
+        init_ray(address)
         if workers is None:
             workers = min(num_envs, max(1, int(ray.cluster_resources().get("CPU", 1))))
         if not 1 <= workers <= num_envs:
@@ -200,7 +196,6 @@ class RayVectorEnv(gym.vector.VectorEnv):
         return tuple(v for block in values for v in block)
 
     def close_extras(self, **kwargs: Any) -> None:
-        global _open_envs, _owned
         if not self._actors:
             return
         import ray
@@ -208,10 +203,6 @@ class RayVectorEnv(gym.vector.VectorEnv):
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._actors = []
-        _open_envs -= 1
-        if _owned and _open_envs == 0:
-            ray.shutdown()
-            _owned = False
 
     @property
     def worker_pids(self) -> list[int]:

@@ -180,3 +180,19 @@ def test_online_collector_reruns_the_episode_of_a_killed_worker(local_ray, tmp_p
     killed = episodes(RayVectorEnv(TASK, 2, workers=2, max_episode_steps=10), kill=True)
     common = set(reference) & set(killed)
     assert len(common) >= 4 and all(killed[s] == reference[s] for s in common)
+
+
+def test_eval_with_rollout_ray_gives_the_success_rate_of_the_default(tmp_path, cli):
+    import json
+
+    from test_rl_core import make_base
+
+    ckpt = make_base(tmp_path / "base")  # an untrained flow policy: episodes differ in return and length
+    common = ["eval", f"ckpt={ckpt}", "episodes=6", "num_envs=3", "max_episode_steps=15"]
+    default = last_json(cli(*common, f"out={tmp_path / 'a'}", check=True))
+    with_ray = last_json(cli(*common, f"out={tmp_path / 'b'}", "rollout=ray", "rollout.workers=2", check=True,
+                             timeout=180))
+    assert with_ray["episodes"] == default["episodes"] == 6
+    assert with_ray["success_rate"] == default["success_rate"]
+    per_episode = [json.loads((tmp_path / d / "summary.json").read_text())["per_episode"] for d in ("a", "b")]
+    assert per_episode[0] == per_episode[1]
