@@ -5,7 +5,7 @@ periodic evaluation in vectorized simulation, checkpoints, TensorBoard logs, and
 batch indices and the torch random state of step s are both derived from (seed, s) alone, so a resumed run draws
 exactly what the uninterrupted run would have drawn.
 
-`launcher=ddp nproc=N` runs the same loop in N processes (torch.multiprocessing, a gloo group on 127.0.0.1) with
+`launcher=ddp nproc=N` runs the same loop in N processes (torch.multiprocessing, a gloo group on loopback) with
 DistributedDataParallel: each step's batch of `batch_size` windows is drawn as above and split into N contiguous
 shards, one per rank, so N ranks take the same windows as one process (with a deterministic loss, the same
 gradients); rank r draws its noise from (seed, step, r). Checkpoints, EMA, evaluation and logs are rank 0's; every
@@ -347,10 +347,12 @@ def train_rank(cfg: TrainConfig, policy_cfg: Mapping[str, Any], *, make_envs: Ca
 
 def launch_ddp(cfg: TrainConfig, policy_cfg: Mapping[str, Any], make_envs: Callable[[], object] | None, *,
                log: Callable[[str], None] = print) -> dict:
-    """`cfg.nproc` ranks of `train_rank` in spawned processes, a gloo group on 127.0.0.1; rank 0's summary.
+    """`cfg.nproc` ranks of `train_rank` in spawned processes, a gloo group on loopback; rank 0's summary.
     A rank that fails or dies ends the others (torch.multiprocessing) and the run, resumable from its last
-    checkpoint."""
-    import socket
+    checkpoint. The ranks meet through a file (a TCP rendezvous store would listen on every interface) and gloo's
+    own connections use the loopback interface."""
+    import sys
+    import tempfile
 
     import torch.multiprocessing as mp
 
@@ -358,33 +360,31 @@ def launch_ddp(cfg: TrainConfig, policy_cfg: Mapping[str, Any], make_envs: Calla
         raise TrainError(f"nproc must be at least 1, got {cfg.nproc}.")
     if cfg.batch_size % cfg.nproc:
         raise TrainError(f"batch_size={cfg.batch_size} does not split over nproc={cfg.nproc} ranks: pass a multiple.")
-    with socket.socket() as sock:  # a free port on loopback for the group's rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log(f"launching {cfg.nproc} ranks (DistributedDataParallel, gloo on 127.0.0.1:{port})")
-    try:
-        mp.spawn(_ddp_rank, args=(cfg.nproc, port, to_dict(cfg), dict(policy_cfg), make_envs), nprocs=cfg.nproc,
-                 join=True)
-    except mp.ProcessExitedException as e:
-        raise TrainError(f"rank {e.error_index} of {cfg.nproc} died (exit code {e.exit_code}); {cfg.out} keeps its "
-                         "last checkpoint: rerun with resume=true to continue.") from None
-    except mp.ProcessRaisedException as e:
-        last = str(e).strip().splitlines()[-1]
-        raise TrainError(f"a rank of the ddp run failed: {last}") from None
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
+    log(f"launching {cfg.nproc} ranks (DistributedDataParallel, gloo on loopback)")
+    with tempfile.TemporaryDirectory(prefix="robopolicy_ddp_") as rendezvous:
+        try:
+            mp.spawn(_ddp_rank, args=(cfg.nproc, str(Path(rendezvous) / "store"), to_dict(cfg), dict(policy_cfg),
+                                      make_envs), nprocs=cfg.nproc, join=True)
+        except mp.ProcessExitedException as e:
+            raise TrainError(f"rank {e.error_index} of {cfg.nproc} died (exit code {e.exit_code}); {cfg.out} keeps "
+                             "its last checkpoint: rerun with resume=true to continue.") from None
+        except mp.ProcessRaisedException as e:
+            last = str(e).strip().splitlines()[-1]
+            raise TrainError(f"a rank of the ddp run failed: {last}") from None
     summary = json.loads((Path(cfg.out) / "summary.json").read_text())
     summary["summary"] = str(Path(cfg.out) / "summary.json")
     return summary
 
 
-def _ddp_rank(rank: int, world: int, port: int, cfg: dict, policy_cfg: dict, make_envs) -> None:
+def _ddp_rank(rank: int, world: int, store_file: str, cfg: dict, policy_cfg: dict, make_envs) -> None:
     import sys
 
     import torch.distributed as dist
 
     from robopolicy.config import from_mapping
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", store=dist.FileStore(store_file, world), rank=rank, world_size=world)
     try:
         progress = None
         if rank == 0:

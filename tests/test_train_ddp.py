@@ -1,6 +1,6 @@
 """`robopolicy train launcher=ddp nproc=2` on CPU (gloo on loopback): 2 ranks x batch B give the gradients of
 1 rank x batch 2B; a short run ends near the single-process weights; a killed rank ends the run with one sentence
-and `resume=true` continues it to the weights of an uninterrupted run."""
+and `resume=true` continues it to the weights of an uninterrupted run; the ranks listen on loopback only."""
 
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def policy_and_batch():
 
 
 def test_two_ranks_of_batch_b_give_the_gradients_of_one_rank_of_batch_2b(tmp_path):
-    port, out = str(_free_port()), str(tmp_path / "grads.safetensors")
-    ranks = [subprocess.Popen([sys.executable, str(HELPER), str(rank), "2", port, out], stderr=subprocess.PIPE,
+    store, out = str(tmp_path / "rendezvous"), str(tmp_path / "grads.safetensors")
+    ranks = [subprocess.Popen([sys.executable, str(HELPER), str(rank), "2", store, out], stderr=subprocess.PIPE,
                               text=True) for rank in range(2)]
     for proc in ranks:
         _, err = proc.communicate(timeout=120)
@@ -55,14 +55,6 @@ def test_the_ranks_shards_are_the_single_process_batch():
         whole = batch_indices(cfg, step, 1000, None)
         shards = [batch_indices(cfg, step, 1000, None, rank, 3) for rank in range(3)]
         assert [len(s) for s in shards] == [4, 4, 4] and np.array_equal(np.concatenate(shards), whole)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---- through the console script ------------------------------------------------------------------------------
@@ -115,6 +107,8 @@ def test_a_killed_rank_ends_the_run_cleanly_and_resume_finishes_it_exactly(store
         time.sleep(0.01)
     ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
     assert len(ranks) == 2, [p.cmdline() for p in ranks]
+    listening = [c.laddr.ip for p in ranks for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in listening), listening
     os.kill(ranks[1].pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "resume=true" in err and "Traceback" not in err, err[-2000:]

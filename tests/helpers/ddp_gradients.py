@@ -1,4 +1,4 @@
-"""One rank of tests/test_train_ddp.py's gradient check: `python ddp_gradients.py RANK WORLD PORT OUT`.
+"""One rank of tests/test_train_ddp.py's gradient check: `python ddp_gradients.py RANK WORLD STORE_FILE OUT`.
 
 Rank r takes rows [r*B, (r+1)*B) of the shared batch through DistributedDataParallel (gloo on loopback); rank 0
 writes the synchronized gradients to OUT (safetensors)."""
@@ -17,10 +17,11 @@ from test_train_ddp import B, policy_and_batch  # noqa: E402
 
 from robopolicy.train import LossModule  # noqa: E402
 
-rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+rank, world, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 torch.set_num_threads(1)
-dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+                        timeout=timedelta(seconds=60))
 try:
     policy, batch = policy_and_batch()
     shard = {k: v[rank * B:(rank + 1) * B] for k, v in batch.items()}
