@@ -14,11 +14,13 @@ takes environments through the gymnasium API.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
 import sys
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from robopolicy.commands import CollectConfig, DataConfig, EvalConfig, ObsConfig, QuickstartConfig
 from robopolicy.config import CONFIGS, ConfigError, describe, from_mapping, to_dict
 from robopolicy.data.spec import camera_name, feature_mismatch, image_key, is_image_key, policy_features
+from robopolicy.rollout import RolloutConfig
 
 if TYPE_CHECKING:
     from robopolicy.finetune import FinetuneConfig
@@ -44,6 +47,7 @@ COMMANDS = {
     "serve": "a policy server for remote robots (msgpack protocol, loopback by default)",
     "deploy": "a control node driving a robot (robot=sim: a MuJoCo task in real time) with a local or remote policy",
     "quickstart": "the embedded default: collect, train, evaluate, deploy and refine on a built-in task",
+    "sweep": "train or finetune over seeds x settings, gathered into one table (CSV, JSON, plot) with intervals",
 }
 DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "filter", "label")
 
@@ -52,7 +56,8 @@ DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "fi
 # ("policy", <name>) ...; imported on demand (train's and the groups' pull in torch).
 CONFIG_MODULES = {"collect": "robopolicy.commands", "data": "robopolicy.commands", "eval": "robopolicy.commands",
                   "quickstart": "robopolicy.commands", "train": "robopolicy.train",
-                  "finetune": "robopolicy.finetune", "serve": "real.host.deploy", "deploy": "real.robot.deployment"}
+                  "finetune": "robopolicy.finetune", "serve": "real.host.deploy", "deploy": "real.robot.deployment",
+                  "sweep": "robopolicy.sweep"}
 GROUP_MODULES = {"policy": "robopolicy.policies", "algo": "robopolicy.rl", "robot": "real.robot.robots"}
 
 
@@ -90,8 +95,14 @@ def quote_free_text(override: str) -> str:
     return key + "='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def rollout_shorthand(override: str) -> str:
+    """`rollout=ray` (a backend's name) stands for `rollout.backend=ray`."""
+    key, sep, value = override.partition("=")
+    return f"rollout.backend={value}" if sep and key == "rollout" else override
+
+
 def compose(command: str, overrides: list[str]) -> DictConfig:
-    overrides = [quote_free_text(o) for o in overrides]
+    overrides = [rollout_shorthand(quote_free_text(o)) for o in overrides]
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -170,6 +181,12 @@ def _field_doc(cls: type | None, name: str) -> str:
 
 def run(command: str, overrides: list[str], sub: str | None = None) -> dict:
     """Configure and run one command (`sub`: the `data` subcommand); returns its summary."""
+    if command == "sweep":  # its own settings; every other override goes to each run
+        from robopolicy.sweep import split_overrides, sweep
+
+        own, base = split_overrides(overrides)
+        config, _ = configure(command, own)
+        return sweep(config, run, base=base, log=lambda m: print(m, file=sys.stderr))
     config, cfg = configure(command, overrides)
     if command == "data":
         return cmd_data(config, sub)
@@ -231,12 +248,20 @@ def env_kwargs_for_features(features: Mapping[str, Mapping], max_episode_steps: 
     return kwargs
 
 
-def make_vector_env(task: str, num_envs: int, kwargs: dict):
-    """Workers in subprocesses (shared-memory observations); we reset finished workers ourselves.
+def make_vector_env(task: str, num_envs: int, kwargs: dict, rollout: RolloutConfig | None = None):
+    """The rollout backend's vector env (robopolicy/rollout.py): workers in subprocesses (shared-memory
+    observations) or Ray actors; either way we reset finished workers ourselves.
 
     Callers have already built one env of `task` in this process (to read or check its features), so an unknown
     task or a bad option fails there, with its own message, before any worker starts.
     """
+    if rollout is not None and rollout.backend == "ray":
+        try:
+            from sim.ray_vector import RayVectorEnv
+        except ImportError as e:
+            raise UserError(f"rollout=ray needs Ray ({e}): pip install 'robopolicy[scale]'.") from e
+        return RayVectorEnv(task, num_envs, workers=rollout.workers, address=rollout.address,
+                            max_restarts=rollout.max_restarts, **kwargs)
     from sim.vector import make_vector_env as make
 
     return make(task, num_envs, autoreset="disabled", **kwargs)
@@ -292,7 +317,7 @@ def cmd_collect(cfg: CollectConfig) -> dict:
     # Appending continues after the seeds already recorded, so a store never holds the same episode twice.
     seeds = [e.get("extra", {}).get("seed") for e in store.episodes]
     seed = max([cfg.seed - 1] + [s for s in seeds if s is not None]) + 1
-    envs = make_vector_env(task, num_envs, kwargs)
+    envs = make_vector_env(task, num_envs, kwargs, cfg.rollout)
     try:
         with progress(cfg.episodes, f"collect {task}") as bar:
             summary = collect(envs, experts, store, cfg.episodes, seed=seed, task=description, source=cfg.source,
@@ -399,8 +424,9 @@ def cmd_train(cfg: TrainConfig, policy: dict) -> dict:
     features = select_features(DemoStore.open(cfg.data).features, cfg.use_images)
     kwargs = env_kwargs_for_features(features, cfg.max_episode_steps)
     _check_env_matches(cfg.task, kwargs, features, f"the store {cfg.data}")
-    with progress(cfg.steps, f"train {policy.get('name')}") as bar:
-        return train(cfg, policy, make_envs=lambda: make_vector_env(cfg.task, cfg.eval.num_envs, kwargs),
+    with progress(cfg.steps, f"train {policy.get('name')}") if cfg.launcher == "none" else nullcontext() as bar:
+        # a partial, not a lambda: with launcher=ddp it travels to rank 0's process
+        return train(cfg, policy, make_envs=functools.partial(make_vector_env, cfg.task, cfg.eval.num_envs, kwargs),
                      progress=bar, log=lambda m: print(m, file=sys.stderr))
 
 
@@ -458,7 +484,7 @@ def cmd_eval(cfg: EvalConfig) -> dict:
 def _eval_task(cfg: EvalConfig, policy, task: str, kwargs: dict, out: Path) -> dict:
     from robopolicy.evaluate import evaluate
 
-    envs = make_vector_env(task, min(cfg.num_envs, cfg.episodes), kwargs)
+    envs = make_vector_env(task, min(cfg.num_envs, cfg.episodes), kwargs, cfg.rollout)
     try:
         with progress(cfg.episodes, f"eval {task}") as bar:
             return evaluate(envs, policy, cfg.episodes, seed=cfg.seed, video_dir=out / "videos",
@@ -565,7 +591,7 @@ def cmd_finetune(cfg: FinetuneConfig, algo: Mapping[str, Any], explicit: set[str
     run_cfg = {**to_dict(cfg), "task": task, "ckpt": str(base), "algo": dict(algo)}
     total = algo["steps"] if "data" in algo else cfg.env_steps  # offline methods count gradient steps
     with progress(total, f"finetune {algo.get('name')}") as bar:
-        return {"command": "finetune", **finetune(run_cfg, lambda n: make_vector_env(task, n, kwargs),
+        return {"command": "finetune", **finetune(run_cfg, lambda n: make_vector_env(task, n, kwargs, cfg.rollout),
                                                   log=lambda m: print(m, file=sys.stderr), progress=bar,
                                                   base_info=info, explicit=explicit or set())}
 

@@ -1,7 +1,8 @@
 """The typed configs of the small commands: `collect`, `data`, `eval` and `quickstart` (train's is in train.py).
 
 Each mirrors its `configs/<command>.yaml` field for field (tests/test_config_registry.py checks that they agree);
-`robopolicy COMMAND --help` prints them with their docs. Standard library only, so `--help` stays fast.
+`robopolicy COMMAND --help` prints them with their docs. Standard library and numpy only (`RolloutConfig` comes
+with the rollouts), so `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from robopolicy.config import register_config, setting
+from robopolicy.rollout import RolloutConfig
 
 
 @dataclass(kw_only=True)
@@ -40,6 +42,7 @@ class CollectConfig:
     max_episode_steps: int | None = setting(None, "null: the task's default")
     expert: ExpertConfig = setting(ExpertConfig(), "the task's scripted expert")
     obs: ObsConfig = setting(ObsConfig(), "what the store records of each observation")
+    rollout: RolloutConfig = setting(RolloutConfig(), "where the envs step (rollout=ray: Ray actors)")
 
 
 @register_config("command", "data")
@@ -78,6 +81,7 @@ class EvalConfig:
     misinstruct: bool = setting(False, "language tasks: instruct another valid goal than the one success checks")
     tasks: list[str] | None = setting(None, "several tasks in one evaluation (success per task and the mean); "
                                             "replaces task")
+    rollout: RolloutConfig = setting(RolloutConfig(), "where the envs step (rollout=ray: Ray actors)")
 
 
 @dataclass(kw_only=True)

@@ -42,6 +42,7 @@ from robopolicy.rl.collector import RewardSpec
 from robopolicy.rl.online import EvalSchedule, run_online
 from robopolicy.rl.refined import save_refined
 from robopolicy.rl.task_profile import derive_defaults, profile_task
+from robopolicy.rollout import RolloutConfig
 
 
 @dataclass
@@ -76,6 +77,7 @@ class FinetuneConfig:
                          "evaluation at the start; each choice is printed with its reason (robopolicy/rl/"
                          "task_profile.py)")
     eval: FinetuneEvalConfig = setting(FinetuneEvalConfig(), "evaluation schedule")
+    rollout: RolloutConfig = setting(RolloutConfig(), "where the envs step (rollout=ray: Ray actors)")
 
     @property
     def reward_spec(self) -> RewardSpec:

@@ -8,6 +8,14 @@ Instructions: with `instructions=True` the envs' `instruction` (a string) and `g
 after every reset and handed to the agent as `obs["task"]` and `obs["goal"]` (object arrays [n_workers]); a
 language policy reads the first, a scripted expert the second. Neither is recorded as a frame: each episode keeps
 its instruction and goal (`Episode.instruction`, `Episode.goal`).
+
+Rollout backends (`RolloutConfig`, the `rollout:` section of eval, collect and finetune): every backend is a
+gymnasium vector env with autoreset disabled, built by the CLI: `subprocess` (the default, `sim.vector`'s shared
+memory workers on this machine) or `ray` (`sim.ray_vector`: a pool of Ray actors, on this machine or a cluster).
+A backend whose worker can die and come back (Ray restarts a killed actor) reports it in `info["restarted"]`
+(bool [num_envs], from `step` or `reset`): those envs were reset with the seed of the episode they were running,
+and the runners here start that episode again from scratch (same index, same seed, the agent reset), so a run ends
+with exactly the requested episodes, none twice, and the same results as a run without the failure.
 """
 
 from __future__ import annotations
@@ -18,9 +26,30 @@ from typing import Protocol
 
 import numpy as np
 
+from robopolicy.config import setting
 from robopolicy.data.spec import ACTION_KEY, REWARD_KEY, SUCCESS_KEY
 
 TASK_KEY, GOAL_KEY = "task", "goal"  # per-worker instruction strings and goal dicts in the observations
+RESTARTED_KEY = "restarted"  # info key of a backend's envs whose worker died and was restarted (see above)
+ROLLOUT_BACKENDS = ("subprocess", "ray")
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """Where the envs of a command step: `rollout=ray` is short for `rollout.backend=ray`."""
+
+    backend: str = setting("subprocess", "subprocess: worker processes on this machine | ray: Ray actors "
+                                         "(pip install robopolicy[scale])", choices=ROLLOUT_BACKENDS)
+    address: str = setting("local", "ray: local (start a private Ray on loopback) | auto (the cluster of "
+                                     "`ray start`) | HOST:PORT")
+    workers: int | None = setting(None, "ray: actors, each stepping a block of the envs; null: one per env, "
+                                        "at most one per CPU of the cluster")
+    max_restarts: int = setting(3, "ray: restarts of a dead actor before the run fails (its episodes are rerun)")
+
+
+def restarted(info: dict, n_envs: int) -> np.ndarray:
+    """The envs a backend restarted during the last call (bool [n_envs]; all False for backends that cannot)."""
+    return np.asarray(info.get(RESTARTED_KEY, np.zeros(n_envs, bool)), dtype=bool)
 
 
 class Agent(Protocol):
@@ -115,7 +144,8 @@ def run_episodes(
         next_obs, reward, terminated, truncated, info = envs.step(executed)
         success = np.asarray(info.get("success", np.zeros(n_workers, bool)), dtype=bool)
         finished = np.zeros(n_workers, dtype=bool)
-        for i in np.flatnonzero(active):
+        lost = restarted(info, n_workers) & active
+        for i in np.flatnonzero(active & ~lost):
             ep = current[i]
             if ep.recording:
                 for k, v in _slice(obs, i).items():
@@ -144,14 +174,21 @@ def run_episodes(
         if restart.any():
             reset_seeds = [seed + next_index + int(np.sum(restart[:i])) if restart[i] else None
                            for i in range(n_workers)]
-            new_obs, _ = envs.reset(seed=reset_seeds, options={"reset_mask": restart})
-            obs = {k: np.where(_expand(restart, v), new_obs[k], next_obs[k]) for k, v in next_obs.items()}
+            new_obs, reset_info = envs.reset(seed=reset_seeds, options={"reset_mask": restart})
+            lost |= restarted(reset_info, n_workers) & np.array([ep is not None for ep in current])
+            take = restart | lost
+            obs = {k: np.where(_expand(take, v), new_obs[k], next_obs[k]) for k, v in next_obs.items()}
             if instructions:
                 obs[TASK_KEY], obs[GOAL_KEY] = read_instructions(envs)
             for i in restart_idx:
                 start(i)
         else:
             obs = {**next_obs, **{k: obs[k] for k in (TASK_KEY, GOAL_KEY) if k in obs}}
+        for i in np.flatnonzero(lost):  # the worker died mid-episode: run that episode again from its start
+            ep = current[i]
+            current[i] = Episode(index=ep.index, seed=ep.seed, recording=ep.recording, instruction=ep.instruction,
+                                 goal=ep.goal)
+            agent.reset(i, ep.seed)
     episodes.sort(key=lambda e: e.index)
     return episodes
 

@@ -4,6 +4,14 @@ AdamW with warmup + cosine decay, gradient clipping, an EMA copy of the weights 
 periodic evaluation in vectorized simulation, checkpoints, TensorBoard logs, and exact resume after a kill: the
 batch indices and the torch random state of step s are both derived from (seed, s) alone, so a resumed run draws
 exactly what the uninterrupted run would have drawn.
+
+`launcher=ddp nproc=N` runs the same loop in N processes (torch.multiprocessing, a gloo group on loopback) with
+DistributedDataParallel: each step's batch of `batch_size` windows is drawn as above and split into N contiguous
+shards, one per rank, so N ranks take the same windows as one process (with a deterministic loss, the same
+gradients); rank r draws its noise from (seed, step, r). Checkpoints, EMA, evaluation and logs are rank 0's; every
+rank resumes from the same checkpoint. A rank that dies ends the run with an error; `resume=true` continues it.
+`precision=bf16` (autocast) and `compile=true` (torch.compile of the loss) are switches for GPUs that also run,
+slower, on a CPU.
 """
 
 from __future__ import annotations
@@ -77,6 +85,13 @@ class TrainConfig:
     checkpoint_every: int = setting(1000, "steps between checkpoints (the last step always writes one)")
     keep_checkpoints: int | None = setting(2, "step checkpoints kept on disk, the newest (null: every one)")
     max_episode_steps: int | None = setting(None, "evaluation episodes; null: the task's default")
+    launcher: str = setting("none", "none: this process | ddp: nproc processes with DistributedDataParallel "
+                                    "(gloo on loopback); batch_size is the total over the ranks",
+                            choices=("none", "ddp"))
+    nproc: int = setting(2, "launcher=ddp: ranks (processes), each with `threads` torch threads")
+    precision: str = setting("fp32", "bf16: autocast the loss to bfloat16 (for GPUs; on a CPU slower)",
+                             choices=("fp32", "bf16"))
+    compile: bool = setting(False, "torch.compile the loss (for GPUs; on a CPU its compile takes minutes)")
     optim: OptimConfig = setting(OptimConfig(), "null values: the policy config's optim section")
     eval: TrainEvalConfig = setting(TrainEvalConfig(), "evaluation in simulation during and after training")
 
@@ -151,10 +166,37 @@ def _latest_state(ckpt_root: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+class LossModule(torch.nn.Module):
+    """`policy.loss` as a module's forward, which DistributedDataParallel wraps (it hooks forward, not `loss`)."""
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict]:
+        return self.policy.loss(batch)
+
+
+def batch_indices(cfg: TrainConfig, step: int, n_windows: int, weights: np.ndarray | None,
+                  rank: int = 0, world: int = 1) -> np.ndarray:
+    """The windows of `step` (from (seed, step) alone), rank `rank`'s contiguous shard of `world`."""
+    rng = np.random.default_rng([cfg.seed, step])
+    if weights is None:
+        idx = rng.integers(0, n_windows, cfg.batch_size)
+    else:
+        idx = rng.choice(n_windows, cfg.batch_size, p=weights)
+    return np.array_split(idx, world)[rank]
+
+
+def noise_seed(cfg: TrainConfig, step: int, rank: int = 0, world: int = 1) -> int:
+    """The torch seed of `step` on `rank` (a single process: rank 0 of 1)."""
+    return (cfg.seed * 1_000_003 + step) * world + rank
+
+
 def train(cfg: TrainConfig, policy_cfg: Mapping[str, Any], *, make_envs: Callable[[], object] | None = None,
           progress=None, log: Callable[[str], None] = print) -> dict:
     """Train the policy `policy_cfg` (configs/policy/<name>.yaml, validated by `make_policy`) as `cfg` says;
-    `make_envs()` returns a vector env for evaluation (or None)."""
+    `make_envs()` returns a vector env for evaluation (or None; with launcher=ddp it must be picklable)."""
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     if ckpt_root.exists() and not cfg.resume:
@@ -163,6 +205,22 @@ def train(cfg: TrainConfig, policy_cfg: Mapping[str, Any], *, make_envs: Callabl
                              "overwrite=true to start over, or another out=.")
         shutil.rmtree(out)
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    if cfg.launcher == "ddp":
+        return launch_ddp(cfg, policy_cfg, make_envs, log=log)
+    return train_rank(cfg, policy_cfg, make_envs=make_envs, progress=progress, log=log)
+
+
+def train_rank(cfg: TrainConfig, policy_cfg: Mapping[str, Any], *, make_envs: Callable[[], object] | None = None,
+               progress=None, log: Callable[[str], None] = print, rank: int = 0, world: int = 1,
+               resume: bool | None = None) -> dict | None:
+    """The training loop of one process: rank `rank` of an initialized process group of `world` (or alone).
+    Rank 0 checkpoints, evaluates, logs and returns the summary; the other ranks return None. `resume`: continue
+    from out's last checkpoint (None: cfg.resume)."""
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+    lead = rank == 0
+    if cfg.batch_size % world:
+        raise TrainError(f"batch_size={cfg.batch_size} does not split over nproc={world} ranks: pass a multiple.")
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
 
     store = DemoStore.open(cfg.data)
@@ -181,50 +239,62 @@ def train(cfg: TrainConfig, policy_cfg: Mapping[str, Any], *, make_envs: Callabl
 
     steps = cfg.steps
     optimizer, scheduler = make_optimizer(policy, optim, steps)
-    ema = EMA(policy, optim.ema_decay)
+    ema = EMA(policy, optim.ema_decay) if lead else None
     start_step = 0
     history: dict[str, list] = {"loss": [], "eval": []}
-    if cfg.resume:
+    if cfg.resume if resume is None else resume:
         state_dir = _latest_state(ckpt_root)
         if state_dir is not None:
             meta = load_train_state(state_dir, model=policy, optimizer=optimizer, scheduler=scheduler)
-            ema.model.load_state_dict(_ema_weights(state_dir))
+            if lead:
+                ema.model.load_state_dict(_ema_weights(state_dir))
             start_step, history = meta["step"], meta["extra"]["history"]
             log(f"resumed from {state_dir} at step {start_step}")
+    loss_fn: Callable = LossModule(policy)
+    if world > 1:
+        # every rank built the same initial weights from the seed; DDP also broadcasts rank 0's
+        loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn)
+    if cfg.compile:
+        loss_fn = torch.compile(loss_fn)
 
-    from torch.utils.tensorboard import SummaryWriter
+    writer = None
+    if lead:
+        from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out / "tensorboard"))
+        writer = SummaryWriter(str(out / "tensorboard"))
     resolved = {"policy": policy_cfg, **to_dict(cfg)}  # the checkpoint's config.yaml: what `eval` and `deploy` read
     n_params = sum(p.numel() for p in policy.parameters())
     log(f"training {policy_cfg['name']} ({n_params / 1e6:.2f}M parameters) on {len(episodes)} episodes, "
-        f"{len(dataset)} windows, for {steps} steps")
+        f"{len(dataset)} windows, for {steps} steps" + (f" on {world} ranks" if world > 1 else ""))
     wants_eval = cfg.eval.episodes > 0 or cfg.eval.final_episodes > 0
-    envs = make_envs() if (make_envs is not None and wants_eval) else None
+    envs = make_envs() if (make_envs is not None and wants_eval and lead) else None
     started = time.perf_counter()
     train_seconds = 0.0
     policy.train()
     try:
         for step in range(start_step, steps):
             tick = time.perf_counter()
-            rng = np.random.default_rng([cfg.seed, step])
-            if weights is None:
-                idx = rng.integers(0, len(dataset), cfg.batch_size)
-            else:
-                idx = rng.choice(len(dataset), cfg.batch_size, p=weights)
+            idx = batch_indices(cfg, step, len(dataset), weights, rank, world)
             batch = {k: list(v) if v.dtype == object else torch.from_numpy(v)
                      for k, v in dataset.get_batch(idx).items()}
-            torch.manual_seed(cfg.seed * 1_000_003 + step)
-            loss, metrics = policy.loss(batch)
+            torch.manual_seed(noise_seed(cfg, step, rank, world))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss, metrics = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), optim.grad_clip)
             optimizer.step()
             scheduler.step()
-            ema.update(policy, step)
+            done = step + 1
+            if world > 1 and (done % cfg.log_every == 0 or done == steps):  # the loss of the whole batch
+                loss = loss.detach().clone()
+                torch.distributed.all_reduce(loss)
+                loss /= world
             loss_value = loss.item()
             train_seconds += time.perf_counter() - tick
-            done = step + 1
+            if not lead:
+                continue
+            ema.update(policy, step)
             if done % cfg.log_every == 0 or done == steps:
                 history["loss"].append([done, loss_value])
                 writer.add_scalar("train/loss", loss_value, done)
@@ -247,13 +317,16 @@ def train(cfg: TrainConfig, policy_cfg: Mapping[str, Any], *, make_envs: Callabl
 
         train_time = time.perf_counter() - started
         final = None
+        if not lead:
+            return None
         if envs is not None and cfg.eval.final_episodes > 0:
             final = evaluate(envs, ema.model, cfg.eval.final_episodes, video_dir=out / "videos",
                              n_videos=cfg.eval.videos)
             history["eval"].append([steps, final["success_rate"]])
             writer.add_scalar("eval/success_rate", final["success_rate"], steps)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         if envs is not None:
             envs.close()
     plot_curves(history, out / "curves.png")
@@ -262,12 +335,71 @@ def train(cfg: TrainConfig, policy_cfg: Mapping[str, Any], *, make_envs: Callabl
         "policy": policy_cfg["name"], "parameters": n_params, "episodes": len(episodes), "steps": steps,
         "resumed_from_step": start_step, "train_seconds": round(train_seconds, 3),
         "wall_seconds": round(train_time, 1), "final_loss": history["loss"][-1][1] if history["loss"] else None,
+        "ranks": world,
+        "samples_per_second": round((steps - start_step) * cfg.batch_size / max(train_seconds, 1e-9), 1),
         "eval": {k: v for k, v in (final or {}).items() if k != "per_episode"} or None,
         "curves": str(out / "curves.png"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["summary"] = str(out / "summary.json")
     return summary
+
+
+def launch_ddp(cfg: TrainConfig, policy_cfg: Mapping[str, Any], make_envs: Callable[[], object] | None, *,
+               log: Callable[[str], None] = print) -> dict:
+    """`cfg.nproc` ranks of `train_rank` in spawned processes, a gloo group on loopback; rank 0's summary.
+    A rank that fails or dies ends the others (torch.multiprocessing) and the run, resumable from its last
+    checkpoint. The ranks meet through a file (a TCP rendezvous store would listen on every interface) and gloo's
+    own connections use the loopback interface."""
+    import sys
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    if cfg.nproc < 1:
+        raise TrainError(f"nproc must be at least 1, got {cfg.nproc}.")
+    if cfg.batch_size % cfg.nproc:
+        raise TrainError(f"batch_size={cfg.batch_size} does not split over nproc={cfg.nproc} ranks: pass a multiple.")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
+    log(f"launching {cfg.nproc} ranks (DistributedDataParallel, gloo on loopback)")
+    with tempfile.TemporaryDirectory(prefix="robopolicy_ddp_") as rendezvous:
+        try:
+            mp.spawn(_ddp_rank, args=(cfg.nproc, str(Path(rendezvous) / "store"), to_dict(cfg), dict(policy_cfg),
+                                      make_envs), nprocs=cfg.nproc, join=True)
+        except mp.ProcessExitedException as e:
+            raise TrainError(f"rank {e.error_index} of {cfg.nproc} died (exit code {e.exit_code}); {cfg.out} keeps "
+                             "its last checkpoint: rerun with resume=true to continue.") from None
+        except mp.ProcessRaisedException as e:
+            last = str(e).strip().splitlines()[-1]
+            raise TrainError(f"a rank of the ddp run failed: {last}") from None
+    summary = json.loads((Path(cfg.out) / "summary.json").read_text())
+    summary["summary"] = str(Path(cfg.out) / "summary.json")
+    return summary
+
+
+def _ddp_rank(rank: int, world: int, store_file: str, cfg: dict, policy_cfg: dict, make_envs) -> None:
+    import sys
+
+    import torch.distributed as dist
+
+    from robopolicy.config import from_mapping
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_file, world), rank=rank, world_size=world)
+    try:
+        progress = None
+        if rank == 0:
+            from tqdm import tqdm
+
+            progress = tqdm(total=cfg["steps"], desc=f"train {policy_cfg.get('name')} ({world} ranks)",
+                            file=sys.stderr, dynamic_ncols=True, disable=None)
+        # the launcher prepared out (refused, replaced or kept it): every rank continues whatever it holds
+        train_rank(from_mapping(TrainConfig, cfg), policy_cfg, make_envs=make_envs, resume=True,
+                   progress=progress, log=(lambda m: print(m, file=sys.stderr)) if rank == 0 else (lambda m: None),
+                   rank=rank, world=world)
+        if progress is not None:
+            progress.close()
+    finally:
+        dist.destroy_process_group()
 
 
 def _ema_weights(state_dir: Path) -> dict:

@@ -17,6 +17,7 @@ import torch
 
 from robopolicy.data.spec import is_image_key
 from robopolicy.rl.refined import RefinedPolicy
+from robopolicy.rollout import restarted
 
 
 class Method(Protocol):
@@ -187,14 +188,18 @@ class ChunkedCollector:
             success = np.asarray(info.get("success", np.zeros(n, bool)), dtype=bool)
             self.env_steps += n
             learned = self.reward(reward, success)
-            for i in range(n):
+            lost = restarted(info, n)  # their worker died: the episode starts again (same seed), its steps dropped
+            for i in np.flatnonzero(lost):
+                self.workers[i] = _Worker(seed=self.workers[i].seed, history=deque(maxlen=self.n_obs_steps))
+                self.method.start_episode(i, self.env_steps)
+            for i in np.flatnonzero(~lost):
                 w = self.workers[i]
                 w.pending.reward += float(learned[i])
                 w.pending.steps += 1
                 w.ret += float(reward[i])
                 w.success |= bool(success[i])
                 w.length += 1
-            finished = [i for i in range(n) if terminated[i] or truncated[i]]
+            finished = [i for i in range(n) if (terminated[i] or truncated[i]) and not lost[i]]
             if finished:
                 self._finish(finished, next_obs, terminated)
                 restart = np.zeros(n, dtype=bool)
@@ -203,11 +208,14 @@ class ChunkedCollector:
                 for i in finished:
                     seeds[i] = self.next_seed
                     self.next_seed += 1
-                new_obs, _ = self.envs.reset(seed=seeds, options={"reset_mask": restart})
-                next_obs = {k: np.where(restart.reshape(-1, *([1] * (v.ndim - 1))), new_obs[k], v)
+                new_obs, reset_info = self.envs.reset(seed=seeds, options={"reset_mask": restart})
+                lost = restarted(reset_info, n)
+                take = restart | lost
+                next_obs = {k: np.where(take.reshape(-1, *([1] * (v.ndim - 1))), new_obs[k], v)
                             for k, v in next_obs.items()}
-                for i in finished:
-                    self.workers[i] = _Worker(seed=seeds[i], history=deque(maxlen=self.n_obs_steps))
+                for i in np.flatnonzero(take):
+                    self.workers[i] = _Worker(seed=seeds[i] if restart[i] else self.workers[i].seed,
+                                              history=deque(maxlen=self.n_obs_steps))
                     self.method.start_episode(i, self.env_steps)
             self.obs = next_obs
         return self.env_steps - start
