@@ -44,15 +44,18 @@ COMMANDS = {
     "serve": "a policy server for remote robots (msgpack protocol, loopback by default)",
     "deploy": "a control node driving a robot (robot=sim: a MuJoCo task in real time) with a local or remote policy",
     "quickstart": "the embedded default: collect, train, evaluate, deploy and refine on a built-in task",
+    "world-model": "world-model train: a latent world model learned from stores, with its held-out report",
 }
 DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "filter", "label")
+SUBCOMMANDS = {"data": DATA_COMMANDS, "world-model": ("train",)}
 
 
 # The module that registers each command's typed config ("command", <command>) and each group's configs
 # ("policy", <name>) ...; imported on demand (train's and the groups' pull in torch).
 CONFIG_MODULES = {"collect": "robopolicy.commands", "data": "robopolicy.commands", "eval": "robopolicy.commands",
                   "quickstart": "robopolicy.commands", "train": "robopolicy.train",
-                  "finetune": "robopolicy.finetune", "serve": "real.host.deploy", "deploy": "real.robot.deployment"}
+                  "finetune": "robopolicy.finetune", "serve": "real.host.deploy", "deploy": "real.robot.deployment",
+                  "world_model": "robopolicy.world_model.train"}
 GROUP_MODULES = {"policy": "robopolicy.policies", "algo": "robopolicy.rl", "robot": "real.robot.robots"}
 
 
@@ -90,8 +93,17 @@ def quote_free_text(override: str) -> str:
     return key + "='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def list_of_paths(override: str) -> str:
+    """`data=A` and `data=A,B` (world-model train) as the lists `data=[A]`, `data=[A,B]` (Hydra would read a bare
+    comma as a sweep)."""
+    key, sep, value = override.partition("=")
+    return f"{key}=[{value}]" if key == "data" and sep and value[:1] != "[" else override
+
+
 def compose(command: str, overrides: list[str]) -> DictConfig:
     overrides = [quote_free_text(o) for o in overrides]
+    if command == "world_model":
+        overrides = [list_of_paths(o) for o in overrides]
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -177,6 +189,8 @@ def run(command: str, overrides: list[str], sub: str | None = None) -> dict:
         return cmd_train(config, OmegaConf.to_container(cfg.policy, resolve=True))
     if command == "finetune":
         return cmd_finetune(config, OmegaConf.to_container(cfg.algo, resolve=True))
+    if command == "world_model":
+        return cmd_world_model(config)
     if command in ("collect", "eval", "quickstart"):
         return {"collect": cmd_collect, "eval": cmd_eval, "quickstart": cmd_quickstart}[command](config)
     # serve and deploy (typed by the robot side) still read the composed config.
@@ -425,6 +439,8 @@ def cmd_eval(cfg: EvalConfig) -> dict:
     for task in tasks:
         _check_env_matches(task, kwargs, features, f"the checkpoint {ckpt}")
     policy = load_policy(ckpt, num_inference_steps=cfg.num_inference_steps)
+    if cfg.wm is not None:
+        return _eval_in_world_model(cfg, policy, ckpt, tasks, kwargs)
     if cfg.guidance is not None:  # value-guided selection (guidance=value n_samples=N) or none (the base alone)
         from robopolicy.rl.value_guidance import apply_guidance
 
@@ -452,6 +468,44 @@ def cmd_eval(cfg: EvalConfig) -> dict:
         brief["per_task"] = {t: {k: v for k, v in r.items() if k != "per_episode"} for t, r in results.items()}
     brief["summary"] = str(out / "summary.json")
     return brief
+
+
+def _eval_in_world_model(cfg: EvalConfig, policy, ckpt: Path, tasks: list[str], kwargs: dict) -> dict:
+    """`eval wm=WM`: the success rate the world model predicts, from the evaluation's own start states (env
+    resets with its seeds; no simulator step) or the model's training episodes' first states."""
+    import numpy as np
+
+    import sim
+    from robopolicy.data.spec import STATE_KEY
+    from robopolicy.world_model import load_episodes, load_world_model, predict_success
+
+    if len(tasks) > 1:
+        raise UserError("eval wm=... predicts one task at a time: pass task=... rather than tasks=[...].")
+    model, info = load_world_model(cfg.wm)
+    env = sim.make_env(tasks[0], **kwargs)
+    try:
+        max_steps = cfg.max_episode_steps or env.unwrapped.max_episode_steps
+        if cfg.wm_starts == "env":
+            starts = np.stack([env.reset(seed=cfg.seed + k)[0][STATE_KEY] for k in range(cfg.episodes)])
+        else:
+            starts = load_episodes(info["data"])[0].first_states()
+    finally:
+        env.close()
+    result = predict_success(model, policy, starts, int(max_steps), seed=cfg.seed)
+    out = Path(cfg.out) if cfg.out else ckpt / f"eval_world_model_{tasks[0].replace('/', '_')}"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"command": "eval", "in": "world_model", "world_model": str(cfg.wm), "checkpoint": str(ckpt),
+               "task": tasks[0], "starts_from": cfg.wm_starts, **result}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["summary"] = str(out / "summary.json")
+    return summary
+
+
+def cmd_world_model(cfg) -> dict:
+    from robopolicy.world_model.train import train_world_model
+
+    with progress(cfg.steps, "world-model train") as bar:
+        return train_world_model(cfg, log=lambda m: print(m, file=sys.stderr), progress=bar)
 
 
 def _eval_task(cfg: EvalConfig, policy, task: str, kwargs: dict, out: Path) -> dict:
@@ -607,8 +661,9 @@ def _print_help(command: str | None) -> None:
     cfg = compose(command, [])
     groups = command_groups(command)
     cls = command_config_class(command)
-    print(f"usage: robopolicy {command}{' ' + '|'.join(DATA_COMMANDS) if command == 'data' else ''} [key=value ...]")
-    print(f"\n{COMMANDS[command]}.\n\nconfiguration (configs/{command}.yaml; override any key as key=value,"
+    word = command.replace("_", "-")
+    print(f"usage: robopolicy {word}{' ' + '|'.join(SUBCOMMANDS[word]) if word in SUBCOMMANDS else ''} [key=value ...]")
+    print(f"\n{COMMANDS[word]}.\n\nconfiguration (configs/{command}.yaml; override any key as key=value,"
           " e.g. task=builtin/push episodes=10, nested keys as expert.noise=0.1):\n")
     if cls is not None:
         lines = describe(cls)
@@ -642,14 +697,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}; commands are {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
     if "-h" in rest or "--help" in rest:
-        _print_help(command)
+        _print_help(command.replace("-", "_"))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        if command == "data":
-            if not rest or rest[0] not in DATA_COMMANDS:
-                raise UserError(f"`robopolicy data` needs a subcommand: {', '.join(DATA_COMMANDS)}.")
-            summary = run("data", rest[1:], sub=rest[0])
+        if command in SUBCOMMANDS:
+            if not rest or rest[0] not in SUBCOMMANDS[command]:
+                raise UserError(f"`robopolicy {command}` needs a subcommand: {', '.join(SUBCOMMANDS[command])}.")
+            summary = run(command.replace("-", "_"), rest[1:], sub=rest[0])
         else:
             summary = run(command, rest)
     except KeyboardInterrupt:

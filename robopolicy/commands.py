@@ -78,6 +78,11 @@ class EvalConfig:
     misinstruct: bool = setting(False, "language tasks: instruct another valid goal than the one success checks")
     tasks: list[str] | None = setting(None, "several tasks in one evaluation (success per task and the mean); "
                                             "replaces task")
+    wm: str | None = setting(None, "a world model folder (`robopolicy world-model train`): predict the success rate "
+                                   "by imagined rollouts instead of simulating")
+    wm_starts: str = setting("env", "with wm: the start states: env: the evaluation seeds' resets (no simulator "
+                                    "step) | store: the first states of the model's training episodes",
+                             choices=("env", "store"))
 
 
 @dataclass(kw_only=True)
