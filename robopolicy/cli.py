@@ -616,7 +616,11 @@ def cmd_finetune(cfg: FinetuneConfig, algo: Mapping[str, Any]) -> dict:
     kwargs = env_kwargs_for_features(info["features"], cfg.max_episode_steps)
     _check_env_matches(task, kwargs, info["features"], f"the checkpoint {base}")
     run_cfg = {**to_dict(cfg), "task": task, "ckpt": str(base), "algo": dict(algo)}
-    total = algo["steps"] if "data" in algo else cfg.env_steps  # offline methods count gradient steps
+    total = algo["steps"] if "steps" in algo else cfg.env_steps  # offline methods count gradient steps
+    if algo.get("name") == "world_model":  # its bar counts imagined env steps
+        from robopolicy.rl.world_model import WorldModelAlgoConfig, expected_imagined_steps
+
+        total = expected_imagined_steps(from_mapping(WorldModelAlgoConfig, algo, where="algo"))
     with progress(total, f"finetune {algo.get('name')}") as bar:
         return {"command": "finetune", **finetune(run_cfg, lambda n: make_vector_env(task, n, kwargs),
                                                   log=lambda m: print(m, file=sys.stderr), progress=bar,

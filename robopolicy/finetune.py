@@ -36,7 +36,7 @@ from robopolicy.config import config_class, from_mapping, plain, register_config
 from robopolicy.evaluate import EVAL_SEED, evaluate
 from robopolicy.loading import load_policy
 from robopolicy.preference import OFFLINE_ALGOS, refine_offline
-from robopolicy.rl import METHODS
+from robopolicy.rl import METHODS, MODEL_BASED
 from robopolicy.rl.collector import RewardSpec
 from robopolicy.rl.online import EvalSchedule, run_online
 from robopolicy.rl.refined import save_refined
@@ -117,9 +117,16 @@ def finetune(cfg: Mapping[str, Any], make_envs: Callable[[int], Any], *, log: Ca
     base_eval = _evaluate(make_envs, method.policy.base, ev.base_episodes, ev.num_envs)
     if base_eval is not None:
         log(f"base success {base_eval['success_rate']:.2f} over {base_eval['episodes']} episodes")
-    result = run_online(method, buffer, make_envs, algo=algo, ev=ev, reward=run.reward_spec,
-                        env_steps=run.env_steps, num_envs=run.num_envs, seed=run.seed, out=out, task=task, log=log,
-                        progress=progress)
+    if name in MODEL_BASED:  # refined in a world model; the real env steps are algo.real_env_steps
+        from robopolicy.rl.world_model import run_model_based
+
+        result = run_model_based(method, buffer, make_envs, algo=algo, ev=ev, reward=run.reward_spec,
+                                 num_envs=run.num_envs, seed=run.seed, out=out, task=task,
+                                 base_data=info["config"].get("data"), log=log, progress=progress)
+    else:
+        result = run_online(method, buffer, make_envs, algo=algo, ev=ev, reward=run.reward_spec,
+                            env_steps=run.env_steps, num_envs=run.num_envs, seed=run.seed, out=out, task=task,
+                            log=log, progress=progress)
     curves = result["curves"]
     train_seconds = round(time.perf_counter() - started, 1)
     final = _evaluate(make_envs, method.policy.eval(), ev.final_episodes, ev.num_envs)
@@ -138,6 +145,7 @@ def finetune(cfg: Mapping[str, Any], make_envs: Callable[[int], Any], *, log: Ca
     summary = {
         "command": "finetune", "algo": name, "task": task, "base": str(base), "checkpoint": str(checkpoint),
         "env_steps": result["env_steps"], "updates": result["updates"], "wall_seconds": train_seconds,
+        **({"imagined_env_steps": result["imagined_env_steps"]} if "imagined_env_steps" in result else {}),
         "reward": {k: getattr(run, k) for k in ("reward", "reward_scale", "step_penalty", "success_bonus")},
         # the machine may be shared: this process's CPU seconds and the 1-minute load at start and end
         "cpu_seconds": round(_cpu_seconds() - cpu_started, 1),

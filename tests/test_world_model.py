@@ -1,18 +1,23 @@
 """The world model: chunk-step windows carry the right targets, `robopolicy world-model train` writes a model that
 reloads to the same predictions and a held-out report, training lowers held-out prediction error, bad input is one
-sentence, and `eval wm=` predicts a success rate with an interval without stepping the simulator."""
+sentence, `eval wm=` predicts a success rate with an interval without stepping the simulator, and `algo=world_model`
+refines in imagination spending only its real env-step budget."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
-from test_rl_core import make_base
+from test_rl_core import MAX_STEPS, finetune_cfg, make_base, make_envs
 
 from robopolicy import cli
+from robopolicy.data import DemoStore
+from robopolicy.finetune import finetune
 from robopolicy.loading import load_policy
+from robopolicy.rl.steer import SteerPolicy
 from robopolicy.world_model import (
     WorldModelConfig,
     WorldModelError,
@@ -121,3 +126,24 @@ def test_eval_in_the_world_model_predicts_a_rate_with_an_interval(model_dir, tmp
     policy.n_action_steps = 2
     with pytest.raises(WorldModelError, match="model.chunk_steps=2"):
         predict_success(model, policy, starts, 20)
+
+
+@pytest.mark.parametrize("real_env_steps", [0, 20])
+def test_refining_in_the_model_spends_only_the_real_budget(model_dir, tmp_path, real_env_steps):
+    base = make_base(tmp_path / "base", TASK)
+    algo = {"name": "world_model", "wm": str(model_dir), "real_env_steps": real_env_steps, "round_env_steps": 20,
+            "retrain_steps": 5, "imagined_steps": 200, "imagine_batch": 4, "horizon_chunks": 5}
+    cfg = finetune_cfg(algo, base, tmp_path / "run", task=TASK)
+    summary = finetune(cfg, lambda n: make_envs(n, TASK), log=lambda m: None)
+    assert summary["algo"] == "world_model" and summary["updates"] > 0 and summary["imagined_env_steps"] >= 200 * (1 + (real_env_steps > 0))  # one round per real round
+    assert all(math.isfinite(v) for v in summary["last_metrics"].values())
+    curves = json.loads((tmp_path / "run" / "curves.json").read_text())
+    real = [p["env_steps"] for p in curves["eval"]]
+    rollouts = tmp_path / "run" / "real_rollouts"
+    if real_env_steps == 0:  # offline: the store alone, no env step but evaluation's
+        assert summary["env_steps"] == 0 and real == [0, 0] and not rollouts.exists()
+    else:
+        assert 20 <= summary["env_steps"] < 20 + 2 * MAX_STEPS and real[0] == 0 and real[1] == summary["env_steps"]
+        assert DemoStore.open(rollouts).num_frames == summary["env_steps"]
+    refined = load_policy(tmp_path / "run" / "checkpoints" / "last")  # a steer checkpoint on its base
+    assert isinstance(refined, SteerPolicy) and refined.config["base"]["path"] == str(base.resolve())

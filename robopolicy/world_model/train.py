@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -202,7 +203,7 @@ def train_world_model(cfg: WorldModelTrainConfig, *, log: Callable[[str], None] 
     log(f"world model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{train_part.num_episodes} episodes ({len(train_part.state)} frames) for training, "
         f"{0 if held is None else held.num_episodes} held out")
-    started, load = time.perf_counter(), os.getloadavg()[0]
+    started, load, cpu = time.perf_counter(), os.getloadavg()[0], _cpu_seconds()
     curve = fit(model, train_part, cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                 progress=progress)
     train_seconds = round(time.perf_counter() - started, 1)
@@ -215,9 +216,16 @@ def train_world_model(cfg: WorldModelTrainConfig, *, log: Callable[[str], None] 
         "steps": cfg.steps, "train": to_dict(cfg)})
     summary = {"command": "world-model train", "out": str(out), "data": [str(p) for p in cfg.data],
                "episodes": episodes.num_episodes, "frames": int(len(episodes.state)), "steps": cfg.steps,
-               "train_seconds": train_seconds, "load_average_1min": [round(load, 2), round(os.getloadavg()[0], 2)],
+               "train_seconds": train_seconds, "train_cpu_seconds": round(_cpu_seconds() - cpu, 1),
+               "load_average_1min": [round(load, 2), round(os.getloadavg()[0], 2)],
                "final_loss": curve[-1], "report": report}
     (out / "report.json").write_text(json.dumps({**summary, "loss_curve": curve}, indent=1))
     plot_report(report, out / "report.png")
     summary.update(report_json=str(out / "report.json"), report_png=str(out / "report.png"))
     return summary
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU seconds (the machine may be shared: wall-clock alone says little)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
