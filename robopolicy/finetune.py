@@ -110,7 +110,8 @@ def finetune(cfg: Mapping[str, Any], make_envs: Callable[[int], Any], *, log: Ca
     method, buffer = METHODS[name].make_method(load_policy(base), base_ref, algo, run.reward_spec, run.seed)
     n_params = sum(p.numel() for p in method.policy.parameters())
     log(f"finetune {name} on {task}: base {base} ({info['policy']}), {n_params / 1e6:.3f}M refined "
-        f"parameters, {run.env_steps} env steps")
+        f"parameters, {algo.real_env_steps if name in MODEL_BASED else run.env_steps} "
+        f"{'real ' if name in MODEL_BASED else ''}env steps")
     started, cpu_started = time.perf_counter(), _cpu_seconds()
     load_started = os.getloadavg()[0]
     ev = run.eval

@@ -192,7 +192,8 @@ def run_model_based(method: Steer, buffer: ReplayBuffer, make_envs: Callable[[in
                 curves.eval[-1]["imagined_env_steps"] = imagined
                 line += f", real success {point['success_rate']:.2f} over {point['episodes']} episodes"
             log(line)
-            curves.write()
+            if curves.eval:
+                curves.write()
             if real_steps >= algo.real_env_steps:
                 break
             budget = min(algo.round_env_steps, algo.real_env_steps - real_steps)
