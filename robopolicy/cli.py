@@ -290,8 +290,19 @@ def cmd_collect(cfg: CollectConfig) -> dict:
     extra = {} if cfg.expert.dart is None else {"dart": cfg.expert.dart}
     if extra and not task.startswith("builtin/"):
         raise UserError(f"expert.dart (DART exploration) is available for the built-in tasks only, not {task}.")
-    experts = [sim.make_expert(task, noise=cfg.expert.noise, sloppy=cfg.expert.sloppy, **extra)
-               for _ in range(num_envs)]
+    agent, source = None, cfg.source
+    if cfg.ckpt is not None:  # a policy's rollouts
+        from robopolicy.checkpoint import read_checkpoint_info, resolve_checkpoint
+        from robopolicy.evaluate import PolicyAgent
+        from robopolicy.loading import load_policy
+
+        ckpt = resolve_checkpoint(cfg.ckpt)
+        _check_env_matches(task, kwargs, read_checkpoint_info(ckpt)["features"], f"the checkpoint {ckpt}")
+        agent, source = PolicyAgent(load_policy(ckpt).eval(), num_envs), "policy" if source == "expert" else source
+        experts = []
+    else:
+        experts = [sim.make_expert(task, noise=cfg.expert.noise, sloppy=cfg.expert.sloppy, **extra)
+                   for _ in range(num_envs)]
     if Path(out).exists() and not cfg.overwrite:
         store = DemoStore.open(out, mode="a")
         mismatch = feature_mismatch(features, store.features, "store features")
@@ -308,8 +319,8 @@ def cmd_collect(cfg: CollectConfig) -> dict:
     envs = make_vector_env(task, num_envs, kwargs)
     try:
         with progress(cfg.episodes, f"collect {task}") as bar:
-            summary = collect(envs, experts, store, cfg.episodes, seed=seed, task=description, source=cfg.source,
-                              progress=bar, instructions=instructed)
+            summary = collect(envs, experts, store, cfg.episodes, seed=seed, task=description, source=source,
+                              progress=bar, instructions=instructed, agent=agent)
     finally:
         envs.close()
     return {"command": "collect", "task": task, "store": str(out), "first_episode": first, "first_seed": seed,

@@ -40,6 +40,8 @@ class CollectConfig:
     max_episode_steps: int | None = setting(None, "null: the task's default")
     expert: ExpertConfig = setting(ExpertConfig(), "the task's scripted expert")
     obs: ObsConfig = setting(ObsConfig(), "what the store records of each observation")
+    ckpt: str | None = setting(None, "record a policy checkpoint's rollouts (source: policy) instead of the "
+                                     "scripted expert's, e.g. data for a world model")
 
 
 @register_config("command", "data")

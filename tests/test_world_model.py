@@ -147,3 +147,14 @@ def test_refining_in_the_model_spends_only_the_real_budget(model_dir, tmp_path, 
         assert DemoStore.open(rollouts).num_frames == summary["env_steps"]
     refined = load_policy(tmp_path / "run" / "checkpoints" / "last")  # a steer checkpoint on its base
     assert isinstance(refined, SteerPolicy) and refined.config["base"]["path"] == str(base.resolve())
+
+
+def test_collect_records_a_policys_rollouts_for_the_model(tmp_path, capsys):
+    base = make_base(tmp_path / "base", TASK)
+    out = tmp_path / "rollouts"
+    assert cli.main(["collect", f"task={TASK}", f"ckpt={base}", "episodes=2", "num_envs=1", f"out={out}",
+                     "max_episode_steps=12"]) == 0
+    store = DemoStore.open(out)
+    assert store.num_episodes == 2 and {e["source"] for e in store.episodes} == {"policy"}
+    assert store.num_frames == sum(e["length"] for e in store.episodes) and store.num_frames <= 24
+    assert load_episodes([out])[0].num_episodes == 2
