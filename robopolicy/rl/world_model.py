@@ -187,14 +187,20 @@ def run_model_based(method: Steer, buffer: ReplayBuffer, make_envs: Callable[[in
             if progress is not None:
                 progress.update(result["imagined_env_steps"])
             line = f"real env steps {real_steps}, imagined {imagined}: imagined success {result['imagined_success']}"
-            if eval_envs is not None:
-                point = curves.add_eval(real_steps, evaluate(eval_envs, policy.eval(), ev.episodes, seed=EVAL_SEED))
-                curves.eval[-1]["imagined_env_steps"] = imagined
-                line += f", real success {point['success_rate']:.2f} over {point['episodes']} episodes"
+            reached = False
+            if eval_envs is not None:  # a crossing of the target is confirmed over confirm_episodes, as online
+                for episodes_now in (ev.episodes, ev.confirm_episodes):
+                    point = curves.add_eval(real_steps, evaluate(eval_envs, policy.eval(), episodes_now,
+                                                                 seed=EVAL_SEED))
+                    curves.eval[-1]["imagined_env_steps"] = imagined
+                    line += f", real success {point['success_rate']:.2f} over {point['episodes']} episodes"
+                    reached = point["success_rate"] >= ev.target
+                    if not reached or ev.confirm_episodes <= ev.episodes:
+                        break
             log(line)
             if curves.eval:
                 curves.write()
-            if real_steps >= algo.real_env_steps:
+            if real_steps >= algo.real_env_steps or (reached and ev.stop_at_target):
                 break
             budget = min(algo.round_env_steps, algo.real_env_steps - real_steps)
             new = run_real_episodes(policy, make_envs, budget, num_envs, REAL_SEED + seed * 10_000 + len(real_outcomes))
