@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import load_benchmark
 from test_rl_core import MAX_STEPS, finetune_cfg, make_base, make_envs
 
 from robopolicy import cli
@@ -158,3 +159,10 @@ def test_collect_records_a_policys_rollouts_for_the_model(tmp_path, capsys):
     assert store.num_episodes == 2 and {e["source"] for e in store.episodes} == {"policy"}
     assert store.num_frames == sum(e["length"] for e in store.episodes) and store.num_frames <= 24
     assert load_episodes([out])[0].num_episodes == 2
+
+
+def test_the_ranking_benchmark_scores_rank_agreement():
+    ranking = load_benchmark("world_model_ranking")
+    assert ranking.spearman([0.1, 0.3, 0.5, 0.7], [0.0, 0.2, 0.21, 0.9]) == pytest.approx(1.0)
+    assert ranking.spearman([0.1, 0.3, 0.5], [0.9, 0.5, 0.1]) == pytest.approx(-1.0)
+    assert ranking.ranks([0.2, 0.1, 0.2]).tolist() == [2.5, 1.0, 2.5]  # ties share their mean rank
