@@ -1,7 +1,9 @@
 """Sample efficiency of online refinement on one task and budget, side by side in one run: steer (DSRL-SAC),
 steer_na (DSRL-NA), residual, value-guided selection (all on the same frozen base), bottleneck steering
 (`steer_bottleneck`: steer with latent=bottleneck, on a base trained with policy.encoder.bottleneck=vib), PPO
-through the sampling chain (`reinflow` on a flow base, `dppo` on a diffusion base) and SAC from scratch.
+through the sampling chain (`reinflow` on a flow base, `dppo` on a diffusion base), refinement inside a learned
+world model (`world_model`: its real env steps are the budget, one round per --eval-every real steps; its imagined
+steps are reported apart, as `imagined_env_steps`) and SAC from scratch.
 
     .venv/bin/python benchmarks/refine_sample_efficiency.py --base /tmp/h8/base --task metaworld/push-v3 \
         --env-steps 20000 --eval-every 2500 --eval-episodes 20 --final-episodes 100 \
@@ -242,6 +244,9 @@ def main() -> None:
         algo_name, variant = VARIANTS.get(name, (name, {}))
         algo = {**load_algo(algo_name), **variant,
                 **{k: v for k, v in overrides.get(name, {}).items() if k not in REWARD_KEYS}}
+        if algo_name == "world_model":  # the x-axis is REAL env steps: the budget, one round per evaluation
+            algo = {**algo, "real_env_steps": args.env_steps, "round_env_steps": args.eval_every,
+                    **{k: v for k, v in overrides.get(name, {}).items() if k not in REWARD_KEYS}}
         base = bases.get(name, args.base)
         cfg = common_cfg(args, algo, out_root / name, reward, base)
         if str(base) not in base_evals:
@@ -258,6 +263,8 @@ def main() -> None:
         runs[name].train_episodes = json.loads(Path(summary["curves"]).read_text())["train_episodes"]
         results[name] = {"algo": name, "base": str(base), "env_steps": summary["env_steps"],
                          "wall_seconds": summary["wall_seconds"],
+                         **({"imagined_env_steps": summary["imagined_env_steps"]}
+                            if "imagined_env_steps" in summary else {}),
                          "steps_to_target": summary["steps_to_target"],
                          "wall_seconds_to_target": summary["wall_seconds_to_target"],
                          "final_success_rate": summary["final_eval"]["success_rate"],

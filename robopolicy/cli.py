@@ -48,8 +48,10 @@ COMMANDS = {
     "deploy": "a control node driving a robot (robot=sim: a MuJoCo task in real time) with a local or remote policy",
     "quickstart": "the embedded default: collect, train, evaluate, deploy and refine on a built-in task",
     "sweep": "train or finetune over seeds x settings, gathered into one table (CSV, JSON, plot) with intervals",
+    "world-model": "world-model train: a latent world model learned from stores, with its held-out report",
 }
 DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "filter", "label")
+SUBCOMMANDS = {"data": DATA_COMMANDS, "world-model": ("train",)}
 
 
 # The module that registers each command's typed config ("command", <command>) and each group's configs
@@ -57,7 +59,7 @@ DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "fi
 CONFIG_MODULES = {"collect": "robopolicy.commands", "data": "robopolicy.commands", "eval": "robopolicy.commands",
                   "quickstart": "robopolicy.commands", "train": "robopolicy.train",
                   "finetune": "robopolicy.finetune", "serve": "real.host.deploy", "deploy": "real.robot.deployment",
-                  "sweep": "robopolicy.sweep"}
+                  "sweep": "robopolicy.sweep", "world_model": "robopolicy.world_model.train"}
 GROUP_MODULES = {"policy": "robopolicy.policies", "algo": "robopolicy.rl", "robot": "real.robot.robots"}
 
 
@@ -101,8 +103,17 @@ def rollout_shorthand(override: str) -> str:
     return f"rollout.backend={value}" if sep and key == "rollout" else override
 
 
+def list_of_paths(override: str) -> str:
+    """`data=A` and `data=A,B` (world-model train) as the lists `data=[A]`, `data=[A,B]` (Hydra would read a bare
+    comma as a sweep)."""
+    key, sep, value = override.partition("=")
+    return f"{key}=[{value}]" if key == "data" and sep and value[:1] != "[" else override
+
+
 def compose(command: str, overrides: list[str]) -> DictConfig:
     overrides = [rollout_shorthand(quote_free_text(o)) for o in overrides]
+    if command == "world_model":
+        overrides = [list_of_paths(o) for o in overrides]
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -195,6 +206,8 @@ def run(command: str, overrides: list[str], sub: str | None = None) -> dict:
     if command == "finetune":  # the keys given here are never replaced by defaults derived from the task
         explicit = {o.partition("=")[0].lstrip("+~") for o in overrides if "=" in o} - {"algo"}
         return cmd_finetune(config, OmegaConf.to_container(cfg.algo, resolve=True), explicit)
+    if command == "world_model":
+        return cmd_world_model(config)
     if command in ("collect", "eval", "quickstart"):
         return {"collect": cmd_collect, "eval": cmd_eval, "quickstart": cmd_quickstart}[command](config)
     # serve and deploy (typed by the robot side) still read the composed config.
@@ -302,8 +315,19 @@ def cmd_collect(cfg: CollectConfig) -> dict:
     extra = {} if cfg.expert.dart is None else {"dart": cfg.expert.dart}
     if extra and not task.startswith("builtin/"):
         raise UserError(f"expert.dart (DART exploration) is available for the built-in tasks only, not {task}.")
-    experts = [sim.make_expert(task, noise=cfg.expert.noise, sloppy=cfg.expert.sloppy, **extra)
-               for _ in range(num_envs)]
+    agent, source = None, cfg.source
+    if cfg.ckpt is not None:  # a policy's rollouts
+        from robopolicy.checkpoint import read_checkpoint_info, resolve_checkpoint
+        from robopolicy.evaluate import PolicyAgent
+        from robopolicy.loading import load_policy
+
+        ckpt = resolve_checkpoint(cfg.ckpt)
+        _check_env_matches(task, kwargs, read_checkpoint_info(ckpt)["features"], f"the checkpoint {ckpt}")
+        agent, source = PolicyAgent(load_policy(ckpt).eval(), num_envs), "policy" if source == "expert" else source
+        experts = []
+    else:
+        experts = [sim.make_expert(task, noise=cfg.expert.noise, sloppy=cfg.expert.sloppy, **extra)
+                   for _ in range(num_envs)]
     if Path(out).exists() and not cfg.overwrite:
         store = DemoStore.open(out, mode="a")
         mismatch = feature_mismatch(features, store.features, "store features")
@@ -320,8 +344,8 @@ def cmd_collect(cfg: CollectConfig) -> dict:
     envs = make_vector_env(task, num_envs, kwargs, cfg.rollout)
     try:
         with progress(cfg.episodes, f"collect {task}") as bar:
-            summary = collect(envs, experts, store, cfg.episodes, seed=seed, task=description, source=cfg.source,
-                              progress=bar, instructions=instructed)
+            summary = collect(envs, experts, store, cfg.episodes, seed=seed, task=description, source=source,
+                              progress=bar, instructions=instructed, agent=agent)
     finally:
         envs.close()
     return {"command": "collect", "task": task, "store": str(out), "first_episode": first, "first_seed": seed,
@@ -452,6 +476,8 @@ def cmd_eval(cfg: EvalConfig) -> dict:
     for task in tasks:
         _check_env_matches(task, kwargs, features, f"the checkpoint {ckpt}")
     policy = load_policy(ckpt, num_inference_steps=cfg.num_inference_steps)
+    if cfg.wm is not None:
+        return _eval_in_world_model(cfg, policy, ckpt, tasks, kwargs)
     if cfg.guidance is not None:  # value-guided selection (guidance=value n_samples=N) or none (the base alone)
         from robopolicy.rl.value_guidance import apply_guidance
 
@@ -479,6 +505,44 @@ def cmd_eval(cfg: EvalConfig) -> dict:
         brief["per_task"] = {t: {k: v for k, v in r.items() if k != "per_episode"} for t, r in results.items()}
     brief["summary"] = str(out / "summary.json")
     return brief
+
+
+def _eval_in_world_model(cfg: EvalConfig, policy, ckpt: Path, tasks: list[str], kwargs: dict) -> dict:
+    """`eval wm=WM`: the success rate the world model predicts, from the evaluation's own start states (env
+    resets with its seeds; no simulator step) or the model's training episodes' first states."""
+    import numpy as np
+
+    import sim
+    from robopolicy.data.spec import STATE_KEY
+    from robopolicy.world_model import load_episodes, load_world_model, predict_success
+
+    if len(tasks) > 1:
+        raise UserError("eval wm=... predicts one task at a time: pass task=... rather than tasks=[...].")
+    model, info = load_world_model(cfg.wm)
+    env = sim.make_env(tasks[0], **kwargs)
+    try:
+        max_steps = cfg.max_episode_steps or env.unwrapped.max_episode_steps
+        if cfg.wm_starts == "env":
+            starts = np.stack([env.reset(seed=cfg.seed + k)[0][STATE_KEY] for k in range(cfg.episodes)])
+        else:
+            starts = load_episodes(info["data"])[0].first_states()
+    finally:
+        env.close()
+    result = predict_success(model, policy, starts, int(max_steps), seed=cfg.seed)
+    out = Path(cfg.out) if cfg.out else ckpt / f"eval_world_model_{tasks[0].replace('/', '_')}"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"command": "eval", "in": "world_model", "world_model": str(cfg.wm), "checkpoint": str(ckpt),
+               "task": tasks[0], "starts_from": cfg.wm_starts, **result}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["summary"] = str(out / "summary.json")
+    return summary
+
+
+def cmd_world_model(cfg) -> dict:
+    from robopolicy.world_model.train import train_world_model
+
+    with progress(cfg.steps, "world-model train") as bar:
+        return train_world_model(cfg, log=lambda m: print(m, file=sys.stderr), progress=bar)
 
 
 def _eval_task(cfg: EvalConfig, policy, task: str, kwargs: dict, out: Path) -> dict:
@@ -589,7 +653,11 @@ def cmd_finetune(cfg: FinetuneConfig, algo: Mapping[str, Any], explicit: set[str
     kwargs = env_kwargs_for_features(info["features"], cfg.max_episode_steps)
     _check_env_matches(task, kwargs, info["features"], f"the checkpoint {base}")
     run_cfg = {**to_dict(cfg), "task": task, "ckpt": str(base), "algo": dict(algo)}
-    total = algo["steps"] if "data" in algo else cfg.env_steps  # offline methods count gradient steps
+    total = algo["steps"] if "steps" in algo else cfg.env_steps  # offline methods count gradient steps
+    if algo.get("name") == "world_model":  # its bar counts imagined env steps
+        from robopolicy.rl.world_model import WorldModelAlgoConfig, expected_imagined_steps
+
+        total = expected_imagined_steps(from_mapping(WorldModelAlgoConfig, algo, where="algo"))
     with progress(total, f"finetune {algo.get('name')}") as bar:
         return {"command": "finetune", **finetune(run_cfg, lambda n: make_vector_env(task, n, kwargs, cfg.rollout),
                                                   log=lambda m: print(m, file=sys.stderr), progress=bar,
@@ -635,8 +703,9 @@ def _print_help(command: str | None) -> None:
     cfg = compose(command, [])
     groups = command_groups(command)
     cls = command_config_class(command)
-    print(f"usage: robopolicy {command}{' ' + '|'.join(DATA_COMMANDS) if command == 'data' else ''} [key=value ...]")
-    print(f"\n{COMMANDS[command]}.\n\nconfiguration (configs/{command}.yaml; override any key as key=value,"
+    word = command.replace("_", "-")
+    print(f"usage: robopolicy {word}{' ' + '|'.join(SUBCOMMANDS[word]) if word in SUBCOMMANDS else ''} [key=value ...]")
+    print(f"\n{COMMANDS[word]}.\n\nconfiguration (configs/{command}.yaml; override any key as key=value,"
           " e.g. task=builtin/push episodes=10, nested keys as expert.noise=0.1):\n")
     if cls is not None:
         lines = describe(cls)
@@ -670,14 +739,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}; commands are {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
     if "-h" in rest or "--help" in rest:
-        _print_help(command)
+        _print_help(command.replace("-", "_"))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        if command == "data":
-            if not rest or rest[0] not in DATA_COMMANDS:
-                raise UserError(f"`robopolicy data` needs a subcommand: {', '.join(DATA_COMMANDS)}.")
-            summary = run("data", rest[1:], sub=rest[0])
+        if command in SUBCOMMANDS:
+            if not rest or rest[0] not in SUBCOMMANDS[command]:
+                raise UserError(f"`robopolicy {command}` needs a subcommand: {', '.join(SUBCOMMANDS[command])}.")
+            summary = run(command.replace("-", "_"), rest[1:], sub=rest[0])
         else:
             summary = run(command, rest)
     except KeyboardInterrupt:

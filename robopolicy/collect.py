@@ -37,13 +37,14 @@ class ExpertAgent:
 
 
 def collect(envs, experts: list, store, n_episodes: int, *, seed: int, task: str, source: str = "expert",
-            progress=None, instructions: bool = False) -> dict:
+            progress=None, instructions: bool = False, agent=None) -> dict:
     """Append `n_episodes` expert episodes to `store` as they finish; returns the summary figures. With
     `instructions` (envs with `instruction` and `goal` attributes) the experts are told each episode's goal and
-    the store records each episode's instruction as its task; otherwise every episode's task is `task`."""
+    the store records each episode's instruction as its task; otherwise every episode's task is `task`. `agent`
+    (e.g. a policy's `evaluate.PolicyAgent`) replaces the experts: its rollouts are recorded."""
     start = time.perf_counter()
 
-    dart = float(getattr(experts[0], "dart", 0.0))  # recorded: these episodes ran with perturbed actions
+    dart = float(getattr(experts[0], "dart", 0.0)) if experts else 0.0  # these episodes ran perturbed actions
     extra = {"dart": dart} if dart > 0 else {}
 
     def append(ep: Episode) -> None:
@@ -53,7 +54,7 @@ def collect(envs, experts: list, store, n_episodes: int, *, seed: int, task: str
             progress.update(1)
             progress.set_postfix(success=f"{ep.success}", refresh=False)
 
-    agent = ExpertAgent(experts, envs.single_action_space.shape[0])
+    agent = agent or ExpertAgent(experts, envs.single_action_space.shape[0])
     episodes = run_episodes(envs, agent, n_episodes, seed=seed, record=True, on_episode=append,
                             instructions=instructions)
     elapsed = time.perf_counter() - start

@@ -43,6 +43,8 @@ class CollectConfig:
     expert: ExpertConfig = setting(ExpertConfig(), "the task's scripted expert")
     obs: ObsConfig = setting(ObsConfig(), "what the store records of each observation")
     rollout: RolloutConfig = setting(RolloutConfig(), "where the envs step (rollout=ray: Ray actors)")
+    ckpt: str | None = setting(None, "record a policy checkpoint's rollouts (source: policy) instead of the "
+                                     "scripted expert's, e.g. data for a world model")
 
 
 @register_config("command", "data")
@@ -82,6 +84,11 @@ class EvalConfig:
     tasks: list[str] | None = setting(None, "several tasks in one evaluation (success per task and the mean); "
                                             "replaces task")
     rollout: RolloutConfig = setting(RolloutConfig(), "where the envs step (rollout=ray: Ray actors)")
+    wm: str | None = setting(None, "a world model folder (`robopolicy world-model train`): predict the success rate "
+                                   "by imagined rollouts instead of simulating")
+    wm_starts: str = setting("env", "with wm: the start states: env: the evaluation seeds' resets (no simulator "
+                                    "step) | store: the first states of the model's training episodes",
+                             choices=("env", "store"))
 
 
 @dataclass(kw_only=True)

@@ -37,7 +37,7 @@ from robopolicy.config import config_class, from_mapping, plain, register_config
 from robopolicy.evaluate import EVAL_SEED, evaluate
 from robopolicy.loading import load_policy
 from robopolicy.preference import OFFLINE_ALGOS, refine_offline
-from robopolicy.rl import METHODS
+from robopolicy.rl import METHODS, MODEL_BASED
 from robopolicy.rl.collector import RewardSpec
 from robopolicy.rl.online import EvalSchedule, run_online
 from robopolicy.rl.refined import save_refined
@@ -141,10 +141,18 @@ def finetune(cfg: Mapping[str, Any], make_envs: Callable[[int], Any], *, log: Ca
     method, buffer = METHODS[name].make_method(base_policy, base_ref, algo, run.reward_spec, run.seed)
     n_params = sum(p.numel() for p in method.policy.parameters())
     log(f"finetune {name} on {task}: base {base} ({info['policy']}), {n_params / 1e6:.3f}M refined "
-        f"parameters, {run.env_steps} env steps")
-    result = run_online(method, buffer, make_envs, algo=algo, ev=ev, reward=run.reward_spec,
-                        env_steps=run.env_steps, num_envs=run.num_envs, seed=run.seed, out=out, task=task, log=log,
-                        progress=progress)
+        f"parameters, {algo.real_env_steps if name in MODEL_BASED else run.env_steps} "
+        f"{'real ' if name in MODEL_BASED else ''}env steps")
+    if name in MODEL_BASED:  # refined in a world model; the real env steps are algo.real_env_steps
+        from robopolicy.rl.world_model import run_model_based
+
+        result = run_model_based(method, buffer, make_envs, algo=algo, ev=ev, reward=run.reward_spec,
+                                 num_envs=run.num_envs, seed=run.seed, out=out, task=task,
+                                 base_data=info["config"].get("data"), log=log, progress=progress)
+    else:
+        result = run_online(method, buffer, make_envs, algo=algo, ev=ev, reward=run.reward_spec,
+                            env_steps=run.env_steps, num_envs=run.num_envs, seed=run.seed, out=out, task=task,
+                            log=log, progress=progress)
     curves = result["curves"]
     train_seconds = round(time.perf_counter() - started, 1)
     final = _evaluate(make_envs, method.policy.eval(), ev.final_episodes, ev.num_envs)
@@ -163,6 +171,7 @@ def finetune(cfg: Mapping[str, Any], make_envs: Callable[[int], Any], *, log: Ca
     summary = {
         "command": "finetune", "algo": name, "task": task, "base": str(base), "checkpoint": str(checkpoint),
         "env_steps": result["env_steps"], "updates": result["updates"], "wall_seconds": train_seconds,
+        **({"imagined_env_steps": result["imagined_env_steps"]} if "imagined_env_steps" in result else {}),
         "reward": {k: getattr(run, k) for k in ("reward", "reward_scale", "step_penalty", "success_bonus")},
         # the machine may be shared: this process's CPU seconds and the 1-minute load at start and end
         "cpu_seconds": round(_cpu_seconds() - cpu_started, 1),

@@ -1,6 +1,7 @@
 """Online refinement of a frozen base policy in simulation: latent-noise steering (`steer`, `steer_na`), residual
 RL (`residual`, `residual_ppo`), value-guided chunk selection (`value_guided`) and PPO through the base's own
-sampling chain (`reinflow` for flow, `dppo` for diffusion: chain_ppo.py), on shared pieces:
+sampling chain (`reinflow` for flow, `dppo` for diffusion: chain_ppo.py), and noise steering inside a learned world
+model (`world_model`: world_model.py, whose rounds replace the online loop), on shared pieces:
 
     refined.py    RefinedPolicy: a frozen base plus the method's module, behind the ChunkPolicy runtime
     buffer.py     ReplayBuffer of chunk-level transitions
@@ -13,7 +14,7 @@ Each method is one module (steer.py, residual.py, value_guidance.py) with its co
 rebuilds refined checkpoints) and `make_method(base, base_ref, algo, reward, seed) -> (method, buffer)`.
 """
 
-from robopolicy.rl import dppo, reinflow, residual, steer, value_guidance
+from robopolicy.rl import dppo, reinflow, residual, steer, value_guidance, world_model
 from robopolicy.rl.buffer import ReplayBuffer
 from robopolicy.rl.collector import RewardSpec
 from robopolicy.rl.refined import RefinedPolicy, save_refined
@@ -23,7 +24,9 @@ from robopolicy.rl.value_guidance import ValueGuidedPolicy
 
 # algo.name -> the module whose make_method builds it
 METHODS = {"steer": steer, "steer_na": steer, "residual": residual, "residual_ppo": residual,
-           "value_guided": value_guidance, "reinflow": reinflow, "dppo": dppo}
+           "value_guided": value_guidance, "reinflow": reinflow, "dppo": dppo, "world_model": world_model}
+# methods whose transitions are imagined: they run world_model.run_model_based instead of the online loop
+MODEL_BASED = ("world_model",)
 
-__all__ = ["METHODS", "RefinedPolicy", "ReplayBuffer", "ResidualPolicy", "RewardSpec", "SteerPolicy",
+__all__ = ["METHODS", "MODEL_BASED", "RefinedPolicy", "ReplayBuffer", "ResidualPolicy", "RewardSpec", "SteerPolicy",
            "ValueGuidedPolicy", "save_refined"]
