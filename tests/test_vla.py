@@ -136,3 +136,61 @@ def test_state_tokens_follow_the_entities_the_feature_names_describe():
     assert [idx for _, idx in groups] == [[0, 1, 2, 3], [4, 5], [6, 7], [8]]
     assert state_entities("observation.state", spec, "one") == [("observation.state", list(range(9)))]
     assert len(state_entities("observation.state", {**spec, "names": None}, "entity")) == 1
+
+
+def vla_base(folder, task: str = "builtin/push_two_ways"):
+    """A small untrained vla policy for `task`, saved as a real checkpoint."""
+    import sim
+    from robopolicy.features import features_from_env
+
+    env = sim.make_env(task)
+    features = features_from_env(env.observation_space, env.action_space)
+    env.close()
+    torch.manual_seed(0)
+    cfg = vla_config(num_inference_steps=2)
+    policy = make_policy(cfg, features, make_stats(features)).eval()
+    return save_checkpoint(folder, policy, config={"policy": cfg, "task": task})
+
+
+@pytest.mark.parametrize("algo", ["steer", "residual"])
+def test_refinement_of_a_vla_base_hands_each_episode_instruction_to_the_base(tmp_path, monkeypatch, algo):
+    from test_rl_core import finetune_cfg
+
+    from robopolicy.finetune import finetune
+    from robopolicy.policies.vla import VLAPolicy
+    from sim.vector import make_vector_env
+
+    seen: list[str] = []
+    prefix = VLAPolicy._prefix
+
+    def spy(self, obs):
+        seen.extend(obs.get("task") or [])
+        return prefix(self, obs)
+
+    monkeypatch.setattr(VLAPolicy, "_prefix", spy)
+    base = vla_base(tmp_path / "base")
+    task = "builtin/push_two_ways"
+    cfg = finetune_cfg({"name": algo}, base, tmp_path / "run", task=task)
+    summary = finetune(cfg, lambda n: make_vector_env(task, n, autoreset="disabled", max_episode_steps=10),
+                       log=lambda m: None)
+    assert summary["env_steps"] == 64 and summary["updates"] > 0
+    instructions = {t for t in seen if t}  # the empty one is the dummy observation that sizes the features
+    assert len(instructions) >= 2 and all(" left" in t or " right" in t for t in instructions)
+    refined = load_policy(tmp_path / "run" / "checkpoints" / "last")
+    assert refined.language  # eval and deploy hand the instruction on
+    with pytest.raises(KeyError, match=r"obs\['task'\]"):
+        refined.sample_chunk({k: v for k, v in observation(make_batch(refined.features, 1)).items()})
+
+
+def test_steer_na_refuses_a_language_base_in_one_sentence(tmp_path):
+    from test_rl_core import finetune_cfg
+
+    from robopolicy.finetune import finetune
+    from sim.vector import make_vector_env
+
+    base = vla_base(tmp_path / "base")
+    task = "builtin/push_two_ways"
+    cfg = finetune_cfg({"name": "steer_na"}, base, tmp_path / "run", task=task)
+    with pytest.raises(ValueError, match="instruction"):
+        finetune(cfg, lambda n: make_vector_env(task, n, autoreset="disabled", max_episode_steps=10),
+                 log=lambda m: None)
