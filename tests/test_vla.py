@@ -117,6 +117,8 @@ def test_train_and_eval_a_language_task_with_any_phrasing(cli, tmp_path):
                             "instruction_template=grab the {color} block and set it on the {target} pad",
                             f"out={tmp_path / 'eval'}", check=True))
     assert summary["episodes"] == 2 and set(summary["per_goal"]["groups"]) and "mean" in summary["per_goal"]
+    lo, hi = summary["per_goal"]["mean_ci95"]
+    assert lo <= summary["per_goal"]["mean"] <= hi
     import json
 
     per_episode = json.loads((tmp_path / "eval" / "summary.json").read_text())["per_episode"]
