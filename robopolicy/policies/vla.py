@@ -56,7 +56,9 @@ class VLAConfig(FlowConfig):
     state_tokens: str = setting("entity", "entity: one token per named entity of the state (cube_red.*, ...); "
                                           "one: a single state token", choices=("entity", "one"))
     prefix_summary: bool = setting(True, "add the mean of the prefix's final states to every action token (a global "
-                                         "condition beside attention: the expert learns in far fewer steps)")
+                                         "condition beside attention)")
+    adaln: bool = setting(True, "the flow time and the mean of the prefix's final states modulate every action-expert "
+                                "layer (DiT's adaLN-zero) beside the attention to the prefix")
     num_inference_steps: int = setting(4, "Euler steps over the cached prefix")
     schedule_power: float = setting(1.0, "sampler times t_i = 1 - (1 - i/N)^p: 1 uniform; > 1 one long first step")
     clip_prediction: bool = setting(False, "clip the predicted clean chunk to [-1, 1] at every step")
@@ -83,23 +85,44 @@ class VLAConfig(FlowConfig):
 
 class Block(nn.Module):
     """Pre-LN transformer layer split in two halves around the attention, so that a joint-attention pass can
-    gather queries, keys and values of two streams (prefix, actions) with their own weights."""
+    gather queries, keys and values of two streams (prefix, actions) with their own weights. `modulated`: its norms
+    are shifted and scaled, and its two residual branches gated, by a condition (DiT's adaLN-zero: the gates start
+    at zero, so each layer starts as the identity)."""
 
-    def __init__(self, d: int, n_heads: int, mlp_ratio: int):
+    def __init__(self, d: int, n_heads: int, mlp_ratio: int, modulated: bool = False):
         super().__init__()
         self.n_heads = n_heads
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=not modulated)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=not modulated)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
+        self.modulation = None
+        if modulated:
+            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+            nn.init.zeros_(self.modulation[1].weight)
+            nn.init.zeros_(self.modulation[1].bias)
 
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def modulate(self, cond: torch.Tensor | None) -> tuple[torch.Tensor, ...] | None:
+        """cond [B, d] -> shift, scale and gate of both halves, each [B, 1, d] (None: an unmodulated layer)."""
+        if self.modulation is None or cond is None:
+            return None
+        return self.modulation(cond)[:, None].chunk(6, dim=-1)
+
+    def qkv_heads(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, d = x.shape  # "b t (three h e) -> three b h t e" (view and permute: cheaper than einops per call)
-        qkv = self.qkv(self.norm1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        h = self.norm1(x) if mod is None else self.norm1(x) * (1 + mod[1]) + mod[0]
+        qkv = self.qkv(h).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
-    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        x = x + self.proj(attended.transpose(1, 2).flatten(2))  # "b h t e -> b t (h e)"
-        return x + self.mlp(self.norm2(x))
+    def finish(self, x: torch.Tensor, attended: torch.Tensor, mod: tuple[torch.Tensor, ...] | None = None
+               ) -> torch.Tensor:
+        out = self.proj(attended.transpose(1, 2).flatten(2))  # "b h t e -> b t (h e)"
+        if mod is None:
+            x = x + out
+            return x + self.mlp(self.norm2(x))
+        x = x + mod[2] * out
+        return x + mod[5] * self.mlp(self.norm2(x) * (1 + mod[4]) + mod[3])
 
 
 class VLATransformer(nn.Module):
@@ -133,7 +156,9 @@ class VLATransformer(nn.Module):
         self.summary_in = nn.Linear(d, d) if cfg.prefix_summary else None
         self.time_in = nn.Sequential(SinusoidalEmbedding(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         self.action_pos = nn.Parameter(0.02 * torch.randn(horizon, d))
-        self.expert_layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
+        self.adaln = cfg.adaln
+        self.expert_layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio, modulated=cfg.adaln)
+                                           for _ in range(cfg.n_layers))
         self.action_out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, action_dim))
         self.out_dim = d
 
@@ -183,29 +208,37 @@ class VLATransformer(nn.Module):
         if isinstance(prefix, PrefixTokens):
             return self.joint(prefix, x_t, timestep)
         y = self.action_tokens(x_t, timestep, prefix.summary)
+        cond = self.expert_condition(timestep, prefix)
         for layer, k_prefix, v_prefix in zip(self.expert_layers, prefix.keys, prefix.values):
-            q, k, v = layer.qkv_heads(y)
+            mod = layer.modulate(cond)
+            q, k, v = layer.qkv_heads(y, mod)
             attended = F.scaled_dot_product_attention(q, torch.cat([k_prefix, k], dim=2),
                                                       torch.cat([v_prefix, v], dim=2), attn_mask=prefix.allowed)
-            y = layer.finish(y, attended)
+            y = layer.finish(y, attended, mod)
         return self.action_out(y)
+
+    def expert_condition(self, timestep: torch.Tensor, cache: PrefixCache) -> torch.Tensor | None:
+        """What modulates the expert's layers (adaln): the flow time's embedding plus the pooled prefix [B, d]."""
+        return self.time_in(timestep) + cache.pooled() if self.adaln else None
 
     def joint(self, prefix: PrefixTokens, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """The uncached pass: one attention per layer over [prefix; actions] with the block mask (the summary, which
         the action tokens need before the first layer, comes from a pass of the prefix layers alone)."""
-        summary = self.cache_prefix(prefix).summary if self.summary_in is not None else 0.0
-        x, y = prefix.tokens, self.action_tokens(x_t, timestep, summary)
+        alone = self.cache_prefix(prefix) if (self.summary_in is not None or self.adaln) else None
+        x, y = prefix.tokens, self.action_tokens(x_t, timestep, alone.summary if alone is not None else 0.0)
+        cond = self.expert_condition(timestep, alone) if alone is not None else None
         n_prefix, n_total = x.shape[1], x.shape[1] + y.shape[1]
         key_ok = torch.cat([prefix.mask, torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)], dim=1)
         allowed = key_ok[:, None, None, :].expand(-1, 1, n_total, -1).clone()
         allowed[:, :, :n_prefix, n_prefix:] = False  # the prefix never sees the actions
         for prefix_layer, expert_layer in zip(self.prefix_layers, self.expert_layers):
+            mod = expert_layer.modulate(cond)
             qp, kp, vp = prefix_layer.qkv_heads(x)
-            qa, ka, va = expert_layer.qkv_heads(y)
+            qa, ka, va = expert_layer.qkv_heads(y, mod)
             attended = F.scaled_dot_product_attention(torch.cat([qp, qa], 2), torch.cat([kp, ka], 2),
                                                       torch.cat([vp, va], 2), attn_mask=allowed)
             x = prefix_layer.finish(x, attended[:, :, :n_prefix])
-            y = expert_layer.finish(y, attended[:, :, n_prefix:])
+            y = expert_layer.finish(y, attended[:, :, n_prefix:], mod)
         return self.action_out(y)
 
 
