@@ -196,3 +196,20 @@ def test_steer_na_refuses_a_language_base_in_one_sentence(tmp_path):
     with pytest.raises(ValueError, match="instruction"):
         finetune(cfg, lambda n: make_vector_env(task, n, autoreset="disabled", max_episode_steps=10),
                  log=lambda m: None)
+
+
+@pytest.mark.parametrize("action_tokens", ["step", "chunk"])
+@pytest.mark.parametrize("adaln", [True, False])
+def test_every_expert_variant_gives_the_same_chunk_cached_and_uncached(action_tokens, adaln):
+    torch.manual_seed(0)
+    features = make_features(cameras=("front",))
+    policy = make_policy(vla_config(action_tokens=action_tokens, adaln=adaln), features, make_stats(features))
+    overfit(policy, {**make_batch(features, 8), "task": INSTRUCTIONS * 2}, steps=3)  # adaLN-zero gates leave 0
+    policy.eval()
+    obs = with_tasks(observation(make_batch(features, 4)), INSTRUCTIONS)
+    noise = torch.randn(4, *policy.noise_shape)
+    cached = policy.sample_chunk(obs, noise)
+    policy.kv_cache = False
+    assert (policy.sample_chunk(obs, noise) - cached).abs().max() <= 1e-5
+    policy.kv_cache = True
+    assert not torch.allclose(policy.sample_chunk(with_tasks(obs, INSTRUCTIONS[::-1]), noise), cached)

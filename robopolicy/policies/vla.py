@@ -45,8 +45,8 @@ TASK_KEY = "task"
 @dataclass
 class VLAConfig(FlowConfig):
     name: str = setting("vla", "the policy (its registry name)")
-    d_model: int = setting(128, "token width of the prefix and of the action expert")
-    n_layers: int = setting(4, "joint-attention layers")
+    d_model: int = setting(64, "token width of the prefix and of the action expert")
+    n_layers: int = setting(2, "joint-attention layers")
     n_heads: int = setting(4, "attention heads")
     mlp_ratio: int = setting(2, "feed-forward width / d_model")
     patch_size: int = setting(16, "image patch side in pixels (96x96: 36 tokens per camera)")
@@ -57,14 +57,17 @@ class VLAConfig(FlowConfig):
                                           "one: a single state token", choices=("entity", "one"))
     prefix_summary: bool = setting(True, "add the mean of the prefix's final states to every action token (a global "
                                          "condition beside attention)")
+    action_tokens: str = setting("step", "step: one action-expert token per action of the chunk (pi0); chunk: one "
+                                         "token for the whole chunk", choices=("step", "chunk"))
     adaln: bool = setting(True, "the flow time and the mean of the prefix's final states modulate every action-expert "
                                 "layer (DiT's adaLN-zero) beside the attention to the prefix")
     num_inference_steps: int = setting(4, "Euler steps over the cached prefix")
-    schedule_power: float = setting(1.0, "sampler times t_i = 1 - (1 - i/N)^p: 1 uniform; > 1 one long first step")
-    clip_prediction: bool = setting(False, "clip the predicted clean chunk to [-1, 1] at every step")
-    time_sampling: str = setting("beta", "uniform | beta (pi0: more training at the noisy end)",
+    schedule_power: float = setting(3.0, "sampler times t_i = 1 - (1 - i/N)^p: 1 uniform; > 1 one long first step")
+    clip_prediction: bool = setting(True, "clip the predicted clean chunk to [-1, 1] at every step")
+    time_sampling: str = setting("uniform", "uniform | beta (pi0: more training at the noisy end)",
                                  choices=("uniform", "beta"))
-    prediction_type: str = setting("velocity", "sample | velocity", choices=("sample", "velocity"))
+    prediction_type: str = setting("sample", "sample (the clean chunk; learnt in fewer steps here) | velocity",
+                                   choices=("sample", "velocity"))
     backbone: str = setting("none", "none: the policy's own prefix transformer; smolvlm | paligemma: the action "
                                     "expert on that pretrained VLM (robopolicy/policies/vla_backbone.py)",
                             choices=("none", *BACKBONES))
@@ -72,7 +75,7 @@ class VLAConfig(FlowConfig):
                                               "tokenizer); never fetched from a hub")
     train_backbone: bool = setting(False, "false: the backbone is frozen and not saved in checkpoints (they need "
                                           "the same backbone_path); true: fine-tuned and saved with the policy")
-    optim: OptimConfig = setting(OptimConfig(lr=5.0e-4, warmup_steps=200), "training recipe")
+    optim: OptimConfig = setting(OptimConfig(lr=1.0e-3, warmup_steps=200), "training recipe")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,14 +155,17 @@ class VLATransformer(nn.Module):
         self.prefix_layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
         self.prefix_norm = nn.LayerNorm(d)
 
-        self.action_in = nn.Linear(action_dim, d)
+        # action_tokens "step": one token per action [B, H, A]; "chunk": one token for the whole chunk [B, 1, H * A]
+        self.chunk_token = cfg.action_tokens == "chunk"
+        token_in, n_tokens = (horizon * action_dim, 1) if self.chunk_token else (action_dim, horizon)
+        self.action_in = nn.Linear(token_in, d)
         self.summary_in = nn.Linear(d, d) if cfg.prefix_summary else None
         self.time_in = nn.Sequential(SinusoidalEmbedding(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
-        self.action_pos = nn.Parameter(0.02 * torch.randn(horizon, d))
+        self.action_pos = nn.Parameter(0.02 * torch.randn(n_tokens, d))
         self.adaln = cfg.adaln
         self.expert_layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio, modulated=cfg.adaln)
                                            for _ in range(cfg.n_layers))
-        self.action_out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, action_dim))
+        self.action_out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, token_in))
         self.out_dim = d
 
     # ---- the prefix ----------------------------------------------------------------------------------------
@@ -201,7 +207,12 @@ class VLATransformer(nn.Module):
     # ---- the action expert ---------------------------------------------------------------------------------
     def action_tokens(self, x_t: torch.Tensor, timestep: torch.Tensor, summary: torch.Tensor | float = 0.0
                       ) -> torch.Tensor:
+        x_t = x_t.flatten(1)[:, None] if self.chunk_token else x_t  # "b h a -> b 1 (h a)"
         return self.action_in(x_t) + self.time_in(timestep)[:, None] + self.action_pos + summary
+
+    def action_chunk(self, y: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """The expert's final action tokens -> its output [B, H, A]."""
+        return self.action_out(y).view_as(x_t)
 
     def expert(self, x_t: torch.Tensor, timestep: torch.Tensor, prefix: PrefixCache | PrefixTokens) -> torch.Tensor:
         """The denoiser: x_t [B, H, A], timestep [B] -> [B, H, A], over a cached prefix or (uncached) its tokens."""
@@ -215,7 +226,7 @@ class VLATransformer(nn.Module):
             attended = F.scaled_dot_product_attention(q, torch.cat([k_prefix, k], dim=2),
                                                       torch.cat([v_prefix, v], dim=2), attn_mask=prefix.allowed)
             y = layer.finish(y, attended, mod)
-        return self.action_out(y)
+        return self.action_chunk(y, x_t)
 
     def expert_condition(self, timestep: torch.Tensor, cache: PrefixCache) -> torch.Tensor | None:
         """What modulates the expert's layers (adaln): the flow time's embedding plus the pooled prefix [B, d]."""
@@ -239,7 +250,7 @@ class VLATransformer(nn.Module):
                                                       torch.cat([vp, va], 2), attn_mask=allowed)
             x = prefix_layer.finish(x, attended[:, :, :n_prefix])
             y = expert_layer.finish(y, attended[:, :, n_prefix:], mod)
-        return self.action_out(y)
+        return self.action_chunk(y, x_t)
 
 
 class VLAPolicy(FlowPolicy):
