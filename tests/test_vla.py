@@ -213,3 +213,17 @@ def test_every_expert_variant_gives_the_same_chunk_cached_and_uncached(action_to
     assert (policy.sample_chunk(obs, noise) - cached).abs().max() <= 1e-5
     policy.kv_cache = True
     assert not torch.allclose(policy.sample_chunk(with_tasks(obs, INSTRUCTIONS[::-1]), noise), cached)
+
+
+def test_padding_of_shorter_instructions_changes_nothing():
+    """An instruction's chunk is the same alone and batched beside a longer one (its padding is masked out)."""
+    torch.manual_seed(0)
+    features = make_features()
+    policy = make_policy(vla_config(), features, make_stats(features))
+    overfit(policy, {**make_batch(features, 8), "task": INSTRUCTIONS * 2}, steps=3)
+    policy.eval()
+    obs = observation(make_batch(features, 2))
+    noise = torch.randn(2, *policy.noise_shape)
+    batched = policy.sample_chunk(with_tasks(obs, ["left", INSTRUCTIONS[1]]), noise)
+    alone = policy.sample_chunk(with_tasks(observation(make_batch(features, 2), 1), ["left"]), noise[:1])
+    assert (batched[:1] - alone).abs().max() <= 1e-5
