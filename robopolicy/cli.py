@@ -490,11 +490,12 @@ def cmd_eval(cfg: EvalConfig) -> dict:
     if len(tasks) == 1:
         summary = {"command": "eval", "checkpoint": str(ckpt), "task": tasks[0], **results[tasks[0]]}
     else:
-        from robopolicy.metrics import success_summary
+        from robopolicy.metrics import mean_success_summary, success_summary
 
         pooled = success_summary([e["success"] for r in results.values() for e in r["per_episode"]])
+        mean = mean_success_summary(list(results.values()))
         summary = {"command": "eval", "checkpoint": str(ckpt), "tasks": tasks, **pooled,
-                   "mean_success_rate": sum(r["success_rate"] for r in results.values()) / len(results),
+                   "mean_success_rate": mean["success_rate"], "mean_success_ci95": mean["success_ci95"],
                    "per_task": results}
     for key in ("instruction_template", "misinstruct"):
         if kwargs.get(key):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from robopolicy.data.spec import OBSERVATION_PREFIX, is_image_key
-from robopolicy.metrics import success_summary
+from robopolicy.metrics import mean_success_summary, success_summary
 from robopolicy.rollout import TASK_KEY, Episode, run_episodes
 
 # Seeds for evaluation start far from the collection seeds (0, 1, ...), so a policy is scored on unseen episodes.
@@ -105,12 +105,14 @@ def goal_name(goal: dict) -> str:
 
 
 def per_group(episodes: list[Episode], key: Callable[[Episode], str]) -> dict:
-    """Success (with its Wilson interval) per group of episodes, and the unweighted mean over the groups."""
+    """Success (with its Wilson interval) per group of episodes, and the unweighted mean over the groups (with its
+    interval: `mean_success_summary`)."""
     groups: dict[str, list[bool]] = {}
     for ep in episodes:
         groups.setdefault(key(ep), []).append(ep.success)
     out = {name: success_summary(groups[name]) for name in sorted(groups)}
-    return {"groups": out, "mean": float(np.mean([g["success_rate"] for g in out.values()]))}
+    mean = mean_success_summary(list(out.values()))
+    return {"groups": out, "mean": mean["success_rate"], "mean_ci95": mean["success_ci95"]}
 
 
 def _fps(envs) -> int:

@@ -21,3 +21,16 @@ def success_summary(successes: list[bool]) -> dict[str, float]:
     lo, hi = wilson_interval(k, n)
     return {"episodes": n, "successes": k, "success_rate": k / n if n else 0.0,
             "success_ci95": [round(lo, 4), round(hi, 4)]}
+
+
+def mean_success_summary(groups: list[dict]) -> dict:
+    """The unweighted mean of several groups' success rates (per task, per goal) with a 95% Wilson interval at the
+    mean's effective sample size K^2 / sum(1 / n_k): the n for which one binomial has the variance of the mean of K
+    equal rates measured on n_1 .. n_K episodes (the total n when every group has as many)."""
+    groups = [g for g in groups if g["episodes"]]
+    if not groups:
+        return {"groups": 0, "success_rate": 0.0, "success_ci95": [0.0, 1.0]}
+    rate = sum(g["success_rate"] for g in groups) / len(groups)
+    n_eff = len(groups) ** 2 / sum(1.0 / g["episodes"] for g in groups)
+    lo, hi = wilson_interval(rate * n_eff, n_eff)  # type: ignore[arg-type]  (a real-valued count is fine here)
+    return {"groups": len(groups), "success_rate": rate, "success_ci95": [round(lo, 4), round(hi, 4)]}

@@ -107,3 +107,17 @@ def test_rollout_without_instructions_leaves_observations_as_they_were():
     envs = make_vector_env("builtin/reach", 1, autoreset="disabled", max_episode_steps=3)
     episodes = run_episodes(envs, Zero(), 2)
     assert [ep.instruction for ep in episodes] == ["", ""]
+
+
+def test_eval_of_several_tasks_reports_each_and_their_mean_with_wilson_intervals(cli, tmp_path):
+    from conftest import last_json
+    from test_rl_core import make_base
+
+    ckpt = make_base(tmp_path / "base", task="builtin/push")  # push and push_two_ways share their features
+    summary = last_json(cli("eval", f"ckpt={ckpt}", "tasks=[builtin/push,builtin/push_two_ways]", "episodes=3",
+                            "num_envs=1", "max_episode_steps=3", f"out={tmp_path / 'eval'}", check=True))
+    assert set(summary["per_task"]) == {"builtin/push", "builtin/push_two_ways"}
+    for result in summary["per_task"].values():
+        assert result["episodes"] == 3 and len(result["success_ci95"]) == 2
+    lo, hi = summary["mean_success_ci95"]
+    assert 0.0 <= lo <= summary["mean_success_rate"] <= hi <= 1.0 and summary["episodes"] == 6

@@ -17,3 +17,20 @@ def test_success_summary_counts():
     s = success_summary([True, False, True, True])
     assert s["episodes"] == 4 and s["successes"] == 3 and s["success_rate"] == 0.75
     assert s["success_ci95"][0] < 0.75 < s["success_ci95"][1]
+
+
+def test_mean_over_groups_has_a_wilson_interval_at_its_effective_sample_size():
+    from robopolicy.metrics import mean_success_summary
+
+    equal = [success_summary([True] * 9 + [False]), success_summary([True] * 7 + [False] * 3)]
+    mean = mean_success_summary(equal)
+    assert mean["groups"] == 2 and mean["success_rate"] == pytest.approx(0.8)
+    # equal group sizes: the interval of the pooled 16 of 20
+    assert mean["success_ci95"] == [round(v, 4) for v in wilson_interval(16, 20)]
+    # a small group widens the interval of the mean more than its share of the episodes would
+    uneven = mean_success_summary([success_summary([True] * 18), success_summary([False, False])])
+    assert uneven["success_rate"] == pytest.approx(0.5)
+    n_eff = 4 / (1 / 18 + 1 / 2)
+    assert uneven["success_ci95"] == [round(v, 4) for v in wilson_interval(0.5 * n_eff, n_eff)]
+    assert uneven["success_ci95"][1] - uneven["success_ci95"][0] > 0.4
+    assert mean_success_summary([]) == {"groups": 0, "success_rate": 0.0, "success_ci95": [0.0, 1.0]}

@@ -35,6 +35,8 @@ from robopolicy.policies.base import OptimConfig, PolicyConfigError
 from robopolicy.policies.flow import FlowConfig, FlowPolicy
 from robopolicy.policies.text import text_encoder
 from robopolicy.policies.unet1d import SinusoidalEmbedding
+from robopolicy.policies.vla_backbone import BACKBONES, BackboneVLA
+from robopolicy.policies.vla_tokens import PrefixCache, PrefixTokens, state_entities
 
 TASK_KEY = "task"
 
@@ -43,8 +45,8 @@ TASK_KEY = "task"
 @dataclass
 class VLAConfig(FlowConfig):
     name: str = setting("vla", "the policy (its registry name)")
-    d_model: int = setting(128, "token width of the prefix and of the action expert")
-    n_layers: int = setting(4, "joint-attention layers")
+    d_model: int = setting(64, "token width of the prefix and of the action expert")
+    n_layers: int = setting(2, "joint-attention layers")
     n_heads: int = setting(4, "attention heads")
     mlp_ratio: int = setting(2, "feed-forward width / d_model")
     patch_size: int = setting(16, "image patch side in pixels (96x96: 36 tokens per camera)")
@@ -53,73 +55,77 @@ class VLAConfig(FlowConfig):
     max_text_tokens: int = setting(32, "instruction tokens kept")
     state_tokens: str = setting("entity", "entity: one token per named entity of the state (cube_red.*, ...); "
                                           "one: a single state token", choices=("entity", "one"))
+    prefix_summary: bool = setting(True, "add the mean of the prefix's final states to every action token (a global "
+                                         "condition beside attention)")
+    action_tokens: str = setting("step", "step: one action-expert token per action of the chunk (pi0); chunk: one "
+                                         "token for the whole chunk", choices=("step", "chunk"))
+    adaln: bool = setting(True, "the flow time and the mean of the prefix's final states modulate every action-expert "
+                                "layer (DiT's adaLN-zero) beside the attention to the prefix")
     num_inference_steps: int = setting(4, "Euler steps over the cached prefix")
-    schedule_power: float = setting(1.0, "sampler times t_i = 1 - (1 - i/N)^p: 1 uniform; > 1 one long first step")
-    clip_prediction: bool = setting(False, "clip the predicted clean chunk to [-1, 1] at every step")
-    time_sampling: str = setting("beta", "uniform | beta (pi0: more training at the noisy end)",
+    schedule_power: float = setting(3.0, "sampler times t_i = 1 - (1 - i/N)^p: 1 uniform; > 1 one long first step")
+    clip_prediction: bool = setting(True, "clip the predicted clean chunk to [-1, 1] at every step")
+    time_sampling: str = setting("uniform", "uniform | beta (pi0: more training at the noisy end)",
                                  choices=("uniform", "beta"))
-    prediction_type: str = setting("velocity", "sample | velocity", choices=("sample", "velocity"))
-    optim: OptimConfig = setting(OptimConfig(lr=5.0e-4, warmup_steps=200), "training recipe")
+    prediction_type: str = setting("sample", "sample (the clean chunk; learnt in fewer steps here) | velocity",
+                                   choices=("sample", "velocity"))
+    backbone: str = setting("none", "none: the policy's own prefix transformer; smolvlm | paligemma: the action "
+                                    "expert on that pretrained VLM (robopolicy/policies/vla_backbone.py)",
+                            choices=("none", *BACKBONES))
+    backbone_path: str | None = setting(None, "the local folder the backbone was saved to (config.json, weights, "
+                                              "tokenizer); never fetched from a hub")
+    train_backbone: bool = setting(False, "false: the backbone is frozen and not saved in checkpoints (they need "
+                                          "the same backbone_path); true: fine-tuned and saved with the policy")
+    optim: OptimConfig = setting(OptimConfig(lr=1.0e-3, warmup_steps=200), "training recipe")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.d_model % self.n_heads:
             raise PolicyConfigError(f"vla d_model {self.d_model} must be divisible by n_heads {self.n_heads}.")
+        if self.backbone != "none" and not self.backbone_path:
+            raise PolicyConfigError(f"vla backbone={self.backbone} needs backbone_path=<the folder it was saved to>.")
 
-
-
-def state_entities(key: str, spec: Mapping, mode: str) -> list[tuple[str, list[int]]]:
-    """Groups of a low-dim feature's dimensions, one per entity its names describe: the name up to its first dot,
-    trailing digits dropped (`joint3.vel` -> `joint`). Unnamed features, and mode "one", give one group."""
-    size = int(torch.tensor(spec["shape"]).prod())
-    names = spec.get("names")
-    if mode == "one" or not names or len(names) != size:
-        return [(key, list(range(size)))]
-    groups: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        groups.setdefault(str(name).split(".")[0].rstrip("0123456789") or str(name), []).append(i)
-    return [(key, idx) for idx in groups.values()]
 
 
 class Block(nn.Module):
     """Pre-LN transformer layer split in two halves around the attention, so that a joint-attention pass can
-    gather queries, keys and values of two streams (prefix, actions) with their own weights."""
+    gather queries, keys and values of two streams (prefix, actions) with their own weights. `modulated`: its norms
+    are shifted and scaled, and its two residual branches gated, by a condition (DiT's adaLN-zero: the gates start
+    at zero, so each layer starts as the identity)."""
 
-    def __init__(self, d: int, n_heads: int, mlp_ratio: int):
+    def __init__(self, d: int, n_heads: int, mlp_ratio: int, modulated: bool = False):
         super().__init__()
         self.n_heads = n_heads
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=not modulated)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=not modulated)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
+        self.modulation = None
+        if modulated:
+            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+            nn.init.zeros_(self.modulation[1].weight)
+            nn.init.zeros_(self.modulation[1].bias)
 
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def modulate(self, cond: torch.Tensor | None) -> tuple[torch.Tensor, ...] | None:
+        """cond [B, d] -> shift, scale and gate of both halves, each [B, 1, d] (None: an unmodulated layer)."""
+        if self.modulation is None or cond is None:
+            return None
+        return self.modulation(cond)[:, None].chunk(6, dim=-1)
+
+    def qkv_heads(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, d = x.shape  # "b t (three h e) -> three b h t e" (view and permute: cheaper than einops per call)
-        qkv = self.qkv(self.norm1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        h = self.norm1(x) if mod is None else self.norm1(x) * (1 + mod[1]) + mod[0]
+        qkv = self.qkv(h).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
-    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        x = x + self.proj(attended.transpose(1, 2).flatten(2))  # "b h t e -> b t (h e)"
-        return x + self.mlp(self.norm2(x))
-
-
-@dataclass
-class PrefixCache:
-    """Per layer the prefix's keys and values [B, heads, P, e], its key mask [B, P] and final states [B, P, d];
-    `allowed`: the action tokens' attention mask [B, 1, 1, P + H] (None when no prefix token is padding)."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    mask: torch.Tensor
-    hidden: torch.Tensor
-    allowed: torch.Tensor | None = None
-
-
-@dataclass
-class PrefixTokens:
-    """The prefix before any layer (the uncached path recomputes everything from it at every flow step)."""
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
+    def finish(self, x: torch.Tensor, attended: torch.Tensor, mod: tuple[torch.Tensor, ...] | None = None
+               ) -> torch.Tensor:
+        out = self.proj(attended.transpose(1, 2).flatten(2))  # "b h t e -> b t (h e)"
+        if mod is None:
+            x = x + out
+            return x + self.mlp(self.norm2(x))
+        x = x + mod[2] * out
+        return x + mod[5] * self.mlp(self.norm2(x) * (1 + mod[4]) + mod[3])
 
 
 class VLATransformer(nn.Module):
@@ -149,11 +155,17 @@ class VLATransformer(nn.Module):
         self.prefix_layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
         self.prefix_norm = nn.LayerNorm(d)
 
-        self.action_in = nn.Linear(action_dim, d)
+        # action_tokens "step": one token per action [B, H, A]; "chunk": one token for the whole chunk [B, 1, H * A]
+        self.chunk_token = cfg.action_tokens == "chunk"
+        token_in, n_tokens = (horizon * action_dim, 1) if self.chunk_token else (action_dim, horizon)
+        self.action_in = nn.Linear(token_in, d)
+        self.summary_in = nn.Linear(d, d) if cfg.prefix_summary else None
         self.time_in = nn.Sequential(SinusoidalEmbedding(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
-        self.action_pos = nn.Parameter(0.02 * torch.randn(horizon, d))
-        self.expert_layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
-        self.action_out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, action_dim))
+        self.action_pos = nn.Parameter(0.02 * torch.randn(n_tokens, d))
+        self.adaln = cfg.adaln
+        self.expert_layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio, modulated=cfg.adaln)
+                                           for _ in range(cfg.n_layers))
+        self.action_out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, token_in))
         self.out_dim = d
 
     # ---- the prefix ----------------------------------------------------------------------------------------
@@ -187,39 +199,58 @@ class VLATransformer(nn.Module):
         if allowed is not None:  # every action token sees every real prefix token and every action token
             ones = torch.ones(x.shape[0], self.action_pos.shape[0], dtype=torch.bool, device=x.device)
             allowed = torch.cat([prefix.mask, ones], dim=1)[:, None, None, :]
-        return PrefixCache(keys, values, prefix.mask, self.prefix_norm(x), allowed)
+        cache = PrefixCache(keys, values, prefix.mask, self.prefix_norm(x), allowed)
+        if self.summary_in is not None:
+            cache.summary = self.summary_in(cache.pooled())[:, None]
+        return cache
 
     # ---- the action expert ---------------------------------------------------------------------------------
-    def action_tokens(self, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.action_in(x_t) + self.time_in(timestep)[:, None] + self.action_pos
+    def action_tokens(self, x_t: torch.Tensor, timestep: torch.Tensor, summary: torch.Tensor | float = 0.0
+                      ) -> torch.Tensor:
+        x_t = x_t.flatten(1)[:, None] if self.chunk_token else x_t  # "b h a -> b 1 (h a)"
+        return self.action_in(x_t) + self.time_in(timestep)[:, None] + self.action_pos + summary
+
+    def action_chunk(self, y: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """The expert's final action tokens -> its output [B, H, A]."""
+        return self.action_out(y).view_as(x_t)
 
     def expert(self, x_t: torch.Tensor, timestep: torch.Tensor, prefix: PrefixCache | PrefixTokens) -> torch.Tensor:
         """The denoiser: x_t [B, H, A], timestep [B] -> [B, H, A], over a cached prefix or (uncached) its tokens."""
         if isinstance(prefix, PrefixTokens):
             return self.joint(prefix, x_t, timestep)
-        y = self.action_tokens(x_t, timestep)
+        y = self.action_tokens(x_t, timestep, prefix.summary)
+        cond = self.expert_condition(timestep, prefix)
         for layer, k_prefix, v_prefix in zip(self.expert_layers, prefix.keys, prefix.values):
-            q, k, v = layer.qkv_heads(y)
+            mod = layer.modulate(cond)
+            q, k, v = layer.qkv_heads(y, mod)
             attended = F.scaled_dot_product_attention(q, torch.cat([k_prefix, k], dim=2),
                                                       torch.cat([v_prefix, v], dim=2), attn_mask=prefix.allowed)
-            y = layer.finish(y, attended)
-        return self.action_out(y)
+            y = layer.finish(y, attended, mod)
+        return self.action_chunk(y, x_t)
+
+    def expert_condition(self, timestep: torch.Tensor, cache: PrefixCache) -> torch.Tensor | None:
+        """What modulates the expert's layers (adaln): the flow time's embedding plus the pooled prefix [B, d]."""
+        return self.time_in(timestep) + cache.pooled() if self.adaln else None
 
     def joint(self, prefix: PrefixTokens, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """The uncached pass: one attention per layer over [prefix; actions] with the block mask."""
-        x, y = prefix.tokens, self.action_tokens(x_t, timestep)
+        """The uncached pass: one attention per layer over [prefix; actions] with the block mask (the summary, which
+        the action tokens need before the first layer, comes from a pass of the prefix layers alone)."""
+        alone = self.cache_prefix(prefix) if (self.summary_in is not None or self.adaln) else None
+        x, y = prefix.tokens, self.action_tokens(x_t, timestep, alone.summary if alone is not None else 0.0)
+        cond = self.expert_condition(timestep, alone) if alone is not None else None
         n_prefix, n_total = x.shape[1], x.shape[1] + y.shape[1]
         key_ok = torch.cat([prefix.mask, torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)], dim=1)
         allowed = key_ok[:, None, None, :].expand(-1, 1, n_total, -1).clone()
         allowed[:, :, :n_prefix, n_prefix:] = False  # the prefix never sees the actions
         for prefix_layer, expert_layer in zip(self.prefix_layers, self.expert_layers):
+            mod = expert_layer.modulate(cond)
             qp, kp, vp = prefix_layer.qkv_heads(x)
-            qa, ka, va = expert_layer.qkv_heads(y)
+            qa, ka, va = expert_layer.qkv_heads(y, mod)
             attended = F.scaled_dot_product_attention(torch.cat([qp, qa], 2), torch.cat([kp, ka], 2),
                                                       torch.cat([vp, va], 2), attn_mask=allowed)
             x = prefix_layer.finish(x, attended[:, :, :n_prefix])
-            y = expert_layer.finish(y, attended[:, :, n_prefix:])
-        return self.action_out(y)
+            y = expert_layer.finish(y, attended[:, :, n_prefix:], mod)
+        return self.action_chunk(y, x_t)
 
 
 class VLAPolicy(FlowPolicy):
@@ -229,6 +260,8 @@ class VLAPolicy(FlowPolicy):
     kv_cache = True  # False: the uncached joint pass at every flow step (same chunk, slower)
 
     def build_obs_encoder(self, config: VLAConfig) -> nn.Module:
+        if config.backbone != "none":
+            return BackboneVLA(self.features, self.n_obs_steps, config, self.action_dim, self.horizon)
         return VLATransformer(self.features, self.n_obs_steps, config, self.action_dim, self.horizon)
 
     def build_denoiser(self, config: VLAConfig):
@@ -252,6 +285,4 @@ class VLAPolicy(FlowPolicy):
 
     def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Features [B, d]: the mean of the prefix's final states over its real tokens (for residual/value heads)."""
-        cache = self.obs_encoder.cache_prefix(self._prefix(obs))
-        weights = cache.mask.to(cache.hidden.dtype)[..., None]
-        return (cache.hidden * weights).sum(1) / weights.sum(1)
+        return self.obs_encoder.cache_prefix(self._prefix(obs)).pooled()

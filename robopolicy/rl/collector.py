@@ -17,7 +17,7 @@ import torch
 
 from robopolicy.data.spec import is_image_key
 from robopolicy.rl.refined import RefinedPolicy
-from robopolicy.rollout import restarted
+from robopolicy.rollout import TASK_KEY, read_instructions, restarted
 
 
 class Method(Protocol):
@@ -60,6 +60,7 @@ class _Pending:
 class _Worker:
     seed: int
     history: deque
+    instruction: str = ""  # the episode's instruction (language tasks), handed to the base as obs["task"]
     queue: deque = field(default_factory=deque)
     pending: _Pending | None = None
     transitions: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -114,17 +115,32 @@ class ChunkedCollector:
         self.n_obs_steps, self.n_exec, self.obs_keys = policy.n_obs_steps, policy.n_exec, policy.obs_keys
         self.env_steps = 0
         self.episodes: list[dict[str, Any]] = []  # {"env_steps", "success", "return", "length", "seed"}
+        self.language = bool(policy.language)
+        if self.language and method.keep_raw_obs:
+            raise ValueError(f"{type(method).__name__} re-runs its base on stored observations, which do not keep "
+                             "the instruction: use a method that does not (steer, residual) with a language base.")
         n = envs.num_envs
         self.next_seed = seed + n
         self.workers = [_Worker(seed=seed + i, history=deque(maxlen=self.n_obs_steps)) for i in range(n)]
         obs, _ = envs.reset(seed=[seed + i for i in range(n)])
         self.obs = obs
+        self._read_instructions(range(n))
         for i in range(n):
             method.start_episode(i, 0)
 
-    def _histories(self, workers: list[int]) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(np.stack([np.stack([f[k] for f in self.workers[i].history]) for i in workers]))
-                for k in self.obs_keys}  # each [b, To, ...]
+    def _read_instructions(self, workers) -> None:
+        if self.language:
+            texts, _ = read_instructions(self.envs)
+            for i in workers:
+                self.workers[i].instruction = str(texts[i])
+
+    def _histories(self, workers: list[int]) -> dict[str, Any]:
+        obs: dict[str, Any] = {
+            k: torch.from_numpy(np.stack([np.stack([f[k] for f in self.workers[i].history]) for i in workers]))
+            for k in self.obs_keys}  # each [b, To, ...]
+        if self.language:
+            obs[TASK_KEY] = [self.workers[i].instruction for i in workers]
+        return obs
 
     def _push_frames(self, obs: Mapping[str, np.ndarray], workers: list[int]) -> None:
         for i in workers:
@@ -168,10 +184,10 @@ class ChunkedCollector:
         extras_np = {k: v.cpu().numpy() for k, v in extras.items()}
         for row, i in enumerate(workers):
             w = self.workers[i]
-            self._close(i, inputs_np[row], {k: v[row].numpy() for k, v in raw.items()}, done=False)
+            self._close(i, inputs_np[row], {k: v[row].numpy() for k, v in raw.items() if k != TASK_KEY}, done=False)
             w.pending = _Pending(obs=inputs_np[row], action=latent_np[row],
                                  extras={k: v[row] for k, v in extras_np.items()},
-                                 raw={k: v[row].numpy() for k, v in raw.items()})
+                                 raw={k: v[row].numpy() for k, v in raw.items() if k != TASK_KEY})
             w.queue.extend(actions_np[row])
 
     def collect(self, n_env_steps: int, explore: bool = True) -> int:
@@ -192,6 +208,8 @@ class ChunkedCollector:
             for i in np.flatnonzero(lost):
                 self.workers[i] = _Worker(seed=self.workers[i].seed, history=deque(maxlen=self.n_obs_steps))
                 self.method.start_episode(i, self.env_steps)
+            if lost.any():
+                self._read_instructions(np.flatnonzero(lost))
             for i in np.flatnonzero(~lost):
                 w = self.workers[i]
                 w.pending.reward += float(learned[i])
@@ -217,6 +235,7 @@ class ChunkedCollector:
                     self.workers[i] = _Worker(seed=seeds[i] if restart[i] else self.workers[i].seed,
                                               history=deque(maxlen=self.n_obs_steps))
                     self.method.start_episode(i, self.env_steps)
+                self._read_instructions(np.flatnonzero(take))
             self.obs = next_obs
         return self.env_steps - start
 
@@ -227,7 +246,7 @@ class ChunkedCollector:
         raw = self._histories(finished)
         inputs = self.method.observe(raw).cpu().numpy()
         for row, i in enumerate(finished):
-            self._close(i, inputs[row], {k: v[row].numpy() for k, v in raw.items()}, done=bool(terminated[i]))
+            self._close(i, inputs[row], {k: v[row].numpy() for k, v in raw.items() if k != TASK_KEY}, done=bool(terminated[i]))
             self._flush_episode(i)
 
 

@@ -25,6 +25,7 @@ def dummy_observation(features: Mapping[str, Mapping], n_obs_steps: int, batch: 
         if key.startswith("observation."):
             dtype = torch.uint8 if spec["dtype"] == "uint8" else torch.float32
             obs[key] = torch.zeros(batch, n_obs_steps, *spec["shape"], dtype=dtype)
+    obs["task"] = [""] * batch  # read only by language policies
     return obs
 
 
@@ -45,6 +46,7 @@ class RefinedPolicy(ChunkPolicy):
         self.base_ref = dict(base_ref)
         object.__setattr__(self, "_base", base.requires_grad_(False).eval())  # not a submodule: see above
         self.features = base.features
+        self.language = base.language  # the base reads obs["task"]: every caller hands the instruction on
         self.n_obs_steps, self.horizon, self.n_action_steps = base.n_obs_steps, base.horizon, base.n_action_steps
         if n_action_steps is not None:  # decide more often than the base: run each chunk's first k steps
             if not 1 <= n_action_steps <= base.n_action_steps:
