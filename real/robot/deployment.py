@@ -170,6 +170,7 @@ def run_episodes(config: DeployConfig, robot: Robot, backend: InferenceBackend,
             except Exception as exc:  # keep closing the rest
                 print(f"warning: cleanup step failed: {exc}", file=sys.stderr)
     summary = summarize(results, control)
+    summary["mode"] = node.mode  # what `auto` resolved to
     if config.record:
         from robopolicy.data import validate_store
 

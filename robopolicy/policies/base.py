@@ -17,7 +17,8 @@ The runtime every caller uses (offline training, evaluation, every refinement me
                        policy that declares `supports_prefix`; the returned chunk starts with them.
     noise_shape  (horizon, A);  encode(obs) -> features [B, F];  loss(batch) -> (loss, metrics)
 
-Capabilities are declared as class attributes, never probed: `supports_prefix`, `language`.
+Capabilities are declared as class attributes, never probed: `supports_prefix`, `language`; `delay_aware` (the
+policy was trained on committed prefixes, so the control node runs real-time chunking) comes from the config.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class ChunkPolicy(nn.Module):
     name: str = ""
     supports_prefix: bool = False  # sample_chunk honours prefix_actions (real-time chunking)
     language: bool = False  # reads obs["task"], one instruction string per batch element
+    delay_aware: bool = False  # trained to continue a committed prefix (training-time RTC; set from the config)
     # trained by a denoising loss whose noise and time a caller may fix: denoising_inputs(B) -> (noise, time) and
     # denoising_error(batch, noise, time) -> squared error [B, H, A] (what preference optimization compares)
     denoising: bool = False

@@ -65,6 +65,9 @@ class VLAConfig(FlowConfig):
         super().__post_init__()
         if self.d_model % self.n_heads:
             raise PolicyConfigError(f"vla d_model {self.d_model} must be divisible by n_heads {self.n_heads}.")
+        if self.max_delay:
+            raise PolicyConfigError("vla max_delay must be 0: delay-aware training conditions a tensor of "
+                                    "observation features, which the vla's prefix cache is not; use rtc.")
 
 
 
