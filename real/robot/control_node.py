@@ -331,8 +331,9 @@ class ControlNode:
         safety.reset(robot.command_state())
         last_sent = safety.last_command
         self.watchdog.reset()
-        counts = dict.fromkeys(("clamped_ticks", "safety_events", "hold_ticks", "stops", "chunks", "chunk_errors",
-                                "invalid_obs", "stale_ticks", "intervention_ticks", "missed_ticks"), 0)
+        # hold_ticks: ticks without an action; stall_ticks: those after the episode's first chunk had arrived
+        counts = dict.fromkeys(("clamped_ticks", "safety_events", "hold_ticks", "stall_ticks", "stops", "chunks",
+                                "chunk_errors", "invalid_obs", "stale_ticks", "intervention_ticks", "missed_ticks"), 0)
         result = EpisodeResult(success=False, ticks=0, duration_s=0.0, counts=counts)
         last_obs_t = -math.inf
         valid_obs = obs
@@ -408,6 +409,7 @@ class ControlNode:
                     sent = robot.send_action(sent).astype(np.float64)
                     last_sent, stopped = sent, False
                     counts["hold_ticks"] += action is None
+                    counts["stall_ticks"] += action is None and counts["chunks"] > 0
                     if events:
                         counts["clamped_ticks"] += 1
                         counts["safety_events"] += len(events)
