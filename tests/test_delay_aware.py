@@ -33,14 +33,15 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def delay_aware_policy(max_delay: int = 2, **overrides):
+def delay_aware_policy(max_delay: int = 2, config_name: str = "flow", **overrides):
     features = make_features()
-    policy = make_policy(small_config("flow", max_delay=max_delay, **overrides), features, make_stats(features))
+    policy = make_policy(small_config(config_name, max_delay=max_delay, **overrides), features, make_stats(features))
     return policy, features
 
 
-def test_prefix_is_kept_exactly_and_the_chunk_is_a_function_of_obs_noise_and_prefix():
-    policy, _ = delay_aware_policy()
+@pytest.mark.parametrize("config_name", ["flow", "diffusion"])
+def test_prefix_is_kept_exactly_and_the_chunk_is_a_function_of_obs_noise_and_prefix(config_name):
+    policy, _ = delay_aware_policy(config_name=config_name)
     policy.eval()
     assert policy.delay_aware and policy.supports_prefix
     obs = {"observation.state": torch.randn(2, 2, STATE_DIM)}
@@ -55,8 +56,9 @@ def test_prefix_is_kept_exactly_and_the_chunk_is_a_function_of_obs_noise_and_pre
     assert not torch.allclose(chunk[:, 3:], policy.sample_chunk(obs, noise, prefix_actions=prefix[:, :2])[:, 3:])
 
 
-def test_training_draws_prefixes_up_to_n_obs_steps_plus_max_delay_and_puts_no_loss_on_them():
-    policy, features = delay_aware_policy(max_delay=2)
+@pytest.mark.parametrize("config_name", ["flow", "diffusion"])
+def test_training_draws_prefixes_up_to_n_obs_steps_plus_max_delay_and_puts_no_loss_on_them(config_name):
+    policy, features = delay_aware_policy(max_delay=2, config_name=config_name)
     lengths = policy.sample_prefix_len(4000)
     assert set(lengths.tolist()) == set(range(0, 2 + 2 + 1))  # 0: the first chunk of an episode
     batch = make_batch(features, 16)
@@ -67,16 +69,24 @@ def test_training_draws_prefixes_up_to_n_obs_steps_plus_max_delay_and_puts_no_lo
     shifted = {**batch, "action": batch["action"].clone()}
     shifted["action"][:, :5] += 0.3
     assert not torch.allclose(error[:, 5:], policy.denoising_error(shifted, noise, time, prefix_len=full)[:, 5:])
-    plain, _ = delay_aware_policy(max_delay=0)
+    # the loss leaves the prefix out: an error there changes nothing
+    lengths = torch.full((16,), 3)
+    masked = policy.without_prefix(batch, lengths)["action_is_pad"]
+    assert masked[:, :3].all() and torch.equal(masked[:, 3:], batch["action_is_pad"][:, 3:])
+    plain, _ = delay_aware_policy(max_delay=0, config_name=config_name)
     assert not plain.delay_aware and set(plain.sample_prefix_len(100).tolist()) == {0}
+    assert plain.without_prefix(batch, lengths) is batch
 
 
-def test_a_delay_aware_policy_learns_to_continue_the_committed_prefix():
+@pytest.mark.parametrize("config_name", ["flow", "diffusion"])
+def test_a_delay_aware_policy_learns_to_continue_the_committed_prefix(config_name):
     """Chunks are ramps from an offset the observation does not show: only the prefix tells where the chunk is.
-    The learned conditioning continues it; without a prefix the policy can only guess."""
+    The learned conditioning continues it (flow: 0.03 mean error here, prefix inpainting of the same policy
+    trained without prefixes: 0.15); without a prefix the policy can only guess."""
     torch.manual_seed(0)
     features = make_features()
-    policy = make_policy(small_config("flow", max_delay=2), features, make_stats(features)).train()
+    extra = {"denoiser": "mlp"} if config_name == "diffusion" else {}
+    policy = make_policy(small_config(config_name, max_delay=2, **extra), features, make_stats(features)).train()
 
     def ramp_batch(size: int) -> dict:
         offset = torch.rand(size, 1, ACTION_DIM) * 1.2 - 0.6

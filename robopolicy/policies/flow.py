@@ -49,14 +49,8 @@ class FlowConfig(DenoiserPolicyConfig):
                                  choices=("uniform", "beta"))
     prediction_type: str = setting("sample", "sample (the clean chunk; velocity derived from it) | velocity",
                                    choices=("sample", "velocity"))
-    max_delay: int = setting(0, "delay-aware training (training-time RTC): > 0 trains on committed prefixes of up to "
-                             "n_obs_steps + max_delay actions (the control node then runs rtc); 0: off")
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_delay < 0 or self.n_obs_steps + self.max_delay > self.horizon - 1:
-            raise PolicyConfigError(f"max_delay must be between 0 and horizon - 1 - n_obs_steps = "
-                                    f"{self.horizon - 1 - self.n_obs_steps}, got {self.max_delay}.")
         if self.schedule_power <= 0.0:
             raise PolicyConfigError(f"flow schedule_power must be positive, got {self.schedule_power}.")
 
@@ -84,8 +78,7 @@ class FlowPolicy(ActionChunkPolicy):
     def __init__(self, config: FlowConfig, features: Mapping[str, Mapping],
                  stats: Mapping[str, Mapping[str, np.ndarray]] | None):
         super().__init__(config, features, stats)
-        self.max_delay = config.max_delay
-        self.delay_aware = self.max_delay > 0  # the denoiser continues a committed prefix it was trained with
+        self.max_delay, self.delay_aware = config.max_delay, config.max_delay > 0
         self.denoiser = self.build_denoiser(config)
         self.num_inference_steps = config.num_inference_steps
         self.ode_solver, self.time_sampling = config.ode_solver, config.time_sampling
@@ -97,20 +90,6 @@ class FlowPolicy(ActionChunkPolicy):
         """`denoiser(x_t [B, H, A], timestep [B], condition) -> [B, H, A]`, the condition being `condition(obs)`."""
         # delay-aware: the condition gains the prefix mask [H]
         return make_denoiser(config, self.action_dim, self.obs_encoder.out_dim + self.delay_aware * self.horizon)
-
-    def prefix_mask(self, prefix_len: torch.Tensor) -> torch.Tensor:
-        """[B] committed prefix lengths -> [B, H] bool, True on the committed positions."""
-        return torch.arange(self.horizon, device=prefix_len.device)[None] < prefix_len[:, None]
-
-    def with_prefix_mask(self, global_cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """A delay-aware denoiser's condition: [observation features [B, F], prefix mask [B, H]]."""
-        return torch.cat([global_cond, mask.to(global_cond.dtype)], dim=-1)
-
-    def sample_prefix_len(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """A training draw of committed prefix lengths [B], uniform over 0 .. n_obs_steps + max_delay (0 when the
-        policy is not delay-aware)."""
-        high = self.n_obs_steps + self.max_delay if self.delay_aware else 0
-        return torch.randint(0, high + 1, (batch_size,), device=device)
 
     def condition(self, obs: Mapping[str, torch.Tensor]):
         """What the denoiser is conditioned on, computed once per chunk: here the encoded observation [B, F]."""
@@ -194,11 +173,7 @@ class FlowPolicy(ActionChunkPolicy):
         global_cond, penalty = self.condition_for_loss(batch)
         prefix_len = self.sample_prefix_len(len(noise), self.device)
         error = self.denoising_error(batch, noise, time, global_cond, prefix_len)
-        if self.delay_aware:  # the committed prefix is given, not predicted: no loss on it
-            pad = torch.as_tensor(batch.get("action_is_pad", torch.zeros(error.shape[:2], dtype=torch.bool)),
-                                  device=error.device)
-            batch = {**batch, "action_is_pad": pad | self.prefix_mask(prefix_len)}
-        loss = self.masked_mean(error, batch)
+        loss = self.masked_mean(error, self.without_prefix(batch, prefix_len))
         return loss + penalty, {"loss": loss.item(), "encoder_penalty": penalty.item()}
 
     @torch.no_grad()
