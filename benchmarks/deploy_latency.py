@@ -12,7 +12,7 @@ Without checkpoints it runs `robopolicy collect` (--demos expert episodes) once 
 that store (--train-steps, policy.max_delay=0 and --max-delay), into a temporary folder. Each case is
 `real.host.deploy.deploy` with the shipped configs (configs/deploy.yaml, robot=sim), the policy in a child
 process, episodes seeded from 100000 (the eval reference uses the same seeds). Per case: success with its 95%
-Wilson interval, the fraction of ticks that held (no action), of ticks that held after the episode's first chunk
+Wilson interval, the fraction of ticks that held (no action), of ticks that held after the episode's first action
 (stalls), and the mean episode duration. Writes the JSON after every case (a partial run keeps what it measured)
 and prints it as the last line.
 """
@@ -73,7 +73,7 @@ def deploy_case(ckpt: Path, task: str, mode: str, latency: float, episodes: int,
     return {
         **{k: summary[k] for k in ("mode", "success_rate", "success_ci95", "successes", "episodes")},
         "hold_tick_fraction": round(counts["hold_ticks"] / max(ticks, 1), 4),
-        "stall_tick_fraction": round(counts["stall_ticks"] / max(ticks, 1), 4),  # holds after the first chunk
+        "stall_tick_fraction": round(counts["stall_ticks"] / max(ticks, 1), 4),  # holds after the first action
         "episode_s": round(sum(e["seconds"] for e in summary["per_episode"]) / max(len(summary["per_episode"]), 1), 2),
         "obs_to_command_ms_p50": (summary["obs_to_command_ms"] or {}).get("p50"),
         "inference_latency_ms_p50": (summary["inference_latency_ms"] or {}).get("p50"),

@@ -331,7 +331,7 @@ class ControlNode:
         safety.reset(robot.command_state())
         last_sent = safety.last_command
         self.watchdog.reset()
-        # hold_ticks: ticks without an action; stall_ticks: those after the episode's first chunk had arrived
+        # hold_ticks: ticks without an action; stall_ticks: those after the policy's first action was sent
         counts = dict.fromkeys(("clamped_ticks", "safety_events", "hold_ticks", "stall_ticks", "stops", "chunks",
                                 "chunk_errors", "invalid_obs", "stale_ticks", "intervention_ticks", "missed_ticks"), 0)
         result = EpisodeResult(success=False, ticks=0, duration_s=0.0, counts=counts)
@@ -340,7 +340,7 @@ class ControlNode:
         if observation_is_valid(obs, self.obs_keys):
             buffer.add(obs["timestamp"], obs)
         chunk_t_obs, chunk_latency, first_command_pending = 0.0, 0.0, False
-        retry_at, stopped, success = -math.inf, False, False
+        retry_at, stopped, success, acted = -math.inf, False, False, False
         start = time.monotonic()
         executor.origin = start + 0.5 * self.period  # action slots begin at command instants (see t_cmd)
         tick = 0
@@ -409,7 +409,8 @@ class ControlNode:
                     sent = robot.send_action(sent).astype(np.float64)
                     last_sent, stopped = sent, False
                     counts["hold_ticks"] += action is None
-                    counts["stall_ticks"] += action is None and counts["chunks"] > 0
+                    counts["stall_ticks"] += action is None and acted
+                    acted |= action is not None
                     if events:
                         counts["clamped_ticks"] += 1
                         counts["safety_events"] += len(events)
