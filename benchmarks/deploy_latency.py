@@ -1,14 +1,20 @@
-"""Success rate on the simulated robot at 20 Hz with 0 ms vs 150 ms of injected inference latency, for each
-execution mode (sync, ensemble, rtc), side by side in one run, next to `robopolicy eval` of the same checkpoint
-on the same episode seeds (--eval-episodes; the reference deployment is measured against).
+"""Success on the simulated robot at 20 Hz under injected inference latency (0, 50, 100, 150, 250 ms) for each
+execution mode, side by side in one run, next to `robopolicy eval` of the same checkpoints on the same seeds.
 
-    .venv/bin/python benchmarks/deploy_latency.py --ckpt runs/quickstart/checkpoints/last --task builtin/push
-    .venv/bin/python benchmarks/deploy_latency.py            # no --ckpt: collects demos and trains one first
+    sync / ensemble / rtc   the plain checkpoint (--ckpt), control.mode set to the mode (rtc: prefix inpainting)
+    delay_aware             the delay-aware checkpoint (--aware-ckpt, policy.max_delay > 0) with control.mode=auto,
+                            which runs rtc with the learned prefix conditioning
 
-Without --ckpt it runs `robopolicy collect` (--demos expert episodes) and `robopolicy train` (--train-steps,
-no evaluation) on the task into a temporary folder first. Each case is `real.host.deploy.deploy` with the
-shipped configs (configs/deploy.yaml, robot=sim), the policy in a child process, episodes seeded from 100000.
-Prints one JSON object as the last line and writes benchmarks/results/deploy_latency.json.
+    .venv/bin/python benchmarks/deploy_latency.py --ckpt PLAIN --aware-ckpt AWARE --task builtin/pick_place
+    .venv/bin/python benchmarks/deploy_latency.py --task builtin/catch   # no checkpoints: collects and trains both
+
+Without checkpoints it runs `robopolicy collect` (--demos expert episodes) once and `robopolicy train` twice on
+that store (--train-steps, policy.max_delay=0 and --max-delay), into a temporary folder. Each case is
+`real.host.deploy.deploy` with the shipped configs (configs/deploy.yaml, robot=sim), the policy in a child
+process, episodes seeded from 100000 (the eval reference uses the same seeds). Per case: success with its 95%
+Wilson interval, the fraction of ticks that held (no action), of ticks that held after the episode's first action
+(stalls), and the mean episode duration. Writes the JSON after every case (a partial run keeps what it measured)
+and prints it as the last line.
 """
 
 from __future__ import annotations
@@ -25,66 +31,108 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ROBOPOLICY = str(Path(sys.executable).parent / "robopolicy")
+SEED = 100000
 
 
-def train_checkpoint(folder: Path, task: str, demos: int, steps: int) -> Path:
-    store, run = folder / "demos", folder / "run"
-    for args in (["collect", f"task={task}", f"episodes={demos}", f"out={store}"],
-                 ["train", f"task={task}", f"data={store}", f"out={run}", f"steps={steps}", "eval.every=0",
-                  "eval.final_episodes=0", "eval.videos=0"]):
-        print("robopolicy " + " ".join(args), file=sys.stderr)
-        subprocess.run([ROBOPOLICY, *args], check=True, stdout=subprocess.DEVNULL)
-    return run / "checkpoints" / "last"
+def run(args: list[str]) -> str:
+    print("robopolicy " + " ".join(args), file=sys.stderr)
+    return subprocess.run([ROBOPOLICY, *args], check=True, capture_output=True, text=True).stdout
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", default=None)
-    parser.add_argument("--task", default="builtin/pick_place")
-    parser.add_argument("--episodes", type=int, default=10)
-    parser.add_argument("--hz", type=float, default=20.0)
-    parser.add_argument("--modes", nargs="+", default=["sync", "ensemble", "rtc"])
-    parser.add_argument("--latencies", nargs="+", type=float, default=[0.0, 0.15])
-    parser.add_argument("--eval-episodes", type=int, default=100, help="robopolicy eval reference (0: skip)")
-    parser.add_argument("--demos", type=int, default=40)
-    parser.add_argument("--train-steps", type=int, default=2000)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/deploy_latency.json"))
-    args = parser.parse_args()
+def train_checkpoints(folder: Path, task: str, demos: int, steps: int, max_delay: int) -> tuple[Path, Path]:
+    """(plain, delay-aware) checkpoints trained on one store of expert demonstrations."""
+    store = folder / "demos"
+    run(["collect", f"task={task}", f"episodes={demos}", f"out={store}"])
+    ckpts = []
+    for name, delay in (("plain", 0), ("aware", max_delay)):
+        run(["train", f"task={task}", f"data={store}", f"out={folder / name}", f"steps={steps}",
+             f"policy.max_delay={delay}", "eval.every=0", "eval.final_episodes=0", "eval.videos=0"])
+        ckpts.append(folder / name / "checkpoints" / "last")
+    return ckpts[0], ckpts[1]
 
+
+def evaluate(ckpt: Path, task: str, episodes: int, out: Path) -> dict:
+    summary = json.loads(run(["eval", f"ckpt={ckpt}", f"task={task}", f"episodes={episodes}", f"seed={SEED}",
+                              f"out={out}"]).strip().splitlines()[-1])
+    return {k: summary[k] for k in ("success_rate", "success_ci95", "successes", "episodes")}
+
+
+def deploy_case(ckpt: Path, task: str, mode: str, latency: float, episodes: int, hz: float, out: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
     from real.host.deploy import deploy
 
-    cases = {}
+    overrides = [f"ckpt={ckpt}", f"out={out}", f"episodes={episodes}", f"seed={SEED}", f"robot.task={task}",
+                 f"control.control_hz={hz}", f"control.mode={mode}", f"inject_latency_s={latency}", "record=false"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="deploy", overrides=overrides)
+    started = time.perf_counter()
+    summary = deploy(cfg)
+    ticks = sum(e["ticks"] for e in summary["per_episode"])
+    counts = summary["counts"]
+    return {
+        **{k: summary[k] for k in ("mode", "success_rate", "success_ci95", "successes", "episodes")},
+        "hold_tick_fraction": round(counts["hold_ticks"] / max(ticks, 1), 4),
+        "stall_tick_fraction": round(counts["stall_ticks"] / max(ticks, 1), 4),  # holds after the first action
+        "episode_s": round(sum(e["seconds"] for e in summary["per_episode"]) / max(len(summary["per_episode"]), 1), 2),
+        "obs_to_command_ms_p50": (summary["obs_to_command_ms"] or {}).get("p50"),
+        "inference_latency_ms_p50": (summary["inference_latency_ms"] or {}).get("p50"),
+        "tick_lateness_ms_p99": (summary["tick_lateness_ms"] or {}).get("p99"),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", default=None, help="plain checkpoint (sync, ensemble, rtc)")
+    parser.add_argument("--aware-ckpt", default=None, help="delay-aware checkpoint (delay_aware)")
+    parser.add_argument("--task", default="builtin/pick_place")
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--hz", type=float, default=20.0)
+    parser.add_argument("--modes", nargs="+", default=["sync", "ensemble", "rtc", "delay_aware"])
+    parser.add_argument("--latencies", nargs="+", type=float, default=[0.0, 0.05, 0.1, 0.15, 0.25])
+    parser.add_argument("--eval-episodes", type=int, default=100, help="robopolicy eval reference (0: skip)")
+    parser.add_argument("--demos", type=int, default=60)
+    parser.add_argument("--train-steps", type=int, default=6000)
+    parser.add_argument("--max-delay", type=int, default=3, help="policy.max_delay of the delay-aware checkpoint")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/deploy_latency.json"))
+    args = parser.parse_args()
+
+    report = {"benchmark": "deploy_latency", "task": args.task, "control_hz": args.hz,
+              "episodes_per_case": args.episodes, "eval": {}, "cases": {}, "cpu_count": os.cpu_count(),
+              "python": platform.python_version()}
+
+    def write() -> None:
+        report["load_avg_1min"] = os.getloadavg()[0]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(args.ckpt) if args.ckpt else train_checkpoint(Path(tmp), args.task, args.demos, args.train_steps)
+        if args.ckpt and args.aware_ckpt:
+            ckpts = {"plain": Path(args.ckpt), "aware": Path(args.aware_ckpt)}
+        else:
+            plain, aware = train_checkpoints(Path(tmp), args.task, args.demos, args.train_steps, args.max_delay)
+            ckpts = {"plain": plain, "aware": aware}
+        report["ckpts"] = {k: str(v) if (args.ckpt and args.aware_ckpt) else "trained by this script"
+                           for k, v in ckpts.items()}
         if args.eval_episodes:
-            proc = subprocess.run([ROBOPOLICY, "eval", f"ckpt={ckpt}", f"task={args.task}",
-                                   f"episodes={args.eval_episodes}", f"out={tmp}/eval"],
-                                  check=True, capture_output=True, text=True)
-            summary = json.loads(proc.stdout.strip().splitlines()[-1])
-            cases["eval"] = {k: summary[k] for k in ("success_rate", "success_ci95", "successes", "episodes")}
-            print(json.dumps({"eval": cases["eval"]}), file=sys.stderr)
+            for name, ckpt in ckpts.items():
+                report["eval"][name] = evaluate(ckpt, args.task, args.eval_episodes, Path(tmp) / f"eval_{name}")
+                print(json.dumps({f"eval {name}": report["eval"][name]}), file=sys.stderr)
+                write()
         for latency in args.latencies:
             for mode in args.modes:
-                overrides = [f"ckpt={ckpt}", f"out={tmp}/{mode}_{latency}", f"episodes={args.episodes}",
-                             f"robot.task={args.task}", f"control.control_hz={args.hz}", f"control.mode={mode}",
-                             f"inject_latency_s={latency}", "record=false"]
-                with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-                    cfg = compose(config_name="deploy", overrides=overrides)
-                started = time.perf_counter()
-                summary = deploy(cfg)
-                cases[f"{mode}@{int(latency * 1000)}ms"] = {
-                    k: summary[k] for k in ("success_rate", "success_ci95", "successes", "episodes",
-                                            "obs_to_command_ms", "inference_latency_ms", "tick_lateness_ms")
-                } | {"hold_ticks": summary["counts"]["hold_ticks"], "seconds": round(time.perf_counter() - started, 1)}
-                print(json.dumps({f"{mode}@{int(latency * 1000)}ms": cases[f"{mode}@{int(latency * 1000)}ms"]}),
-                      file=sys.stderr)
-    report = {"benchmark": "deploy_latency", "task": args.task, "ckpt": str(args.ckpt or "trained by this script"),
-              "control_hz": args.hz, "episodes_per_case": args.episodes, "cases": cases,
-              "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0], "python": platform.python_version()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+                aware = mode == "delay_aware"
+                key = f"{mode}@{round(latency * 1000)}ms"
+                case = deploy_case(ckpts["aware" if aware else "plain"], args.task, "auto" if aware else mode,
+                                   latency, args.episodes, args.hz, Path(tmp) / key)
+                reference = report["eval"].get("aware" if aware else "plain")
+                if reference:
+                    case["minus_eval"] = round(case["success_rate"] - reference["success_rate"], 4)
+                report["cases"][key] = case
+                print(json.dumps({key: case}), file=sys.stderr)
+                write()
+    write()
     print(json.dumps(report))
 
 

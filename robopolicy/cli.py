@@ -39,7 +39,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 COMMANDS = {
     "collect": "roll out a task's scripted expert into a demonstration store",
-    "data": "inspect, check, convert and curate stores: data info|validate|stats|export|import|quality|filter|label",
+    "data": "inspect, check, convert and curate stores: data info|validate|stats|export|import|quality|filter|label|view",
     "train": "offline training of a policy on a store, with periodic evaluation in simulation",
     "eval": "success rate (95% Wilson interval), returns and videos of a checkpoint in simulation",
     "finetune": "refinement of a base checkpoint: online in simulation (algo=steer|steer_na|residual|value_guided) or "
@@ -50,7 +50,7 @@ COMMANDS = {
     "sweep": "train or finetune over seeds x settings, gathered into one table (CSV, JSON, plot) with intervals",
     "world-model": "world-model train: a latent world model learned from stores, with its held-out report",
 }
-DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "filter", "label")
+DATA_COMMANDS = ("info", "validate", "stats", "export", "import", "quality", "filter", "label", "view")
 SUBCOMMANDS = {"data": DATA_COMMANDS, "world-model": ("train",)}
 
 
@@ -399,6 +399,19 @@ def cmd_data(cfg: DataConfig, sub: str) -> dict:
             label_store(store)
             return {"command": command, "store": str(path), "preference_labels": _preference_counts(store)}
     store = DemoStore.open(path)
+    if sub == "view":  # the recorded episodes in rerun, as `deploy view=true` shows them live
+        from real.robot.live_view import LiveView, LiveViewError
+
+        target = cfg.view_address or cfg.out or str(Path(path).with_name(Path(path).name + "_view.rrd"))
+        try:
+            view = LiveView(None if cfg.view_address else target, cfg.view_address, application_id="robopolicy data")
+        except LiveViewError as exc:
+            raise UserError(str(exc)) from None
+        try:
+            logged = view.log_store(store, cfg.episodes)
+        finally:
+            view.close()
+        return {"command": command, "store": str(path), "view": target, **logged}
     if sub == "info":
         successes = [e.get("success") for e in store.episodes]
         sources: dict[str, int] = {}

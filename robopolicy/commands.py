@@ -60,6 +60,9 @@ class DataConfig:
     repo_id: str | None = setting(None, "export: the LeRobot repo id in the metadata; null: local/<store name>")
     filter_key: str | None = setting(None, "robomimic import: a mask/<key> demo list, e.g. train")
     min_quality: float = setting(0.5, "filter: keep episodes whose quality weight is at least this")
+    episodes: list[int] | None = setting(None, "view: the episodes to show; null: all")
+    view_address: str | None = setting(None, "view: a rerun viewer's gRPC URL to stream to instead of the .rrd file "
+                                              "out (null: <store>_view.rrd)")
 
 
 @register_config("command", "eval")

@@ -258,3 +258,32 @@ def test_push_state_spells_out_yaw_relative_vectors_and_the_push_frame(task):
     np.testing.assert_allclose(u, (target - block[:2]) / np.linalg.norm(target - block[:2]), atol=1e-5)
     offset = s["ee_in_push_frame.along"] * u + s["ee_in_push_frame.lateral"] * np.array([-u[1], u[0]])
     np.testing.assert_allclose(offset, ee[:2] - block[:2], atol=1e-6)
+
+
+def test_catch_ball_moves_with_physics_time_and_pausing_loses_it():
+    """The ball crosses at constant velocity whoever steps the physics; the expert catches it on every seed,
+    and the same expert pausing 2 of every 6 steps (stop-and-go execution) never does."""
+    env, expert = make_builtin_env("catch"), make_builtin_expert("catch")
+    obs, _ = env.reset(seed=3)
+    start = env.ball_start.copy()
+    state = env.feature_names["observation.state"]
+    for _ in range(5):
+        obs, *_ = env.step(np.array([0.0, 0.0, 0.0, -1.0], np.float32))
+    ball = obs["observation.state"][[state.index(f"target.{a}") for a in "xyz"]]
+    np.testing.assert_allclose(ball, start + env.ball_velocity * 0.5, atol=1e-5)
+    successes = {}
+    for pause in (0, 2):
+        wins = 0
+        for seed in range(20):
+            obs, _ = env.reset(seed=seed)
+            expert.reset(seed)
+            for k in range(env.max_episode_steps):
+                action = expert.act(obs)
+                if k % (4 + pause) >= 4:
+                    action = np.array([0.0, 0.0, 0.0, -1.0], np.float32)
+                obs, _, success, truncated, _ = env.step(action)
+                if success or truncated:
+                    break
+            wins += success
+        successes[pause] = wins
+    assert successes == {0: 20, 2: 0}

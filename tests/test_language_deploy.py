@@ -11,7 +11,14 @@ from test_server_client import LinearChunkPolicy, observation
 from real.host.local_inference import LocalInference
 from real.host.server import PolicyServer
 from real.robot.client import PolicyClient, PolicyServerError
-from real.robot.protocol import HelloReply, Infer, ProtocolError, decode_versioned, encode_message
+from real.robot.protocol import (
+    PROTOCOL_VERSION,
+    HelloReply,
+    Infer,
+    ProtocolError,
+    decode_versioned,
+    encode_message,
+)
 from sim import make_env
 
 
@@ -34,7 +41,7 @@ class InstructedPolicy(LinearChunkPolicy):
 def test_protocol_v3_carries_the_instruction_and_older_versions_still_read():
     message = Infer(request_id=1, observation=observation(), timestamp=0.5, instruction="go left")
     decoded, version = decode_versioned(encode_message(message))
-    assert version == 3 and decoded.instruction == "go left"
+    assert version == PROTOCOL_VERSION and decoded.instruction == "go left"
     old, version = decode_versioned(encode_message(message, version=2))  # a v2 writer leaves the field out
     assert version == 2 and old.instruction is None
     reply, _ = decode_versioned(encode_message(HelloReply({}, 1, 1, 1, language=True), version=1))

@@ -203,6 +203,7 @@ class ScriptedPolicy:
     n_obs_steps, horizon, n_action_steps = 1, 8, 4
     supports_prefix = False
     language = False
+    delay_aware = False
 
     def __init__(self, robot: Robot) -> None:
         self.features = {**robot.observation_features, **robot.action_features}

@@ -20,6 +20,7 @@ class LocalInference:
         self.n_action_steps, self.features = int(policy.n_action_steps), dict(policy.features)
         self.fps = fps
         self.supports_prefix, self.language = bool(policy.supports_prefix), bool(policy.language)
+        self.delay_aware = bool(policy.delay_aware)
         self.noise_shape = tuple(int(d) for d in policy.noise_shape)
         self.extra_latency_s = float(extra_latency_s)
 

@@ -69,6 +69,7 @@ def policy_metadata(policy: Any, fps: float | None = None) -> HelloReply:
         noise_shape=[int(d) for d in policy.noise_shape],
         supports_prefix=bool(policy.supports_prefix),
         language=bool(policy.language),
+        delay_aware=bool(policy.delay_aware),
     )
 
 

@@ -50,8 +50,8 @@ class ControlConfig:
 
     control_hz: float = setting(20.0, "10-100 Hz (the built-in tasks' actions are 10 Hz; the node interpolates "
                                 "between them)")
-    mode: str = setting("sync", "sync | ensemble | rtc (configs/deploy.yaml has the measurements behind the "
-                        "default)", choices=MODES)
+    mode: str = setting("auto", "auto | sync | ensemble | rtc; auto: rtc for a delay-aware policy, else sync "
+                        "(configs/deploy.yaml has the measurements behind it)", choices=("auto", *MODES))
     interpolate: bool = setting(True, "linear interpolation between the policy's actions up to control_hz")
     action_fps: float | None = setting(None, "the rate the policy's actions are meant for; null: the policy's "
                                        "or the robot's")
@@ -67,8 +67,8 @@ class ControlConfig:
     def __post_init__(self) -> None:
         if not 1.0 <= self.control_hz <= 1000.0:
             raise ControlNodeError(f"control_hz must be between 1 and 1000, got {self.control_hz}.")
-        if self.mode not in MODES:
-            raise ControlNodeError(f"mode {self.mode!r} is unknown; choose one of {', '.join(MODES)}.")
+        if self.mode not in ("auto", *MODES):
+            raise ControlNodeError(f"mode {self.mode!r} is unknown; choose one of auto, {', '.join(MODES)}.")
 
 
 # ============================================================================================ inference
@@ -84,6 +84,7 @@ class InferenceBackend(Protocol):
     fps: float | None
     supports_prefix: bool  # the policy keeps committed prefix_actions (rtc freezes them)
     language: bool  # the policy reads the episode's instruction
+    delay_aware: bool  # the policy was trained on committed prefixes (mode auto then runs rtc)
     noise_shape: tuple[int, ...]  # the standard normal noise one chunk is sampled from
 
     def infer(self, observation: dict[str, np.ndarray], timestamp: float, prefix_actions: np.ndarray | None,
@@ -112,6 +113,7 @@ class RemoteInference:
         self.n_obs_steps, self.horizon, self.n_action_steps = meta.n_obs_steps, meta.horizon, meta.n_action_steps
         self.features, self.fps = meta.features, meta.fps
         self.supports_prefix, self.language = meta.supports_prefix, meta.language
+        self.delay_aware = meta.delay_aware
         self.noise_shape = tuple(meta.noise_shape or (meta.horizon, meta.features[ACTION_KEY]["shape"][0]))
         self.extra_latency_s = float(extra_latency_s)
 
@@ -210,6 +212,14 @@ class InferenceWorker:
                 self._result, self._busy = result, False
 
 
+def execution_mode(mode: str, backend: InferenceBackend) -> str:
+    """The execution mode to run: `auto` is rtc for a delay-aware policy (trained for the prefix rtc commits) and
+    sync otherwise (sync measured best for policies trained without prefixes: configs/deploy.yaml)."""
+    if mode != "auto":
+        return mode
+    return "rtc" if backend.delay_aware else "sync"
+
+
 # ========================================================================================= observations
 
 
@@ -281,6 +291,7 @@ class ControlNode:
         self.action_dt = 1.0 / float(action_fps)
         self.watchdog = watchdog or Watchdog(self.period, self.cfg.hold_after, self.cfg.stop_after)
         self.worker = InferenceWorker(backend, self.action_dim)
+        self.mode = execution_mode(self.cfg.mode, backend)
 
     def _check_features(self) -> int:
         """The action dimension, once the robot is known to offer every feature the policy needs."""
@@ -303,7 +314,7 @@ class ControlNode:
         `seed` seeds the robot's reset (a simulator's) and the noise of every chunk (None: fresh entropy)."""
         cfg, robot = self.cfg, self.robot
         executor = make_executor(
-            cfg.mode, n_obs_steps=self.backend.n_obs_steps, horizon=self.backend.horizon,
+            self.mode, n_obs_steps=self.backend.n_obs_steps, horizon=self.backend.horizon,
             n_action_steps=self.backend.n_action_steps, action_dt=self.action_dt, interpolate=cfg.interpolate,
             ensemble_decay=cfg.ensemble_decay, supports_prefix=self.backend.supports_prefix,
             blend_steps=cfg.rtc_blend_steps, expected_latency_s=cfg.expected_latency_s,
@@ -320,15 +331,16 @@ class ControlNode:
         safety.reset(robot.command_state())
         last_sent = safety.last_command
         self.watchdog.reset()
-        counts = dict.fromkeys(("clamped_ticks", "safety_events", "hold_ticks", "stops", "chunks", "chunk_errors",
-                                "invalid_obs", "stale_ticks", "intervention_ticks", "missed_ticks"), 0)
+        # hold_ticks: ticks without an action; stall_ticks: those after the policy's first action was sent
+        counts = dict.fromkeys(("clamped_ticks", "safety_events", "hold_ticks", "stall_ticks", "stops", "chunks",
+                                "chunk_errors", "invalid_obs", "stale_ticks", "intervention_ticks", "missed_ticks"), 0)
         result = EpisodeResult(success=False, ticks=0, duration_s=0.0, counts=counts)
         last_obs_t = -math.inf
         valid_obs = obs
         if observation_is_valid(obs, self.obs_keys):
             buffer.add(obs["timestamp"], obs)
         chunk_t_obs, chunk_latency, first_command_pending = 0.0, 0.0, False
-        retry_at, stopped, success = -math.inf, False, False
+        retry_at, stopped, success, acted = -math.inf, False, False, False
         start = time.monotonic()
         executor.origin = start + 0.5 * self.period  # action slots begin at command instants (see t_cmd)
         tick = 0
@@ -397,6 +409,8 @@ class ControlNode:
                     sent = robot.send_action(sent).astype(np.float64)
                     last_sent, stopped = sent, False
                     counts["hold_ticks"] += action is None
+                    counts["stall_ticks"] += action is None and acted
+                    acted |= action is not None
                     if events:
                         counts["clamped_ticks"] += 1
                         counts["safety_events"] += len(events)
@@ -436,7 +450,7 @@ class ControlNode:
             if self.recorder is not None:
                 result.episode_index = self.recorder.finish_episode(
                     task=instruction, success=success,
-                    extra={"seed": seed, "mode": cfg.mode, "aborted": result.aborted, "counts": counts})
+                    extra={"seed": seed, "mode": self.mode, "aborted": result.aborted, "counts": counts})
             self._drain(executor)
         return result
 

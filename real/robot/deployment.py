@@ -73,6 +73,11 @@ class DeployConfig:
     out: str = setting(doc="<out>/episodes (the recorded store) and <out>/summary.json")
     overwrite: bool = setting(False, "replace an existing summary and store")
     record: bool = setting(True, "record every episode into <out>/episodes")
+    view: bool = setting(False, "log the run to rerun (images, state, requested vs sent actions, chunks, holds, "
+                                "safety events): to view_address, else to view_path")
+    view_path: str | None = setting(None, "the .rrd file of view=true; null: <out>/view.rrd")
+    view_address: str | None = setting(None, "a rerun viewer's gRPC URL to stream to instead of a file, e.g. "
+                                              "rerun+http://127.0.0.1:9876/proxy")
     control: ControlConfig = setting(ControlConfig(), "the control node")
     intervention: InterventionConfig = setting(InterventionConfig(), "scripted takeovers (sim robot)")
 
@@ -173,6 +178,16 @@ def run_episodes(config: DeployConfig, robot: Robot, backend: InferenceBackend,
                                        max(1, round(control.control_hz)), overwrite=config.overwrite,
                                        info={"robot": type(robot).__name__, "mode": control.mode})
             closers.append(recorder.close)
+        if config.view:
+            from real.robot.live_view import FrameSinks, LiveView, LiveViewError
+
+            try:
+                view = LiveView(config.view_path or out / "view.rrd", config.view_address,
+                                application_id="robopolicy deploy")
+            except LiveViewError as exc:
+                raise DeployError(str(exc)) from None
+            closers.append(view.close)
+            recorder = FrameSinks(recorder, view)
         watchdog = Watchdog(1.0 / control.control_hz, control.hold_after, control.stop_after)
         node = ControlNode(robot, backend, control, recorder=recorder, teleop=teleop, watchdog=watchdog,
                            task=config.instruction or "")
@@ -195,11 +210,14 @@ def run_episodes(config: DeployConfig, robot: Robot, backend: InferenceBackend,
             except Exception as exc:  # keep closing the rest
                 print(f"warning: cleanup step failed: {exc}", file=sys.stderr)
     summary = summarize(results, control)
+    summary["mode"] = node.mode  # what `auto` resolved to
     if config.record:
         from robopolicy.data import validate_store
 
         summary["store"] = str(out / "episodes")
         summary["store_problems"] = validate_store(out / "episodes")
+    if config.view:
+        summary["view"] = config.view_address or str(config.view_path or out / "view.rrd")
     summary["summary_path"] = str(config.summary_path)
     out.mkdir(parents=True, exist_ok=True)
     config.summary_path.write_text(json.dumps(summary, indent=2))

@@ -29,9 +29,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-# 2: HelloReply.supports_prefix; 3: HelloReply.language and Infer.instruction (language-conditioned policies)
-PROTOCOL_VERSION = 3
-SUPPORTED_VERSIONS = (1, 2, 3)
+# 2: HelloReply.supports_prefix; 3: HelloReply.language and Infer.instruction (language-conditioned policies);
+# 4: HelloReply.delay_aware (a policy trained on committed prefixes)
+PROTOCOL_VERSION = 4
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # Plain numeric dtypes only: no object, string, void or datetime dtypes can ever be built from the wire.
 DTYPES = frozenset(
@@ -84,6 +85,7 @@ class HelloReply:
     noise_shape: list[int] | None = None
     supports_prefix: bool = False  # sample_chunk keeps committed prefix_actions (real-time chunking); since 2
     language: bool = False  # the policy reads an instruction: every Infer must carry one; since 3
+    delay_aware: bool = False  # trained to continue a committed prefix (training-time RTC): run rtc; since 4
 
 
 @dataclass
@@ -253,6 +255,7 @@ _SCHEMAS: dict[type, dict[str, tuple[Any, bool]]] = {
         "noise_shape": (_optional(_shape), False),
         "supports_prefix": (_bool, False),
         "language": (_bool, False),
+        "delay_aware": (_bool, False),
     },
     Infer: {
         "request_id": (_int, True),
@@ -269,6 +272,7 @@ _SCHEMAS: dict[type, dict[str, tuple[Any, bool]]] = {
 }
 # (message type, field) -> the protocol version that introduced it (fields not listed exist since 1)
 _SINCE: dict[tuple[type, str], int] = {(HelloReply, "supports_prefix"): 2, (HelloReply, "language"): 3,
+                                       (HelloReply, "delay_aware"): 4,
                                        (Infer, "instruction"): 3}
 
 

@@ -17,7 +17,8 @@ The runtime every caller uses (offline training, evaluation, every refinement me
                        policy that declares `supports_prefix`; the returned chunk starts with them.
     noise_shape  (horizon, A);  encode(obs) -> features [B, F];  loss(batch) -> (loss, metrics)
 
-Capabilities are declared as class attributes, never probed: `supports_prefix`, `language`.
+Capabilities are declared as class attributes, never probed: `supports_prefix`, `language`; `delay_aware` (the
+policy was trained on committed prefixes, so the control node runs real-time chunking) comes from the config.
 """
 
 from __future__ import annotations
@@ -120,11 +121,16 @@ class DenoiserPolicyConfig(PolicyConfig):
     unet: UnetConfig = setting(UnetConfig(), "denoiser: unet")
     transformer: TransformerConfig = setting(TransformerConfig(), "denoiser: transformer")
     num_inference_steps: int = setting(4, "sampler steps")
+    max_delay: int = setting(0, "delay-aware training (training-time RTC): > 0 trains on committed prefixes of up to "
+                             "n_obs_steps + max_delay actions (the control node then runs rtc); 0: off")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_inference_steps < 1:
             raise PolicyConfigError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}.")
+        if self.max_delay < 0 or self.n_obs_steps + self.max_delay > self.horizon - 1:
+            raise PolicyConfigError(f"max_delay must be between 0 and horizon - 1 - n_obs_steps = "
+                                    f"{self.horizon - 1 - self.n_obs_steps}, got {self.max_delay}.")
         levels = len(self.unet.down_dims)
         if self.denoiser == "unet" and self.horizon % (2 ** (levels - 1)):
             raise PolicyConfigError(
@@ -141,6 +147,7 @@ class ChunkPolicy(nn.Module):
     name: str = ""
     supports_prefix: bool = False  # sample_chunk honours prefix_actions (real-time chunking)
     language: bool = False  # reads obs["task"], one instruction string per batch element
+    delay_aware: bool = False  # trained to continue a committed prefix (training-time RTC; set from the config)
     # trained by a denoising loss whose noise and time a caller may fix: denoising_inputs(B) -> (noise, time) and
     # denoising_error(batch, noise, time) -> squared error [B, H, A] (what preference optimization compares)
     denoising: bool = False
@@ -259,6 +266,31 @@ class ActionChunkPolicy(ChunkPolicy):
             return error.mean(dim=(1, 2))
         valid = (~torch.as_tensor(batch["action_is_pad"], device=error.device)).to(error.dtype)[..., None]
         return (error * valid).sum(dim=(1, 2)) / (valid.sum(dim=(1, 2)) * error.shape[-1]).clamp_min(1.0)
+
+    # ---- delay-aware training (training-time real-time chunking; flow and diffusion set max_delay) ----
+    max_delay: int = 0
+
+    def prefix_mask(self, prefix_len: torch.Tensor) -> torch.Tensor:
+        """[B] committed prefix lengths -> [B, H] bool, True on the committed positions."""
+        return torch.arange(self.horizon, device=prefix_len.device)[None] < prefix_len[:, None]
+
+    def with_prefix_mask(self, global_cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A delay-aware denoiser's condition: [observation features [B, F], prefix mask [B, H]]."""
+        return torch.cat([global_cond, mask.to(global_cond.dtype)], dim=-1)
+
+    def sample_prefix_len(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A training draw of committed prefix lengths [B], uniform over 0 .. n_obs_steps + max_delay (all 0 when
+        the policy is not delay-aware)."""
+        high = self.n_obs_steps + self.max_delay if self.delay_aware else 0
+        return torch.randint(0, high + 1, (batch_size,), device=device)
+
+    def without_prefix(self, batch: Mapping[str, torch.Tensor], prefix_len: torch.Tensor) -> Mapping[str, torch.Tensor]:
+        """The batch with its committed prefix marked as padding: given to the denoiser, not predicted, no loss."""
+        if not self.delay_aware:
+            return batch
+        pad = batch.get("action_is_pad")
+        mask = self.prefix_mask(prefix_len.to(self.device))
+        return {**batch, "action_is_pad": mask if pad is None else torch.as_tensor(pad, device=mask.device) | mask}
 
     def normalized_prefix(self, prefix_actions: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A committed prefix [B, k, A] in robot units -> normalized (clipped like the sampler's output)."""

@@ -8,7 +8,9 @@ DDPM (`sampler: ddpm`, stochastic even for a fixed initial noise).
 
 Real-time chunking: with `prefix_actions` the first k actions are frozen; at every sampling step the frozen part
 is replaced by the prefix carried to the same noise level by the forward process q(x_t | prefix) with the same
-noise, so the denoiser always sees a coherent chunk (hard-mask inpainting).
+noise, so the denoiser always sees a coherent chunk (hard-mask inpainting). A delay-aware policy (`max_delay > 0`,
+trained as flow.py describes: clean committed prefixes, no loss on them, the prefix mask in the condition) is given
+the committed actions themselves at every step instead.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ class DiffusionPolicy(ActionChunkPolicy):
     def __init__(self, config: DiffusionConfig, features: Mapping[str, Mapping],
                  stats: Mapping[str, Mapping[str, np.ndarray]] | None):
         super().__init__(config, features, stats)
-        self.denoiser = make_denoiser(config, self.action_dim, self.obs_encoder.out_dim)
+        self.max_delay, self.delay_aware = config.max_delay, config.max_delay > 0
+        # delay-aware: the condition gains the prefix mask [H]
+        self.denoiser = make_denoiser(config, self.action_dim, self.obs_encoder.out_dim + self.delay_aware * self.horizon)
         schedule = dict(
             num_train_timesteps=config.num_train_timesteps,
             beta_schedule=config.beta_schedule,
@@ -77,13 +81,20 @@ class DiffusionPolicy(ActionChunkPolicy):
         return noise, timesteps
 
     def denoising_error(self, batch: Mapping[str, torch.Tensor], noise: torch.Tensor, time: torch.Tensor,
-                        global_cond: torch.Tensor | None = None) -> torch.Tensor:
+                        global_cond: torch.Tensor | None = None, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
         """Squared error [B, H, A] of the denoiser on the batch's chunks noised to timesteps `time` with `noise`
-        (`global_cond`: the batch's observation features when the caller has them)."""
+        (`global_cond`: the batch's observation features when the caller has them; `prefix_len` [B]: a delay-aware
+        policy's committed prefix lengths, none when omitted)."""
         action_chunk = self.normalized_actions(batch)  # [B, H, A] in normalized units
         global_cond = self.encode(batch) if global_cond is None else global_cond  # [B, F]
         timesteps = time.to(action_chunk.device)
         noisy = self.noise_scheduler.add_noise(action_chunk, noise, timesteps)
+        if self.delay_aware:
+            if prefix_len is None:
+                prefix_len = torch.zeros(len(action_chunk), dtype=torch.long, device=action_chunk.device)
+            mask = self.prefix_mask(prefix_len.to(action_chunk.device))  # [B, H]
+            noisy = torch.where(mask[..., None], action_chunk, noisy)  # committed actions are given clean
+            global_cond = self.with_prefix_mask(global_cond, mask)
         prediction = self.denoiser(noisy, timesteps, global_cond)
         target = noise if self.prediction_type == "epsilon" else action_chunk
         return (prediction - target) ** 2
@@ -91,7 +102,9 @@ class DiffusionPolicy(ActionChunkPolicy):
     def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         noise, timesteps = self.denoising_inputs(len(batch["action"]), self.device)
         global_cond, penalty = self.encode_for_loss(batch)  # the VIB bottleneck's KL term, else 0
-        loss = self.masked_mean(self.denoising_error(batch, noise, timesteps, global_cond), batch)
+        prefix_len = self.sample_prefix_len(len(noise), self.device)
+        error = self.denoising_error(batch, noise, timesteps, global_cond, prefix_len)
+        loss = self.masked_mean(error, self.without_prefix(batch, prefix_len))
         return loss + penalty, {"loss": loss.item(), "encoder_penalty": penalty.item()}
 
     @torch.no_grad()
@@ -108,13 +121,17 @@ class DiffusionPolicy(ActionChunkPolicy):
         noise = noise.to(global_cond.device, torch.float32)
         prefix = self.normalized_prefix(prefix_actions, global_cond.device) if self.check_prefix(prefix_actions) \
             else None
+        if self.delay_aware:
+            prefix_len = torch.full((batch_size,), 0 if prefix is None else prefix.shape[1], device=global_cond.device)
+            global_cond = self.with_prefix_mask(global_cond, self.prefix_mask(prefix_len))
         action_chunk = noise
         step_kwargs = {"eta": 0.0} if self.sampler == "ddim" else {}
         for t in self.sample_scheduler.timesteps:
-            if prefix is not None:  # q(x_t | prefix) with the same noise
+            if prefix is not None:  # delay-aware: the prefix itself (as trained); else q(x_t | prefix), same noise
                 action_chunk = action_chunk.clone()
                 k = prefix.shape[1]
-                action_chunk[:, :k] = self.noise_scheduler.add_noise(prefix, noise[:, :k], t.reshape(1))
+                action_chunk[:, :k] = prefix if self.delay_aware else \
+                    self.noise_scheduler.add_noise(prefix, noise[:, :k], t.reshape(1))
             prediction = self.denoiser(action_chunk, t.expand(batch_size).to(global_cond.device), global_cond)
             action_chunk = self.sample_scheduler.step(prediction, t, action_chunk, **step_kwargs).prev_sample
         if prefix is not None:

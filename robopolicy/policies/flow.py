@@ -12,6 +12,13 @@ Real-time chunking: with `prefix_actions` the first k actions are frozen and the
 with them by inpainting with the policy's own denoiser: before every velocity evaluation the frozen part is set
 to the prefix's point on the straight path, (1 - t) * noise + t * prefix (hard-mask inpainting, RePaint-style
 without resampling, not the guided soft-mask version of the RTC paper).
+
+Delay-aware (training-time real-time chunking, `max_delay > 0`): the denoiser is trained for the execution it will
+meet. Each training chunk gets a committed prefix of k actions, k ~ U{0 .. n_obs_steps + max_delay} (0: the first
+chunk of an episode, nothing committed): the prefix positions of x_t hold the clean actions (their flow time is 1)
+and carry no loss, and the denoiser's condition gains the prefix mask [H]. Sampling with `prefix_actions` then
+sets the prefix to the committed actions at every step and the denoiser, which has learned to continue a given
+prefix, generates the rest: no inpainting approximation.
 """
 
 from __future__ import annotations
@@ -42,7 +49,6 @@ class FlowConfig(DenoiserPolicyConfig):
                                  choices=("uniform", "beta"))
     prediction_type: str = setting("sample", "sample (the clean chunk; velocity derived from it) | velocity",
                                    choices=("sample", "velocity"))
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.schedule_power <= 0.0:
@@ -72,6 +78,7 @@ class FlowPolicy(ActionChunkPolicy):
     def __init__(self, config: FlowConfig, features: Mapping[str, Mapping],
                  stats: Mapping[str, Mapping[str, np.ndarray]] | None):
         super().__init__(config, features, stats)
+        self.max_delay, self.delay_aware = config.max_delay, config.max_delay > 0
         self.denoiser = self.build_denoiser(config)
         self.num_inference_steps = config.num_inference_steps
         self.ode_solver, self.time_sampling = config.ode_solver, config.time_sampling
@@ -81,7 +88,8 @@ class FlowPolicy(ActionChunkPolicy):
 
     def build_denoiser(self, config: FlowConfig) -> Callable[..., torch.Tensor]:
         """`denoiser(x_t [B, H, A], timestep [B], condition) -> [B, H, A]`, the condition being `condition(obs)`."""
-        return make_denoiser(config, self.action_dim, self.obs_encoder.out_dim)
+        # delay-aware: the condition gains the prefix mask [H]
+        return make_denoiser(config, self.action_dim, self.obs_encoder.out_dim + self.delay_aware * self.horizon)
 
     def condition(self, obs: Mapping[str, torch.Tensor]):
         """What the denoiser is conditioned on, computed once per chunk: here the encoded observation [B, F]."""
@@ -138,13 +146,20 @@ class FlowPolicy(ActionChunkPolicy):
         return torch.randn(batch_size, *self.noise_shape, device=device), self.sample_time(batch_size, device)
 
     def denoising_error(self, batch: Mapping[str, torch.Tensor], noise: torch.Tensor, time: torch.Tensor,
-                        global_cond=None) -> torch.Tensor:
+                        global_cond=None, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
         """Squared error [B, H, A] of the denoiser on the batch's chunks carried to `time` along `noise`
-        (`global_cond`: the batch's condition when the caller has it)."""
+        (`global_cond`: the batch's condition when the caller has it; `prefix_len` [B]: a delay-aware policy's
+        committed prefix lengths, none when omitted)."""
         x1 = self.normalized_actions(batch)  # [B, H, A] data
         global_cond = self.condition(batch) if global_cond is None else global_cond
         t = time.to(x1.device)[:, None, None]
         x_t = (1 - t) * noise + t * x1
+        if self.delay_aware:
+            if prefix_len is None:
+                prefix_len = torch.zeros(len(x1), dtype=torch.long, device=x1.device)
+            mask = self.prefix_mask(prefix_len.to(x1.device))  # [B, H]
+            x_t = torch.where(mask[..., None], x1, x_t)  # committed actions are clean: their flow time is 1
+            global_cond = self.with_prefix_mask(global_cond, mask)
         prediction = self.denoiser(x_t, t.flatten() * TIME_SCALE, global_cond)
         target = x1 - noise if self.prediction_type == "velocity" else x1
         return (prediction - target) ** 2
@@ -156,7 +171,9 @@ class FlowPolicy(ActionChunkPolicy):
     def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         noise, time = self.denoising_inputs(len(batch["action"]), self.device)
         global_cond, penalty = self.condition_for_loss(batch)
-        loss = self.masked_mean(self.denoising_error(batch, noise, time, global_cond), batch)
+        prefix_len = self.sample_prefix_len(len(noise), self.device)
+        error = self.denoising_error(batch, noise, time, global_cond, prefix_len)
+        loss = self.masked_mean(error, self.without_prefix(batch, prefix_len))
         return loss + penalty, {"loss": loss.item(), "encoder_penalty": penalty.item()}
 
     @torch.no_grad()
@@ -176,13 +193,19 @@ class FlowPolicy(ActionChunkPolicy):
             noise = self.draw_noise(global_cond.shape[0], device)
         noise = noise.to(device, torch.float32)
         constrain = None
-        if self.check_prefix(prefix_actions):
+        has_prefix = self.check_prefix(prefix_actions)
+        if self.delay_aware:
+            k = min(prefix_actions.shape[1], self.horizon) if has_prefix else 0
+            prefix_len = torch.full((noise.shape[0],), k, dtype=torch.long, device=device)
+            global_cond = self.with_prefix_mask(global_cond, self.prefix_mask(prefix_len))
+        if has_prefix:
             prefix = self.normalized_prefix(prefix_actions, device)  # [B, k, A]
             k = prefix.shape[1]
 
             def constrain(x_t: torch.Tensor, t: float) -> torch.Tensor:
                 x_t = x_t.clone()
-                x_t[:, :k] = (1.0 - t) * noise[:, :k] + t * prefix
+                # delay-aware: the committed actions themselves (as trained); else their point on the path
+                x_t[:, :k] = prefix if self.delay_aware else (1.0 - t) * noise[:, :k] + t * prefix
                 return x_t
 
         x = self.integrate(noise, global_cond, constrain)

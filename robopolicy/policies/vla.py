@@ -83,6 +83,9 @@ class VLAConfig(FlowConfig):
             raise PolicyConfigError(f"vla d_model {self.d_model} must be divisible by n_heads {self.n_heads}.")
         if self.backbone != "none" and not self.backbone_path:
             raise PolicyConfigError(f"vla backbone={self.backbone} needs backbone_path=<the folder it was saved to>.")
+        if self.max_delay:
+            raise PolicyConfigError("vla max_delay must be 0: delay-aware training conditions a tensor of "
+                                    "observation features, which the vla's prefix cache is not; use rtc.")
 
 
 

@@ -17,7 +17,8 @@ from sim.builtin.tasks import TASK_CLASSES
 
 # the SO-100 tasks: LeRobot's units and the Feetech twin's arm (sim/builtin/so100_touch.py, so100_pick.py)
 SO100_TASKS = ("so100_touch", "so100_pick")
-BUILTIN_TASKS: tuple[str, ...] = ("reach", "push", "pick_place", "push_two_ways", "pick_color", *SO100_TASKS)
+BUILTIN_TASKS: tuple[str, ...] = ("reach", "push", "pick_place", "push_two_ways", "pick_color", "catch",
+                                   *SO100_TASKS)
 
 __all__ = ["BUILTIN_TASKS", "ArmTaskEnv", "Expert", "make_builtin_env", "make_builtin_expert"]
 

@@ -331,10 +331,24 @@ class PickColorExpert(PickPlaceExpert):
         self.target_names = tuple(f"pad_{goal['target']}.{a}" for a in "xy")
 
 
+class CatchExpert(Expert):
+    """Moves with the ball (its velocity as feed-forward) and closes the gap proportionally, aiming where the ball
+    will be when the step's motion is done."""
+
+    lead_s = 0.1  # one control step ahead: the move commanded now completes by the next step
+
+    def _plan(self, state: np.ndarray, ee: np.ndarray) -> np.ndarray:
+        ball = self._get(state, "target.x", "target.y", "target.z")
+        velocity = np.append(self._get(state, "target.vx", "target.vy"), 0.0)
+        ball[:2] += self.aim_error * 0.5
+        return np.append(self._move(ee, ball + velocity * self.lead_s, gain=0.8), OPEN)
+
+
 EXPERT_CLASSES: dict[str, type[Expert]] = {
     "reach": ReachExpert,
     "push": PushExpert,
     "pick_place": PickPlaceExpert,
     "push_two_ways": PushTwoWaysExpert,
     "pick_color": PickColorExpert,
+    "catch": CatchExpert,
 }

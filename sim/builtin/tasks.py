@@ -1,4 +1,5 @@
-"""The built-in tasks: reach, push, pick_place, and the language tasks push_two_ways and pick_color.
+"""The built-in tasks: reach, push, pick_place, the language tasks push_two_ways and pick_color, and the dynamic
+task catch (a moving target: pausing costs success).
 
 Each is the arm scene plus its objects, a seeded reset, its extra state dimensions, a dense shaped reward
 and a success test. Positions are in metres in the world frame (table top at z = 0). In a language task the
@@ -299,6 +300,66 @@ class PickColorTask(ArmTaskEnv):
         return place_reward(obj, target, self.data.site_xpos[self._site], self.success_radius)
 
 
+class CatchTask(ArmTaskEnv):
+    """A dynamic task where stopping costs success: a green ball crosses the workspace at constant speed
+    (0.16-0.2 m/s, from a random side) and leaves it after ~3.5 s; the gripper must catch up with it and ride along,
+    within `success_radius` of its centre for `hold_steps` consecutive control steps. A robot that pauses while
+    its policy thinks (sync execution under latency) falls behind by speed x pause at every chunk.
+
+    The ball's position is a function of physics time (`data.time`), so it moves the same whether the env is
+    stepped by `step` (gymnasium) or in real time by `real.host.sim_arm`."""
+
+    name = "catch"
+    task_description = "catch the moving green ball and follow it with the gripper"
+    objects_xml = """
+<body name="target" mocap="true" pos="0.5 0 0.1">
+  <geom class="marker" type="sphere" size="0.02" rgba=".2 .8 .3 1"/>
+</body>
+"""
+    task_state_names = ("target.x", "target.y", "target.z", "target.vx", "target.vy", "target_from_ee.x", "target_from_ee.y",
+                        "target_from_ee.z")
+    default_max_episode_steps = 60
+    success_radius = 0.025
+    hold_steps = 12  # consecutive control steps within the radius
+    exit_y = 0.36  # the ball has left the workspace (the episode is lost)
+
+    def _bind_task(self) -> None:
+        self._target_mocap = self.model.body("target").mocapid[0]
+        self.ball_start, self.ball_velocity = np.array([0.5, 0.0, 0.1]), np.zeros(3)
+        self.held = 0
+
+    def _sample_task(self, rng: np.random.Generator) -> None:
+        side = 1.0 if rng.random() < 0.5 else -1.0
+        self.ball_start = np.array([rng.uniform(0.4, 0.58), side * rng.uniform(0.28, 0.32), rng.uniform(0.06, 0.14)])
+        speed, heading = rng.uniform(0.16, 0.2), rng.uniform(-0.25, 0.25)  # heading: off the y axis (rad)
+        self.ball_velocity = speed * np.array([np.sin(heading), -side * np.cos(heading), 0.0])
+        self.held = 0
+        self._advance_ball()
+
+    def _advance_ball(self) -> np.ndarray:
+        ball = self.ball_start + self.ball_velocity * self.data.time
+        self.data.mocap_pos[self._target_mocap] = ball
+        return ball
+
+    def _write_task_state(self, out: np.ndarray) -> None:
+        ball = self._advance_ball()
+        out[0:3] = ball
+        out[3:5] = self.ball_velocity[:2]
+        out[5:8] = ball - self.data.site_xpos[self._site]
+
+    def _reward_and_success(self) -> tuple[float, bool]:
+        ball = self._advance_ball()
+        dist = float(np.linalg.norm(ball - self.data.site_xpos[self._site]))
+        self.held = self.held + 1 if dist < self.success_radius else 0
+        success = self.held >= self.hold_steps
+        return 1.0 - np.tanh(10.0 * dist) + 10.0 * success, success
+
+    def step(self, action: np.ndarray):
+        obs, reward, success, truncated, info = super().step(action)
+        gone = abs(float(self.data.mocap_pos[self._target_mocap][1])) > self.exit_y
+        return obs, reward, success, truncated or (gone and not success), info
+
+
 TASK_CLASSES: dict[str, type[ArmTaskEnv]] = {
-    cls.name: cls for cls in (ReachTask, PushTask, PickPlaceTask, PushTwoWaysTask, PickColorTask)
+    cls.name: cls for cls in (ReachTask, PushTask, PickPlaceTask, PushTwoWaysTask, PickColorTask, CatchTask)
 }
