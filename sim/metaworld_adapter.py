@@ -236,7 +236,8 @@ class MetaWorldMultiTask(gym.Env):
     written phrasings (`sim.metaworld_language`). `goal` is `{"task": name}` (the goal field a scripted expert
     reads and evaluation groups by), `instruction` the text. The observation is MetaWorld's 39-d state whatever the
     task (goal observable), so nothing but the scene and the instruction tells the tasks apart. `misinstruct` phrases
-    the instruction of another task than the one success checks.
+    the instruction of another task than the one success checks. `reset(options={"instruction": text})` (deployment
+    on the simulated robot) makes the episode's task the one whose written phrasing `text` is.
     """
 
     metadata = {"render_modes": ["rgb_array"]}
@@ -268,6 +269,15 @@ class MetaWorldMultiTask(gym.Env):
         self.goal: dict[str, str] = {"task": self.task_name}
         self.instruction = self.instruction_templates[self.task_name][0]
 
+    def task_from_instruction(self, text: str) -> str:
+        """The task whose written phrasing `text` is (case and final punctuation aside)."""
+        key = text.strip().rstrip(".!").lower()
+        for task in self.tasks:
+            if key in (p.lower() for p in self.instruction_templates[task]):
+                return task
+        raise ValueError(f"The instruction {text!r} is none of metaworld/{self.set_name}'s written phrasings "
+                         f"(sim/metaworld_language.py), e.g. {self.instruction_templates[self.tasks[0]][0]!r}.")
+
     def _task_env(self, task: str) -> MetaWorldTask:
         if task not in self._envs:
             self._envs[task] = MetaWorldTask(task, **self._kwargs)
@@ -281,6 +291,9 @@ class MetaWorldMultiTask(gym.Env):
         super().reset(seed=seed)
         rng = self.np_random
         self.task_name = self.tasks[int(rng.integers(len(self.tasks)))]
+        given = (options or {}).get("instruction")
+        if given:
+            self.task_name = self.task_from_instruction(given)
         variations = task_variations(self.set_name)[self.task_name]
         rand_vec = variations[int(rng.integers(len(variations)))]
         named = self.task_name
@@ -289,7 +302,7 @@ class MetaWorldMultiTask(gym.Env):
             named = others[int(rng.integers(len(others)))]
         phrasings = self.instruction_templates[named]
         self.goal = {"task": self.task_name}
-        self.instruction = phrasings[int(rng.integers(len(phrasings)))]
+        self.instruction = given or phrasings[int(rng.integers(len(phrasings)))]
         env = self.current
         env._env._last_rand_vec = rand_vec.copy()
         env._env._freeze_rand_vec = True  # this variation's object and goal placement

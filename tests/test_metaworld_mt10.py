@@ -121,3 +121,10 @@ def test_collect_records_instructions_and_eval_reports_each_task(cli, tmp_path):
     assert lo <= result["per_goal"]["mean"] <= hi
     per_episode = json.loads((tmp_path / "eval" / "summary.json").read_text())["per_episode"]
     assert all(e["instruction"] in phrasings for e in per_episode)
+
+
+def test_a_given_instruction_picks_its_task(env):
+    env.reset(seed=0, options={"instruction": "Close the drawer."})
+    assert env.goal == {"task": "drawer-close-v3"} and env.instruction == "Close the drawer."
+    with pytest.raises(ValueError, match="none of metaworld/mt10"):
+        env.reset(seed=0, options={"instruction": "juggle three balls"})
