@@ -259,6 +259,8 @@ class MetaWorldMultiTask(gym.Env):
         self.misinstruct = misinstruct
         self._kwargs = dict(images=images, image_size=image_size, max_episode_steps=max_episode_steps,
                             render_mode=render_mode)
+        # built (or read from the cache file) here, so a command's probe env writes the file its workers then read
+        self.variations = task_variations(name)
         self._envs: dict[str, MetaWorldTask] = {}
         first = self._task_env(self.tasks[0])
         self.observation_space, self.action_space = first.observation_space, first.action_space
@@ -294,7 +296,7 @@ class MetaWorldMultiTask(gym.Env):
         given = (options or {}).get("instruction")
         if given:
             self.task_name = self.task_from_instruction(given)
-        variations = task_variations(self.set_name)[self.task_name]
+        variations = self.variations[self.task_name]
         rand_vec = variations[int(rng.integers(len(variations)))]
         named = self.task_name
         if self.misinstruct:
