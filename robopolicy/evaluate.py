@@ -4,8 +4,9 @@
 worker's observation history (`n_obs_steps`) and queue of actions, and asks the policy for a new chunk only for
 the workers whose queue ran out, in one batch. The initial noise of each worker comes from a generator seeded by
 its episode seed, so an evaluation is reproducible given its seeds. A policy that declares `language` gets each
-worker's instruction as `obs["task"]` (the envs' `instruction`, read by the rollout at every reset), and its
-evaluation reports success per goal beside the total.
+worker's instruction as `obs["task"]` (the envs' `instruction`, read by the rollout at every reset). The evaluation
+of a language policy, or of any policy on a task with goals (`goal_fields`: the language tasks, MetaWorld's
+`metaworld/mt10` whose goal is the task), reports success per goal beside the total.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def evaluate(envs, policy, n_episodes: int, *, seed: int = EVAL_SEED, chunk_fn: 
     agent = PolicyAgent(policy, envs.num_envs, chunk_fn=chunk_fn)
     image_keys = [k for k in envs.single_observation_space.spaces if is_image_key(k)]
     n_videos = n_videos if (video_dir and image_keys) else 0
+    instructed = policy.language or has_goals(envs)
 
     def done(ep: Episode) -> None:
         if ep.index < n_videos:
@@ -83,9 +85,9 @@ def evaluate(envs, policy, n_episodes: int, *, seed: int = EVAL_SEED, chunk_fn: 
             progress.update(1)
 
     episodes = run_episodes(envs, agent, n_episodes, seed=seed, record=lambda index: index < n_videos,
-                            on_episode=done, instructions=policy.language)
+                            on_episode=done, instructions=instructed)
     summary = success_summary([ep.success for ep in episodes])
-    if policy.language:
+    if instructed:
         summary["per_goal"] = per_group(episodes, lambda ep: goal_name(ep.goal))
     summary.update(
         mean_return=float(np.mean([ep.ret for ep in episodes])),
@@ -94,9 +96,17 @@ def evaluate(envs, policy, n_episodes: int, *, seed: int = EVAL_SEED, chunk_fn: 
         seconds=round(time.perf_counter() - start, 2),
         per_episode=[{"seed": ep.seed, "success": ep.success, "return": round(ep.ret, 4), "length": ep.length,
                       "max_step_reward": round(ep.max_step_reward, 4),
-                      **({"instruction": ep.instruction} if policy.language else {})} for ep in episodes],
+                      **({"instruction": ep.instruction} if instructed else {})} for ep in episodes],
     )
     return summary
+
+
+def has_goals(envs) -> bool:
+    """Whether a vector env's task draws a goal per episode (`goal_fields`), by which its success is grouped."""
+    try:
+        return bool(envs.get_attr("goal_fields")[0])
+    except Exception:  # a task without the attribute (single MetaWorld tasks, pusht)
+        return False
 
 
 def goal_name(goal: dict) -> str:

@@ -22,7 +22,7 @@ def _split(task: str) -> tuple[str, str]:
     if family not in ("builtin", "metaworld") or not name:
         raise UnknownTaskError(
             f"Unknown task {task!r}: use builtin/<name> ({', '.join(list_tasks('builtin'))}), "
-            "metaworld/<v3 task, e.g. push-v3>, or pusht."
+            "metaworld/<v3 task, e.g. push-v3, or mt10 / mt50>, or pusht."
         )
     return family, name
 
@@ -37,8 +37,10 @@ def make_env(task: str, **kwargs: Any):
             raise UnknownTaskError(f"Unknown built-in task {name!r}: available are {', '.join(BUILTIN_TASKS)}.")
         return make_builtin_env(name, **kwargs)
     if family == "metaworld":
-        from sim.metaworld_adapter import make_metaworld_env
+        from sim.metaworld_adapter import MULTI_TASK_SETS, MetaWorldMultiTask, make_metaworld_env
 
+        if name in MULTI_TASK_SETS:
+            return MetaWorldMultiTask(name, **kwargs)
         return make_metaworld_env(name, **kwargs)
     from sim.pusht import make_pusht_env
 
@@ -55,8 +57,10 @@ def make_expert(task: str, **kwargs: Any):
             raise UnknownTaskError(f"Unknown built-in task {name!r}: available are {', '.join(BUILTIN_TASKS)}.")
         return make_builtin_expert(name, **kwargs)
     if family == "metaworld":
-        from sim.metaworld_adapter import MetaWorldExpert
+        from sim.metaworld_adapter import MULTI_TASK_SETS, MetaWorldExpert, MetaWorldMultiExpert
 
+        if name in MULTI_TASK_SETS:
+            return MetaWorldMultiExpert(name, **kwargs)
         return MetaWorldExpert(name, **kwargs)
     raise UnknownTaskError("Task 'pusht' has no scripted expert: import demonstrations instead (robopolicy data import).")
 
@@ -70,9 +74,10 @@ def list_tasks(family: str | None = None) -> list[str]:
         names += list(BUILTIN_TASKS) if family else [f"builtin/{n}" for n in BUILTIN_TASKS]
     if family in (None, "metaworld"):
         try:
-            from sim.metaworld_adapter import metaworld_task_names
+            from sim.metaworld_adapter import MULTI_TASK_SETS, metaworld_task_names
 
-            names += metaworld_task_names() if family else [f"metaworld/{n}" for n in metaworld_task_names()]
+            mw = [*MULTI_TASK_SETS, *metaworld_task_names()]
+            names += mw if family else [f"metaworld/{n}" for n in mw]
         except ImportError:
             pass
     if family is None:

@@ -163,3 +163,181 @@ class MetaWorldExpert:
         if self.noise > 0:
             action = action + self.noise * self._rng.standard_normal(4)
         return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+
+# ---- multi-task sets: metaworld/mt10, metaworld/mt50 ----------------------------------------------------------------
+
+MULTI_TASK_SETS = ("mt10", "mt50")
+BENCHMARK_SEED = 0  # the seed of metaworld.MT10 / MT50 whose task variations (50 per task) the sets use
+_VARIATIONS: dict[str, dict[str, list[np.ndarray]]] = {}  # set name -> task -> its variations' rand_vec
+
+
+def multi_task_names(name: str) -> list[str]:
+    """The tasks of a multi-task set, in MetaWorld's order."""
+    from metaworld.env_dict import MT10_V3, MT50_V3
+
+    return list({"mt10": MT10_V3, "mt50": MT50_V3}[name])
+
+
+def _variations_cache_path(name: str):
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("ROBOPOLICY_CACHE") or Path.home() / ".cache" / "robopolicy"
+    return Path(root) / "metaworld" / f"{name}_seed{BENCHMARK_SEED}_variations.json"
+
+
+def task_variations(name: str) -> dict[str, list[np.ndarray]]:
+    """Every task's variations (object and goal placements, MetaWorld's `rand_vec`) of `metaworld.MT10(seed=0)`
+    (or MT50). Building the benchmark takes ~6 s (MT10) or ~45 s (MT50), so the placements are kept in this process
+    and in a JSON file under ~/.cache/robopolicy (or $ROBOPOLICY_CACHE), which every later process reads."""
+    if name in _VARIATIONS:
+        return _VARIATIONS[name]
+    import json
+    import os
+
+    path = _variations_cache_path(name)
+    tasks = multi_task_names(name)
+    variations = None
+    try:
+        raw = json.loads(path.read_text())
+        if sorted(raw) == sorted(tasks):
+            variations = {t: [np.asarray(v, dtype=np.float64) for v in raw[t]] for t in tasks}
+    except (OSError, ValueError):
+        pass
+    if variations is None:
+        import metaworld
+
+        bench = (metaworld.MT10 if name == "mt10" else metaworld.MT50)(seed=BENCHMARK_SEED)
+        variations = {t: [] for t in tasks}
+        probes = {}
+        for task in bench.train_tasks:  # metaworld's own set_task decodes its task records
+            env = probes.get(task.env_name) or probes.setdefault(task.env_name, bench.train_classes[task.env_name]())
+            env.set_task(task)
+            variations[task.env_name].append(np.array(env._last_rand_vec, dtype=np.float64))
+        for env in probes.values():
+            env.close()
+        try:  # written whole then renamed, so a concurrent reader never sees half a file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({t: [v.tolist() for v in vs] for t, vs in variations.items()}))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    _VARIATIONS[name] = variations
+    return variations
+
+
+class MetaWorldMultiTask(gym.Env):
+    """MetaWorld's MT10 or MT50 as one language-conditioned problem.
+
+    At every reset the env draws one of the set's tasks uniformly and one of that task's 50 variations of
+    `metaworld.MT10(seed=0)` (MT50 likewise), both from the reset's seed, and an instruction: one of the task's
+    written phrasings (`sim.metaworld_language`). `goal` is `{"task": name}` (the goal field a scripted expert
+    reads and evaluation groups by), `instruction` the text. The observation is MetaWorld's 39-d state whatever the
+    task (goal observable), so nothing but the scene and the instruction tells the tasks apart. `misinstruct` phrases
+    the instruction of another task than the one success checks. `reset(options={"instruction": text})` (deployment
+    on the simulated robot) makes the episode's task the one whose written phrasing `text` is.
+    """
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(self, name: str, *, images: bool | Sequence[str] = False, image_size: int = 96,
+                 max_episode_steps: int | None = None, render_mode: str | None = None,
+                 instruction_template: str | None = None, misinstruct: bool = False):
+        from sim.metaworld_language import INSTRUCTIONS
+
+        if name not in MULTI_TASK_SETS:
+            raise ValueError(f"Unknown MetaWorld set {name!r}: use one of {', '.join(MULTI_TASK_SETS)}.")
+        if instruction_template is not None:
+            raise ValueError(f"metaworld/{name} phrases each task with its own written instructions and has no "
+                             "instruction fields; drop instruction_template.")
+        self.set_name = name
+        self.tasks = multi_task_names(name)
+        self.goal_fields = {"task": tuple(self.tasks)}
+        self.instruction_templates = {t: INSTRUCTIONS[t] for t in self.tasks}
+        self.misinstruct = misinstruct
+        self._kwargs = dict(images=images, image_size=image_size, max_episode_steps=max_episode_steps,
+                            render_mode=render_mode)
+        # built (or read from the cache file) here, so a command's probe env writes the file its workers then read
+        self.variations = task_variations(name)
+        self._envs: dict[str, MetaWorldTask] = {}
+        first = self._task_env(self.tasks[0])
+        self.observation_space, self.action_space = first.observation_space, first.action_space
+        self.feature_names, self.fps, self.cameras = first.feature_names, first.fps, first.cameras
+        self.max_episode_steps, self.render_mode = first.max_episode_steps, render_mode
+        self.task_description = f"MetaWorld {name.upper()}: one of {len(self.tasks)} tasks, named by the instruction"
+        self.task_name = self.tasks[0]
+        self.goal: dict[str, str] = {"task": self.task_name}
+        self.instruction = self.instruction_templates[self.task_name][0]
+
+    def task_from_instruction(self, text: str) -> str:
+        """The task whose written phrasing `text` is (case and final punctuation aside)."""
+        key = text.strip().rstrip(".!").lower()
+        for task in self.tasks:
+            if key in (p.lower() for p in self.instruction_templates[task]):
+                return task
+        raise ValueError(f"The instruction {text!r} is none of metaworld/{self.set_name}'s written phrasings "
+                         f"(sim/metaworld_language.py), e.g. {self.instruction_templates[self.tasks[0]][0]!r}.")
+
+    def _task_env(self, task: str) -> MetaWorldTask:
+        if task not in self._envs:
+            self._envs[task] = MetaWorldTask(task, **self._kwargs)
+        return self._envs[task]
+
+    @property
+    def current(self) -> MetaWorldTask:
+        return self._task_env(self.task_name)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        rng = self.np_random
+        self.task_name = self.tasks[int(rng.integers(len(self.tasks)))]
+        given = (options or {}).get("instruction")
+        if given:
+            self.task_name = self.task_from_instruction(given)
+        variations = self.variations[self.task_name]
+        rand_vec = variations[int(rng.integers(len(variations)))]
+        named = self.task_name
+        if self.misinstruct:
+            others = [t for t in self.tasks if t != self.task_name]
+            named = others[int(rng.integers(len(others)))]
+        phrasings = self.instruction_templates[named]
+        self.goal = {"task": self.task_name}
+        self.instruction = given or phrasings[int(rng.integers(len(phrasings)))]
+        env = self.current
+        env._env._last_rand_vec = rand_vec.copy()
+        env._env._freeze_rand_vec = True  # this variation's object and goal placement
+        return env.reset(seed=None if seed is None else int(rng.integers(2**31)))
+
+    def step(self, action: np.ndarray):
+        return self.current.step(action)
+
+    def render(self):
+        return self.current.render()
+
+    def close(self):
+        for env in self._envs.values():
+            env.close()
+        self._envs.clear()
+
+
+class MetaWorldMultiExpert:
+    """The scripted expert of a multi-task set: MetaWorld's policy of the episode's task, which it reads from
+    `obs["goal"]` (the env's `goal`, handed over by the rollout with instructions on)."""
+
+    def __init__(self, name: str, **kwargs):
+        self.tasks = multi_task_names(name)
+        self.set_name = name
+        self._experts = {t: MetaWorldExpert(t, **kwargs) for t in self.tasks}
+
+    def reset(self, seed: int | None = None) -> None:
+        for expert in self._experts.values():
+            expert.reset(seed)
+
+    def act(self, obs: dict) -> np.ndarray:
+        goal = obs.get("goal")
+        if not goal or goal.get("task") not in self._experts:
+            raise ValueError(f"The expert of metaworld/{self.set_name} needs the episode's goal ({{'task': name}}) "
+                             "in obs['goal']; run it with instructions on (collect does for this task).")
+        return self._experts[goal["task"]].act(obs)
