@@ -202,7 +202,7 @@ def test_a_takeover_with_the_leader_moves_the_follower_through_the_control_node(
     from robopolicy.data import DemoStore
 
     class Still:  # an InferenceBackend whose chunks hold the follower where the episode began
-        n_obs_steps, horizon, n_action_steps, supports_prefix, language = 1, 8, 4, False, False
+        n_obs_steps, horizon, n_action_steps, supports_prefix, language, delay_aware = 1, 8, 4, False, False, False
 
         def __init__(self, robot):
             self.features = {**robot.observation_features, **robot.action_features}
