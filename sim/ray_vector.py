@@ -26,7 +26,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from sim.vector import VectorEnvError
+from sim.vector import VectorEnvError, seeds_per_env
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
@@ -135,12 +135,7 @@ class RayVectorEnv(gym.vector.VectorEnv):
     # ---- gymnasium VectorEnv API ----------------------------------------------------------------------
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        if seed is None:
-            seed = [None] * self.num_envs
-        elif isinstance(seed, (int, np.integer)):
-            seed = [int(seed) + i for i in range(self.num_envs)]
-        if len(seed) != self.num_envs:
-            raise ValueError(f"reset got {len(seed)} seeds for num_envs={self.num_envs}: pass one per env.")
+        seed = seeds_per_env(seed, self.num_envs)
         options = dict(options or {})
         mask = options.pop("reset_mask", None)
         mask = np.ones(self.num_envs, bool) if mask is None else np.asarray(mask, bool)

@@ -38,6 +38,17 @@ _OK, _ERROR = b"K", b"E"
 _ALIGN = 64  # each array starts on its own cache line
 
 
+
+def seeds_per_env(seed: int | list[int | None] | None, num_envs: int) -> list[int | None]:
+    """gymnasium's `reset(seed=...)` as one seed per env: None (unseeded), int (seed + i) or a list of them."""
+    if seed is None:
+        return [None] * num_envs
+    if isinstance(seed, (int, np.integer)):
+        return [int(seed) + i for i in range(num_envs)]
+    if len(seed) != num_envs:
+        raise ValueError(f"reset got {len(seed)} seeds for num_envs={num_envs}: pass one per env.")
+    return list(seed)
+
 class VectorEnvError(RuntimeError):
     """An env raised inside a worker, or a worker died or stopped answering."""
 
@@ -242,12 +253,7 @@ class SharedMemoryVectorEnv(gym.vector.VectorEnv):
     def reset(
         self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        if seed is None:
-            seed = [None] * self.num_envs
-        elif isinstance(seed, (int, np.integer)):
-            seed = [int(seed) + i for i in range(self.num_envs)]
-        if len(seed) != self.num_envs:
-            raise ValueError(f"reset got {len(seed)} seeds for num_envs={self.num_envs}: pass one per env.")
+        seed = seeds_per_env(seed, self.num_envs)
         options = dict(options or {})
         mask = options.pop("reset_mask", None)
         if mask is None:

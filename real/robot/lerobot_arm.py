@@ -73,6 +73,23 @@ def load_calibration(path: Path) -> dict[str, dict[str, int]]:
     return calibration
 
 
+def read_retrying(read, bus: Any, retries: int, device: str, on_retry=None) -> Any:
+    """`read()` of a LeRobot device, asked again up to `retries` times when its servos do not answer in time
+    (LeRobot's ConnectionError), after dropping any late answer (it would be taken for the next read's);
+    `on_retry()` is called before each new attempt. Fails with one sentence naming `device`."""
+    for attempt in range(retries + 1):
+        try:
+            return read()
+        except ConnectionError as exc:
+            if attempt == retries:
+                raise LeRobotArmError(f"{device} did not answer {attempt + 1} reads in a row ({exc}); check its "
+                                      "cable and power.") from None
+            if on_retry is not None:
+                on_retry()
+            bus.port_handler.ser.reset_input_buffer()
+    raise AssertionError("unreachable")
+
+
 @dataclass
 class LeRobotArmConfig:
     """The settings every LeRobot arm shares (configs/robot/so100.yaml, so101.yaml, koch.yaml)."""
@@ -238,18 +255,14 @@ class LeRobotArm(Robot):
     def get_observation(self) -> dict[str, Any]:
         robot = self._require()
         t = time.monotonic()
-        for attempt in range(self.config.read_retries + 1):
-            try:
-                observation = robot.get_observation()
-                break
-            except ConnectionError as exc:
-                self.read_errors += 1
-                if attempt == self.config.read_retries:
-                    raise LeRobotArmError(f"The {self.robot_type} on {self.config.port} did not answer "
-                                          f"{attempt + 1} reads in a row ({exc}); check its cable and power.") from None
-                # a late answer would otherwise be taken for the next read's
-                robot.bus.port_handler.ser.reset_input_buffer()
-                t = time.monotonic()
+
+        def retried() -> None:
+            nonlocal t
+            self.read_errors += 1
+            t = time.monotonic()
+
+        observation = read_retrying(robot.get_observation, robot.bus, self.config.read_retries,
+                                    f"The {self.robot_type} on {self.config.port}", retried)
         state = np.array([observation[f"{m}.pos"] for m in MOTORS], dtype=np.float32)
         return {"observation.state": state, "timestamp": t}
 

@@ -27,7 +27,14 @@ import numpy as np
 
 from real.robot.hal import Robot, Teleoperator
 from real.robot.keyboard import KeyboardTeleop
-from real.robot.lerobot_arm import MAX_RES, MOTORS, LeRobotArmError, default_calibration_dir, load_calibration
+from real.robot.lerobot_arm import (
+    MAX_RES,
+    MOTORS,
+    LeRobotArmError,
+    default_calibration_dir,
+    load_calibration,
+    read_retrying,
+)
 from robopolicy.config import setting
 
 # leader type: (LeRobot module, teleoperator class, config class, calibration folder name, body units)
@@ -145,16 +152,11 @@ class LeaderArm(Teleoperator):
         """The leader's joints now, in the follower's units [6]."""
         if self._leader is None:
             raise LeRobotArmError("The leader arm is not connected; call connect() (or use `with leader:`).")
-        for attempt in range(self.config.read_retries + 1):
-            try:
-                reading = self._leader.get_action()
-                break
-            except ConnectionError as exc:
-                self.read_errors += 1
-                if attempt == self.config.read_retries:
-                    raise LeRobotArmError(f"The {self.config.type} on {self.config.port} did not answer "
-                                          f"{attempt + 1} reads in a row ({exc}); check its cable and power.") from None
-                self._leader.bus.port_handler.ser.reset_input_buffer()  # a late answer is not the next read's
+        def retried() -> None:
+            self.read_errors += 1
+
+        reading = read_retrying(self._leader.get_action, self._leader.bus, self.config.read_retries,
+                                f"The {self.config.type} on {self.config.port}", retried)
         values = np.array([reading[f"{m}.pos"] for m in MOTORS], dtype=np.float64)
         if LEROBOT_LEADERS[self.config.type][4] == "m100_100":  # -100..100 over the range -> degrees about its middle
             for i, motor in enumerate(MOTORS[:-1]):
