@@ -38,11 +38,12 @@ if TYPE_CHECKING:
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 COMMANDS = {
-    "collect": "roll out a task's scripted expert into a demonstration store",
+    "collect": "roll out a task's scripted expert (or a checkpoint: ckpt=) into a demonstration store",
     "data": "inspect, check, convert and curate stores: data info|validate|stats|export|import|quality|filter|label|view",
     "train": "offline training of a policy on a store, with periodic evaluation in simulation",
     "eval": "success rate (95% Wilson interval), returns and videos of a checkpoint in simulation",
-    "finetune": "refinement of a base checkpoint: online in simulation (algo=steer|steer_na|residual|value_guided) or "
+    "finetune": "refinement of a base checkpoint: online in simulation (algo=steer|steer_na|residual|value_guided|"
+                "reinflow|dppo), inside a learned world model (algo=world_model) or "
                 "offline from preference stores (algo=apo|dpo|hg_dagger)",
     "serve": "a policy server for remote robots (msgpack protocol, loopback by default)",
     "deploy": "a control node driving a robot (robot=sim: a MuJoCo task in real time) with a local or remote policy",
