@@ -287,15 +287,17 @@ class SO100Twin(ServoArm):
         torque off); None lets go."""
         self.hand = None if q is None else np.asarray(q, dtype=np.float64).copy()
         if self.hand is not None:
-            self.data.qpos[self.qpos_index] = self.hand
-            self.data.qvel[self.dof_index] = 0.0
+            self._held_by_hand()
             self._update_present()
 
     def physics_step(self) -> None:
         super().physics_step()
         if self.hand is not None:
-            self.data.qpos[self.qpos_index] = self.hand
-            self.data.qvel[self.dof_index] = 0.0
+            self._held_by_hand()
+
+    def _held_by_hand(self) -> None:
+        self.data.qpos[self.qpos_index] = self.hand
+        self.data.qvel[self.dof_index] = 0.0
 
     # ---- encoder <-> registers
     def _servo(self, k: int) -> ServoRegisters:

@@ -19,7 +19,7 @@ import mujoco
 import numpy as np
 
 from robopolicy.data.spec import STATE_KEY
-from sim.builtin.so100_touch import START_SPREAD, SO100Env, SO100Touch
+from sim.builtin.so100_touch import SO100Env, SO100Touch
 from sim.so100 import MOTORS, ServoArm
 
 CUBE_POS = np.array([0.16, 0.6, 0.015])  # the cube's centre at rest (m); the arm's base is at (0.36, 0.6, 0)
@@ -54,10 +54,9 @@ class SO100Pick(SO100Touch):
             'friction="1.5 0.01 0.001" rgba="0.9 0.15 0.15 1"/></body>')
 
     def reset(self, arm: ServoArm, rng: np.random.Generator) -> None:
-        arm.place(arm.encoders.from_lerobot(self.start_pose(rng)))
+        arm.place(arm.encoders.from_lerobot(self.start_pose(rng)))  # every velocity zero, the cube's too
         cube = arm.model.joint("cube").qposadr[0]
         arm.data.qpos[cube:cube + 7] = [*CUBE_POS, 1.0, 0.0, 0.0, 0.0]
-        arm.data.qvel[arm.model.joint("cube").dofadr[0]:][:6] = 0.0
         mujoco.mj_forward(arm.model, arm.data)
 
     @staticmethod
@@ -121,4 +120,4 @@ class SO100PickExpert:
         return action.astype(np.float32)
 
 
-__all__ = ["SO100Pick", "SO100PickEnv", "SO100PickExpert", "START_SPREAD"]
+__all__ = ["SO100Pick", "SO100PickEnv", "SO100PickExpert"]
