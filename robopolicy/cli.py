@@ -576,12 +576,9 @@ def cmd_quickstart(cfg: QuickstartConfig) -> dict:
     """collect -> train -> eval -> deploy on the embedded default, then a small table on standard error."""
     import shutil
 
-    from robopolicy.data import DemoStore, validate_store
-
     store, out, task, refine = Path(cfg.store), Path(cfg.out), cfg.task, cfg.refine
     stages: dict[str, dict] = {}
-    reuse = store.exists() and not validate_store(store) and DemoStore.open(store).num_episodes >= cfg.episodes
-    if reuse:
+    if _reusable(store, cfg.episodes):
         print(f"reusing the demonstrations in {store}", file=sys.stderr)
         stages["collect"] = {k: v for k, v in run("data", [f"store={store}"], "info").items()
                              if k in ("episodes", "frames", "success_rate")}
@@ -613,7 +610,7 @@ def cmd_quickstart(cfg: QuickstartConfig) -> dict:
                                  f"({dep['mode']}), policy served on loopback"))
     if "refine" in stages:
         ref = stages["refine"]
-        rows.append(("refinement", f"{ref['algo']} on a weak base ({refine.base_demos} demonstrations, "
+        rows.append(("refinement", f"{ref['algo']} on a weak base ({refine.base_demos} {refine.base_data} demonstrations, "
                                    f"{refine.base_steps} steps), {ref['env_steps']} env steps in "
                                    f"{ref['wall_seconds']:.0f} s: {_rate(ref['base_eval'])} -> {_rate(ref['final_eval'])}"))
     width = max(len(k) for k, _ in rows)
@@ -643,9 +640,14 @@ def _rate(ev: dict) -> str:
 
 
 def _quickstart_refine(cfg: QuickstartConfig, store: Path, out: Path) -> dict:
-    """The quickstart's refinement stage: a deliberately weak base (few demonstrations, few steps), refined online
-    without touching its weights, evaluated before and after on the same unseen seeds."""
+    """The quickstart's refinement stage: a deliberately weak base (few sloppy demonstrations, few steps), refined
+    online without touching its weights, evaluated before and after on the same unseen seeds."""
     refine = cfg.refine
+    if refine.base_data == "sloppy":  # the README's weak bases: the expert's imprecise grasps and placements
+        store = store.with_name(f"{store.name}_sloppy")
+        if not _reusable(store, refine.base_demos):
+            run("collect", [f"task={cfg.task}", f"episodes={refine.base_demos}", f"out={store}", f"seed={cfg.seed}",
+                            "expert.sloppy=true", "overwrite=true"])
     weak = run("train", [
         f"task={cfg.task}", f"data={store}", f"out={out / 'weak_base'}", f"policy={cfg.policy}",
         f"max_episodes={refine.base_demos}", f"steps={refine.base_steps}", "eval.episodes=0",
@@ -654,6 +656,13 @@ def _quickstart_refine(cfg: QuickstartConfig, store: Path, out: Path) -> dict:
         f"algo={refine.algo}", f"ckpt={weak['run']}", f"out={out / 'refine'}", f"env_steps={refine.env_steps}",
         f"seed={cfg.seed}", f"eval.base_episodes={refine.eval_episodes}",
         f"eval.final_episodes={refine.eval_episodes}", f"eval.every={refine.eval_every}", *refine.finetune])
+
+
+def _reusable(store: Path, episodes: int) -> bool:
+    """A valid store with at least `episodes` episodes: the quickstart collects it again otherwise."""
+    from robopolicy.data import DemoStore, validate_store
+
+    return store.exists() and not validate_store(store) and DemoStore.open(store).num_episodes >= episodes
 
 
 def cmd_finetune(cfg: FinetuneConfig, algo: Mapping[str, Any], explicit: set[str] | None = None) -> dict:

@@ -97,12 +97,16 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class QuickstartRefineConfig:
     algo: str = setting("residual", "configs/algo/: residual | steer | steer_na | value_guided")
-    base_demos: int = setting(15, "the weak base trains on the first base_demos demonstrations ...")
-    base_steps: int = setting(2000, "... for base_steps steps")
-    env_steps: int = setting(50000, "refinement budget in env steps (0: skip the stage)")
+    base_data: str = setting("sloppy", "the weak base's demonstrations: sloppy (the expert's sloppy mode, as the "
+                                       "README's weak bases; collected once beside the store) | expert (the store's)",
+                             choices=("sloppy", "expert"))
+    base_demos: int = setting(30, "the weak base trains on the first base_demos of those demonstrations ...")
+    base_steps: int = setting(1000, "... for base_steps steps")
+    env_steps: int = setting(80000, "refinement budget in env steps (0: skip the stage)")
     eval_every: int = setting(10000, "env steps between 20-episode evaluations (the curve in refine/curves.png)")
     eval_episodes: int = setting(100, "episodes evaluating the base and the refined policy, on the same seeds")
-    finetune: list[str] = setting(["reward=dense", "step_penalty=2.0"], "more `robopolicy finetune` overrides")
+    finetune: list[str] = setting([], "more `robopolicy finetune` overrides (none: finetune derives the reward "
+                                      "settings from the task and the base, and prints them)")
 
 
 @register_config("command", "quickstart")

@@ -18,12 +18,14 @@ def test_quickstart_collects_trains_evaluates_deploys_and_refines(cli, tmp_path)
     refine = summary["refine"]
     assert refine["algo"] == "residual" and refine["env_steps"] >= 300
     assert refine["base"]["episodes"] == 2 and refine["refined"]["episodes"] == 2
-    # the weak base trained on 2 of the 4 demonstrations; the refined checkpoint names it as its base
+    # the weak base trained on 2 sloppy demonstrations collected beside the store; the refined checkpoint names it
     weak = json.loads((out / "weak_base" / "summary.json").read_text())
-    assert weak["episodes"] == 2
+    assert weak["episodes"] == 2 and (tmp_path / "store_sloppy" / "zarr.json").exists()
     finetune = json.loads((out / "refine" / "summary.json").read_text())
     assert "weak_base" in finetune["base"]
-    assert finetune["reward"]["reward"] == "dense" and finetune["reward"]["step_penalty"] == 2.0  # refine.finetune
+    # no overrides: finetune derived the shaped reward and its step penalty from the task and the base
+    assert finetune["reward"]["reward"] == "dense" and finetune["reward"]["step_penalty"] == 2.0
+    assert set(finetune["derived_defaults"]) >= {"reward", "step_penalty"}
     for row in ("success rate", "deployed", "refinement"):
         assert row in proc.stderr
     assert json.loads((out / "summary.json").read_text())["refine"] == refine
