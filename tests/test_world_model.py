@@ -64,6 +64,14 @@ def test_windows_pad_past_the_end_and_mark_success_within_the_chunk():
     assert first["history"][0, 0, :, 0].tolist() == [0, 0, 0]  # an episode's start is padded with its first frame
 
 
+def test_imagination_starts_from_real_histories_padded_at_each_episode_start():
+    # two episodes of 3 and 2 steps: state = frame index over the whole store
+    ep = Episodes(np.arange(5, dtype=np.float32)[:, None], np.zeros((5, 1), np.float32), np.zeros(5, np.float32),
+                  np.zeros(5, bool), np.array([0, 3]), np.array([3, 2]))
+    assert ep.histories(2)[..., 0].tolist() == [[0, 0], [0, 1], [1, 2], [3, 3], [3, 4]]  # every visited frame
+    assert ep.histories(2, first_only=True)[..., 0].tolist() == [[0, 0], [3, 3]]
+
+
 def test_train_writes_a_model_that_reloads_to_the_same_predictions(model_dir, store):
     for name in ("model.safetensors", "config.json", "report.json", "report.png"):
         assert (model_dir / name).exists(), name
@@ -156,11 +164,12 @@ def test_eval_in_the_world_model_predicts_a_rate_with_an_interval(model_dir, tmp
         predict_success(model, policy, starts, 20)
 
 
-@pytest.mark.parametrize("real_env_steps", [0, 20])
-def test_refining_in_the_model_spends_only_the_real_budget(model_dir, tmp_path, real_env_steps):
+@pytest.mark.parametrize("real_env_steps, start_states", [(0, "first"), (20, "first"), (20, "visited")])
+def test_refining_in_the_model_spends_only_the_real_budget(model_dir, tmp_path, real_env_steps, start_states):
     base = make_base(tmp_path / "base", TASK)
     algo = {"name": "world_model", "wm": str(model_dir), "real_env_steps": real_env_steps, "round_env_steps": 20,
-            "retrain_steps": 5, "imagined_steps": 200, "imagine_batch": 4, "horizon_chunks": 5}
+            "retrain_steps": 5, "imagined_steps": 200, "imagine_batch": 4, "horizon_chunks": 5,
+            "start_states": start_states}
     cfg = finetune_cfg(algo, base, tmp_path / "run", task=TASK)
     summary = finetune(cfg, lambda n: make_envs(n, TASK), log=lambda m: None)
     assert summary["algo"] == "world_model" and summary["updates"] > 0 and summary["imagined_env_steps"] >= 200 * (1 + (real_env_steps > 0))  # one round per real round
