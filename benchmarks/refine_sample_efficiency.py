@@ -3,7 +3,8 @@ steer_na (DSRL-NA), residual, value-guided selection (all on the same frozen bas
 (`steer_bottleneck`: steer with latent=bottleneck, on a base trained with policy.encoder.bottleneck=vib), PPO
 through the sampling chain (`reinflow` on a flow base, `dppo` on a diffusion base), refinement inside a learned
 world model (`world_model`: its real env steps are the budget, one round per --eval-every real steps; its imagined
-steps are reported apart, as `imagined_env_steps`) and SAC from scratch.
+steps are reported apart, as `imagined_env_steps`; `world_model_visited`: imagined rollouts of 10 chunk steps
+branched from every recorded frame, start_states=visited) and SAC from scratch.
 
     .venv/bin/python benchmarks/refine_sample_efficiency.py --base /tmp/h8/base --task metaworld/push-v3 \
         --env-steps 20000 --eval-every 2500 --eval-episodes 20 --final-episodes 100 \
@@ -165,7 +166,8 @@ def reward_settings(args, overrides: dict) -> dict:
 
 
 # benchmark names that are a method with settings of its own
-VARIANTS = {"steer_bottleneck": ("steer", {"latent": "bottleneck"})}
+VARIANTS = {"steer_bottleneck": ("steer", {"latent": "bottleneck"}),
+            "world_model_visited": ("world_model", {"start_states": "visited", "horizon_chunks": 10})}
 
 
 def common_cfg(args, algo: dict, out: Path, reward: dict, base: Path | None = None) -> dict:

@@ -27,6 +27,7 @@ from robopolicy.world_model import (
     predict_success,
 )
 from robopolicy.world_model.data import Episodes, sample_windows
+from robopolicy.world_model.model import WorldModel, _stacked_dynamics, mlp
 from robopolicy.world_model.train import fit, new_model, prediction_report
 
 TASK = "builtin/pick_place"  # episodes of ~40 steps: several chunk steps each
@@ -63,6 +64,14 @@ def test_windows_pad_past_the_end_and_mark_success_within_the_chunk():
     assert first["history"][0, 0, :, 0].tolist() == [0, 0, 0]  # an episode's start is padded with its first frame
 
 
+def test_imagination_starts_from_real_histories_padded_at_each_episode_start():
+    # two episodes of 3 and 2 steps: state = frame index over the whole store
+    ep = Episodes(np.arange(5, dtype=np.float32)[:, None], np.zeros((5, 1), np.float32), np.zeros(5, np.float32),
+                  np.zeros(5, bool), np.array([0, 3]), np.array([3, 2]))
+    assert ep.histories(2)[..., 0].tolist() == [[0, 0], [0, 1], [1, 2], [3, 3], [3, 4]]  # every visited frame
+    assert ep.histories(2, first_only=True)[..., 0].tolist() == [[0, 0], [3, 3]]
+
+
 def test_train_writes_a_model_that_reloads_to_the_same_predictions(model_dir, store):
     for name in ("model.safetensors", "config.json", "report.json", "report.png"):
         assert (model_dir / name).exists(), name
@@ -90,6 +99,32 @@ def test_training_lowers_held_out_prediction_error(store):
     fit(model, train, 300, batch_size=64, seed=0)
     after = prediction_report(model, held, 2)["by_horizon"][0]["state_rmse"]
     assert after < 0.75 * before, (before, after)  # 6 training episodes: the start states barely repeat
+
+
+def test_the_batched_ensemble_is_each_member_s_own_mlp_and_reads_weights_saved_per_member():
+    model = WorldModel(WorldModelConfig(hidden=[8, 8], latent_dim=4, ensemble=3, chunk_steps=2), 5, 2)
+    for p in model.dynamics.parameters():  # away from the initial LayerNorm ones and zeros
+        torch.nn.init.normal_(p)
+    z, chunk = torch.randn(3, 6, 4), torch.randn(3, 6, 2, 2)
+    together = model.next_per_member(z, chunk)
+    old = {}  # the same weights as one mlp() per member (dynamics.<member>.<layer>.*), as models were saved before
+    for e in range(3):
+        member = mlp(4 + 4, [8, 8], 4)
+        for i in range(3):
+            member[3 * i].weight.data = model.dynamics.weights[i][e].T
+            member[3 * i].bias.data = model.dynamics.biases[i][e, 0]
+            if i < 2:
+                member[3 * i + 1].weight.data = model.dynamics.norm_weights[i][e, 0]
+                member[3 * i + 1].bias.data = model.dynamics.norm_biases[i][e, 0]
+        alone = z[e] + member(torch.cat([z[e], model._chunk(chunk[e])], -1))
+        assert torch.allclose(together[e], alone, atol=1e-5)
+        old.update({f"dynamics.{e}.{k}": v for k, v in member.state_dict().items()})
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("dynamics.")} | old
+    again = WorldModel(model.cfg, 5, 2)
+    again.load_state_dict(_stacked_dynamics(weights, model.cfg))
+    assert torch.allclose(again.next_per_member(z, chunk), together, atol=1e-6)
+    shared = model.next(z[0], chunk[0])  # every member from the same latent
+    assert shared.shape == (3, 6, 4) and not torch.allclose(shared[0], shared[1])
 
 
 @pytest.mark.parametrize("args, words", [
@@ -129,11 +164,12 @@ def test_eval_in_the_world_model_predicts_a_rate_with_an_interval(model_dir, tmp
         predict_success(model, policy, starts, 20)
 
 
-@pytest.mark.parametrize("real_env_steps", [0, 20])
-def test_refining_in_the_model_spends_only_the_real_budget(model_dir, tmp_path, real_env_steps):
+@pytest.mark.parametrize("real_env_steps, start_states", [(0, "first"), (20, "first"), (20, "visited")])
+def test_refining_in_the_model_spends_only_the_real_budget(model_dir, tmp_path, real_env_steps, start_states):
     base = make_base(tmp_path / "base", TASK)
     algo = {"name": "world_model", "wm": str(model_dir), "real_env_steps": real_env_steps, "round_env_steps": 20,
-            "retrain_steps": 5, "imagined_steps": 200, "imagine_batch": 4, "horizon_chunks": 5}
+            "retrain_steps": 5, "imagined_steps": 200, "imagine_batch": 4, "horizon_chunks": 5,
+            "start_states": start_states}
     cfg = finetune_cfg(algo, base, tmp_path / "run", task=TASK)
     summary = finetune(cfg, lambda n: make_envs(n, TASK), log=lambda m: None)
     assert summary["algo"] == "world_model" and summary["updates"] > 0 and summary["imagined_env_steps"] >= 200 * (1 + (real_env_steps > 0))  # one round per real round

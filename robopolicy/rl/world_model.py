@@ -3,7 +3,8 @@
 The base stays frozen; as in `steer`, a SAC actor picks its sampler's initial noise once per chunk (the refined
 checkpoint is a `steer` checkpoint: eval, serve and deploy load it as any other). What changes is where the
 transitions come from: imagined rollouts in a world model (robopolicy/world_model), started from real start states
-(the first states of the store's episodes). Each imagined chunk step runs the base on the decoded state history,
+(the first states of the store's episodes, or with `start_states=visited` any frame the store and the real
+rounds recorded, as MBPO branches from visited states). Each imagined chunk step runs the base on the decoded state history,
 steps one randomly chosen ensemble member (MBPO), and is rewarded like a real one (RewardSpec: the success
 classifier's verdict, or the reward head for reward=dense) minus `disagreement_penalty` times the members'
 disagreement; an imagined episode ends at a predicted success, and is cut short (not terminated) where the members
@@ -38,7 +39,7 @@ from robopolicy.rl.online import Curves, EvalSchedule
 from robopolicy.rl.steer import Steer, SteerConfig, SteerPolicy
 from robopolicy.rollout import run_episodes
 from robopolicy.world_model import WorldModelConfig, WorldModelError, load_episodes, load_world_model
-from robopolicy.world_model.imagine import check_policy, executed, policy_obs, start_history
+from robopolicy.world_model.imagine import check_policy, executed, policy_obs
 from robopolicy.world_model.train import fit, new_model
 
 REAL_SEED = 50_000  # real rounds' episode seeds: apart from collection (0, ...) and evaluation (100000, ...)
@@ -62,6 +63,10 @@ class WorldModelAlgoConfig(SteerConfig):  # steer's fields (the refined policy i
     disagreement_penalty: float = setting(1.0, "subtracted per unit of the members' disagreement (latent std)")
     max_disagreement: float = setting(0.5, "an imagined episode is cut short past this disagreement")
     success_threshold: float = setting(0.5, "the success classifier's probability counted as a success")
+    start_states: str = setting("first", "where imagined rollouts start: first: the episodes' first states (the "
+                                "task's start distribution) | visited: any recorded frame with its history, real "
+                                "rounds' included (MBPO's branching; pair it with a short horizon_chunks)",
+                                choices=("first", "visited"))
 
 
 def make_method(base: ChunkPolicy, base_ref: Mapping[str, str], algo: WorldModelAlgoConfig, reward: RewardSpec,
@@ -75,11 +80,12 @@ def make_method(base: ChunkPolicy, base_ref: Mapping[str, str], algo: WorldModel
 @torch.no_grad()
 def imagine_transitions(model, method: Steer, starts: torch.Tensor, algo: WorldModelAlgoConfig, reward: RewardSpec,
                         generator: torch.Generator) -> list[dict[str, np.ndarray]]:
-    """One batch of imagined episodes from `starts` [B, S] under the current actor: chunk-level transitions."""
+    """One batch of imagined episodes from real state histories `starts` [B, To, S] under the current actor:
+    chunk-level transitions."""
     policy, sac = method.policy, method.sac
     k, members, n = model.cfg.chunk_steps, model.cfg.ensemble, len(starts)
-    z = model.encode(starts)
-    history = start_history(model, starts)
+    z = model.encode(starts[:, -1])
+    history = starts
     member = torch.randint(members, (n,), generator=generator)
     alive = torch.ones(n, dtype=torch.bool)
     obs = policy_obs(model, policy, history)
@@ -109,8 +115,8 @@ def imagine_transitions(model, method: Steer, starts: torch.Tensor, algo: WorldM
 
 def refine_in_model(model, method: Steer, buffer: ReplayBuffer, starts: np.ndarray, algo: WorldModelAlgoConfig,
                     reward: RewardSpec, rng: np.random.Generator, generator: torch.Generator) -> dict[str, Any]:
-    """`algo.imagined_steps` imagined env steps, each batch added to the buffer, then SAC updates at
-    `updates_per_step` per imagined env step."""
+    """`algo.imagined_steps` imagined env steps from state histories `starts` [N, To, S], each batch added to the
+    buffer, then SAC updates at `updates_per_step` per imagined env step."""
     imagined, updates, debt, metrics = 0, 0, 0.0, {}
     lengths, successes = [], []
     while imagined < algo.imagined_steps:
@@ -172,7 +178,6 @@ def run_model_based(method: Steer, buffer: ReplayBuffer, make_envs: Callable[[in
         fit(model, episodes, algo.model_steps, seed=seed)
         log(f"world model trained on {episodes.num_episodes} episodes in {time.perf_counter() - started:.0f} s")
     check_policy(model, policy)
-    starts = episodes.first_states()
     real_store = None
     real_steps, imagined, n_updates, metrics = 0, 0, 0, {}
     real_outcomes: list[bool] = []
@@ -180,6 +185,7 @@ def run_model_based(method: Steer, buffer: ReplayBuffer, make_envs: Callable[[in
     try:
         while True:
             model.eval().requires_grad_(False)
+            starts = episodes.histories(model.cfg.obs_steps, first_only=algo.start_states == "first")
             result = refine_in_model(model, method, buffer, starts, algo, reward, rng, generator)
             imagined += result["imagined_env_steps"]
             n_updates += result["updates"]

@@ -64,6 +64,14 @@ class Episodes:
         """Every episode's start state [E, S] (real start states for imagined rollouts)."""
         return self.state[self.starts]
 
+    def histories(self, obs_steps: int, first_only: bool = False) -> np.ndarray:
+        """The `obs_steps` states up to every frame [N, To, S] (an episode's start padded with its first frame, as
+        rollouts pad it), or up to every episode's first frame only [E, To, S]."""
+        ids = np.arange(self.num_episodes) if first_only else np.repeat(np.arange(self.num_episodes), self.lengths)
+        t = np.zeros(len(ids), np.int64) if first_only else np.concatenate([np.arange(n) for n in self.lengths])
+        back = np.clip(t[:, None] - np.arange(obs_steps - 1, -1, -1), 0, None)  # [N, To]
+        return self.state[self.starts[ids][:, None] + back]
+
 
 def load_episodes(paths: Sequence[str | Path]) -> tuple[Episodes, dict]:
     """Every episode of the stores (they must share their state and action features), and those features."""

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from robopolicy.config import from_mapping, register_config, setting, to_dict
 
@@ -63,6 +64,36 @@ def mlp(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(in_dim, out_dim))
 
 
+class EnsembleMLP(nn.Module):
+    """`members` MLPs of mlp()'s shape evaluated together: one batched matmul per layer, not a Python loop over
+    members (the loop was most of a training step's time on a 2-core CPU)."""
+
+    def __init__(self, members: int, in_dim: int, hidden: list[int], out_dim: int):
+        super().__init__()
+        widths = [in_dim, *hidden, out_dim]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.norm_weights = nn.ParameterList()
+        self.norm_biases = nn.ParameterList()
+        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+            layers = [nn.Linear(fan_in, fan_out) for _ in range(members)]  # nn.Linear's initialization
+            self.weights.append(nn.Parameter(torch.stack([lin.weight.detach().T for lin in layers])))  # [E, in, out]
+            self.biases.append(nn.Parameter(torch.stack([lin.bias.detach() for lin in layers])[:, None]))  # [E, 1, out]
+            if i < len(hidden):
+                self.norm_weights.append(nn.Parameter(torch.ones(members, 1, fan_out)))
+                self.norm_biases.append(nn.Parameter(torch.zeros(members, 1, fan_out)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [E, B, in] (member e's inputs) -> [E, B, out]."""
+        last = len(self.weights) - 1
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(bias, x, weight)
+            if i < last:
+                x = F.layer_norm(x, x.shape[-1:]) * self.norm_weights[i] + self.norm_biases[i]
+                x = F.relu(x)
+        return x
+
+
 class WorldModel(nn.Module):
     def __init__(self, config: WorldModelConfig, state_dim: int, action_dim: int):
         super().__init__()
@@ -70,7 +101,7 @@ class WorldModel(nn.Module):
         hidden, latent = list(config.hidden), config.latent_dim
         chunk_dim = config.chunk_steps * action_dim
         self.encoder = mlp(state_dim, hidden, latent)
-        self.dynamics = nn.ModuleList(mlp(latent + chunk_dim, hidden, latent) for _ in range(config.ensemble))
+        self.dynamics = EnsembleMLP(config.ensemble, latent + chunk_dim, hidden, latent)
         self.decoder = mlp(latent, hidden, config.obs_steps * state_dim)
         self.reward_head = mlp(latent + chunk_dim, hidden, 1)
         self.success_head = mlp(latent + chunk_dim, hidden, 1)
@@ -103,13 +134,12 @@ class WorldModel(nn.Module):
 
     def next(self, z: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
         """Every member's next latent from the same z [B, L]: [E, B, L] (residual dynamics)."""
-        x = torch.cat([z, self._chunk(chunk)], -1)
-        return torch.stack([z + head(x) for head in self.dynamics])
+        return self.next_per_member(z.expand(self.cfg.ensemble, *z.shape), chunk.expand(self.cfg.ensemble,
+                                                                                         *chunk.shape))
 
     def next_per_member(self, z: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
-        """Member e's next latent of its own trajectory: z [E, B, L] -> [E, B, L]."""
-        x = torch.cat([z, self._chunk(chunk)], -1)
-        return torch.stack([z[e] + head(x[e]) for e, head in enumerate(self.dynamics)])
+        """Member e's next latent of its own trajectory: z [E, B, L], chunk [E, B, K, A] -> [E, B, L]."""
+        return z + self.dynamics(torch.cat([z, self._chunk(chunk)], -1))
 
     def decode_normalized(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z).unflatten(-1, (self.cfg.obs_steps, self.state_dim))
@@ -159,5 +189,22 @@ def load_world_model(folder: str | Path) -> tuple[WorldModel, dict[str, Any]]:
     info = read_world_model_info(folder)
     model = WorldModel(from_mapping(WorldModelConfig, info["model"], where="model"), info["state_dim"],
                        info["action_dim"])
-    model.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)))
+    model.load_state_dict(_stacked_dynamics(load_file(str(Path(folder) / WEIGHTS_FILE)), model.cfg))
     return model.eval().requires_grad_(False), info
+
+
+def _stacked_dynamics(weights: dict[str, torch.Tensor], cfg: WorldModelConfig) -> dict[str, torch.Tensor]:
+    """Weights saved when the dynamics heads were separate mlp()s (dynamics.<member>.<layer>.*) stacked as
+    EnsembleMLP's; newer weights pass through."""
+    if "dynamics.0.0.weight" not in weights:
+        return weights
+    out = {k: v for k, v in weights.items() if not k.startswith("dynamics.")}
+    members = range(cfg.ensemble)
+    for i in range(len(cfg.hidden) + 1):  # mlp(): Linear, LayerNorm, ReLU per hidden layer, then Linear
+        out[f"dynamics.weights.{i}"] = torch.stack([weights[f"dynamics.{e}.{3 * i}.weight"].T for e in members])
+        out[f"dynamics.biases.{i}"] = torch.stack([weights[f"dynamics.{e}.{3 * i}.bias"][None] for e in members])
+        if i < len(cfg.hidden):
+            for key, name in (("weight", "norm_weights"), ("bias", "norm_biases")):
+                out[f"dynamics.{name}.{i}"] = torch.stack([weights[f"dynamics.{e}.{3 * i + 1}.{key}"][None]
+                                                           for e in members])
+    return out

@@ -50,34 +50,47 @@ class WorldModelTrainConfig:
 def window_loss(model: WorldModel, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     cfg = model.cfg
     horizon = batch["chunk"].shape[1]
-    valid = batch["valid"]
+    valid = batch["valid"]  # [B, H+1]
     z_enc = model.encode(batch["state"])  # [B, H+1, L]
-    target = z_enc.detach()
     history = (batch["history"] - model.state_mean) / model.state_std  # [B, H+1, To, S]
-    decoder = (((model.decode_normalized(z_enc) - history) ** 2).mean((-1, -2)) * valid).sum() / valid.sum()
+    # each member unrolls its own latents; the networks then run once on every step together
     z = z_enc[:, 0].expand(cfg.ensemble, *z_enc[:, 0].shape)  # [E, B, L]
-    consistency = reward_loss = success_loss = torch.zeros(())
-    weight_sum = 0.0
+    chunks = batch["chunk"].expand(cfg.ensemble, *batch["chunk"].shape)  # [E, B, H, K, A]
+    predicted = []
     for h in range(horizon):
-        chunk, here, there = batch["chunk"][:, h], valid[:, h], valid[:, h + 1]
-        w = cfg.rho ** h
-        weight_sum += w
-        for latent in (z_enc[:, h], z.mean(0)):  # heads on the encoded and on the predicted latent
-            reward_loss = reward_loss + w * ((((model.reward(latent, chunk) - batch["reward"][:, h])
-                                               / model.reward_std) ** 2) * here).sum() / here.sum().clamp_min(1)
-            bce = F.binary_cross_entropy_with_logits(model.success_logit(latent, chunk), batch["success"][:, h],
-                                                     reduction="none")
-            success_loss = success_loss + w * (bce * here).sum() / here.sum().clamp_min(1)
-        z = model.next_per_member(z, chunk.expand(cfg.ensemble, *chunk.shape))
-        n = there.sum().clamp_min(1)
-        consistency = consistency + w * (((z - target[:, h + 1]) ** 2).mean(-1) * there).sum() / (n * cfg.ensemble)
-        decoder = decoder + w * (((model.decode_normalized(z) - history[:, h + 1]) ** 2).mean((-1, -2))
-                                 * there).sum() / (n * cfg.ensemble)
-    consistency, decoder = consistency / weight_sum, decoder / (1 + weight_sum)
-    reward_loss, success_loss = reward_loss / (2 * weight_sum), success_loss / (2 * weight_sum)
+        z = model.next_per_member(z, chunks[:, :, h])
+        predicted.append(z)
+    predicted = torch.stack(predicted, 2)  # [E, B, H, L]: the latents of steps 1..H
+    w = cfg.rho ** torch.arange(horizon, dtype=torch.float32)  # [H]
+    here, there = valid[:, :-1] * w, valid[:, 1:] * w  # [B, H] weighted masks of steps 0..H-1 and 1..H
+
+    def mean(err: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # err [..., B, H] over the weighted mask
+        return (err * mask).sum() / (mask.sum() * (err.numel() // mask.numel())).clamp_min(1e-8)
+
+    consistency = mean(((predicted - z_enc[:, 1:].detach()) ** 2).mean(-1), there)
+    decoder = ((((model.decode_normalized(z_enc[:, 0]) - history[:, 0]) ** 2).mean((-1, -2)) * valid[:, 0]).sum()
+               / valid[:, 0].sum().clamp_min(1)
+               + w.sum() * mean(((model.decode_normalized(one_member(predicted)) - history[:, 1:]) ** 2
+                                 ).mean((-1, -2)), there)
+               ) / (1 + w.sum())
+    # reward and success heads on the encoded latents of steps 0..H-1 and on the members' mean predicted ones
+    latents = torch.stack([z_enc[:, :-1], torch.cat([z_enc[:, :1], predicted[:, :, :-1].mean(0)], 1)])  # [2,B,H,L]
+    pair = batch["chunk"].expand(2, *batch["chunk"].shape)
+    reward_loss = mean(((model.reward(latents, pair) - batch["reward"]) / model.reward_std) ** 2, here)
+    success_loss = mean(F.binary_cross_entropy_with_logits(model.success_logit(latents, pair),
+                                                           batch["success"].expand(2, *batch["success"].shape),
+                                                           reduction="none"), here)
     loss = consistency + decoder + cfg.reward_weight * reward_loss + cfg.success_weight * success_loss
     return loss, {"loss": loss.item(), "consistency": consistency.item(), "decoder": decoder.item(),
                   "reward": reward_loss.item(), "success": success_loss.item()}
+
+
+def one_member(latents: torch.Tensor) -> torch.Tensor:
+    """[E, B, ...] -> [B, ...]: a random member's latents for each window. The members stay close (their
+    disagreement is a few percent of the latents' scale), so decoding one of them per window teaches the decoder
+    their latents at a fifth of the cost of decoding all."""
+    member = torch.randint(latents.shape[0], (latents.shape[1],))
+    return latents[member, torch.arange(latents.shape[1])]
 
 
 def new_model(cfg: WorldModelConfig, episodes: Episodes) -> WorldModel:
