@@ -128,7 +128,9 @@ def finetune(cfg: Mapping[str, Any], make_envs: Callable[[int], Any], *, log: Ca
     profile, derived = None, None
     if run.auto and base_eval is not None:  # defaults from the task and the base (explicit settings win)
         profile = profile_task(base_eval, base_policy, *_probe_envs(make_envs, ev.num_envs))
-        derived = derive_defaults(profile, name, explicit, run.reward)
+        # bottleneck steering moves a VIB latent, not the sampler noise: the noise-authority advice is not for it
+        method = "steer_bottleneck" if getattr(algo, "latent", None) == "bottleneck" else name
+        derived = derive_defaults(profile, method, explicit, run.reward)
         run, algo = _apply(derived, run, algo, name)
         for choice in derived.choices:
             log(f"default {choice.key}={choice.value}: {choice.why}")

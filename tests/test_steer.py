@@ -95,7 +95,7 @@ def test_noise_authority_is_zero_for_a_base_that_ignores_its_noise(base_ckpt):  
     assert authority(base, obs, noises=8, noise_scale=1.5, seed=0)["mean_std"] == 0
 
 
-def vib_base(folder):
+def vib_base(folder, **encoder):
     """A small (untrained) flow policy with a VIB bottleneck on its encoder, saved as a checkpoint."""
     from test_policies import make_stats, small_config
     from test_rl_core import TASK
@@ -110,7 +110,7 @@ def vib_base(folder):
     env.close()
     torch.manual_seed(0)
     cfg = small_config("flow", num_inference_steps=2)
-    cfg["encoder"] = {**cfg.get("encoder", {}), "bottleneck": "vib", "bottleneck_dim": 8}
+    cfg["encoder"] = {**cfg.get("encoder", {}), "bottleneck": "vib", "bottleneck_dim": 8, **encoder}
     policy = make_policy(cfg, features, make_stats(features, -1.0, 1.0)).eval()
     return save_checkpoint(folder, policy, config={"policy": cfg, "task": TASK})
 
@@ -166,6 +166,19 @@ def test_vib_encoder_compresses_features_and_adds_its_kl_to_the_loss(tmp_path):
     loss, metrics = policy.loss(batch)
     assert metrics["encoder_penalty"] > 0 and math.isclose(loss.item(), metrics["loss"] + metrics["encoder_penalty"],
                                                            rel_tol=1e-5)
+
+
+def test_vib_latent_comes_from_an_mlp_of_the_features_or_one_linear_layer(tmp_path):
+    for hidden, layers in ((16, [torch.nn.Linear, torch.nn.Mish, torch.nn.Linear]), (0, [torch.nn.Linear])):
+        policy = load_policy(vib_base(tmp_path / f"vib_{hidden}", bottleneck_hidden=hidden))
+        encoder = policy.obs_encoder
+        state = torch.zeros(1, policy.n_obs_steps, *policy.features["observation.state"]["shape"])
+        width = encoder.features({"observation.state": state}).shape[-1]  # the features before the bottleneck
+        modules = list(encoder.vib) if hidden else [encoder.vib]
+        assert [type(m) for m in modules] == layers and modules[0].in_features == width
+        head = modules[-1]  # -> [mean, log-variance] of the 8-d latent
+        assert head.in_features == (hidden or width) and head.out_features == 16
+        assert torch.all(head.bias[8:] == -4.0)  # starts nearly deterministic: std e^-2 per latent dimension
 
 
 def test_noise_authority_reports_a_vib_latent_spread(tmp_path):

@@ -47,6 +47,8 @@ def test_explicit_settings_win_and_steer_names_a_base_without_noise_authority():
     steer = derive_defaults(mw, "steer", set())
     assert len(steer.advice) == 1 and "algo=residual" in steer.advice[0] and str(LOW_AUTHORITY) in steer.advice[0]
     assert not derive_defaults(profile(noise_authority=0.3), "steer", set()).advice
+    bottleneck = derive_defaults(profile(noise_authority=0.01), "steer_bottleneck", set())  # steers a VIB latent
+    assert not bottleneck.advice and ("reward", "sparse") in [(c.key, c.value) for c in bottleneck.choices]
 
 
 def test_noise_authority_of_a_base(tmp_path):

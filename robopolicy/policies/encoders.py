@@ -127,6 +127,8 @@ class EncoderConfig:
                               "(ZPRL), a latent that `algo=steer algo.latent=bottleneck` steers",
                               choices=("none", "vib"))
     bottleneck_dim: int = setting(32, "vib: width of the Gaussian latent (the features the policy sees)")
+    bottleneck_hidden: int = setting(256, "vib: width of the MLP from the features to the latent's mean and "
+                                     "log-variance; 0: one linear layer")
     bottleneck_beta: float = setting(1.0e-4, "vib: weight of KL(q(z | obs) || N(0, I)) in the training loss")
 
 
@@ -167,9 +169,15 @@ class ObservationEncoder(nn.Module):
         self.out_dim += len(self.image_keys) * n_obs_steps * cfg.image_feature_dim
         self.bottleneck = cfg.bottleneck
         if self.bottleneck == "vib":
-            self.vib = nn.Linear(self.out_dim, 2 * cfg.bottleneck_dim)  # -> [mu, log variance]
+            # A linear map of the raw state to the latent cost imitation (builtin/pick_place, 50 expert demos, 3000
+            # steps: 0.47 at beta 1e-4, 0.65 at 1e-6, plain base 0.87); an MLP first recovers most of it (0.81 over
+            # 300 episodes against the plain base's 0.86), and beta 1e-4 beats 1e-6 there (0.86 vs 0.72 with
+            # encoder.state_dim=256 before a linear bottleneck): the latent's noise regularizes.
+            hidden = cfg.bottleneck_hidden
+            head = nn.Linear(hidden or self.out_dim, 2 * cfg.bottleneck_dim)  # -> [mu, log variance]
             with torch.no_grad():  # start nearly deterministic (std ~0.14): the KL term widens q only as it pays
-                self.vib.bias[cfg.bottleneck_dim:].fill_(-4.0)
+                head.bias[cfg.bottleneck_dim:].fill_(-4.0)
+            self.vib = nn.Sequential(nn.Linear(self.out_dim, hidden), nn.Mish(), head) if hidden > 0 else head
             self.out_dim = cfg.bottleneck_dim
 
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
