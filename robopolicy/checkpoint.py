@@ -229,9 +229,17 @@ LEGACY_SHARED_DEFAULTS: dict[str, Any] = {"denoiser": "unet", "encoder": {"crop"
                                           "unet": {"down_dims": [64, 128, 256]}}
 
 
+# keys added after format 2 whose default changed what a checkpoint builds: a checkpoint without them was written
+# before they existed, and means the value they had then (the VIB bottleneck's head was one linear layer)
+LATER_KEYS: dict[str, dict[str, Any]] = {"encoder": {"bottleneck_hidden": 0}}
+
+
 def policy_section(info: Mapping[str, Any]) -> dict[str, Any]:
-    """The checkpoint's policy config, with format 1's missing keys filled by the values they meant then."""
+    """The checkpoint's policy config, with missing keys filled by the values they meant when it was written."""
     section = dict(info["config"]["policy"])
+    for key, values in LATER_KEYS.items():
+        if isinstance(section.get(key), Mapping):
+            section[key] = {**values, **section[key]}
     if int(info.get("format_version", 1)) >= 2:
         return section
     legacy = {**(LEGACY_SHARED_DEFAULTS if section.get("name") in ("flow", "diffusion") else {}),

@@ -181,6 +181,22 @@ def test_vib_latent_comes_from_an_mlp_of_the_features_or_one_linear_layer(tmp_pa
         assert torch.all(head.bias[8:] == -4.0)  # starts nearly deterministic: std e^-2 per latent dimension
 
 
+def test_a_vib_checkpoint_from_before_bottleneck_hidden_loads_with_its_linear_head(tmp_path):
+    """Checkpoints written before `bottleneck_hidden` existed had one linear layer; the new default (an MLP) must
+    not change what they build (robopolicy/checkpoint.py: LATER_KEYS)."""
+    import yaml
+
+    folder = vib_base(tmp_path / "old_vib", bottleneck_hidden=0)
+    saved = load_policy(folder)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    del config["policy"]["encoder"]["bottleneck_hidden"]
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    policy = load_policy(folder)
+    assert isinstance(policy.obs_encoder.vib, torch.nn.Linear)
+    obs = {"observation.state": torch.randn(2, policy.n_obs_steps, *policy.features["observation.state"]["shape"])}
+    assert torch.equal(policy.encode(obs), saved.encode(obs))
+
+
 def test_noise_authority_reports_a_vib_latent_spread(tmp_path):
     bench = load_benchmark("noise_authority")
     base = load_policy(vib_base(tmp_path / "vib_base"))
