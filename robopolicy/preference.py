@@ -52,7 +52,7 @@ from robopolicy.data.preferences import DESIRABLE, preference_pairs, store_label
 from robopolicy.data.spec import feature_problems
 from robopolicy.evaluate import EVAL_SEED, evaluate
 from robopolicy.loading import load_policy
-from robopolicy.train import EMA, OptimConfig, make_optimizer, optimizer_settings
+from robopolicy.train import EMA, OptimConfig, make_optimizer, optimizer_settings, select_episodes
 
 HELD_KEY = "action.held"  # deployment recordings: the frames where the robot held for want of an action
 
@@ -74,8 +74,9 @@ class OfflineAlgoConfig:
                                            "was trained on (a store at k times that rate is read every k-th frame)")
     kinds: list[str] | None = setting(None, "label kinds trained on (intervention, pre_takeover, success, failure); "
                                             "null: all")
-    demos: str | None = setting(None, "the original demonstrations, mixed in as desirable data; null: the store "
-                                      "the base was trained on")
+    demos: str | None = setting(None, "the original demonstrations, mixed in as desirable data (all their "
+                                      "successful episodes); null: the episodes the base was trained on (its store "
+                                      "and max_episodes)")
     demos_fraction: float = setting(0.25, "share of each batch drawn from the demonstrations (anchors the policy "
                                           "to its data while the labelled segments move it; 0: none)")
     optim: OptimConfig = setting(OptimConfig(lr=1.0e-4, warmup_steps=50),
@@ -169,7 +170,7 @@ class LabelledWindows:
     masked (padding), so a segment's loss covers exactly the frames its label speaks for."""
 
     def __init__(self, paths: list[str], policy, action_fps: int, lookback_s: float, *, kinds=None,
-                 only_success: bool = False):
+                 only_success: bool = False, episodes: list[int] | None = None):
         self.datasets: list[WindowDataset] = []
         rows = []  # per window: dataset, item, label, segment id, segment [start, stop) in store frames
         self.labels: list[dict[int, dict]] = []
@@ -185,9 +186,9 @@ class LabelledWindows:
             if stride < 1:
                 raise PreferenceError(f"{path} is recorded at {store.fps} fps, not a multiple of the policy's "
                                       f"{action_fps}; pass algo.action_fps=... if that is not the policy's rate.")
-            if only_success:  # demonstrations: every successful episode is one desirable segment
+            if only_success:  # demonstrations: every successful episode (of `episodes`) is one desirable segment
                 labels = {e["index"]: {"segments": [[0, e["length"], DESIRABLE, "demonstration"]]}
-                          for e in store.episodes if e.get("success")}
+                          for e in store.episodes if e.get("success") and (episodes is None or e["index"] in episodes)}
             else:
                 labels, _ = store_labels(store, lookback_s)
                 if kinds is not None:
@@ -348,7 +349,11 @@ def refine_offline(run, algo: OfflineAlgoConfig, base: Path, info: Mapping[str, 
         demos_path = algo.demos or base_config.get("data")
         if not demos_path:
             raise PreferenceError(f"{base} names no training store: pass algo.demos=STORE.")
-        demos = LabelledWindows([demos_path], policy, action_fps, algo.lookback_s, only_success=True)
+        # the base's own training episodes (train's max_episodes), not the whole store: a base trained on 15 of 50
+        # demonstrations would otherwise be refined on 35 it never saw, and the gain would not be the labels'
+        picked = None if algo.demos else select_episodes(_open(demos_path), bool(base_config.get("only_success", True)),
+                                                         base_config.get("max_episodes"))
+        demos = LabelledWindows([demos_path], policy, action_fps, algo.lookback_s, only_success=True, episodes=picked)
     pairs = None
     if algo.name == "dpo":
         pairs = np.asarray(data.pairs(algo.pairs), dtype=np.int64).reshape(-1, 2)
@@ -361,7 +366,8 @@ def refine_offline(run, algo: OfflineAlgoConfig, base: Path, info: Mapping[str, 
     ema = EMA(policy, optim.ema_decay)
     counts = {"windows": len(data), "desirable_windows": int(data.desirable.sum()),
               "undesirable_windows": int((~data.desirable).sum()), "pairs": None if pairs is None else len(pairs),
-              "demonstration_windows": None if demos is None else len(demos)}
+              "demonstration_windows": None if demos is None else len(demos),
+              "demonstration_episodes": None if demos is None else len(demos.labels[0])}
     log(f"finetune {algo.name} offline: base {base} ({policy.name}), {counts}, {algo.steps} steps")
 
     started, load_started = time.perf_counter(), os.getloadavg()[0]
@@ -454,10 +460,10 @@ def _dpo_step(policy, reference, data: LabelledWindows, algo: DpoConfig, rng, *,
 
 def _hg_dagger_step(policy, reference, data: LabelledWindows, algo: HgDaggerConfig, rng, *, demos, **_):
     n_demo = int(round(algo.batch_size * algo.demos_fraction)) if demos is not None else 0
-    batch = data.batch(rng.integers(0, len(data), algo.batch_size - n_demo))
-    if n_demo:
-        batch = _concat(batch, demos.batch(rng.integers(0, len(demos), n_demo)))
-    return policy.loss(batch)
+    parts = [data.batch(rng.integers(0, len(data), algo.batch_size - n_demo))] if n_demo < algo.batch_size else []
+    if n_demo:  # demos_fraction 1: the demonstrations alone (the control: what more training alone does)
+        parts.append(demos.batch(rng.integers(0, len(demos), n_demo)))
+    return policy.loss(parts[0] if len(parts) == 1 else _concat(*parts))
 
 
 def _concat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

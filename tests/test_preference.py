@@ -177,7 +177,7 @@ def test_apo_dpo_hg_dagger_write_plain_checkpoints_that_need_no_base(tmp_path):
     demos, base = tmp_path / "demos", tmp_path / "base"
     run_cli("collect", "task=builtin/reach", "episodes=6", f"out={demos}", check=True)
     run_cli("train", "task=builtin/reach", f"data={demos}", f"out={base}", "steps=30", "eval.episodes=0",
-            "eval.final_episodes=0", check=True)
+            "eval.final_episodes=0", "max_episodes=4", check=True)
     recorded_store(tmp_path / "rec", demos).close()
     for algo in ("apo", "dpo", "hg_dagger"):
         out = tmp_path / algo
@@ -186,6 +186,7 @@ def test_apo_dpo_hg_dagger_write_plain_checkpoints_that_need_no_base(tmp_path):
                                     "eval.final_episodes=2", check=True))
         assert summary["algo"] == algo and summary["offline"] and summary["final_eval"]["episodes"] == 2
         counts = summary["counts"]
+        assert counts["demonstration_episodes"] == 4  # the base's own 4 of the 6 demonstrations, not all 6
         if algo == "hg_dagger":
             assert counts["undesirable_windows"] == 0 and counts["demonstration_windows"] > 0
         else:

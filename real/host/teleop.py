@@ -77,9 +77,15 @@ class ScriptedIntervener(Teleoperator):
             self.interventions += 1
         if not self.is_intervening:
             return None
-        if now >= self._next_expert_t:  # the expert's phase machine runs at the task rate
+        period = 1.0 / (self.robot.fps or 10)
+        # the expert's phase machine runs at the task rate, on a fixed schedule: rescheduling from `now` made a
+        # 20 Hz control loop whose tick came a hair early wait a third tick, so the expert ran at 6.7 Hz with each
+        # action held 1.5 times as long as the task means (recorded that way, the interventions taught it too)
+        if now >= self._next_expert_t - 0.25 * period:
             self._action = np.asarray(self._expert.act({STATE_KEY: state.astype(np.float32)}))
-            self._next_expert_t = now + 1.0 / (self.robot.fps or 10)
+            self._next_expert_t += period
+            if self._next_expert_t < now:  # fell behind by more than a period: start the schedule again
+                self._next_expert_t = now + period
         return self._action
 
     def _stalled(self, now: float, ee: np.ndarray) -> bool:
