@@ -41,6 +41,7 @@ from robopolicy.rl import METHODS, MODEL_BASED
 from robopolicy.rl.collector import RewardSpec
 from robopolicy.rl.online import EvalSchedule, run_online
 from robopolicy.rl.refined import save_refined
+from robopolicy.rl.steer import SteerConfig
 from robopolicy.rl.task_profile import derive_defaults, profile_task
 from robopolicy.rollout import RolloutConfig
 
@@ -129,7 +130,7 @@ def finetune(cfg: Mapping[str, Any], make_envs: Callable[[int], Any], *, log: Ca
     if run.auto and base_eval is not None:  # defaults from the task and the base (explicit settings win)
         profile = profile_task(base_eval, base_policy, *_probe_envs(make_envs, ev.num_envs))
         # bottleneck steering moves a VIB latent, not the sampler noise: the noise-authority advice is not for it
-        method = "steer_bottleneck" if getattr(algo, "latent", None) == "bottleneck" else name
+        method = "steer_bottleneck" if isinstance(algo, SteerConfig) and algo.latent == "bottleneck" else name
         derived = derive_defaults(profile, method, explicit, run.reward)
         run, algo = _apply(derived, run, algo, name)
         for choice in derived.choices:
