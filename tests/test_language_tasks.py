@@ -40,6 +40,49 @@ def test_pick_color_expert_succeeds_on_the_instructed_pair_and_fails_on_another(
     assert not any(wrong)
 
 
+def test_pick_color_expert_descends_a_cone_over_the_cube_and_closes_only_aligned():
+    env, expert = make_env("builtin/pick_color"), make_expert("builtin/pick_color", dart=0.0)
+    u = env.unwrapped
+    descending_while_far = 0
+    for seed in range(4):
+        obs, _ = env.reset(seed=seed)
+        expert.reset(seed)
+        start_z = u.data.site_xpos[u._site][2]
+        for _ in range(40):
+            action = expert.act({**obs, "goal": u.goal})
+            ee, cube = u.data.site_xpos[u._site].copy(), u.data.xpos[u._cube_body[u.goal["color"]]].copy()
+            xy_error = np.linalg.norm(ee[:2] - cube[:2])
+            height = ee[2] - cube[2]
+            descending_while_far += bool(xy_error > 0.03 and ee[2] < start_z - 0.05)
+            if height < 0.05:  # low only when aligned: inside the cone (height = 1.5 x horizontal error)
+                assert xy_error <= (height + 0.004) / 1.5 + 0.01
+            if action[3] > 0:  # the first close: at the bottom, over the cube
+                assert xy_error < 0.012 and ee[2] < cube[2] + 0.01
+                break
+            obs, *_ = env.step(action)
+        else:
+            raise AssertionError(f"seed {seed}: the expert never closed the gripper")
+    assert descending_while_far  # one approach, not "above the cube, then straight down"
+
+
+def test_pick_color_state_gives_every_cube_and_pad_by_colour_with_its_offset_from_the_hand():
+    env = make_env("builtin/pick_color")
+    names = env.unwrapped.feature_names["observation.state"]
+    for seed in range(3):
+        obs, _ = env.reset(seed=seed)
+        obs, *_ = env.step(np.array([0.5, -0.5, -0.5, -1.0], dtype=np.float32))
+        state = dict(zip(names, obs["observation.state"]))
+        ee = np.array([state["ee.x"], state["ee.y"], state["ee.z"]])
+        for color in env.unwrapped.cube_colors:
+            body = env.unwrapped.data.body(f"cube_{color}").xpos
+            cube = np.array([state[f"cube_{color}.{a}"] for a in "xyz"])
+            np.testing.assert_allclose(cube, body, atol=1e-6)
+            np.testing.assert_allclose([state[f"cube_{color}.d{a}"] for a in "xyz"], cube - ee, atol=1e-6)
+        for pad in env.unwrapped.pad_colors:
+            xy = np.array([state[f"pad_{pad}.{a}"] for a in "xy"])
+            np.testing.assert_allclose([state[f"pad_{pad}.d{a}"] for a in "xy"], xy - ee[:2], atol=1e-6)
+
+
 def test_push_two_ways_success_requires_the_instructed_side():
     env, expert = make_env("builtin/push_two_ways"), make_expert("builtin/push_two_ways")
     for seed in range(2):

@@ -260,10 +260,16 @@ class PushTwoWaysExpert(PushExpert):
 
 
 class PickPlaceExpert(Expert):
-    """Above the cube, down, close, lift, carry above the marker, lower, open; regrasps after a drop."""
+    """Above the cube, down, close, lift, carry above the marker, lower, open; regrasps after a drop.
+
+    `funnel_slope` > 0 replaces "above, then down" by one closed-loop approach: the hand heads for the cube at half
+    gain while descending a cone over it (height above the cube = slope x horizontal error), and closes once at the
+    bottom. Every approach action is then a smooth function of the hand's offset from the cube, not of how long
+    the hand has travelled, which a cloned policy executing open-loop chunks can follow."""
 
     cube_names = ("object.x", "object.y", "object.z")
     target_names = ("target.x", "target.y")
+    funnel_slope = 0.0
 
     def _plan(self, state: np.ndarray, ee: np.ndarray) -> np.ndarray:
         cube = self._get(state, *self.cube_names)
@@ -275,6 +281,15 @@ class PickPlaceExpert(Expert):
             self.phase = "start"  # dropped: start over
         if self.phase == "start":
             self.phase = "above"
+        if self.phase == "above" and self.funnel_slope:
+            xy_error = float(np.linalg.norm(ee[:2] - grasp_xy))
+            if xy_error < 0.01 and ee[2] < CUBE_HALF + 0.006:
+                self.phase, self._timer = "close", 0
+            else:  # down a cone over the cube: the lower the hand, the better aligned it must be
+                cone_z = CUBE_HALF - 0.004 + self.funnel_slope * xy_error
+                goal = np.array([*grasp_xy, min(cone_z, max(ee[2], TRAVEL_Z))])
+                step = np.clip(np.array([0.5, 0.5, 1.0]) * (goal - ee) / MAX_DELTA, -1.0, 1.0) * self.speed
+                return np.append(step, OPEN)
         if self.phase == "above":
             if np.linalg.norm(ee[:2] - grasp_xy) < 0.01:
                 self.phase = "down"
@@ -323,7 +338,12 @@ class PickPlaceExpert(Expert):
 
 
 class PickColorExpert(PickPlaceExpert):
-    """The pick-and-place expert on the instructed cube and pad."""
+    """The pick-and-place expert on the instructed cube and pad, approaching down a cone: its phased approach
+    (a saturated dash above the cube, then straight down) was cloned as a dash of the usual length followed by a
+    descent wherever the hand was, beside the cube (README's language section)."""
+
+    funnel_slope = 1.5
+    default_dart = 0.2  # demonstrations that also show the hand brought back over the cube from beside it
 
     def set_goal(self, goal: dict[str, str]) -> None:
         super().set_goal(goal)

@@ -245,7 +245,10 @@ PAD_RADIUS = 0.035
 
 class PickColorTask(ArmTaskEnv):
     """Three coloured cubes and two coloured pads at random places; put the instructed cube on the instructed
-    pad (six goals). The state lists every cube and pad in a fixed order, so only the instruction tells which."""
+    pad (six goals). The state lists every cube and pad in a fixed colour order, so only the instruction tells
+    which; beside each one's position it gives its offset from the hand (`cube_red.dx`, ...), the vector a grasp
+    or a placement follows. Cloned from positions alone, a policy had to compute that difference for whichever
+    cube the instruction names, and mostly hovered short of it (see README's language section)."""
 
     name = "pick_color"
     task_description = "pick up the instructed cube and place it on the instructed pad"
@@ -256,12 +259,20 @@ class PickColorTask(ArmTaskEnv):
         "pick up the {color} cube and place it on the {target} pad",
         "put the {color} block on the {target} marker",
         "move the {color} cube onto the {target} target",
+        # more phrasings than the goal needs, so that a policy keys on the colour words rather than a sentence
+        "take the {color} one and put it down on the {target} one",
+        "the {color} cube goes on the {target} pad",
+        "carry the {color} block over to the {target} marker",
+        "{color} cube to the {target} pad",
+        "please move the {color} box onto the {target} disc",
     )
     objects_xml = "".join(_object_xml(f"cube_{c}", CUBE_HALF, rgba, 0.05) for c, rgba in cube_colors.items()) + "".join(
         f'<body name="pad_{p}" mocap="true" pos="0.5 0 0.001"><geom class="marker" type="cylinder" '
         f'size="{PAD_RADIUS} 0.001" rgba="{rgba}"/></body>' for p, rgba in pad_colors.items())
-    task_state_names = tuple(f"cube_{c}.{a}" for c in cube_colors for a in "xyz") + tuple(
-        f"pad_{p}.{a}" for p in pad_colors for a in "xy")
+    task_state_names = (tuple(f"cube_{c}.{a}" for c in cube_colors for a in "xyz")
+                        + tuple(f"pad_{p}.{a}" for p in pad_colors for a in "xy")
+                        + tuple(f"cube_{c}.d{a}" for c in cube_colors for a in "xyz")
+                        + tuple(f"pad_{p}.d{a}" for p in pad_colors for a in "xy"))
     default_max_episode_steps = 150
     success_radius = 0.03
     min_separation = 0.09  # between any two objects' centres: grasps and placements never disturb a neighbour
@@ -288,11 +299,12 @@ class PickColorTask(ArmTaskEnv):
             self.data.mocap_pos[mocap] = [p[0], p[1], 0.001]
 
     def _write_task_state(self, out: np.ndarray) -> None:
-        for i, c in enumerate(self.cube_colors):
-            out[3 * i:3 * i + 3] = self.data.xpos[self._cube_body[c]]
-        k = 3 * len(self.cube_colors)
-        for i, mocap in enumerate(self._pad_mocap.values()):
-            out[k + 2 * i:k + 2 * i + 2] = self.data.mocap_pos[mocap][:2]
+        ee = self.data.site_xpos[self._site]
+        cubes = [self.data.xpos[self._cube_body[c]] for c in self.cube_colors]
+        pads = [self.data.mocap_pos[m][:2] for m in self._pad_mocap.values()]
+        positions = np.concatenate(cubes + pads)  # [3 x 3 + 2 x 2]
+        out[:len(positions)] = positions
+        out[len(positions):] = np.concatenate([c - ee for c in cubes] + [p - ee[:2] for p in pads])
 
     def _reward_and_success(self) -> tuple[float, bool]:
         obj = self.data.xpos[self._cube_body[self.goal["color"]]]
