@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/preference_offline.py --base runs/pref/weak --starts 100 --per-start 2
 
 1. The weak base: `robopolicy collect` 50 expert demonstrations of builtin/pick_place, `robopolicy train` flow on
-   the first 15 for 2000 steps (the quickstart's weak base), unless --base names one.
+   the first 15 for 2000 steps (the quickstart's weak base before it moved to sloppy demonstrations), unless --base names one.
 2. Rollouts: `--per-start` rollouts of the base from each of `--starts` start states (seeds 1000, 1001, ...: unseen by the demonstrations and the evaluation), each pass with its own sampler noise, recorded into one store with
    success labels (rollouts of one start state with different outcomes are DPO's pairs).
 3. `robopolicy finetune algo=apo|dpo algo.data=[ROLLOUTS]` from the same base on the same store; the base and
