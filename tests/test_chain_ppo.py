@@ -108,6 +108,26 @@ def test_ppo_step_with_zero_advantages_leaves_sampled_chunks_unchanged(method):
     assert not torch.allclose(policy.sample_chunk(obs, noise), before, atol=1e-6)
 
 
+def test_value_warmup_trains_only_the_value_network(base_ckpt):  # noqa: F811
+    method = chain_method("reinflow", base_ckpt, value_warmup=1, **SMALL)
+    policy, ppo = method.policy, method.ppo
+    obs, noise = observation(policy, 8), torch.randn(8, *policy.noise_shape)
+    before, value = policy.sample_chunk(obs, noise), [p.clone() for p in ppo.value.parameters()]
+    batch = rollout_batch(method, adv=torch.randn(16))
+    keys = {"obs": "obs", "next_obs": "obs", "u": "u", "log_prob": "log_prob", "policy_mask": "mask"}
+    episode = {k: batch[v].numpy() for k, v in keys.items()}
+    n = len(batch["adv"])
+    episode |= {"reward": torch.randn(n).numpy(), "steps": torch.full((n,), 4.0).numpy(),
+                "done": torch.zeros(n).numpy()}
+    ppo.rollouts.add(episode)
+    ppo.update()  # the warm-up update: the value moves, the fine-tuned chain does not
+    assert torch.equal(policy.sample_chunk(obs, noise), before)
+    assert any(not torch.equal(a, b) for a, b in zip(value, ppo.value.parameters(), strict=True))
+    ppo.rollouts.add(episode)
+    ppo.update()  # after it, the actor learns too (the check above can fail)
+    assert not torch.allclose(policy.sample_chunk(obs, noise), before, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["reinflow", "dppo"])
 def test_finetune_saves_a_plain_checkpoint_that_runs_without_its_base(tmp_path, base_ckpt, diffusion_ckpt,  # noqa: F811
                                                                       name):

@@ -74,12 +74,15 @@ class PPO:
     `cfg`: a method config with PPOConfig's fields and `hidden`, `gamma`, `lr`; `action_penalty` adds c |a|^2
     (the pull towards the base). `actor` is a `TanhGaussianActor` unless `log_prob(obs, u) -> (log-probability
     [B] or [B, K], entropy [B])` says how the actor module scores a stored decision `u`; its trainable parameters
-    learn at `actor_lr` (None: `lr`).
+    learn at `actor_lr` (None: `lr`). The first `value_warmup` updates train the value network only (DPPO's critic
+    warm-up: advantages from an untrained V(s) are noise the actor would follow).
     """
 
     def __init__(self, obs_dim: int, action_dim: int, cfg: PPOConfig, actor: torch.nn.Module, seed: int = 0,
                  action_penalty: float = 0.0, log_prob: LogProb | None = None,
-                 step_weights: torch.Tensor | None = None, actor_lr: float | None = None):
+                 step_weights: torch.Tensor | None = None, actor_lr: float | None = None,
+                 value_warmup: int = 0):
+        self.value_warmup, self.updates = value_warmup, 0
         self.gamma, self.lam, self.clip = cfg.gamma, cfg.gae_lambda, cfg.ppo_clip
         self.epochs, self.minibatch, self.rollout = cfg.ppo_epochs, cfg.ppo_minibatch, cfg.ppo_rollout
         self.value_coef, self.entropy_coef, self.max_grad_norm = cfg.value_coef, cfg.entropy_coef, cfg.max_grad_norm
@@ -133,10 +136,12 @@ class PPO:
         """`ppo_epochs` passes of minibatch updates over the stored rollouts, which are then dropped."""
         data = self.advantages()
         self.rollouts.clear()
-        return self.optimize(data)
+        self.updates += 1
+        return self.optimize(data, actor=self.updates > self.value_warmup)
 
-    def optimize(self, data: dict[str, torch.Tensor]) -> dict[str, float]:
-        """The minibatch passes over one batch of decisions with their advantages (`advantages()`'s fields)."""
+    def optimize(self, data: dict[str, torch.Tensor], actor: bool = True) -> dict[str, float]:
+        """The minibatch passes over one batch of decisions with their advantages (`advantages()`'s fields);
+        `actor=False`: the value network's passes only."""
         n = len(data["adv"])
         mask = data["mask"]
         on = mask > 0
@@ -159,7 +164,7 @@ class PPO:
                     policy_loss = policy_loss + self.action_penalty * (
                         torch.tanh(self.actor(b["obs"])[0]).pow(2).sum(-1) * weight).sum()
                 value_loss = F.mse_loss(self.value(b["obs"]).squeeze(-1), b["ret"])
-                loss = policy_loss + self.value_coef * value_loss
+                loss = policy_loss + self.value_coef * value_loss if actor else self.value_coef * value_loss
                 self.optim.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
