@@ -23,8 +23,7 @@ from robopolicy.policies import make_policy
 from robopolicy.policies.base import PolicyConfigError
 from robopolicy.rl import METHODS
 
-SMALL = {"hidden": [32, 32], "noise_hidden": [32], "ppo_rollout": 8, "ppo_minibatch": 4, "ppo_epochs": 2,
-         "value_warmup": 0}  # a few updates in all: the actor learns from the first
+SMALL = {"hidden": [32, 32], "noise_hidden": [32], "ppo_rollout": 8, "ppo_minibatch": 4, "ppo_epochs": 2}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +109,7 @@ def test_ppo_step_with_zero_advantages_leaves_sampled_chunks_unchanged(method):
 
 
 def test_value_warmup_trains_only_the_value_network(base_ckpt):  # noqa: F811
-    method = chain_method("reinflow", base_ckpt, **(SMALL | {"value_warmup": 1}))
+    method = chain_method("reinflow", base_ckpt, value_warmup=1, **SMALL)
     policy, ppo = method.policy, method.ppo
     obs, noise = observation(policy, 8), torch.randn(8, *policy.noise_shape)
     before, value = policy.sample_chunk(obs, noise), [p.clone() for p in ppo.value.parameters()]
@@ -131,8 +130,7 @@ def test_value_warmup_trains_only_the_value_network(base_ckpt):  # noqa: F811
 
 def test_normalized_returns_scale_the_value_targets(base_ckpt):  # noqa: F811
     """normalize_returns: V(s) = scale x value(s) with scale the returns' std, so large returns fit quickly."""
-    method = chain_method("reinflow", base_ckpt, **(SMALL | {"normalize_returns": True, "value_warmup": 100,
-                                                             "lr": 1e-2}))
+    method = chain_method("reinflow", base_ckpt, normalize_returns=True, value_warmup=100, lr=1e-2, **SMALL)
     ppo, batch = method.ppo, rollout_batch(method)
     n = len(batch["adv"])
     episode = {"obs": batch["obs"].numpy(), "next_obs": batch["obs"].numpy(), "u": batch["u"].numpy(),

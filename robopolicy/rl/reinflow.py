@@ -39,15 +39,6 @@ class ReinFlowConfig(ChainPPOConfig):
     min_std: float = setting(0.05, "lower bound of the injected noise's std per step (normalized action units)")
     max_std: float = setting(0.15, "upper bound of the injected noise's std per step")
     noise_hidden: list[int] = setting([128, 128], "hidden widths of the noise network")
-    # measured on the builtin/pick_place sloppy base (0.6): with these four, 0.82 over 100 episodes at 80k env steps
-    # (0.92 over 50 at the last check); actor_lr 3e-5 and a 3e-4 value network without them: 0.69; actor_lr 1e-4
-    # without them collapses to 0.19 (every update saturates ppo_clip while V(s) is still off)
-    actor_lr: float = setting(3.0e-5, "Adam learning rate of the fine-tuned velocity network and the noise network")
-    lr: float = setting(1.0e-3, "Adam learning rate of the value network (DPPO's critic_lr)")
-    value_warmup: int = setting(2, "the first this many PPO updates train the value network only (DPPO's critic "
-                                "warm-up)")
-    normalize_returns: bool = setting(True, "fit the value network to returns over a running std of them (the "
-                                      "shaped returns of ~100 leave an unscaled V(s) far off for a short budget)")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_std <= self.max_std:
