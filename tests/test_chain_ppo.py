@@ -108,6 +108,45 @@ def test_ppo_step_with_zero_advantages_leaves_sampled_chunks_unchanged(method):
     assert not torch.allclose(policy.sample_chunk(obs, noise), before, atol=1e-6)
 
 
+def test_value_warmup_trains_only_the_value_network(base_ckpt):  # noqa: F811
+    method = chain_method("reinflow", base_ckpt, value_warmup=1, **SMALL)
+    policy, ppo = method.policy, method.ppo
+    obs, noise = observation(policy, 8), torch.randn(8, *policy.noise_shape)
+    before, value = policy.sample_chunk(obs, noise), [p.clone() for p in ppo.value.parameters()]
+    batch = rollout_batch(method, adv=torch.randn(16))
+    keys = {"obs": "obs", "next_obs": "obs", "u": "u", "log_prob": "log_prob", "policy_mask": "mask"}
+    episode = {k: batch[v].numpy() for k, v in keys.items()}
+    n = len(batch["adv"])
+    episode |= {"reward": torch.randn(n).numpy(), "steps": torch.full((n,), 4.0).numpy(),
+                "done": torch.zeros(n).numpy()}
+    ppo.rollouts.add(episode)
+    ppo.update()  # the warm-up update: the value moves, the fine-tuned chain does not
+    assert torch.equal(policy.sample_chunk(obs, noise), before)
+    assert any(not torch.equal(a, b) for a, b in zip(value, ppo.value.parameters(), strict=True))
+    ppo.rollouts.add(episode)
+    ppo.update()  # after it, the actor learns too (the check above can fail)
+    assert not torch.allclose(policy.sample_chunk(obs, noise), before, atol=1e-6)
+
+
+def test_normalized_returns_scale_the_value_targets(base_ckpt):  # noqa: F811
+    """normalize_returns: V(s) = scale x value(s) with scale the returns' std, so large returns fit quickly."""
+    method = chain_method("reinflow", base_ckpt, normalize_returns=True, value_warmup=100, lr=1e-2, **SMALL)
+    ppo, batch = method.ppo, rollout_batch(method)
+    n = len(batch["adv"])
+    episode = {"obs": batch["obs"].numpy(), "next_obs": batch["obs"].numpy(), "u": batch["u"].numpy(),
+               "log_prob": batch["log_prob"].numpy(), "policy_mask": batch["mask"].numpy(),
+               "reward": (100.0 * torch.randn(n)).numpy(), "steps": torch.full((n,), 4.0).numpy(),
+               "done": torch.ones(n).numpy()}  # one-decision episodes: the return is the reward
+    for _ in range(30):
+        ppo.rollouts.add(episode)
+        ppo.update()
+    assert 50.0 < ppo.return_scale < 200.0
+    with torch.no_grad():
+        fitted = ppo.value(batch["obs"]).squeeze(-1) * ppo.return_scale
+    ret = torch.from_numpy(episode["reward"])
+    assert (fitted - ret).pow(2).mean() < 0.5 * ret.var()  # V(s) tracks returns of std ~100
+
+
 @pytest.mark.parametrize("name", ["reinflow", "dppo"])
 def test_finetune_saves_a_plain_checkpoint_that_runs_without_its_base(tmp_path, base_ckpt, diffusion_ckpt,  # noqa: F811
                                                                       name):

@@ -74,12 +74,17 @@ class PPO:
     `cfg`: a method config with PPOConfig's fields and `hidden`, `gamma`, `lr`; `action_penalty` adds c |a|^2
     (the pull towards the base). `actor` is a `TanhGaussianActor` unless `log_prob(obs, u) -> (log-probability
     [B] or [B, K], entropy [B])` says how the actor module scores a stored decision `u`; its trainable parameters
-    learn at `actor_lr` (None: `lr`).
+    learn at `actor_lr` (None: `lr`). The first `value_warmup` updates train the value network only (DPPO's critic
+    warm-up: advantages from an untrained V(s) are noise the actor would follow); `normalize_returns` fits the value
+    network to returns divided by a running estimate of their std (returns of ~100 otherwise leave V(s) far off).
     """
 
     def __init__(self, obs_dim: int, action_dim: int, cfg: PPOConfig, actor: torch.nn.Module, seed: int = 0,
                  action_penalty: float = 0.0, log_prob: LogProb | None = None,
-                 step_weights: torch.Tensor | None = None, actor_lr: float | None = None):
+                 step_weights: torch.Tensor | None = None, actor_lr: float | None = None,
+                 value_warmup: int = 0, normalize_returns: bool = False):
+        self.value_warmup, self.updates = value_warmup, 0
+        self.normalize_returns, self.return_scale = normalize_returns, 1.0  # V(s) = return_scale * value(s)
         self.gamma, self.lam, self.clip = cfg.gamma, cfg.gae_lambda, cfg.ppo_clip
         self.epochs, self.minibatch, self.rollout = cfg.ppo_epochs, cfg.ppo_minibatch, cfg.ppo_rollout
         self.value_coef, self.entropy_coef, self.max_grad_norm = cfg.value_coef, cfg.entropy_coef, cfg.max_grad_norm
@@ -116,8 +121,8 @@ class PPO:
         parts = []
         for ep in self.rollouts.episodes:
             obs, next_obs = torch.from_numpy(ep["obs"]), torch.from_numpy(ep["next_obs"])
-            value = self.value(obs).squeeze(-1)
-            next_value = self.value(next_obs).squeeze(-1)
+            value = self.value(obs).squeeze(-1) * self.return_scale
+            next_value = self.value(next_obs).squeeze(-1) * self.return_scale
             discount = self.gamma ** torch.from_numpy(ep["steps"]) * (1.0 - torch.from_numpy(ep["done"]))
             delta = torch.from_numpy(ep["reward"]) + discount * next_value - value
             adv = torch.zeros_like(delta)
@@ -127,16 +132,22 @@ class PPO:
                 adv[t] = running
             parts.append({"obs": obs, "u": torch.from_numpy(ep["u"]), "log_prob": torch.from_numpy(ep["log_prob"]),
                           "mask": torch.from_numpy(ep["policy_mask"]), "adv": adv, "ret": adv + value})
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if self.normalize_returns and len(data["ret"]) > 1:  # a running std of the value targets
+            std = data["ret"].std().clamp_min(1e-3).item()
+            self.return_scale = std if self.updates == 0 else 0.9 * self.return_scale + 0.1 * std
+        return data
 
     def update(self) -> dict[str, float]:
         """`ppo_epochs` passes of minibatch updates over the stored rollouts, which are then dropped."""
         data = self.advantages()
         self.rollouts.clear()
-        return self.optimize(data)
+        self.updates += 1
+        return self.optimize(data, actor=self.updates > self.value_warmup)
 
-    def optimize(self, data: dict[str, torch.Tensor]) -> dict[str, float]:
-        """The minibatch passes over one batch of decisions with their advantages (`advantages()`'s fields)."""
+    def optimize(self, data: dict[str, torch.Tensor], actor: bool = True) -> dict[str, float]:
+        """The minibatch passes over one batch of decisions with their advantages (`advantages()`'s fields);
+        `actor=False`: the value network's passes only."""
         n = len(data["adv"])
         mask = data["mask"]
         on = mask > 0
@@ -158,8 +169,8 @@ class PPO:
                 if self.action_penalty:
                     policy_loss = policy_loss + self.action_penalty * (
                         torch.tanh(self.actor(b["obs"])[0]).pow(2).sum(-1) * weight).sum()
-                value_loss = F.mse_loss(self.value(b["obs"]).squeeze(-1), b["ret"])
-                loss = policy_loss + self.value_coef * value_loss
+                value_loss = F.mse_loss(self.value(b["obs"]).squeeze(-1), b["ret"] / self.return_scale)
+                loss = policy_loss + self.value_coef * value_loss if actor else self.value_coef * value_loss
                 self.optim.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
