@@ -41,15 +41,19 @@ def family(task: str) -> str:
     return task.split("/", 1)[0]
 
 
-def weak_base(task: str, seed: int, work: Path, demos: int) -> Path:
+def weak_base(task: str, seed: int, work: Path, demos: int, train: list[str] | None = None) -> Path:
+    """A weak base (README's recipe, or `train`'s overrides: a task whose recipe base is not weak needs a weaker
+    one); its run folder names the recipe so different recipes do not share a base."""
     name = task.replace("/", "_")
     store = work / "data" / f"{name}_weak"
     if not (store / "zarr.json").exists():
         run("collect", f"task={task}", f"episodes={demos}", f"out={store}", "overwrite=true", *WEAK_DEMOS[family(task)])
-    base = work / "runs" / f"{name}_weak_s{seed}"
+    recipe = train if train is not None else WEAK_TRAIN[family(task)]
+    tag = "" if train is None else "_" + "_".join(o.replace("=", "") for o in train)
+    base = work / "runs" / f"{name}_weak{tag}_s{seed}"
     if not (base / "summary.json").exists():
         run("train", f"task={task}", f"data={store}", f"out={base}", "policy=flow", f"seed={seed}", "overwrite=true",
-            "eval.every=0", "eval.final_episodes=0", *WEAK_TRAIN[family(task)])
+            "eval.every=0", "eval.final_episodes=0", *recipe)
     return base
 
 
@@ -83,6 +87,9 @@ def main() -> None:
     parser.add_argument("--demos", type=int, default=50)
     parser.add_argument("--eval-episodes", type=int, default=100)
     parser.add_argument("--env-steps", type=int, default=None, help="refinement budget; default: finetune's own")
+    parser.add_argument("--weak-train", nargs="*", default=None,
+                        help="train overrides of the weak bases instead of the README's recipe, e.g. "
+                             "max_episodes=10 steps=200 (for tasks where the recipe's base is not weak)")
     parser.add_argument("--stop-at-target", action="store_true",
                         help="end each refinement at its first 0.9 (confirmed over 100 episodes): steps to 0.9 only")
     parser.add_argument("--train-override", nargs="*", default=[],
@@ -122,10 +129,11 @@ def main() -> None:
                     record({"stage": "offline", "seed": seed, **row})
         if "refine" in args.stages:
             for seed in args.seeds:
-                base = weak_base(task, seed, args.work, args.demos)
+                base = weak_base(task, seed, args.work, args.demos, args.weak_train)
                 for method in args.methods:
                     out = args.work / "runs" / f"{name}_{method}_s{seed}"
-                    record(refine(task, method, seed, base, out, args.env_steps, args.stop_at_target))
+                    record({**refine(task, method, seed, base, out, args.env_steps, args.stop_at_target),
+                            "weak_train": args.weak_train or WEAK_TRAIN[family(task)]})
     print(json.dumps(table))
 
 
