@@ -247,8 +247,9 @@ class PickColorTask(ArmTaskEnv):
     """Three coloured cubes and two coloured pads at random places; put the instructed cube on the instructed
     pad (six goals). The state lists every cube and pad in a fixed colour order, so only the instruction tells
     which; beside each one's position it gives its offset from the hand (`cube_red.dx`, ...), the vector a grasp
-    or a placement follows. Cloned from positions alone, a policy had to compute that difference for whichever
-    cube the instruction names, and mostly hovered short of it (see README's language section)."""
+    or a placement follows, so a policy need not compute that difference for whichever cube the instruction names.
+    (With or without the offsets, the chunked policies cloned here so far mostly learn one average approach: see
+    README's language section.)"""
 
     name = "pick_color"
     task_description = "pick up the instructed cube and place it on the instructed pad"
