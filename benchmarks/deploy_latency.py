@@ -11,10 +11,13 @@ execution mode, side by side in one run, next to `robopolicy eval` of the same c
 Without checkpoints it runs `robopolicy collect` (--demos expert episodes) once and `robopolicy train` twice on
 that store (--train-steps, policy.max_delay=0 and --max-delay), into a temporary folder. Each case is
 `real.host.deploy.deploy` with the shipped configs (configs/deploy.yaml, robot=sim), the policy in a child
-process, episodes seeded from 100000 (the eval reference uses the same seeds). Per case: success with its 95%
-Wilson interval, the fraction of ticks that held (no action), of ticks that held after the episode's first action
-(stalls), and the mean episode duration. Writes the JSON after every case (a partial run keeps what it measured)
-and prints it as the last line.
+process, episodes seeded from 100000. The `robopolicy eval` reference runs the same seeds (seed 100000 + k is the
+same initial scene in both), by default exactly the deploy episodes' (--eval-episodes: --episodes), so the
+comparison is paired: per case, besides `minus_eval`, `paired` counts the seeds that succeed both ways, only in
+deployment, only in eval and neither, with the paired difference's 95% interval (Newcombe) and McNemar's exact p.
+Per case also: success with its 95% Wilson interval, the fraction of ticks that held (no action), of ticks that
+held after the episode's first action (stalls), and the mean episode duration. Writes the JSON after every case (a
+partial run keeps what it measured) and prints it as the last line.
 """
 
 from __future__ import annotations
@@ -52,9 +55,23 @@ def train_checkpoints(folder: Path, task: str, demos: int, steps: int, max_delay
 
 
 def evaluate(ckpt: Path, task: str, episodes: int, out: Path) -> dict:
+    """`robopolicy eval` on seeds SEED .. SEED + episodes - 1, with each seed's outcome (`by_seed`)."""
     summary = json.loads(run(["eval", f"ckpt={ckpt}", f"task={task}", f"episodes={episodes}", f"seed={SEED}",
                               f"out={out}"]).strip().splitlines()[-1])
-    return {k: summary[k] for k in ("success_rate", "success_ci95", "successes", "episodes")}
+    per_episode = json.loads(Path(summary["summary"]).read_text())["per_episode"]
+    return {**{k: summary[k] for k in ("success_rate", "success_ci95", "successes", "episodes")},
+            "by_seed": {str(e["seed"]): bool(e["success"]) for e in per_episode}}
+
+
+def paired(case: dict, reference: dict) -> dict:
+    """Deployment minus eval on the seeds both ran (`paired_difference`: first = deployment, second = eval)."""
+    from robopolicy.metrics import paired_difference
+
+    seeds = [s for s in case["by_seed"] if s in reference["by_seed"]]
+    d = paired_difference([case["by_seed"][s] for s in seeds], [reference["by_seed"][s] for s in seeds])
+    return {"episodes": d["episodes"], "both": d["both"], "deploy_only": d["first_only"],
+            "eval_only": d["second_only"], "neither": d["neither"], "difference": d["difference"],
+            "difference_ci95": d["difference_ci95"], "mcnemar_p": d["mcnemar_p"]}
 
 
 def deploy_case(ckpt: Path, task: str, mode: str, latency: float, episodes: int, hz: float, out: Path) -> dict:
@@ -79,7 +96,12 @@ def deploy_case(ckpt: Path, task: str, mode: str, latency: float, episodes: int,
         "inference_latency_ms_p50": (summary["inference_latency_ms"] or {}).get("p50"),
         "tick_lateness_ms_p99": (summary["tick_lateness_ms"] or {}).get("p99"),
         "wall_s": round(time.perf_counter() - started, 1),
+        "by_seed": {str(e["seed"]): bool(e["success"]) for e in summary["per_episode"]},
     }
+
+
+def brief(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "by_seed"}
 
 
 def main() -> None:
@@ -91,12 +113,16 @@ def main() -> None:
     parser.add_argument("--hz", type=float, default=20.0)
     parser.add_argument("--modes", nargs="+", default=["sync", "ensemble", "rtc", "delay_aware"])
     parser.add_argument("--latencies", nargs="+", type=float, default=[0.0, 0.05, 0.1, 0.15, 0.25])
-    parser.add_argument("--eval-episodes", type=int, default=100, help="robopolicy eval reference (0: skip)")
+    parser.add_argument("--eval-episodes", type=int, default=None,
+                        help="robopolicy eval reference on seeds 100000.. (default: --episodes, the deploy seeds; "
+                             "0: skip)")
     parser.add_argument("--demos", type=int, default=60)
     parser.add_argument("--train-steps", type=int, default=6000)
     parser.add_argument("--max-delay", type=int, default=3, help="policy.max_delay of the delay-aware checkpoint")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/deploy_latency.json"))
     args = parser.parse_args()
+    if args.eval_episodes is None:
+        args.eval_episodes = args.episodes
 
     report = {"benchmark": "deploy_latency", "task": args.task, "control_hz": args.hz,
               "episodes_per_case": args.episodes, "eval": {}, "cases": {}, "cpu_count": os.cpu_count(),
@@ -118,7 +144,7 @@ def main() -> None:
         if args.eval_episodes:
             for name, ckpt in ckpts.items():
                 report["eval"][name] = evaluate(ckpt, args.task, args.eval_episodes, Path(tmp) / f"eval_{name}")
-                print(json.dumps({f"eval {name}": report["eval"][name]}), file=sys.stderr)
+                print(json.dumps({f"eval {name}": brief(report["eval"][name])}), file=sys.stderr)
                 write()
         for latency in args.latencies:
             for mode in args.modes:
@@ -129,8 +155,9 @@ def main() -> None:
                 reference = report["eval"].get("aware" if aware else "plain")
                 if reference:
                     case["minus_eval"] = round(case["success_rate"] - reference["success_rate"], 4)
+                    case["paired"] = paired(case, reference)
                 report["cases"][key] = case
-                print(json.dumps({key: case}), file=sys.stderr)
+                print(json.dumps({key: brief(case)}), file=sys.stderr)
                 write()
     write()
     print(json.dumps(report))

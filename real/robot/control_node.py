@@ -275,6 +275,7 @@ class EpisodeResult:
     tick_lateness_s: list[float] = field(default_factory=list)  # actual - scheduled tick start
     obs_to_command_s: list[float] = field(default_factory=list)  # per chunk: obs capture -> first command from it
     inference_latency_s: list[float] = field(default_factory=list)
+    seed: int | None = None  # the episode's seed (the robot's reset and the chunks' noise)
 
 
 class ControlNode:
@@ -334,7 +335,7 @@ class ControlNode:
         # hold_ticks: ticks without an action; stall_ticks: those after the policy's first action was sent
         counts = dict.fromkeys(("clamped_ticks", "safety_events", "hold_ticks", "stall_ticks", "stops", "chunks",
                                 "chunk_errors", "invalid_obs", "stale_ticks", "intervention_ticks", "missed_ticks"), 0)
-        result = EpisodeResult(success=False, ticks=0, duration_s=0.0, counts=counts)
+        result = EpisodeResult(success=False, ticks=0, duration_s=0.0, counts=counts, seed=seed)
         last_obs_t = -math.inf
         valid_obs = obs
         if observation_is_valid(obs, self.obs_keys):

@@ -242,7 +242,7 @@ def summarize(results: list[EpisodeResult], control: ControlConfig) -> dict:
         obs_to_command_ms=_percentiles([x for r in results for x in r.obs_to_command_s]),
         inference_latency_ms=_percentiles([x for r in results for x in r.inference_latency_s]),
         counts=totals,
-        per_episode=[{"success": r.success, "ticks": r.ticks, "seconds": round(r.duration_s, 2),
+        per_episode=[{"seed": r.seed, "success": r.success, "ticks": r.ticks, "seconds": round(r.duration_s, 2),
                       "intervention": r.intervention, "aborted": r.aborted} for r in results],
     )
     return summary
