@@ -95,6 +95,7 @@ def deploy_case(ckpt: Path, task: str, mode: str, latency: float, episodes: int,
         "obs_to_command_ms_p50": (summary["obs_to_command_ms"] or {}).get("p50"),
         "inference_latency_ms_p50": (summary["inference_latency_ms"] or {}).get("p50"),
         "tick_lateness_ms_p99": (summary["tick_lateness_ms"] or {}).get("p99"),
+        "prefix_slots": summary.get("prefix_slots"),  # rtc: frozen prefixes against the delays chunks met
         "wall_s": round(time.perf_counter() - started, 1),
         "by_seed": {str(e["seed"]): bool(e["success"]) for e in summary["per_episode"]},
     }

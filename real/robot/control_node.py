@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from real.robot.client import PolicyClient, PolicyClientError, PolicyServerError
-from real.robot.execution import MODES, make_executor
+from real.robot.execution import MODES, committed_slots, make_executor
 from real.robot.hal import Robot, Teleoperator
 from real.robot.safety import SafetyFilter
 from real.robot.watchdog import Watchdog, WatchdogState
@@ -276,6 +276,9 @@ class EpisodeResult:
     obs_to_command_s: list[float] = field(default_factory=list)  # per chunk: obs capture -> first command from it
     inference_latency_s: list[float] = field(default_factory=list)
     seed: int | None = None  # the episode's seed (the robot's reset and the chunks' noise)
+    # per chunk sent with a committed prefix: (slots it froze beyond the one due at its observation, slots that
+    # actually began before its first command); equal when the prefix covered exactly what the robot executed
+    prefix_slots: list[tuple[int, int]] = field(default_factory=list)
 
 
 class ControlNode:
@@ -375,6 +378,9 @@ class ControlNode:
                         executor.add_chunk(arrived.chunk, arrived.t_obs, t_cmd)
                         counts["chunks"] += 1
                         chunk_t_obs, chunk_latency, first_command_pending = arrived.t_obs, arrived.latency_s, True
+                        if arrived.prefix_len:
+                            result.prefix_slots.append((arrived.prefix_len - self.backend.n_obs_steps,
+                                                        committed_slots(t_cmd - arrived.t_obs, self.action_dt)))
                         result.inference_latency_s.append(arrived.latency_s)
                     else:
                         counts["chunk_errors"] += 1

@@ -76,6 +76,14 @@ class ChunkPlan:
         return (1.0 - frac) * self.chunk[j] + frac * nxt
 
 
+def committed_slots(latency_s: float, dt: float) -> int:
+    """Action slots that begin after an observation and before the first command from the chunk computed from it
+    (`latency_s` after the observation): the ones the robot executes from the previous chunk meanwhile, beyond the
+    slot due at the observation (ceil - 1: a 10 ms inference commits no later slot, 250 ms the two at +100 and
+    +200 ms at 10 Hz)."""
+    return max(int(math.ceil(latency_s / dt - 1e-6)) - 1, 0)
+
+
 class Executor(ABC):
     """Turns chunks into per-tick actions. `wants_inference(now)` is asked only while no request is in flight."""
 
@@ -186,10 +194,9 @@ class RTCExecutor(Executor):
 
     @property
     def delay_steps(self) -> int:
-        """Action slots committed while a chunk is computed, beyond the one due at the observation: those
-        whose time comes before the chunk's first command (ceil - 1: a 10 ms inference commits no later slot,
-        250 ms commit the two at +100 and +200 ms)."""
-        return max(int(math.ceil(self.latency_s / self.dt - 1e-6)) - 1, 0)
+        """Action slots committed while a chunk is computed, beyond the one due at the observation, at the
+        measured (smoothed) latency: `committed_slots`."""
+        return committed_slots(self.latency_s, self.dt)
 
     def wants_inference(self, now: float) -> bool:
         if self.plan is None:
