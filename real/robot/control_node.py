@@ -385,7 +385,8 @@ class ControlNode:
                     else:
                         counts["chunk_errors"] += 1
                         retry_at = now + cfg.retry_after_s
-                if not self.worker.busy and fresh and now >= retry_at and executor.wants_inference(t_cmd):
+                asks = not self.worker.busy and fresh and now >= retry_at
+                if asks and executor.wants_inference(t_cmd, buffer.latest_time):
                     history, t_obs = buffer.history()
                     noise = noise_rng.standard_normal(self.backend.noise_shape, dtype=np.float32)
                     self.worker.submit(InferenceRequest(history, t_obs, executor.prefix_for(t_obs), noise,
