@@ -6,12 +6,14 @@ execution mode, side by side in one run, next to `robopolicy eval` of the same c
                             which runs rtc with the learned prefix conditioning
 
     .venv/bin/python benchmarks/deploy_latency.py --ckpt PLAIN --aware-ckpt AWARE --task builtin/pick_place
+    .venv/bin/python benchmarks/deploy_latency.py --aware-ckpt AWARE --modes delay_aware --episodes 100
     .venv/bin/python benchmarks/deploy_latency.py --task builtin/catch   # no checkpoints: collects and trains both
 
-Without checkpoints it runs `robopolicy collect` (--demos expert episodes) once and `robopolicy train` twice on
-that store (--train-steps, policy.max_delay=0 and --max-delay), into a temporary folder. Each case is
-`real.host.deploy.deploy` with the shipped configs (configs/deploy.yaml, robot=sim), the policy in a child
-process, episodes seeded from 100000. The `robopolicy eval` reference runs the same seeds (seed 100000 + k is the
+Without the checkpoints the modes need it runs `robopolicy collect` (--demos expert episodes) once and `robopolicy
+train` twice on that store (--train-steps, policy.max_delay=0 and --max-delay), into a temporary folder. Each case
+is `real.host.deploy.deploy` with the shipped configs (configs/deploy.yaml, robot=sim), the policy in a child
+process, episodes seeded from 100000. Per rtc case `prefix_slots` says how the frozen prefixes fit the delays the
+chunks met (matched / short / long). The `robopolicy eval` reference runs the same seeds (seed 100000 + k is the
 same initial scene in both), by default exactly the deploy episodes' (--eval-episodes: --episodes), so the
 comparison is paired: per case, besides `minus_eval`, `paired` counts the seeds that succeed both ways, only in
 deployment, only in eval and neither, with the paired difference's 95% interval (Newcombe) and McNemar's exact p.
@@ -134,14 +136,17 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
 
+    # the checkpoints the modes run: the plain one for sync / ensemble / rtc, the delay-aware one for delay_aware
+    needed = {"aware" if mode == "delay_aware" else "plain" for mode in args.modes}
+    given = {"plain": args.ckpt, "aware": args.aware_ckpt}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.ckpt and args.aware_ckpt:
-            ckpts = {"plain": Path(args.ckpt), "aware": Path(args.aware_ckpt)}
+        if all(given[name] for name in needed):
+            ckpts = {name: Path(given[name]) for name in sorted(needed)}
+            report["ckpts"] = {name: str(path) for name, path in ckpts.items()}
         else:
             plain, aware = train_checkpoints(Path(tmp), args.task, args.demos, args.train_steps, args.max_delay)
             ckpts = {"plain": plain, "aware": aware}
-        report["ckpts"] = {k: str(v) if (args.ckpt and args.aware_ckpt) else "trained by this script"
-                           for k, v in ckpts.items()}
+            report["ckpts"] = dict.fromkeys(ckpts, "trained by this script")
         if args.eval_episodes:
             for name, ckpt in ckpts.items():
                 report["eval"][name] = evaluate(ckpt, args.task, args.eval_episodes, Path(tmp) / f"eval_{name}")
