@@ -6,15 +6,20 @@ execution mode, side by side in one run, next to `robopolicy eval` of the same c
                             which runs rtc with the learned prefix conditioning
 
     .venv/bin/python benchmarks/deploy_latency.py --ckpt PLAIN --aware-ckpt AWARE --task builtin/pick_place
+    .venv/bin/python benchmarks/deploy_latency.py --aware-ckpt AWARE --modes delay_aware --episodes 100
     .venv/bin/python benchmarks/deploy_latency.py --task builtin/catch   # no checkpoints: collects and trains both
 
-Without checkpoints it runs `robopolicy collect` (--demos expert episodes) once and `robopolicy train` twice on
-that store (--train-steps, policy.max_delay=0 and --max-delay), into a temporary folder. Each case is
-`real.host.deploy.deploy` with the shipped configs (configs/deploy.yaml, robot=sim), the policy in a child
-process, episodes seeded from 100000 (the eval reference uses the same seeds). Per case: success with its 95%
-Wilson interval, the fraction of ticks that held (no action), of ticks that held after the episode's first action
-(stalls), and the mean episode duration. Writes the JSON after every case (a partial run keeps what it measured)
-and prints it as the last line.
+Without the checkpoints the modes need it runs `robopolicy collect` (--demos expert episodes) once and `robopolicy
+train` twice on that store (--train-steps, policy.max_delay=0 and --max-delay), into a temporary folder. Each case
+is `real.host.deploy.deploy` with the shipped configs (configs/deploy.yaml, robot=sim), the policy in a child
+process, episodes seeded from 100000. Per rtc case `prefix_slots` says how the frozen prefixes fit the delays the
+chunks met (matched / short / long). The `robopolicy eval` reference runs the same seeds (seed 100000 + k is the
+same initial scene in both), by default exactly the deploy episodes' (--eval-episodes: --episodes), so the
+comparison is paired: per case, besides `minus_eval`, `paired` counts the seeds that succeed both ways, only in
+deployment, only in eval and neither, with the paired difference's 95% interval (Newcombe) and McNemar's exact p.
+Per case also: success with its 95% Wilson interval, the fraction of ticks that held (no action), of ticks that
+held after the episode's first action (stalls), and the mean episode duration. Writes the JSON after every case (a
+partial run keeps what it measured) and prints it as the last line.
 """
 
 from __future__ import annotations
@@ -52,9 +57,23 @@ def train_checkpoints(folder: Path, task: str, demos: int, steps: int, max_delay
 
 
 def evaluate(ckpt: Path, task: str, episodes: int, out: Path) -> dict:
+    """`robopolicy eval` on seeds SEED .. SEED + episodes - 1, with each seed's outcome (`by_seed`)."""
     summary = json.loads(run(["eval", f"ckpt={ckpt}", f"task={task}", f"episodes={episodes}", f"seed={SEED}",
                               f"out={out}"]).strip().splitlines()[-1])
-    return {k: summary[k] for k in ("success_rate", "success_ci95", "successes", "episodes")}
+    per_episode = json.loads(Path(summary["summary"]).read_text())["per_episode"]
+    return {**{k: summary[k] for k in ("success_rate", "success_ci95", "successes", "episodes")},
+            "by_seed": {str(e["seed"]): bool(e["success"]) for e in per_episode}}
+
+
+def paired(case: dict, reference: dict) -> dict:
+    """Deployment minus eval on the seeds both ran (`paired_difference`: first = deployment, second = eval)."""
+    from robopolicy.metrics import paired_difference
+
+    seeds = [s for s in case["by_seed"] if s in reference["by_seed"]]
+    d = paired_difference([case["by_seed"][s] for s in seeds], [reference["by_seed"][s] for s in seeds])
+    return {"episodes": d["episodes"], "both": d["both"], "deploy_only": d["first_only"],
+            "eval_only": d["second_only"], "neither": d["neither"], "difference": d["difference"],
+            "difference_ci95": d["difference_ci95"], "mcnemar_p": d["mcnemar_p"]}
 
 
 def deploy_case(ckpt: Path, task: str, mode: str, latency: float, episodes: int, hz: float, out: Path) -> dict:
@@ -78,8 +97,14 @@ def deploy_case(ckpt: Path, task: str, mode: str, latency: float, episodes: int,
         "obs_to_command_ms_p50": (summary["obs_to_command_ms"] or {}).get("p50"),
         "inference_latency_ms_p50": (summary["inference_latency_ms"] or {}).get("p50"),
         "tick_lateness_ms_p99": (summary["tick_lateness_ms"] or {}).get("p99"),
+        "prefix_slots": summary.get("prefix_slots"),  # rtc: frozen prefixes against the delays chunks met
         "wall_s": round(time.perf_counter() - started, 1),
+        "by_seed": {str(e["seed"]): bool(e["success"]) for e in summary["per_episode"]},
     }
+
+
+def brief(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "by_seed"}
 
 
 def main() -> None:
@@ -91,12 +116,16 @@ def main() -> None:
     parser.add_argument("--hz", type=float, default=20.0)
     parser.add_argument("--modes", nargs="+", default=["sync", "ensemble", "rtc", "delay_aware"])
     parser.add_argument("--latencies", nargs="+", type=float, default=[0.0, 0.05, 0.1, 0.15, 0.25])
-    parser.add_argument("--eval-episodes", type=int, default=100, help="robopolicy eval reference (0: skip)")
+    parser.add_argument("--eval-episodes", type=int, default=None,
+                        help="robopolicy eval reference on seeds 100000.. (default: --episodes, the deploy seeds; "
+                             "0: skip)")
     parser.add_argument("--demos", type=int, default=60)
     parser.add_argument("--train-steps", type=int, default=6000)
     parser.add_argument("--max-delay", type=int, default=3, help="policy.max_delay of the delay-aware checkpoint")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/deploy_latency.json"))
     args = parser.parse_args()
+    if args.eval_episodes is None:
+        args.eval_episodes = args.episodes
 
     report = {"benchmark": "deploy_latency", "task": args.task, "control_hz": args.hz,
               "episodes_per_case": args.episodes, "eval": {}, "cases": {}, "cpu_count": os.cpu_count(),
@@ -107,18 +136,21 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
 
+    # the checkpoints the modes run: the plain one for sync / ensemble / rtc, the delay-aware one for delay_aware
+    needed = {"aware" if mode == "delay_aware" else "plain" for mode in args.modes}
+    given = {"plain": args.ckpt, "aware": args.aware_ckpt}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.ckpt and args.aware_ckpt:
-            ckpts = {"plain": Path(args.ckpt), "aware": Path(args.aware_ckpt)}
+        if all(given[name] for name in needed):
+            ckpts = {name: Path(given[name]) for name in sorted(needed)}
+            report["ckpts"] = {name: str(path) for name, path in ckpts.items()}
         else:
             plain, aware = train_checkpoints(Path(tmp), args.task, args.demos, args.train_steps, args.max_delay)
             ckpts = {"plain": plain, "aware": aware}
-        report["ckpts"] = {k: str(v) if (args.ckpt and args.aware_ckpt) else "trained by this script"
-                           for k, v in ckpts.items()}
+            report["ckpts"] = dict.fromkeys(ckpts, "trained by this script")
         if args.eval_episodes:
             for name, ckpt in ckpts.items():
                 report["eval"][name] = evaluate(ckpt, args.task, args.eval_episodes, Path(tmp) / f"eval_{name}")
-                print(json.dumps({f"eval {name}": report["eval"][name]}), file=sys.stderr)
+                print(json.dumps({f"eval {name}": brief(report["eval"][name])}), file=sys.stderr)
                 write()
         for latency in args.latencies:
             for mode in args.modes:
@@ -129,8 +161,9 @@ def main() -> None:
                 reference = report["eval"].get("aware" if aware else "plain")
                 if reference:
                     case["minus_eval"] = round(case["success_rate"] - reference["success_rate"], 4)
+                    case["paired"] = paired(case, reference)
                 report["cases"][key] = case
-                print(json.dumps({key: case}), file=sys.stderr)
+                print(json.dumps({key: brief(case)}), file=sys.stderr)
                 write()
     write()
     print(json.dumps(report))

@@ -19,7 +19,14 @@ from real.robot.control_node import (
     ObservationBuffer,
     RemoteInference,
 )
-from real.robot.execution import ChunkPlan, EnsembleExecutor, RTCExecutor, SyncExecutor, make_executor
+from real.robot.execution import (
+    ChunkPlan,
+    EnsembleExecutor,
+    RTCExecutor,
+    SyncExecutor,
+    committed_slots,
+    make_executor,
+)
 from real.robot.hal import Teleoperator
 from real.robot.recording import EpisodeRecorder
 from real.robot.sim_robot import SimRobot
@@ -113,11 +120,47 @@ def test_a_chunk_for_a_robot_holding_still_starts_at_the_next_slot_of_the_action
         assert ex.action_at(0.225)[0] == pytest.approx(2.0), mode
 
 
+def test_rtc_asks_for_the_next_chunk_once_the_boundary_slot_is_observed():
+    """A chunk that started on arrival has its slots on the node's command instants (origin 0.025 + k * 0.1); the
+    servo samples them, and the state is captured, a phase later (0.027 + k * 0.1). At the boundary's command
+    instant the newest frame is the previous slot's: the request waits for the boundary's frame."""
+    ex = RTCExecutor(2, 16, 4, 0.1)
+    ex.origin = 0.025
+    ex.add_chunk(ramp_chunk(), t_obs=0.0, now=0.075)  # the reset frame's chunk, starting at the slot at 0.125
+    assert ex.delay_steps == 0
+    assert ex.wants_inference(0.525) and not ex.wants_inference(0.525, latest_obs=0.427)  # 4 actions: ends at 0.525
+    assert ex.wants_inference(0.575, latest_obs=0.527)
+    # the prefix for the boundary's frame: the action before it and the one due at it, from the running chunk
+    np.testing.assert_allclose(ex.prefix_for(0.527)[:, 0], [4.02, 5.02])
+
+
 def test_rtc_fast_inference_commits_only_the_current_slot():
     ex = RTCExecutor(2, 16, 4, 0.1)
     ex.add_chunk(ramp_chunk(), t_obs=0.0, now=0.03)  # 30 ms: no later slot began before the chunk arrived
     assert ex.delay_steps == 0
     assert ex.prefix_for(t_obs=0.4).shape == (2, ACTION_DIM)
+
+
+def test_committed_slots_count_the_slots_that_begin_before_a_chunks_first_command():
+    # 10 Hz actions; the node picks a chunk up at a command instant 0.1 - 2 ms after its observation at 0 ms
+    # latency (the servo's phase lag), 0.2 - 2 ms at 100 ms, 0.25 - 2 ms (a mid-slot tick) at 150 ms
+    assert [committed_slots(x, 0.1) for x in (0.0, 0.03, 0.098, 0.1, 0.198, 0.248, 0.25, 0.3)] == [0, 0, 0, 0, 1, 2,
+                                                                                                   2, 2]
+    assert committed_slots(0.1 + 1e-4, 0.1) == 1  # a slot at +100 ms that began before the first command
+
+
+def test_rtc_expects_the_median_delay_of_the_latest_chunks_so_one_late_chunk_does_not_lengthen_the_next_prefixes():
+    ex = RTCExecutor(2, 16, 4, 0.1)
+    assert ex.delay_steps == 0  # expected_latency_s 0 before any chunk
+    expected = []
+    # chunks picked up 98 ms after their observation (0 ms injected: the servo phase short of a slot), one late
+    for t, latency in enumerate([0.098, 0.148, 0.098, 0.098, 0.198, 0.198, 0.198]):
+        ex.add_chunk(ramp_chunk(), t_obs=t * 0.4, now=t * 0.4 + latency)
+        expected.append(ex.delay_steps)
+        assert ex.prefix_for(t * 0.4 + 0.3).shape == (2 + ex.delay_steps, ACTION_DIM)
+    # a latency smoothed in seconds stays over 100 ms for the three chunks after the late one (one frozen action
+    # too many each); the slot median is back at 0 with the next chunk and follows a lasting change after two
+    assert expected == [0, 1, 0, 0, 0, 1, 1]
 
 
 def test_rtc_without_prefix_support_cross_fades():
@@ -179,6 +222,14 @@ def test_node_runs_each_mode_within_limits_and_records(robot, tmp_path, mode):
     used = episode["timing.chunk_obs_timestamp"][:, 0] > 0
     assert (episode["timing.chunk_obs_timestamp"][used, 0] < episode["timing.command_time"][used, 0]).all()
     assert robot.status["stopped"] or _wait_for(lambda: robot.status["stopped"])
+    if mode == "rtc":
+        # every chunk after the first continued a frozen prefix; the prefix covered the slots the robot executed
+        # from the old chunk before the new one's first command (an off-by-one in what is frozen would make none
+        # match; a loaded machine can make a chunk late, so not necessarily all)
+        assert len(result.prefix_slots) == result.counts["chunks"] - 1
+        assert sum(sent == actual for sent, actual in result.prefix_slots) >= len(result.prefix_slots) / 2
+    else:
+        assert result.prefix_slots == []
 
 
 def _wait_for(condition, timeout_s: float = 1.0) -> bool:

@@ -1,5 +1,6 @@
 """`robopolicy serve` and `robopolicy deploy server=...` as a user runs them: two processes on loopback."""
 
+import json
 import os
 import re
 import signal
@@ -62,9 +63,11 @@ def test_serve_then_deploy_through_the_server(tmp_path):
 
 def test_deploy_local_checkpoint_and_bad_inputs(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    summary = last_json(run_cli("deploy", f"ckpt={ckpt}", "episodes=1", f"out={tmp_path / 'd'}",
+    summary = last_json(run_cli("deploy", f"ckpt={ckpt}", "episodes=1", f"out={tmp_path / 'd'}", "seed=7",
                                 "control.max_episode_s=4", check=True, timeout=180))
     assert summary["episodes"] == 1 and (tmp_path / "d" / "summary.json").exists()
+    # each episode names its seed (the initial scene `robopolicy eval seed=7` starts from too)
+    assert [e["seed"] for e in json.loads((tmp_path / "d" / "summary.json").read_text())["per_episode"]] == [7]
     # The summary is never overwritten silently.
     again = run_cli("deploy", f"ckpt={ckpt}", "episodes=1", f"out={tmp_path / 'd'}", timeout=180)
     assert again.returncode != 0 and "overwrite" in again.stderr

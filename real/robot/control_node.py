@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from real.robot.client import PolicyClient, PolicyClientError, PolicyServerError
-from real.robot.execution import MODES, make_executor
+from real.robot.execution import MODES, committed_slots, make_executor
 from real.robot.hal import Robot, Teleoperator
 from real.robot.safety import SafetyFilter
 from real.robot.watchdog import Watchdog, WatchdogState
@@ -275,6 +275,10 @@ class EpisodeResult:
     tick_lateness_s: list[float] = field(default_factory=list)  # actual - scheduled tick start
     obs_to_command_s: list[float] = field(default_factory=list)  # per chunk: obs capture -> first command from it
     inference_latency_s: list[float] = field(default_factory=list)
+    seed: int | None = None  # the episode's seed (the robot's reset and the chunks' noise)
+    # per chunk sent with a committed prefix: (slots it froze beyond the one due at its observation, slots that
+    # actually began before its first command); equal when the prefix covered exactly what the robot executed
+    prefix_slots: list[tuple[int, int]] = field(default_factory=list)
 
 
 class ControlNode:
@@ -334,7 +338,7 @@ class ControlNode:
         # hold_ticks: ticks without an action; stall_ticks: those after the policy's first action was sent
         counts = dict.fromkeys(("clamped_ticks", "safety_events", "hold_ticks", "stall_ticks", "stops", "chunks",
                                 "chunk_errors", "invalid_obs", "stale_ticks", "intervention_ticks", "missed_ticks"), 0)
-        result = EpisodeResult(success=False, ticks=0, duration_s=0.0, counts=counts)
+        result = EpisodeResult(success=False, ticks=0, duration_s=0.0, counts=counts, seed=seed)
         last_obs_t = -math.inf
         valid_obs = obs
         if observation_is_valid(obs, self.obs_keys):
@@ -374,11 +378,15 @@ class ControlNode:
                         executor.add_chunk(arrived.chunk, arrived.t_obs, t_cmd)
                         counts["chunks"] += 1
                         chunk_t_obs, chunk_latency, first_command_pending = arrived.t_obs, arrived.latency_s, True
+                        if arrived.prefix_len:
+                            result.prefix_slots.append((arrived.prefix_len - self.backend.n_obs_steps,
+                                                        committed_slots(t_cmd - arrived.t_obs, self.action_dt)))
                         result.inference_latency_s.append(arrived.latency_s)
                     else:
                         counts["chunk_errors"] += 1
                         retry_at = now + cfg.retry_after_s
-                if not self.worker.busy and fresh and now >= retry_at and executor.wants_inference(t_cmd):
+                asks = not self.worker.busy and fresh and now >= retry_at
+                if asks and executor.wants_inference(t_cmd, buffer.latest_time):
                     history, t_obs = buffer.history()
                     noise = noise_rng.standard_normal(self.backend.noise_shape, dtype=np.float32)
                     self.worker.submit(InferenceRequest(history, t_obs, executor.prefix_for(t_obs), noise,

@@ -242,10 +242,25 @@ def summarize(results: list[EpisodeResult], control: ControlConfig) -> dict:
         obs_to_command_ms=_percentiles([x for r in results for x in r.obs_to_command_s]),
         inference_latency_ms=_percentiles([x for r in results for x in r.inference_latency_s]),
         counts=totals,
-        per_episode=[{"success": r.success, "ticks": r.ticks, "seconds": round(r.duration_s, 2),
+        prefix_slots=_prefix_slots([x for r in results for x in r.prefix_slots]),
+        per_episode=[{"seed": r.seed, "success": r.success, "ticks": r.ticks, "seconds": round(r.duration_s, 2),
                       "intervention": r.intervention, "aborted": r.aborted} for r in results],
     )
     return summary
+
+
+def _prefix_slots(pairs: list[tuple[int, int]]) -> dict | None:
+    """How the prefixes rtc froze fit the delay each chunk met: `matched` chunks froze exactly the slots that began
+    before their first command, `short` ones fewer (a slot the chunk generated was already executed from the old
+    one), `long` ones more; `delay_slots`: chunks per number of slots that began meanwhile. None without prefixes."""
+    if not pairs:
+        return None
+    delays: dict[str, int] = {}
+    for _, actual in pairs:
+        delays[str(actual)] = delays.get(str(actual), 0) + 1
+    return {"chunks": len(pairs), "matched": sum(sent == actual for sent, actual in pairs),
+            "short": sum(sent < actual for sent, actual in pairs), "long": sum(sent > actual for sent, actual in pairs),
+            "delay_slots": dict(sorted(delays.items()))}
 
 
 def _percentiles(values: list[float], scale: float = 1e3) -> dict[str, float] | None:
