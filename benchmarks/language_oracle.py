@@ -5,8 +5,9 @@
 Copies the store with `observation.goal` added (a one-hot over the task's goals, read from each episode's recorded
 instruction), trains `--policy` (a shipped config, default flow) on it with the train command's loop, and evaluates
 on the task with the same one-hot added to every observation. Beside a vla trained on the same store, it separates
-what the language conditioning costs from what imitating the task costs. Prints one JSON object as the last line
-and writes benchmarks/results/language_oracle.json.
+what the language conditioning costs from what imitating the task costs. `--set encoder.film_key=observation.goal`
+makes the one-hot scale and shift the state features (FiLM) instead of only joining them. Prints one JSON object as
+the last line and writes benchmarks/results/language_oracle.json.
 """
 
 from __future__ import annotations

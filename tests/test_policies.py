@@ -360,3 +360,39 @@ def test_a_policy_without_prefix_support_refuses_a_prefix_instead_of_ignoring_it
     obs = {"observation.state": torch.randn(1, 2, STATE_DIM)}
     with pytest.raises(ValueError, match="supports_prefix"):
         policy.sample_chunk(obs, prefix_actions=torch.zeros(1, 2, ACTION_DIM))
+
+
+def test_film_key_modulates_the_state_by_a_code_and_learns_a_selection():
+    """encoder.film_key: the named low-dim key (a goal one-hot) scales and shifts the other state features. It
+    starts as no modulation (zero-initialised), reaches the denoiser, and fits "the action is the state dimension
+    the code names" (a product of code and state) that the policy must otherwise build additively."""
+    torch.manual_seed(0)
+    features = {**make_features(), "observation.goal": {"dtype": "float32", "shape": [3], "names": None}}
+    cfg = small_config("mlp")
+    cfg["encoder"] = {**cfg["encoder"], "film_key": "observation.goal", "film_dim": 64}
+    policy = make_policy(cfg, features, make_stats(features, low=-1.0, high=1.0))
+    encoder = policy.obs_encoder
+    assert encoder.lowdim_keys == ["observation.state"] and encoder.out_dim == 64 + 3
+    assert all(float(p.detach().abs().sum()) == 0.0 for p in encoder.film.modulation[-1].parameters())
+
+    batch = make_batch(features, 256, n_obs_steps=2, seed=1)
+    pick = torch.randint(0, 3, (256,))
+    batch["observation.goal"] = torch.nn.functional.one_hot(pick, 3).float()[:, None].expand(-1, 2, -1) * 2 - 1
+    chosen = batch["observation.state"][:, -1].gather(1, pick[:, None])  # [B, 1]
+    batch["action"] = chosen[:, None].expand(-1, 8, ACTION_DIM).tanh()
+    losses = overfit(policy, batch, steps=300, lr=3e-3)
+    assert np.mean(losses[-10:]) < 0.1 * np.mean(losses[:5])
+    assert any(float(p.detach().abs().sum()) > 0.0 for p in encoder.film.modulation[-1].parameters())
+    # the code reaches the action: the same state with another goal gives another chunk
+    obs = observation(batch, 8)
+    other = {**obs, "observation.goal": obs["observation.goal"].roll(1, dims=-1)}
+    policy.eval()
+    assert (policy.sample_chunk(obs) - policy.sample_chunk(other)).abs().mean() > 0.05
+
+
+def test_film_key_must_name_a_low_dim_key():
+    features = make_features()
+    cfg = small_config("flow")
+    cfg["encoder"] = {**cfg["encoder"], "film_key": "observation.goal"}
+    with pytest.raises(ValueError, match="film_key 'observation.goal' is not a low-dim observation key"):
+        make_policy(cfg, features, make_stats(features))

@@ -3,6 +3,7 @@ trip, and `train` / `eval` carry instructions on a language task (any phrasing; 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import last_json
@@ -200,10 +201,12 @@ def test_steer_na_refuses_a_language_base_in_one_sentence(tmp_path):
 
 @pytest.mark.parametrize("action_tokens", ["step", "chunk"])
 @pytest.mark.parametrize("adaln", [True, False])
-def test_every_expert_variant_gives_the_same_chunk_cached_and_uncached(action_tokens, adaln):
+@pytest.mark.parametrize("instruction_film", [False, True])
+def test_every_expert_variant_gives_the_same_chunk_cached_and_uncached(action_tokens, adaln, instruction_film):
     torch.manual_seed(0)
     features = make_features(cameras=("front",))
-    policy = make_policy(vla_config(action_tokens=action_tokens, adaln=adaln), features, make_stats(features))
+    policy = make_policy(vla_config(action_tokens=action_tokens, adaln=adaln, instruction_film=instruction_film),
+                         features, make_stats(features))
     overfit(policy, {**make_batch(features, 8), "task": INSTRUCTIONS * 2}, steps=3)  # adaLN-zero gates leave 0
     policy.eval()
     obs = with_tasks(observation(make_batch(features, 4)), INSTRUCTIONS)
@@ -227,3 +230,32 @@ def test_padding_of_shorter_instructions_changes_nothing():
     batched = policy.sample_chunk(with_tasks(obs, ["left", INSTRUCTIONS[1]]), noise)
     alone = policy.sample_chunk(with_tasks(observation(make_batch(features, 2), 1), ["left"]), noise[:1])
     assert (batched[:1] - alone).abs().max() <= 1e-5
+
+
+def test_instruction_film_selects_the_entity_the_instruction_names():
+    """instruction_film: the instruction scales and shifts each state entity token. It starts as no modulation,
+    and the policy fits "the action is the state of the cube the instruction names" (the state alone says nothing
+    of which), the product of instruction and state that pick_color asks for."""
+    torch.manual_seed(0)
+    colours = ("red", "green", "blue")
+    features = make_features()
+    features["observation.state"]["names"] = [f"cube_{c}.{a}" for c in colours for a in "xy"]
+    policy = make_policy(vla_config(instruction_film=True), features, make_stats(features))
+    film = policy.obs_encoder.instruction_film
+    assert film is not None and film.n_entities == 3
+    assert all(float(p.detach().abs().sum()) == 0.0 for p in film.modulation[-1].parameters())
+    batch = make_batch(features, 96, seed=2)
+    pick = torch.arange(96) % 3
+    batch["task"] = [f"pick up the {colours[i]} cube" for i in pick.tolist()]
+    state = batch["observation.state"][:, -1].view(96, 3, 2)
+    batch["action"] = state[torch.arange(96), pick][:, None, :].repeat(1, 8, 2)[..., :batch["action"].shape[-1]].tanh()
+    losses = overfit(policy, batch, steps=200, lr=3e-3)
+    assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:5])
+    assert any(float(p.detach().abs().sum()) > 0.0 for p in film.modulation[-1].parameters())
+    policy.eval()
+    obs = observation(batch, 6)
+    noise = torch.zeros(6, *policy.noise_shape)
+    told = policy.sample_chunk(with_tasks(obs, batch["task"][:6]), noise)
+    other = policy.sample_chunk(with_tasks(obs, batch["task"][1:7]), noise)
+    target = batch["action"][:6]
+    assert (told - target).abs().mean() < 0.5 * (other - target).abs().mean()

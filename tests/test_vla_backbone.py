@@ -129,3 +129,22 @@ def test_a_backbone_without_its_folder_is_one_clear_error(tmp_path):
     with pytest.raises(PolicyConfigError, match="no config.json"):
         make_policy(small_config("vla", backbone="paligemma", backbone_path=str(tmp_path)), features,
                     make_stats(features))
+
+
+def test_instruction_film_on_a_backbone_modulates_the_state_tokens(backbone):
+    """policy.instruction_film on a backbone: the instruction's input embeddings FiLM the state tokens of the
+    suffix; the modulation learns and the cached and uncached paths still agree."""
+    kind, path = backbone
+    torch.manual_seed(0)
+    features = make_features()
+    policy = make_policy(backbone_config(kind, path, instruction_film=True), features, make_stats(features))
+    film = policy.obs_encoder.instruction_film
+    assert film is not None
+    overfit(policy, {**make_batch(features, 8), "task": INSTRUCTIONS * 2}, steps=3)
+    assert float(film.modulation[-1].weight.detach().abs().sum()) > 0.0
+    policy.eval()
+    obs = with_tasks(observation(make_batch(features, 4)), INSTRUCTIONS)
+    noise = torch.randn(4, *policy.noise_shape)
+    cached = policy.sample_chunk(obs, noise)
+    policy.kv_cache = False
+    assert (policy.sample_chunk(obs, noise) - cached).abs().max() <= 1e-5

@@ -113,6 +113,28 @@ def crop_images(images: torch.Tensor, size: int, random: bool) -> torch.Tensor:
                         for i, (y, x) in enumerate(zip(top.tolist(), left.tolist()))])
 
 
+class FiLMStateEncoder(nn.Module):
+    """State features modulated by a code (a goal or task vector): h = Linear(state), then per dimension
+    h * (1 + scale(code)) + shift(code), Mish, Linear; returns [those features, the code].
+
+    Taking "the offset of whichever object the code names" is a product of code and state, which an additive
+    layer (a Linear of [state, code]) builds only slowly; a per-dimension gate from the code can switch the other
+    objects' features off at once (RT-1's FiLM of its image features by the instruction). The modulation starts
+    at zero (a plain MLP of the state beside the code)."""
+
+    def __init__(self, state_dim: int, code_dim: int, width: int):
+        super().__init__()
+        self.state_in = nn.Linear(state_dim, width)
+        self.modulation = nn.Sequential(nn.Linear(code_dim, width), nn.Mish(), nn.Linear(width, 2 * width))
+        nn.init.zeros_(self.modulation[-1].weight)
+        nn.init.zeros_(self.modulation[-1].bias)
+        self.out = nn.Sequential(nn.Mish(), nn.Linear(width, width))
+
+    def forward(self, state: torch.Tensor, code: torch.Tensor) -> torch.Tensor:  # [B, S], [B, C] -> [B, W + C]
+        scale, shift = self.modulation(code).chunk(2, dim=-1)
+        return torch.cat([self.out(torch.addcmul(shift, self.state_in(state), scale + 1)), code], dim=-1)
+
+
 @dataclass
 class EncoderConfig:
     state_dim: int = setting(0, "0: the flattened normalized state history as-is; > 0: an MLP to this width")
@@ -130,6 +152,10 @@ class EncoderConfig:
     bottleneck_hidden: int = setting(256, "vib: width of the MLP from the features to the latent's mean and "
                                      "log-variance; 0: one linear layer")
     bottleneck_beta: float = setting(1.0e-4, "vib: weight of KL(q(z | obs) || N(0, I)) in the training loss")
+    film_key: str | None = setting(None, "a low-dim observation key (a goal or task code) that scales and shifts "
+                                         "the other state features per dimension (FiLM) before the denoiser; null: "
+                                         "none")
+    film_dim: int = setting(256, "film_key: width of the modulated state features")
 
 
 class ObservationEncoder(nn.Module):
@@ -151,6 +177,15 @@ class ObservationEncoder(nn.Module):
         if not obs_keys:
             raise ValueError("the policy's features have no observation.* key; it needs at least one.")
         self.crop = cfg.crop
+        self.film_key = cfg.film_key
+        self.film = None
+        if self.film_key is not None:
+            if self.film_key not in self.lowdim_keys:
+                raise ValueError(f"encoder.film_key {self.film_key!r} is not a low-dim observation key of this "
+                                 f"policy ({', '.join(self.lowdim_keys) or 'none'}).")
+            self.lowdim_keys = [k for k in self.lowdim_keys if k != self.film_key]
+            if not self.lowdim_keys:
+                raise ValueError(f"encoder.film_key {self.film_key!r} leaves no other state feature to modulate.")
         lowdim = sum(int(features[k]["shape"][-1]) for k in self.lowdim_keys) * n_obs_steps
         state_dim = cfg.state_dim
         self.state_mlp = (
@@ -158,6 +193,11 @@ class ObservationEncoder(nn.Module):
             if state_dim > 0 and lowdim > 0 else nn.Identity()
         )
         self.out_dim = state_dim if state_dim > 0 and lowdim > 0 else lowdim
+        if self.film_key is not None:
+            code_dim = int(features[self.film_key]["shape"][-1])
+            self.film = FiLMStateEncoder(lowdim, code_dim, cfg.film_dim)
+            self.state_mlp = nn.Identity()
+            self.out_dim = cfg.film_dim + code_dim
 
         def image_encoder() -> ImageEncoder:
             return ImageEncoder(list(cfg.image_channels), cfg.image_feature_dim, cfg.pooling, cfg.num_keypoints,
@@ -199,7 +239,8 @@ class ObservationEncoder(nn.Module):
         parts = []
         if self.lowdim_keys:
             lowdim = torch.cat([obs[k] for k in self.lowdim_keys], dim=-1)  # [B, To, D]
-            parts.append(self.state_mlp(rearrange(lowdim, "b t d -> b (t d)")))
+            flat = rearrange(lowdim, "b t d -> b (t d)")
+            parts.append(self.state_mlp(flat) if self.film is None else self.film(flat, obs[self.film_key][:, -1]))
         for i, key in enumerate(self.image_keys):
             images = obs[key]  # [B, To, 3, H, W]
             if self.crop:

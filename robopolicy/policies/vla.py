@@ -36,7 +36,7 @@ from robopolicy.policies.flow import FlowConfig, FlowPolicy
 from robopolicy.policies.text import text_encoder
 from robopolicy.policies.unet1d import SinusoidalEmbedding
 from robopolicy.policies.vla_backbone import BACKBONES, BackboneVLA
-from robopolicy.policies.vla_tokens import PrefixCache, PrefixTokens, state_entities
+from robopolicy.policies.vla_tokens import InstructionFiLM, PrefixCache, PrefixTokens, state_entities
 
 TASK_KEY = "task"
 
@@ -59,6 +59,8 @@ class VLAConfig(FlowConfig):
                                          "condition beside attention)")
     action_tokens: str = setting("step", "step: one action-expert token per action of the chunk (pi0); chunk: one "
                                          "token for the whole chunk", choices=("step", "chunk"))
+    instruction_film: bool = setting(False, "the instruction (attention-pooled tokens) scales and shifts every state "
+                                            "entity token per dimension before the first layer (FiLM)")
     adaln: bool = setting(True, "the flow time and the mean of the prefix's final states modulate every action-expert "
                                 "layer (DiT's adaLN-zero) beside the attention to the prefix")
     num_inference_steps: int = setting(4, "Euler steps over the cached prefix")
@@ -153,7 +155,10 @@ class VLATransformer(nn.Module):
             nn.Sequential(nn.Linear(n_obs_steps * len(idx), d), nn.GELU(), nn.Linear(d, d))
             for _, idx in self.state_groups)
         self.text_model, self.max_text_tokens = cfg.text_model, cfg.max_text_tokens
-        self.text_in = nn.Linear(text_encoder(cfg.text_model, cfg.max_text_tokens).width, d)
+        text_width = text_encoder(cfg.text_model, cfg.max_text_tokens).width
+        self.text_in = nn.Linear(text_width, d)
+        self.instruction_film = (InstructionFiLM(text_width, d, len(self.state_groups))
+                                 if cfg.instruction_film and self.state_groups else None)
         self.kind = nn.Parameter(0.02 * torch.randn(3, d))  # added to image, text and state tokens
         self.prefix_layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
         self.prefix_norm = nn.LayerNorm(d)
@@ -184,9 +189,12 @@ class VLATransformer(nn.Module):
         tokens.append(self.text_in(text) + self.kind[1])
         masks.append(text_mask)
         if self.state_groups:
-            entities = [embed(obs[key][..., idx].flatten(1)) for (key, idx), embed in zip(self.state_groups, self.state_in)]
-            tokens.append(torch.stack(entities, dim=1) + self.kind[2])
-            masks.append(torch.ones(batch, len(entities), dtype=torch.bool, device=device))
+            entities = torch.stack([embed(obs[key][..., idx].flatten(1))
+                                    for (key, idx), embed in zip(self.state_groups, self.state_in)], dim=1)
+            if self.instruction_film is not None:
+                entities = self.instruction_film(entities, text, text_mask)
+            tokens.append(entities + self.kind[2])
+            masks.append(torch.ones(batch, entities.shape[1], dtype=torch.bool, device=device))
         return PrefixTokens(torch.cat(tokens, dim=1), torch.cat(masks, dim=1))
 
     def cache_prefix(self, prefix: PrefixTokens) -> PrefixCache:

@@ -31,7 +31,7 @@ from torch import nn
 from robopolicy.data.spec import IMAGE_PREFIX
 from robopolicy.policies.base import PolicyConfigError
 from robopolicy.policies.unet1d import SinusoidalEmbedding
-from robopolicy.policies.vla_tokens import PrefixCache, PrefixTokens, state_entities
+from robopolicy.policies.vla_tokens import InstructionFiLM, PrefixCache, PrefixTokens, state_entities
 
 BACKBONES = ("smolvlm", "paligemma")
 
@@ -105,6 +105,8 @@ class BackboneVLA(nn.Module):
         self.state_in = nn.ModuleList(
             nn.Sequential(nn.Linear(n_obs_steps * len(idx), d), nn.GELU(), nn.Linear(d, d))
             for _, idx in self.state_groups)
+        self.instruction_film = (InstructionFiLM(text_cfg.hidden_size, d, len(self.state_groups))
+                                 if cfg.instruction_film and self.state_groups else None)
         self.action_in = nn.Linear(action_dim, d)
         self.time_in = nn.Sequential(SinusoidalEmbedding(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         self.action_pos = nn.Parameter(0.02 * torch.randn(horizon, d))
@@ -149,6 +151,8 @@ class BackboneVLA(nn.Module):
         state = (torch.stack([embed(obs[key][..., idx].flatten(1))
                               for (key, idx), embed in zip(self.state_groups, self.state_in)], 1)
                  if self.state_groups else None)
+        if self.instruction_film is not None:  # on the instruction's input embeddings (the VLM's run later)
+            state = self.instruction_film(state, parts[-1], masks[-1])
         return PrefixTokens(torch.cat(parts, 1), torch.cat(masks, 1), suffix=state)
 
     def cache_prefix(self, prefix: PrefixTokens) -> PrefixCache:

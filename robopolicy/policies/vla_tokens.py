@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 def state_entities(key: str, spec: Mapping, mode: str) -> list[tuple[str, list[int]]]:
@@ -49,3 +50,34 @@ class PrefixTokens:
     tokens: torch.Tensor
     mask: torch.Tensor
     suffix: torch.Tensor | None = None  # tokens leading the suffix [B, S, d] (on a backbone: the state tokens)
+
+
+class InstructionFiLM(nn.Module):
+    """The instruction scales and shifts every state token per dimension (FiLM, as RT-1 conditions its image
+    features on the instruction), before any attention layer.
+
+    A few learned queries attention-pool the instruction's token states into a code [B, d]; an MLP maps it to a
+    scale and a shift for each state entity token [B, E, d]. "The offset of the cube the instruction names" is a
+    product of instruction and state: attention layers learn it only slowly, a per-token gate can switch the
+    other entities' features off at once. The last layer starts at zero, so the tokens start unmodulated."""
+
+    def __init__(self, text_width: int, d: int, n_entities: int, n_queries: int = 4):
+        super().__init__()
+        self.n_entities, self.d = n_entities, d
+        self.keys = nn.Linear(text_width, d)
+        self.values = nn.Linear(text_width, d)
+        self.queries = nn.Parameter(0.02 * torch.randn(n_queries, d))
+        self.modulation = nn.Sequential(nn.Linear(n_queries * d, d), nn.GELU(), nn.Linear(d, n_entities * 2 * d))
+        nn.init.zeros_(self.modulation[-1].weight)
+        nn.init.zeros_(self.modulation[-1].bias)
+
+    def code(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """text [B, L, w], mask [B, L] (True: a real token) -> the pooled instruction [B, n_queries * d]."""
+        scores = torch.einsum("qd,bld->bql", self.queries, self.keys(text)) / self.d ** 0.5
+        weights = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+        return torch.einsum("bql,bld->bqd", weights, self.values(text)).flatten(1)
+
+    def forward(self, entities: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """entities [B, E, d] -> the same, modulated by the instruction."""
+        scale, shift = self.modulation(self.code(text, mask)).view(-1, self.n_entities, 2, self.d).unbind(2)
+        return torch.addcmul(shift, entities, scale + 1)
