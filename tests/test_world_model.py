@@ -19,6 +19,7 @@ from robopolicy.data import DemoStore
 from robopolicy.finetune import finetune
 from robopolicy.loading import load_policy
 from robopolicy.rl.steer import SteerPolicy
+from robopolicy.rl.world_model import WorldModelAlgoConfig, real_share
 from robopolicy.world_model import (
     WorldModelConfig,
     WorldModelError,
@@ -72,6 +73,23 @@ def test_imagination_starts_from_real_histories_padded_at_each_episode_start():
     assert ep.histories(2, first_only=True)[..., 0].tolist() == [[0, 0], [3, 3]]
 
 
+def test_real_weight_gives_the_rounds_episodes_their_share_of_windows_and_start_states():
+    # 3 stored episodes (lengths 4, 4, 2), then 1 real round's episode (length 5): state = its episode's index
+    lengths = np.array([4, 4, 2, 5])
+    ep = Episodes(np.repeat(np.arange(4, dtype=np.float32), lengths)[:, None], np.zeros((15, 1), np.float32),
+                  np.zeros(15, np.float32), np.zeros(15, bool), np.concatenate([[0], np.cumsum(lengths)[:-1]]),
+                  lengths)
+    assert real_share(ep, 3, 0.0, per_frame=False) is None and real_share(ep, 4, 0.5, per_frame=True) is None
+    p = real_share(ep, 3, 0.5, per_frame=False)
+    assert p.tolist() == pytest.approx([1 / 6, 1 / 6, 1 / 6, 1 / 2])
+    frames = real_share(ep, 3, 0.25, per_frame=True)  # each group's frames alike: 10 stored, 5 real
+    assert frames.tolist() == pytest.approx([0.075] * 10 + [0.05] * 5) and len(frames) == len(ep.histories(2))
+    w = sample_windows(ep, 4000, 1, 2, 1, np.random.default_rng(0), episode_p=p)
+    assert (w["state"][:, 0, 0] == 3).float().mean().item() == pytest.approx(0.5, abs=0.03)
+    with pytest.raises(ValueError, match="real_weight"):
+        WorldModelAlgoConfig(real_weight=1.0)
+
+
 def test_train_writes_a_model_that_reloads_to_the_same_predictions(model_dir, store):
     for name in ("model.safetensors", "config.json", "report.json", "report.png"):
         assert (model_dir / name).exists(), name
@@ -95,10 +113,17 @@ def test_training_lowers_held_out_prediction_error(store):
     train, held = episodes.subset(range(6)), episodes.subset([6, 7])
     torch.manual_seed(0)
     model = new_model(WorldModelConfig(hidden=[64, 64], latent_dim=16, ensemble=2, horizon=2), train)
-    before = prediction_report(model, held, 2)["by_horizon"][0]["state_rmse"]
+    first = prediction_report(model, held, 2)
     fit(model, train, 300, batch_size=64, seed=0)
-    after = prediction_report(model, held, 2)["by_horizon"][0]["state_rmse"]
+    report = prediction_report(model, held, 2)
+    before, after = first["by_horizon"][0]["state_rmse"], report["by_horizon"][0]["state_rmse"]
     assert after < 0.75 * before, (before, after)  # 6 training episodes: the start states barely repeat
+    assert report["reconstruction"]["state_rmse"] < 0.75 * first["reconstruction"]["state_rmse"]
+    std = model.state_std.numpy()
+    for part in (report["reconstruction"], report["by_horizon"][0]):  # per dimension in robot units, the same error
+        by_dim = np.array(part["state_rmse_by_dim"])
+        assert by_dim.shape == (model.state_dim,)
+        assert np.sqrt(np.mean((by_dim / std) ** 2)) == pytest.approx(part["state_rmse"], rel=0.01, abs=1e-3)
 
 
 def test_the_batched_ensemble_is_each_member_s_own_mlp_and_reads_weights_saved_per_member():
@@ -169,7 +194,7 @@ def test_refining_in_the_model_spends_only_the_real_budget(model_dir, tmp_path, 
     base = make_base(tmp_path / "base", TASK)
     algo = {"name": "world_model", "wm": str(model_dir), "real_env_steps": real_env_steps, "round_env_steps": 20,
             "retrain_steps": 5, "imagined_steps": 200, "imagine_batch": 4, "horizon_chunks": 5,
-            "start_states": start_states}
+            "start_states": start_states, "real_weight": 0.5 if start_states == "visited" else 0.0}
     cfg = finetune_cfg(algo, base, tmp_path / "run", task=TASK)
     summary = finetune(cfg, lambda n: make_envs(n, TASK), log=lambda m: None)
     assert summary["algo"] == "world_model" and summary["updates"] > 0 and summary["imagined_env_steps"] >= 200 * (1 + (real_env_steps > 0))  # one round per real round
