@@ -19,7 +19,6 @@ from robopolicy.data import DemoStore
 from robopolicy.finetune import finetune
 from robopolicy.loading import load_policy
 from robopolicy.rl.steer import SteerPolicy
-from robopolicy.rl.world_model import WorldModelAlgoConfig, real_share
 from robopolicy.world_model import (
     WorldModelConfig,
     WorldModelError,
@@ -71,23 +70,6 @@ def test_imagination_starts_from_real_histories_padded_at_each_episode_start():
                   np.zeros(5, bool), np.array([0, 3]), np.array([3, 2]))
     assert ep.histories(2)[..., 0].tolist() == [[0, 0], [0, 1], [1, 2], [3, 3], [3, 4]]  # every visited frame
     assert ep.histories(2, first_only=True)[..., 0].tolist() == [[0, 0], [3, 3]]
-
-
-def test_real_weight_gives_the_rounds_episodes_their_share_of_windows_and_start_states():
-    # 3 stored episodes (lengths 4, 4, 2), then 1 real round's episode (length 5): state = its episode's index
-    lengths = np.array([4, 4, 2, 5])
-    ep = Episodes(np.repeat(np.arange(4, dtype=np.float32), lengths)[:, None], np.zeros((15, 1), np.float32),
-                  np.zeros(15, np.float32), np.zeros(15, bool), np.concatenate([[0], np.cumsum(lengths)[:-1]]),
-                  lengths)
-    assert real_share(ep, 3, 0.0, per_frame=False) is None and real_share(ep, 4, 0.5, per_frame=True) is None
-    p = real_share(ep, 3, 0.5, per_frame=False)
-    assert p.tolist() == pytest.approx([1 / 6, 1 / 6, 1 / 6, 1 / 2])
-    frames = real_share(ep, 3, 0.25, per_frame=True)  # each group's frames alike: 10 stored, 5 real
-    assert frames.tolist() == pytest.approx([0.075] * 10 + [0.05] * 5) and len(frames) == len(ep.histories(2))
-    w = sample_windows(ep, 4000, 1, 2, 1, np.random.default_rng(0), episode_p=p)
-    assert (w["state"][:, 0, 0] == 3).float().mean().item() == pytest.approx(0.5, abs=0.03)
-    with pytest.raises(ValueError, match="real_weight"):
-        WorldModelAlgoConfig(real_weight=1.0)
 
 
 def test_train_writes_a_model_that_reloads_to_the_same_predictions(model_dir, store):
@@ -194,7 +176,7 @@ def test_refining_in_the_model_spends_only_the_real_budget(model_dir, tmp_path, 
     base = make_base(tmp_path / "base", TASK)
     algo = {"name": "world_model", "wm": str(model_dir), "real_env_steps": real_env_steps, "round_env_steps": 20,
             "retrain_steps": 5, "imagined_steps": 200, "imagine_batch": 4, "horizon_chunks": 5,
-            "start_states": start_states, "real_weight": 0.5 if start_states == "visited" else 0.0}
+            "start_states": start_states}
     cfg = finetune_cfg(algo, base, tmp_path / "run", task=TASK)
     summary = finetune(cfg, lambda n: make_envs(n, TASK), log=lambda m: None)
     assert summary["algo"] == "world_model" and summary["updates"] > 0 and summary["imagined_env_steps"] >= 200 * (1 + (real_env_steps > 0))  # one round per real round

@@ -14,8 +14,6 @@ Rounds: refine in imagination (`imagined_steps`), evaluate for real, then, while
 run the refined policy for `round_env_steps` real steps, add those episodes to the model's data (and to
 out/real_rollouts, a store), retrain the model for `retrain_steps`, and refine again. `real_env_steps=0` is the
 offline mode: the store alone. Learning curves are against REAL env steps; imagined steps are reported apart.
-`real_weight` > 0 draws that share of the retraining windows and of the imagined start states from the rounds'
-real episodes (the refined policy's own states), the rest from the store's, instead of every episode alike.
 """
 
 from __future__ import annotations
@@ -69,14 +67,6 @@ class WorldModelAlgoConfig(SteerConfig):  # steer's fields (the refined policy i
                                 "task's start distribution) | visited: any recorded frame with its history, real "
                                 "rounds' included (MBPO's branching; pair it with a short horizon_chunks)",
                                 choices=("first", "visited"))
-    real_weight: float = setting(0.0, "share of the model's retraining windows and of the imagined start states "
-                                 "drawn from the real rounds' episodes, the rest from the store's (0: every "
-                                 "recorded episode alike)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 <= self.real_weight < 1:
-            raise ValueError(f"algo.real_weight is a share in [0, 1), got {self.real_weight}.")
 
 
 def make_method(base: ChunkPolicy, base_ref: Mapping[str, str], algo: WorldModelAlgoConfig, reward: RewardSpec,
@@ -124,17 +114,13 @@ def imagine_transitions(model, method: Steer, starts: torch.Tensor, algo: WorldM
 
 
 def refine_in_model(model, method: Steer, buffer: ReplayBuffer, starts: np.ndarray, algo: WorldModelAlgoConfig,
-                    reward: RewardSpec, rng: np.random.Generator, generator: torch.Generator,
-                    start_p: np.ndarray | None = None) -> dict[str, Any]:
-    """`algo.imagined_steps` imagined env steps from state histories `starts` [N, To, S] (drawn alike, or with
-    probabilities `start_p`), each batch added to the buffer, then SAC updates at `updates_per_step` per imagined
-    env step."""
+                    reward: RewardSpec, rng: np.random.Generator, generator: torch.Generator) -> dict[str, Any]:
+    """`algo.imagined_steps` imagined env steps from state histories `starts` [N, To, S], each batch added to the
+    buffer, then SAC updates at `updates_per_step` per imagined env step."""
     imagined, updates, debt, metrics = 0, 0, 0.0, {}
     lengths, successes = [], []
     while imagined < algo.imagined_steps:
-        picked = (rng.integers(0, len(starts), algo.imagine_batch) if start_p is None
-                  else rng.choice(len(starts), algo.imagine_batch, p=start_p))
-        batch = torch.from_numpy(starts[picked])
+        batch = torch.from_numpy(starts[rng.integers(0, len(starts), algo.imagine_batch)])
         rows = imagine_transitions(model, method, batch, algo, reward, generator)
         steps = sum(len(r["reward"]) for r in rows) * model.cfg.chunk_steps
         for row in rows:
@@ -151,23 +137,6 @@ def refine_in_model(model, method: Steer, buffer: ReplayBuffer, starts: np.ndarr
             updates += 1
     return {"imagined_env_steps": imagined, "updates": updates, "metrics": metrics,
             "imagined_success": round(float(np.mean(successes[-20:])), 4) if successes else None}
-
-
-def real_share(episodes, stored: int, weight: float, per_frame: bool) -> np.ndarray | None:
-    """Probabilities over episodes (or over their frames) that give the episodes after the first `stored` (the
-    real rounds') the share `weight` and the stored ones the rest, each alike within its group; None (all alike)
-    while there are no round episodes or weight is 0."""
-    n = episodes.num_episodes
-    if weight <= 0 or n <= stored or stored == 0:
-        return None
-    group = np.arange(n) >= stored
-    mass = np.where(group, weight, 1 - weight)
-    if per_frame:
-        sizes = np.array([episodes.lengths[group == g].sum() for g in (False, True)])
-        p = np.repeat(mass / sizes[group.astype(int)], episodes.lengths)
-    else:
-        p = mass / np.bincount(group.astype(int), minlength=2)[group.astype(int)]
-    return p / p.sum()
 
 
 def run_real_episodes(policy, make_envs: Callable[[int], Any], env_steps: int, num_envs: int, seed: int
@@ -209,7 +178,6 @@ def run_model_based(method: Steer, buffer: ReplayBuffer, make_envs: Callable[[in
         fit(model, episodes, algo.model_steps, seed=seed)
         log(f"world model trained on {episodes.num_episodes} episodes in {time.perf_counter() - started:.0f} s")
     check_policy(model, policy)
-    stored = episodes.num_episodes  # the store's episodes; the real rounds' follow them
     real_store = None
     real_steps, imagined, n_updates, metrics = 0, 0, 0, {}
     real_outcomes: list[bool] = []
@@ -217,10 +185,8 @@ def run_model_based(method: Steer, buffer: ReplayBuffer, make_envs: Callable[[in
     try:
         while True:
             model.eval().requires_grad_(False)
-            first_only = algo.start_states == "first"
-            starts = episodes.histories(model.cfg.obs_steps, first_only=first_only)
-            result = refine_in_model(model, method, buffer, starts, algo, reward, rng, generator,
-                                     real_share(episodes, stored, algo.real_weight, per_frame=not first_only))
+            starts = episodes.histories(model.cfg.obs_steps, first_only=algo.start_states == "first")
+            result = refine_in_model(model, method, buffer, starts, algo, reward, rng, generator)
             imagined += result["imagined_env_steps"]
             n_updates += result["updates"]
             metrics = result["metrics"] or metrics
@@ -255,8 +221,7 @@ def run_model_based(method: Steer, buffer: ReplayBuffer, make_envs: Callable[[in
                 real_steps += ep.length
                 real_outcomes.append(ep.success)
             episodes = episodes.extend([ep.stacked() for ep in new])
-            fit(model, episodes, algo.retrain_steps, seed=seed + len(real_outcomes),
-                episode_p=real_share(episodes, stored, algo.real_weight, per_frame=False))
+            fit(model, episodes, algo.retrain_steps, seed=seed + len(real_outcomes))
             log(f"real round: {len(new)} episodes, success {np.mean([ep.success for ep in new]):.2f}; "
                 f"model retrained on {episodes.num_episodes} episodes")
     finally:

@@ -113,10 +113,9 @@ def load_episodes(paths: Sequence[str | Path]) -> tuple[Episodes, dict]:
 
 
 def sample_windows(episodes: Episodes, batch_size: int, horizon: int, chunk_steps: int, obs_steps: int,
-                   rng: np.random.Generator, episode_ids: np.ndarray | None = None, t: np.ndarray | None = None,
-                   episode_p: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-    """A batch of windows (random start frames of episodes drawn alike, or with probabilities `episode_p` [E];
-    or episodes `episode_ids` from frames `t`):
+                   rng: np.random.Generator, episode_ids: np.ndarray | None = None, t: np.ndarray | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """A batch of windows (random start frames, or episodes `episode_ids` from frames `t`):
 
         state [B, H+1, S]       encoder inputs at each step (clamped to the last frame past the end)
         history [B, H+1, To, S] decoder targets: the obs_steps states up to each step (start padded)
@@ -126,8 +125,7 @@ def sample_windows(episodes: Episodes, batch_size: int, horizon: int, chunk_step
         valid [B, H+1]          step h starts inside the episode
     """
     if episode_ids is None:
-        episode_ids = (rng.integers(0, episodes.num_episodes, batch_size) if episode_p is None
-                       else rng.choice(episodes.num_episodes, batch_size, p=episode_p))
+        episode_ids = rng.integers(0, episodes.num_episodes, batch_size)
         t = (rng.random(batch_size) * episodes.lengths[episode_ids]).astype(np.int64)
     start, length = episodes.starts[episode_ids][:, None], episodes.lengths[episode_ids][:, None]
     pos = t[:, None] + np.arange(horizon + 1)[None] * chunk_steps  # [B, H+1]

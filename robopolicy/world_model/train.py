@@ -102,9 +102,8 @@ def new_model(cfg: WorldModelConfig, episodes: Episodes) -> WorldModel:
 
 
 def fit(model: WorldModel, episodes: Episodes, steps: int, *, batch_size: int = 256, lr: float = 1e-3,
-        seed: int = 0, progress=None, episode_p: np.ndarray | None = None) -> list[dict[str, float]]:
-    """Gradient steps on windows of `episodes` (a new model, or one retrained on grown data), their episodes drawn
-    alike or with probabilities `episode_p`; the loss curve."""
+        seed: int = 0, progress=None) -> list[dict[str, float]]:
+    """Gradient steps on windows of `episodes` (a new model, or one retrained on grown data); the loss curve."""
     cfg = model.cfg
     rng = np.random.default_rng(seed)
     model.train().requires_grad_(True)
@@ -112,8 +111,7 @@ def fit(model: WorldModel, episodes: Episodes, steps: int, *, batch_size: int = 
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optim, max(steps, 1), eta_min=lr * 0.1)
     curve = []
     for step in range(steps):
-        batch = sample_windows(episodes, batch_size, cfg.horizon, cfg.chunk_steps, cfg.obs_steps, rng,
-                               episode_p=episode_p)
+        batch = sample_windows(episodes, batch_size, cfg.horizon, cfg.chunk_steps, cfg.obs_steps, rng)
         loss, metrics = window_loss(model, batch)
         optim.zero_grad(set_to_none=True)
         loss.backward()
