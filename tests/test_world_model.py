@@ -95,10 +95,17 @@ def test_training_lowers_held_out_prediction_error(store):
     train, held = episodes.subset(range(6)), episodes.subset([6, 7])
     torch.manual_seed(0)
     model = new_model(WorldModelConfig(hidden=[64, 64], latent_dim=16, ensemble=2, horizon=2), train)
-    before = prediction_report(model, held, 2)["by_horizon"][0]["state_rmse"]
+    first = prediction_report(model, held, 2)
     fit(model, train, 300, batch_size=64, seed=0)
-    after = prediction_report(model, held, 2)["by_horizon"][0]["state_rmse"]
+    report = prediction_report(model, held, 2)
+    before, after = first["by_horizon"][0]["state_rmse"], report["by_horizon"][0]["state_rmse"]
     assert after < 0.75 * before, (before, after)  # 6 training episodes: the start states barely repeat
+    assert report["reconstruction"]["state_rmse"] < 0.75 * first["reconstruction"]["state_rmse"]
+    std = model.state_std.numpy()
+    for part in (report["reconstruction"], report["by_horizon"][0]):  # per dimension in robot units, the same error
+        by_dim = np.array(part["state_rmse_by_dim"])
+        assert by_dim.shape == (model.state_dim,)
+        assert np.sqrt(np.mean((by_dim / std) ** 2)) == pytest.approx(part["state_rmse"], rel=0.01, abs=1e-3)
 
 
 def test_the_batched_ensemble_is_each_member_s_own_mlp_and_reads_weights_saved_per_member():

@@ -127,8 +127,10 @@ def fit(model: WorldModel, episodes: Episodes, steps: int, *, batch_size: int = 
 
 @torch.no_grad()
 def prediction_report(model: WorldModel, episodes: Episodes, horizon: int) -> dict[str, Any]:
-    """Open-loop prediction from every held-out frame with the recorded actions: state RMSE (normalized units) and
-    latent error per chunk step (ensemble mean and per member); the success classifier at the encoded latents."""
+    """Open-loop prediction from every held-out frame with the recorded actions: state RMSE (normalized units; per
+    state dimension in robot units) and latent error per chunk step (ensemble mean and per member), and the same
+    RMSE of decode(encode(state)) with no step predicted (what the latent loses by itself, apart from drift); the
+    success classifier at the encoded latents."""
     model.eval()
     cfg = model.cfg
     w = all_windows(episodes, horizon, cfg.chunk_steps, cfg.obs_steps)
@@ -144,19 +146,25 @@ def prediction_report(model: WorldModel, episodes: Episodes, horizon: int) -> di
         predicted = (model.decode(z[:, there])[..., -1, :] - model.state_mean) / model.state_std  # [E, n, S]
         member_rmse = ((predicted - truth) ** 2).mean((-1, -2)).sqrt()
         mean_rmse = ((predicted.mean(0) - truth) ** 2).mean().sqrt()
+        dim_rmse = ((predicted.mean(0) - truth) ** 2).mean(0).sqrt() * model.state_std
         by_horizon.append({"chunk_steps": h + 1, "env_steps": (h + 1) * cfg.chunk_steps, "windows": int(there.sum()),
                            "state_rmse": round(mean_rmse.item(), 4),
                            "state_rmse_members": [round(v, 4) for v in member_rmse.tolist()],
+                           "state_rmse_by_dim": [round(v, 4) for v in dim_rmse.tolist()],
                            "latent_mse": round(((z[:, there] - z_enc[there, h + 1]) ** 2).mean().item(), 5),
                            "disagreement": round(z[:, there].std(0).mean().item(), 5)})
     here = w["valid"][:, 0].bool()
+    decoded = (model.decode(z_enc[here, 0])[..., -1, :] - model.state_mean) / model.state_std
+    err = decoded - (w["state"][here, 0] - model.state_mean) / model.state_std
+    reconstruction = {"state_rmse": round((err ** 2).mean().sqrt().item(), 4),
+                      "state_rmse_by_dim": [round(v, 4) for v in ((err ** 2).mean(0).sqrt() * model.state_std).tolist()]}
     prob = model.success(z_enc[here, 0], w["chunk"][here, 0])
     label = w["success"][here, 0].bool()
     guess = prob > 0.5
     positives, negatives = label.sum().item(), (~label).sum().item()
     recall = (guess & label).sum().item() / max(positives, 1)
     specificity = (~guess & ~label).sum().item() / max(negatives, 1)
-    return {"episodes": episodes.num_episodes, "by_horizon": by_horizon,
+    return {"episodes": episodes.num_episodes, "reconstruction": reconstruction, "by_horizon": by_horizon,
             "success_classifier": {"chunks": int(here.sum()), "positives": int(positives),
                                    "accuracy": round((guess == label).float().mean().item(), 4),
                                    "balanced_accuracy": round((recall + specificity) / 2, 4),
