@@ -176,7 +176,8 @@ def test_finetune_saves_a_plain_checkpoint_that_runs_without_its_base(tmp_path, 
     base = tmp_path / "base"
     shutil.copytree(base_src, base)
     extra = {"noise_hidden": [32]} if name == "reinflow" else {}
-    cfg = finetune_cfg({"name": name, **{k: v for k, v in SMALL.items() if k != "noise_hidden"}, **extra},
+    cfg = finetune_cfg({"name": name, **{k: v for k, v in SMALL.items() if k != "noise_hidden"}, **extra,
+                        "value_warmup": 0},  # the actor learns from the first update
                        base, tmp_path / "run")
     summary = finetune(cfg, make_envs, log=lambda m: None)
     assert summary["env_steps"] == 64 and summary["updates"] > 0

@@ -48,7 +48,8 @@ class ChainPPOConfig(AlgoConfig, PPOConfig):
     max_grad_norm: float = setting(1.0, "gradient norm clip")
     separate_grad_clip: bool = setting(True, "clip the actor's and the value network's gradients each to "
                                        "max_grad_norm (DPPO's separate optimizers); false: their joint norm, "
-                                       "which a value loss on returns of ~100 dominates, shrinking the actor's step")
+                                       "which a value loss on returns of ~100 dominates: the actor's step then varies "
+                                       "with the value loss")
     value_warmup: int = setting(0, "the first this many PPO updates train the value network only (DPPO's critic "
                                 "warm-up), so the actor does not follow an untrained V(s)'s advantages")
     normalize_returns: bool = setting(False, "fit the value network to returns over a running std of them (as "

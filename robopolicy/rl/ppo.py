@@ -78,8 +78,9 @@ class PPO:
     warm-up: advantages from an untrained V(s) are noise the actor would follow); `normalize_returns` fits the value
     network to returns divided by a running estimate of their std (returns of ~100 otherwise leave V(s) far off).
     `separate_grad_clip` clips the actor's and the value network's gradients each to `max_grad_norm` (as DPPO's
-    separate optimizers do) rather than their joint norm: jointly, a value loss on returns of ~100 has a gradient
-    thousands of times the actor's, and clipping their joint norm shrinks the actor's step with it.
+    separate optimizers do) rather than their joint norm: a value loss on returns of ~100 has a gradient far larger
+    than the actor's, so the joint clip rescales the actor's gradient by a factor that changes with the value loss
+    from minibatch to minibatch (Adam undoes a constant scale, not a varying one).
     """
 
     def __init__(self, obs_dim: int, action_dim: int, cfg: PPOConfig, actor: torch.nn.Module, seed: int = 0,
