@@ -147,6 +147,28 @@ def test_normalized_returns_scale_the_value_targets(base_ckpt):  # noqa: F811
     assert (fitted - ret).pow(2).mean() < 0.5 * ret.var()  # V(s) tracks returns of std ~100
 
 
+def test_separate_grad_clip_keeps_the_value_loss_from_shrinking_the_actor_step(base_ckpt):  # noqa: F811
+    """Value targets of ~1e5 (unnormalized returns) leave the fine-tuned chain's step as it is with small ones when
+    the actor's gradient is clipped on its own; with the joint norm clipped, the value loss's scale changes the
+    actor's step (Adam undoes a constant scale, not one that varies from minibatch to minibatch)."""
+
+    def actor_step(separate: bool, ret_scale: float) -> torch.Tensor:
+        torch.manual_seed(3)
+        method = chain_method("reinflow", base_ckpt, separate_grad_clip=separate, **SMALL)
+        torch.manual_seed(4)
+        batch = rollout_batch(method, adv=torch.randn(16))
+        batch["ret"] = batch["ret"] * ret_scale
+        before = [p.detach().clone() for p in method.ppo.actor_params]
+        metrics = method.ppo.optimize(batch)
+        assert {"approx_kl", "actor_grad_norm", "value_grad_norm"} <= set(metrics)
+        return torch.cat([(p.detach() - b).flatten() for p, b in zip(method.ppo.actor_params, before, strict=True)])
+
+    small, large = actor_step(True, 1.0), actor_step(True, 1e5)
+    assert small.norm() > 0 and torch.allclose(small, large, atol=1e-7)
+    joint_small, joint_large = actor_step(False, 1.0), actor_step(False, 1e5)
+    assert (joint_large - joint_small).norm() > 0.1 * joint_small.norm()
+
+
 @pytest.mark.parametrize("name", ["reinflow", "dppo"])
 def test_finetune_saves_a_plain_checkpoint_that_runs_without_its_base(tmp_path, base_ckpt, diffusion_ckpt,  # noqa: F811
                                                                       name):
@@ -154,7 +176,8 @@ def test_finetune_saves_a_plain_checkpoint_that_runs_without_its_base(tmp_path, 
     base = tmp_path / "base"
     shutil.copytree(base_src, base)
     extra = {"noise_hidden": [32]} if name == "reinflow" else {}
-    cfg = finetune_cfg({"name": name, **{k: v for k, v in SMALL.items() if k != "noise_hidden"}, **extra},
+    cfg = finetune_cfg({"name": name, **{k: v for k, v in SMALL.items() if k != "noise_hidden"}, **extra,
+                        "value_warmup": 0},  # the actor learns from the first update
                        base, tmp_path / "run")
     summary = finetune(cfg, make_envs, log=lambda m: None)
     assert summary["env_steps"] == 64 and summary["updates"] > 0

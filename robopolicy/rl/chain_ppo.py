@@ -46,6 +46,10 @@ class ChainPPOConfig(AlgoConfig, PPOConfig):
     value_coef: float = setting(0.5, "value loss weight")
     entropy_coef: float = setting(0.0, "entropy bonus weight (on the chain's Gaussian steps)")
     max_grad_norm: float = setting(1.0, "gradient norm clip")
+    separate_grad_clip: bool = setting(True, "clip the actor's and the value network's gradients each to "
+                                       "max_grad_norm (DPPO's separate optimizers); false: their joint norm, "
+                                       "which a value loss on returns of ~100 dominates: the actor's step then varies "
+                                       "with the value loss")
     value_warmup: int = setting(0, "the first this many PPO updates train the value network only (DPPO's critic "
                                 "warm-up), so the actor does not follow an untrained V(s)'s advantages")
     normalize_returns: bool = setting(False, "fit the value network to returns over a running std of them (as "
@@ -123,7 +127,8 @@ class ChainPPO:
         self.log_prob_scale = 1.0 / (policy.horizon * policy.action_dim) if cfg.log_prob_average else 1.0
         self.ppo = PPO(policy.feature_dim, 0, cfg, actor=policy, seed=seed, log_prob=self.log_prob,
                        step_weights=None if policy.joint_ratio else step_weights, actor_lr=cfg.actor_lr,
-                       value_warmup=cfg.value_warmup, normalize_returns=cfg.normalize_returns)
+                       value_warmup=cfg.value_warmup, normalize_returns=cfg.normalize_returns,
+                       separate_grad_clip=cfg.separate_grad_clip)
         self.generator = torch.Generator().manual_seed(seed)
 
     def log_prob(self, cond: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

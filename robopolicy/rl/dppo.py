@@ -46,6 +46,12 @@ class DPPOConfig(ChainPPOConfig):
     min_logprob_std: float = setting(0.1, "the std is clamped to at least this in the log-probability")
     denoising_discount: float = setting(0.99, "a denoising step k steps before the final chunk has its advantage "
                                         "discounted by this ** k")
+    # measured on the pick_place sloppy diffusion base (README): 0.46 -> 0.94 over 100 episodes at 140k env steps
+    # with these; the shared defaults (actor_lr 1e-5, value network at 3e-4 on unscaled returns) reached 0.76 at 100k
+    actor_lr: float = setting(3.0e-5, "Adam learning rate of the fine-tuned denoiser")
+    lr: float = setting(1.0e-3, "Adam learning rate of the value network")
+    value_warmup: int = setting(2, "the first this many PPO updates train the value network only")
+    normalize_returns: bool = setting(True, "fit the value network to returns over a running std of them")
 
     def __post_init__(self) -> None:
         if self.ft_denoising_steps < 1 or self.min_sampling_std <= 0.0:

@@ -77,13 +77,18 @@ class PPO:
     learn at `actor_lr` (None: `lr`). The first `value_warmup` updates train the value network only (DPPO's critic
     warm-up: advantages from an untrained V(s) are noise the actor would follow); `normalize_returns` fits the value
     network to returns divided by a running estimate of their std (returns of ~100 otherwise leave V(s) far off).
+    `separate_grad_clip` clips the actor's and the value network's gradients each to `max_grad_norm` (as DPPO's
+    separate optimizers do) rather than their joint norm: a value loss on returns of ~100 has a gradient far larger
+    than the actor's, so the joint clip rescales the actor's gradient by a factor that changes with the value loss
+    from minibatch to minibatch (Adam undoes a constant scale, not a varying one).
     """
 
     def __init__(self, obs_dim: int, action_dim: int, cfg: PPOConfig, actor: torch.nn.Module, seed: int = 0,
                  action_penalty: float = 0.0, log_prob: LogProb | None = None,
                  step_weights: torch.Tensor | None = None, actor_lr: float | None = None,
-                 value_warmup: int = 0, normalize_returns: bool = False):
+                 value_warmup: int = 0, normalize_returns: bool = False, separate_grad_clip: bool = False):
         self.value_warmup, self.updates = value_warmup, 0
+        self.separate_grad_clip = separate_grad_clip
         self.normalize_returns, self.return_scale = normalize_returns, 1.0  # V(s) = return_scale * value(s)
         self.gamma, self.lam, self.clip = cfg.gamma, cfg.gae_lambda, cfg.ppo_clip
         self.epochs, self.minibatch, self.rollout = cfg.ppo_epochs, cfg.ppo_minibatch, cfg.ppo_rollout
@@ -94,6 +99,7 @@ class PPO:
         self.step_weights = step_weights
         self.value = mlp(obs_dim, list(cfg.hidden), 1)
         self.params = [p for p in [*actor.parameters(), *self.value.parameters()] if p.requires_grad]
+        self.actor_params = [p for p in actor.parameters() if p.requires_grad]
         self.optim = torch.optim.Adam([{"params": [p for p in actor.parameters() if p.requires_grad],
                                         "lr": actor_lr or cfg.lr},
                                        {"params": list(self.value.parameters())}], lr=cfg.lr, fused=True) \
@@ -154,7 +160,8 @@ class PPO:
         if on.any():  # normalize advantages over the decisions the actor took
             mean, std = data["adv"][on].mean(), data["adv"][on].std().clamp_min(1e-6) if on.sum() > 1 else 1.0
             data["adv"] = (data["adv"] - mean) / std
-        stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [], "clip_frac": []}
+        stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [], "clip_frac": [],
+                                         "approx_kl": [], "actor_grad_norm": [], "value_grad_norm": []}
         for _ in range(self.epochs):
             for idx in np.array_split(self.rng.permutation(n), max(1, n // self.minibatch)):
                 b = {k: v[idx] for k, v in data.items()}
@@ -173,10 +180,21 @@ class PPO:
                 loss = policy_loss + self.value_coef * value_loss if actor else self.value_coef * value_loss
                 self.optim.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+                actor_norm = torch.linalg.vector_norm(torch.stack(
+                    [p.grad.norm() for p in self.actor_params if p.grad is not None] or [torch.zeros(())]))
+                if self.separate_grad_clip:  # the value loss's gradient cannot shrink the actor's
+                    torch.nn.utils.clip_grad_norm_(self.actor_params, self.max_grad_norm)
+                    value_norm = torch.nn.utils.clip_grad_norm_(list(self.value.parameters()), self.max_grad_norm)
+                else:
+                    total = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+                    value_norm = (total.square() - actor_norm.square()).clamp_min(0).sqrt()
                 self.optim.step()
                 stats["policy_loss"].append(policy_loss.item())
                 stats["value_loss"].append(value_loss.item())
                 stats["entropy"].append((entropy * weight).sum().item())
                 stats["clip_frac"].append(((ratio - 1).abs() > self.clip).float().mean().item())
+                stats["actor_grad_norm"].append(actor_norm.item())  # before clipping
+                stats["value_grad_norm"].append(value_norm.item())
+                with torch.no_grad():  # KL(old || new), Schulman's unbiased estimator, per ratio
+                    stats["approx_kl"].append(((ratio - 1) - ratio.log()).mean().item())
         return {k: float(np.mean(v)) for k, v in stats.items()}

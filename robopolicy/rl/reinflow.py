@@ -39,6 +39,12 @@ class ReinFlowConfig(ChainPPOConfig):
     min_std: float = setting(0.05, "lower bound of the injected noise's std per step (normalized action units)")
     max_std: float = setting(0.15, "upper bound of the injected noise's std per step")
     noise_hidden: list[int] = setting([128, 128], "hidden widths of the noise network")
+    # measured on the pick_place sloppy base (README): 0.56 -> 0.90 over 100 episodes at 180k env steps with these;
+    # the shared defaults (actor_lr 1e-5, value network at 3e-4 on unscaled returns) reached 0.78 at 150k
+    actor_lr: float = setting(3.0e-5, "Adam learning rate of the fine-tuned velocity network and the noise network")
+    lr: float = setting(1.0e-3, "Adam learning rate of the value network")
+    value_warmup: int = setting(2, "the first this many PPO updates train the value network only")
+    normalize_returns: bool = setting(True, "fit the value network to returns over a running std of them")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_std <= self.max_std:
