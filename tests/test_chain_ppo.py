@@ -80,7 +80,11 @@ def test_recomputed_chain_log_prob_equals_the_recorded_one(method):
     with torch.no_grad():
         recomputed, entropy = method.log_prob(inputs[idx], extras["u"][idx])
     assert recomputed.shape == extras["log_prob"][idx].shape and torch.isfinite(entropy).all()
-    assert (recomputed - extras["log_prob"][idx]).abs().max() <= 1e-5
+    # the default (the chunk's per-element average, what PPO's ratio uses) within 1e-5; the exact sum over the chunk's
+    # H x A elements is ~30 here, where float32 rounds at ~4e-6 and another batch's matmul kernels differ by a few
+    # ulps (measured 1.1e-5 on one machine's BLAS), so the sum is held to 1e-5 relative
+    tolerance = 1e-5 * (1.0 if method.log_prob_scale < 1.0 else max(1.0, extras["log_prob"][idx].abs().max().item()))
+    assert (recomputed - extras["log_prob"][idx]).abs().max() <= tolerance
     # the score is a real density: another chain from the same state scores differently
     other = extras["u"][idx].roll(1, dims=0)
     with torch.no_grad():
