@@ -72,7 +72,9 @@ def test_collect_records_labels_while_the_env_runs_the_perturbed_actions(tmp_pat
 def test_pushing_experts_recover_from_strong_perturbations(task):
     env = make_builtin_env(task)
     successes = []
-    for seed in range(8):
+    # 20 seeds, not 8: on one machine's MuJoCo/numpy build push_two_ways lost seeds 4 and 7 of 0-7 (0.75) while
+    # recovering on 37 of seeds 0-39 (0.925); 8 episodes are too few for a 0.85 line
+    for seed in range(20):
         expert = EXPERT_CLASSES[task](task, dart=0.6, seed=seed)
         obs, _ = env.reset(seed=seed)
         for _ in range(env.max_episode_steps):

@@ -132,8 +132,10 @@ def test_collect_records_each_episode_instruction_and_rollouts_hand_it_to_the_ag
     finally:
         envs.close()
     assert summary["success_rate"] == 1.0
-    tasks = [e["task"] for e in DemoStore.open(tmp_path / "s").episodes]
-    for seed, task in enumerate(tasks):
+    episodes = DemoStore.open(tmp_path / "s").episodes
+    assert sorted(e["extra"]["seed"] for e in episodes) == [0, 1, 2, 3]
+    for episode in episodes:  # stored as they finish, not in seed order: each names its seed
+        task, seed = episode["task"], episode["extra"]["seed"]
         probe.reset(seed=seed)
         assert task == probe.unwrapped.instruction
 
