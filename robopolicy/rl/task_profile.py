@@ -36,7 +36,10 @@ LONG_EPISODE = 250  # env steps of the task's episode limit: MetaWorld's is 300,
 # a push-v3 base cloned from 5 expert demos 0.017, from 30 noisy demos 0.31; a pick_place base from sloppy demos 0.15
 LOW_AUTHORITY = 0.05
 DENSE_STEP_PENALTY = 2.0  # the README's recipes on the shaped reward
-SHAPED_METHODS = ("residual", "residual_ppo", "reinflow", "dppo")  # learn best from the task's shaped reward
+# learn best from the task's shaped reward; steer_bottleneck: steer with algo.latent=bottleneck, a residual on a VIB
+# latent (ZPRL) that moves the base's actions as a residual on them does
+SHAPED_METHODS = ("residual", "residual_ppo", "reinflow", "dppo", "steer_bottleneck")
+PER_STEP_METHODS = ("residual", "residual_ppo", "steer_bottleneck")  # per-step decisions on long episodes
 STEERING_METHODS = ("steer", "steer_na", "value_guided")  # choose among the base's own chunks
 
 
@@ -112,14 +115,14 @@ def derive_defaults(profile: TaskProfile, method: str, explicit: set[str], given
                                                "finishing")
     else:
         out.set(explicit, "step_penalty", 1.0, "sparse reward: -1 per step, 0 on success (DSRL's offset)")
-    if method in ("residual", "residual_ppo"):
+    if method in PER_STEP_METHODS:
         horizon = profile.horizon or profile.mean_length
         if horizon > LONG_EPISODE and "algo.n_action_steps" not in explicit:
-            why = (f"the task's episodes run up to {horizon:.0f} env steps: a per-step residual (ResiP's) corrects "
-                   "each move as it happens")
+            why = (f"the task's episodes run up to {horizon:.0f} env steps: a per-step residual (ResiP's; ZPRL's on "
+                   "the latent) corrects each move as it happens")
             out.set(explicit, "algo.n_action_steps", 1, why)
             out.set(explicit, "algo.n_step", 10, "per-step decisions: TD targets over 10 steps")
-        else:
+        elif method != "steer_bottleneck":  # steering keeps its n-decision targets over chunks
             out.set(explicit, "algo.n_step", 1, f"the task's episodes run up to {horizon:.0f} env steps: one "
                                                 "decision per chunk, one-decision TD")
     if method in STEERING_METHODS and profile.noise_authority is not None and \
