@@ -7,7 +7,10 @@ actions, so the refined policy stays on the base's action manifold while RL choo
 `steer` (DSRL-SAC): the critic is Q(s, noise), trained on the chunk-level transitions directly.
 `latent: bottleneck` (after ZPRL): for a base whose noise has little authority (cloned from a near-deterministic
 expert), the actor instead adds a bounded residual to the base's VIB latent (a base trained with
-`policy.encoder.bottleneck=vib`): chunk = base.sample_from_features(z + latent_scale * tanh(...), noise).
+`policy.encoder.bottleneck=vib`): chunk = base.sample_from_features(z + latent_scale * tanh(...), noise). It is a
+residual, so it is treated as the residual method's: the actor starts at a ~0 residual (the base itself), explores
+progressively (explore_start / explore_steps), and `finetune` gives it the shaped reward and, on long episodes,
+per-step decisions (`n_action_steps` 1) with 10-step TD (robopolicy/rl/task_profile.py).
 
 `steer_na` (DSRL-NA, noise aliasing): the critic Q_A(s, chunk) is over the executed actions, so noises that give
 the same chunk share their value; it is distilled into Q_W(s, noise) = Q_A(s, base(s, noise)), which trains the
