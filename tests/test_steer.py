@@ -140,6 +140,44 @@ def test_bottleneck_steering_moves_the_vib_latent_within_its_bound(tmp_path):
         refined(SteerPolicy, base_ckpt_plain(tmp_path), latent="bottleneck")
 
 
+def test_bottleneck_steering_starts_as_its_base_and_can_decide_every_step(tmp_path):
+    base = vib_base(tmp_path / "vib_base")
+    policy = refined(SteerPolicy, base, latent="bottleneck", latent_scale=1.0, hidden=[16], n_action_steps=1)
+    assert policy.n_action_steps == policy.n_exec == 1 and policy.base.n_action_steps > 1
+    obs = {"observation.state": torch.randn(64, 2, *policy.features["observation.state"]["shape"]) * 3}
+    noise = torch.randn(64, *policy.noise_shape)
+    residual = policy.actor.deterministic(policy.encode(obs))
+    assert residual.abs().max() < 0.05  # the actor starts near a zero residual ...
+    moved = (policy.sample_chunk(obs, noise) - policy.base.sample_chunk(obs, noise)).abs().max()
+    saturated = (policy.base.sample_from_features(policy.encode(obs) + 1.0, noise)
+                 - policy.base.sample_chunk(obs, noise)).abs().max()
+    assert moved < 0.1 * saturated  # ... so the refined policy starts close to its base
+    noise_steer = refined(SteerPolicy, base, latent="executed", hidden=[16])  # a noise actor starts spread
+    assert noise_steer.actor.deterministic(noise_steer.encode(obs)).abs().max() > 0.1
+    assert SteerPolicy.config_from({"latent": "bottleneck", "n_action_steps": 1}).n_action_steps == 1
+    with pytest.raises(ValueError, match="n_action_steps"):
+        refined(SteerPolicy, base, latent="bottleneck", hidden=[16], n_action_steps=99)
+
+
+def test_bottleneck_steering_explores_progressively_and_noise_steering_always_steers(tmp_path, base_ckpt):  # noqa: F811
+    from robopolicy.rl.steer import Steer, SteerConfig
+
+    cfg = SteerConfig(latent="bottleneck", explore_start=0.2, explore_steps=1000, hidden=[16])
+    policy = SteerPolicy(cfg, load_policy(vib_base(tmp_path / "vib_base")), {"path": "x", "sha256": "y"})
+    method = Steer(policy, cfg, seed=0)
+    assert method.enabled_fraction(0) == 0.2 and method.enabled_fraction(5000) == 1.0
+    method.enabled = {0: False, 1: True}
+    obs = {"observation.state": torch.randn(2, 2, *policy.features["observation.state"]["shape"])}
+    latent, actions, _ = method.act(obs, method.observe(obs), [0, 1], explore=True)
+    assert torch.equal(latent[0], torch.zeros_like(latent[0])) and latent[1].abs().sum() > 0  # the base alone in 0
+    assert method.act(obs, method.observe(obs), [0, 1], explore=False)[0][0].abs().sum() > 0  # eval: always on
+    noise_cfg = SteerConfig(latent="executed", explore_start=0.2, explore_steps=1000, hidden=[16])
+    noise_method = Steer(refined(SteerPolicy, base_ckpt, latent="executed", hidden=[16]), noise_cfg, seed=0)
+    for i in range(20):
+        noise_method.start_episode(i, 0)
+    assert noise_method.enabled_fraction(0) == 1.0 and not noise_method.enabled  # zero noise is no "base alone"
+
+
 def base_ckpt_plain(tmp_path):
     from test_rl_core import make_base
 

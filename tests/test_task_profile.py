@@ -48,7 +48,20 @@ def test_explicit_settings_win_and_steer_names_a_base_without_noise_authority():
     assert len(steer.advice) == 1 and "algo=residual" in steer.advice[0] and str(LOW_AUTHORITY) in steer.advice[0]
     assert not derive_defaults(profile(noise_authority=0.3), "steer", set()).advice
     bottleneck = derive_defaults(profile(noise_authority=0.01), "steer_bottleneck", set())  # steers a VIB latent
-    assert not bottleneck.advice and ("reward", "sparse") in [(c.key, c.value) for c in bottleneck.choices]
+    assert not bottleneck.advice
+
+
+def test_bottleneck_steering_gets_the_residual_recipe_it_acts_like():
+    """A residual on the VIB latent moves the executed actions as a residual on them does: the shaped reward under
+    the step penalty and, on long episodes, per-step decisions with 10-step TD; steering's chunk-level n_step stays
+    on short ones."""
+    mw = profile(mean_length=215.0, horizon=300, step_reward=9.6)
+    assert chosen(derive_defaults(mw, "steer_bottleneck", set())) == {
+        "reward": "dense", "reward_scale": 0.21, "step_penalty": 2.0, "algo.n_action_steps": 1, "algo.n_step": 10}
+    builtin = profile(mean_length=115.0, horizon=150, step_reward=1.9)
+    assert chosen(derive_defaults(builtin, "steer_bottleneck", set())) == {
+        "reward": "dense", "reward_scale": 1.0, "step_penalty": 2.0}
+    assert chosen(derive_defaults(profile(shaped=False), "steer_bottleneck", set()))["reward"] == "sparse"
 
 
 def test_noise_authority_of_a_base(tmp_path):

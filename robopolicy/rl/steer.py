@@ -7,7 +7,10 @@ actions, so the refined policy stays on the base's action manifold while RL choo
 `steer` (DSRL-SAC): the critic is Q(s, noise), trained on the chunk-level transitions directly.
 `latent: bottleneck` (after ZPRL): for a base whose noise has little authority (cloned from a near-deterministic
 expert), the actor instead adds a bounded residual to the base's VIB latent (a base trained with
-`policy.encoder.bottleneck=vib`): chunk = base.sample_from_features(z + latent_scale * tanh(...), noise).
+`policy.encoder.bottleneck=vib`): chunk = base.sample_from_features(z + latent_scale * tanh(...), noise). It is a
+residual, so it is treated as the residual method's: the actor starts at a ~0 residual (the base itself), explores
+progressively (explore_start / explore_steps), and `finetune` gives it the shaped reward and, on long episodes,
+per-step decisions (`n_action_steps` 1) with 10-step TD (robopolicy/rl/task_profile.py).
 
 `steer_na` (DSRL-NA, noise aliasing): the critic Q_A(s, chunk) is over the executed actions, so noises that give
 the same chunk share their value; it is distilled into Q_W(s, noise) = Q_A(s, base(s, noise)), which trains the
@@ -19,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -52,6 +56,12 @@ class SteerConfig(SACConfig, AlgoConfig):  # fields: AlgoConfig's, SACConfig's, 
                                            "SAC's -(latent dimension)")
     n_step: int = setting(5, "TD targets over n decisions: a failing MetaWorld episode runs 75 decisions, "
                           "n-decision targets carry a success back n at a time")
+    explore_start: float = setting(0.2, "latent bottleneck: fraction of episodes with the residual on at the start "
+                                   "...")
+    explore_steps: int = setting(10_000, "... growing linearly to 1 over this many env steps (progressive "
+                                 "exploration, as the residual method's; noise steering always steers)")
+    n_action_steps: int | None = setting(None, "null: the base's; fewer (1: decide every step, as ZPRL's latent "
+                                         "residual does) runs the first k actions of each steered chunk")
 
 
 @register_config("algo", "steer_na")
@@ -70,7 +80,10 @@ class SteerPolicy(RefinedPolicy):
 
     name = "steer"
     config_class = SteerConfig
-    runtime_fields = ("noise_scale", "actor_sampling", "latent", "latent_scale", "hidden")
+    runtime_fields = ("noise_scale", "actor_sampling", "latent", "latent_scale", "hidden", "n_action_steps")
+
+    def __init__(self, config: SteerConfig, base: ChunkPolicy, base_ref: Mapping[str, str]):
+        super().__init__(config, base, base_ref, n_action_steps=config.n_action_steps)
 
     def build(self, config: SteerConfig) -> None:
         self.noise_scale, self.actor_sampling, self.latent = config.noise_scale, config.actor_sampling, config.latent
@@ -81,7 +94,10 @@ class SteerPolicy(RefinedPolicy):
                 raise PolicyConfigError("algo.latent=bottleneck steers a VIB latent: train the base with "
                                         "policy.encoder.bottleneck=vib.")
             self.latent_dim = self.feature_dim
-        self.actor = TanhGaussianActor(self.feature_dim, self.latent_dim, list(config.hidden))
+        # a residual on the latent starts at ~0, so the refined policy starts as the base (as the residual method's
+        # does); a noise actor starts spread, as DSRL's
+        init_scale = 0.01 if self.latent == "bottleneck" else 1.0
+        self.actor = TanhGaussianActor(self.feature_dim, self.latent_dim, list(config.hidden), init_scale=init_scale)
 
     def latent_to_noise(self, latent: torch.Tensor) -> torch.Tensor:
         """[B, latent_dim] in [-1, 1] -> the base's initial noise [B, H, A]."""
@@ -130,6 +146,18 @@ class Steer:
         self.gamma, self.n_step = cfg.gamma, cfg.n_step
         self.sac = SAC(policy.feature_dim, policy.latent_dim, cfg, actor=policy.actor)
         self.generator = torch.Generator().manual_seed(seed)
+        # progressive exploration of a latent residual (the residual method's): a random residual on the latent
+        # would wreck the base's successes before the critic knows better; a zero residual is the base itself
+        explore = policy.latent == "bottleneck"
+        self.explore_start = cfg.explore_start if explore else 1.0
+        self.explore_steps = cfg.explore_steps if explore else 0
+        self.rng = np.random.default_rng(seed)
+        self.enabled: dict[int, bool] = {}
+
+    def enabled_fraction(self, env_steps: int) -> float:
+        if self.explore_steps <= 0:
+            return 1.0
+        return min(1.0, self.explore_start + (1.0 - self.explore_start) * env_steps / self.explore_steps)
 
     def observe(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.policy.encode(obs)
@@ -140,10 +168,14 @@ class Steer:
 
     def act(self, obs, inputs, workers, explore):
         latent = self.sac.act(inputs, explore, self.generator)
+        if explore and self.explore_steps > 0:  # the base alone (a zero residual, recorded as such) in the others
+            on = torch.tensor([self.enabled.get(i, True) for i in workers], dtype=latent.dtype)
+            latent = latent * on[:, None]
         return latent, self.executed_chunk(obs, latent), {}
 
     def start_episode(self, worker: int, env_steps: int) -> None:
-        pass
+        if self.explore_steps > 0:
+            self.enabled[worker] = bool(self.rng.random() < self.enabled_fraction(env_steps))
 
     def update(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
         return self.sac.update(batch)

@@ -6,15 +6,15 @@ give, printing each choice and why; settings given on the command line always wi
 
     measured (TaskProfile)                     sets (when not given)
     the task's reward: shaped or 0/1           reward: dense for the methods that learn from a shaped reward
-                                               (residual, reinflow, dppo), else sparse
+                                               (residual, reinflow, dppo, steer with latent=bottleneck), else sparse
     the largest reward of a step short of      reward_scale: 2 / m when m > 2 (MetaWorld's shaped reward nears 10
     success, m (90th percentile over episodes)  per step close to the goal: ~0.2), else 1, so no step's reward
                                                outweighs the step penalty: hovering near the goal never pays
     the reward family                          step_penalty: 2 on the shaped reward (hovering near the goal must
                                                cost more than finishing), 1 on the sparse one (DSRL's offset)
-    the task's episode limit (env steps)       residual on long-horizon tasks (> LONG_EPISODE steps: MetaWorld's
-                                               300; the built-in tasks' 60-200): per-step decisions
-                                               (n_action_steps 1, as ResiP) with 10-step TD
+    the task's episode limit (env steps)       residual and bottleneck steering on long-horizon tasks
+                                               (> LONG_EPISODE steps: MetaWorld's 300; the built-in tasks' 60-200):
+                                               per-step decisions (n_action_steps 1, as ResiP) with 10-step TD
     the base's noise authority                 steer / value_guided on a base whose sampler noise barely moves its
                                                actions: says so and names the method that will work
 
@@ -36,7 +36,10 @@ LONG_EPISODE = 250  # env steps of the task's episode limit: MetaWorld's is 300,
 # a push-v3 base cloned from 5 expert demos 0.017, from 30 noisy demos 0.31; a pick_place base from sloppy demos 0.15
 LOW_AUTHORITY = 0.05
 DENSE_STEP_PENALTY = 2.0  # the README's recipes on the shaped reward
-SHAPED_METHODS = ("residual", "residual_ppo", "reinflow", "dppo")  # learn best from the task's shaped reward
+# learn best from the task's shaped reward; steer_bottleneck: steer with algo.latent=bottleneck, a residual on a VIB
+# latent (ZPRL) that moves the base's actions as a residual on them does
+SHAPED_METHODS = ("residual", "residual_ppo", "reinflow", "dppo", "steer_bottleneck")
+PER_STEP_METHODS = ("residual", "residual_ppo", "steer_bottleneck")  # per-step decisions on long episodes
 STEERING_METHODS = ("steer", "steer_na", "value_guided")  # choose among the base's own chunks
 
 
@@ -112,14 +115,14 @@ def derive_defaults(profile: TaskProfile, method: str, explicit: set[str], given
                                                "finishing")
     else:
         out.set(explicit, "step_penalty", 1.0, "sparse reward: -1 per step, 0 on success (DSRL's offset)")
-    if method in ("residual", "residual_ppo"):
+    if method in PER_STEP_METHODS:
         horizon = profile.horizon or profile.mean_length
         if horizon > LONG_EPISODE and "algo.n_action_steps" not in explicit:
-            why = (f"the task's episodes run up to {horizon:.0f} env steps: a per-step residual (ResiP's) corrects "
-                   "each move as it happens")
+            why = (f"the task's episodes run up to {horizon:.0f} env steps: a per-step residual (ResiP's; ZPRL's on "
+                   "the latent) corrects each move as it happens")
             out.set(explicit, "algo.n_action_steps", 1, why)
             out.set(explicit, "algo.n_step", 10, "per-step decisions: TD targets over 10 steps")
-        else:
+        elif method != "steer_bottleneck":  # steering keeps its n-decision targets over chunks
             out.set(explicit, "algo.n_step", 1, f"the task's episodes run up to {horizon:.0f} env steps: one "
                                                 "decision per chunk, one-decision TD")
     if method in STEERING_METHODS and profile.noise_authority is not None and \
