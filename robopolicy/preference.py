@@ -55,6 +55,29 @@ from robopolicy.loading import load_policy
 from robopolicy.train import EMA, OptimConfig, make_optimizer, optimizer_settings, select_episodes
 
 HELD_KEY = "action.held"  # deployment recordings: the frames where the robot held for want of an action
+OBS_TIME_KEY, COMMAND_TIME_KEY = "timing.obs_timestamp", "timing.command_time"  # deployment recordings: per tick
+
+
+def applied_frames(store: DemoStore) -> np.ndarray | None:
+    """Per frame of a deployment recording, the frame whose command the robot was executing when that frame's
+    observation was captured: the last command sent at or before the capture time (the first of the episode for
+    frames captured before any). None for stores without the timing columns (collected demonstrations, rollouts),
+    whose action already belongs to their observation.
+
+    A recording frame is a control tick: the latest observation and the command sent at that tick, which the robot
+    meets later (the simulated arm samples it at its next servo tick, half a tick on, as it captures the next
+    frame). Paired as recorded, an observation carried the command sent 1-2 ticks after the one that moved it on
+    (half a task step to one ahead; of the policy's commands, the interpolated ones the arm never sampled), so the
+    intervener's labels were taught one step early and the policy's own segments shifted likewise."""
+    if OBS_TIME_KEY not in store.features or COMMAND_TIME_KEY not in store.features:
+        return None
+    captured, sent = store.read(OBS_TIME_KEY)[:, 0], store.read(COMMAND_TIME_KEY)[:, 0]
+    applied = np.arange(len(captured))
+    for start, end in zip(store.episode_starts, store.episode_ends):
+        start, end = int(start), int(end)
+        last = np.searchsorted(sent[start:end], captured[start:end], side="right") - 1
+        applied[start:end] = start + np.maximum(last, 0)
+    return applied
 
 # ================================================================================================ configs
 
@@ -175,6 +198,7 @@ class LabelledWindows:
         rows = []  # per window: dataset, item, label, segment id, segment [start, stop) in store frames
         self.labels: list[dict[int, dict]] = []
         self.held: list[np.ndarray | None] = []
+        self.applied: list[np.ndarray | None] = []
         self.segments: dict[tuple[int, int, int, int], int] = {}  # (dataset, episode, start, stop) -> segment id
         keys = [k for k in policy.features if k.startswith("observation.")] + ["action"]
         for d, path in enumerate(paths):
@@ -198,6 +222,8 @@ class LabelledWindows:
             self.labels.append(labels)
             # a deployment's hold ticks (waiting for a chunk) are no one's action: masked like padding
             self.held.append(store.read(HELD_KEY)[:, 0] if HELD_KEY in store.features else None)
+            # a deployment's observation paired with the command in force when it was captured
+            self.applied.append(applied_frames(store))
             dataset = WindowDataset(store, policy.n_obs_steps, policy.horizon, keys=keys, episodes=sorted(labels),
                                     frame_stride=stride)
             self.datasets.append(dataset)
@@ -235,6 +261,10 @@ class LabelledWindows:
             anchor = dataset.item_frame[picked[:, 1]][:, None]
             frames = anchor + dataset.frame_stride * np.arange(1 - dataset.n_obs_steps,
                                                                 1 - dataset.n_obs_steps + dataset.horizon)
+            if self.applied[d] is not None:  # the command each observation met, not the one sent at its tick
+                first, last = dataset.item_start[picked[:, 1]][:, None], dataset.item_end[picked[:, 1]][:, None] - 1
+                frames = self.applied[d][np.clip(frames, first, last)]
+                windows["action"] = dataset.lowdim["action"][frames]
             outside = (frames < picked[:, 4:5]) | (frames >= picked[:, 5:6])
             if self.held[d] is not None:
                 outside |= self.held[d][np.clip(frames, 0, len(self.held[d]) - 1)]

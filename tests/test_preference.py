@@ -239,3 +239,34 @@ def test_windows_mask_actions_outside_their_segment_and_held_ticks(tmp_path):
     np.testing.assert_allclose(batch["action"][0, :, 0].numpy(), np.minimum(frames, 39) / 40)
     pad = batch["action_is_pad"][0].numpy()
     np.testing.assert_array_equal(pad, (frames < 20) | (frames >= 40) | (frames == 24))
+
+
+def test_recorded_observations_are_paired_with_the_command_they_met(tmp_path):
+    # a 20 Hz deployment recording of a 10 Hz arm: a frame is captured at each servo tick, half a control tick after
+    # an even tick's command (which the arm samples as it captures); the odd ticks' commands are never executed
+    from robopolicy.preference import LabelledWindows, applied_frames
+
+    features = {**FEATURES, "intervention": {"dtype": "bool", "shape": [1], "names": None},
+                "timing.obs_timestamp": {"dtype": "float64", "shape": [1], "names": None},
+                "timing.command_time": {"dtype": "float64", "shape": [1], "names": None}}
+    store = DemoStore.create(tmp_path / "rec", features, fps=20)
+    ticks = np.arange(40)
+    sent = 0.05 * ticks + 0.002
+    captures = 0.025 + 0.1 * np.floor((0.05 * ticks - 0.025) / 0.1)  # the latest frame at each tick
+    captures[0] = -0.01  # the reset frame, before any command
+    flags = np.zeros((40, 1), bool)
+    flags[10:] = True
+    store.append_episode({"observation.state": np.zeros((40, 3), np.float32),
+                          "action": np.tile(ticks[:, None] / 40, (1, 2)).astype(np.float32), "intervention": flags,
+                          "timing.obs_timestamp": captures[:, None], "timing.command_time": sent[:, None]},
+                         task="t", source="intervention", success=True)
+    store.close()
+    applied = applied_frames(DemoStore.open(tmp_path / "rec"))
+    # frame 23 (tick 1.15 s) sees the frame captured at 1.125 s: the arm was executing tick 22's command then
+    assert applied[23] == 22 and applied[22] == 20 and applied[0] == 0
+    data = LabelledWindows([str(tmp_path / "rec")], small_policy("flow"), action_fps=10, lookback_s=0.5)
+    row = int(np.flatnonzero((data.rows[:, 1] == 23) & data.desirable)[0])
+    batch = data.batch(np.array([row]))
+    frames = np.minimum(23 + 2 * np.arange(-1, 7), 39)
+    np.testing.assert_allclose(batch["action"][0, :, 0].numpy(), applied[frames] / 40)  # even ticks only
+    assert not batch["action_is_pad"][0, :6].any()
