@@ -142,6 +142,13 @@ class DpoConfig(OfflineAlgoConfig):
 @dataclass
 class HgDaggerConfig(OfflineAlgoConfig):
     name: str = setting("hg_dagger", "the method")
+    # behaviour cloning, so the base's own recipe: at the fine-tuning rate (1e-4 for 1000 steps, a tenth of the flow
+    # base's 1e-3) the ~900 intervened windows of a round hardly moved the policy (0.39 from a 0.40 base; the
+    # demonstrations alone 0.37); at the base's rate and steps, 0.65 [0.55, 0.74] on the same recording
+    steps: int = setting(2000, "gradient steps (the base's own training ran 2000)")
+    optim: OptimConfig = setting(OptimConfig(lr=None, warmup_steps=100),
+                                 "AdamW, warmup + cosine, EMA (train.py's); nulls: the base's training settings "
+                                 "(its train optim, else its policy config's)")
     kinds: list[str] | None = setting(["intervention"], "label kinds trained on: the intervener's segments")
     demos_fraction: float = setting(0.5, "share of each batch drawn from the demonstrations (the rest: the "
                                          "intervened segments)")
@@ -391,7 +398,7 @@ def refine_offline(run, algo: OfflineAlgoConfig, base: Path, info: Mapping[str, 
             raise PreferenceError(f"{', '.join(algo.data)} hold no preference pairs (takeovers, or rollouts of one start "
                                   "with different outcomes); record more, or pass algo.pairs=outcome.")
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    optim = optimizer_settings(algo.optim, base_config["policy"])
+    optim = optimizer_settings(algo.optim, _training_optim(base_config))
     optimizer, scheduler = make_optimizer(policy, optim, algo.steps)
     ema = EMA(policy, optim.ema_decay)
     counts = {"windows": len(data), "desirable_windows": int(data.desirable.sum()),
@@ -502,6 +509,13 @@ def _concat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str,
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float(x[mask].detach().mean()) if bool(mask.any()) else 0.0
+
+
+def _training_optim(base_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The policy config with the base's training optim settings over its own `optim:` (what a null fills)."""
+    policy = dict(base_config["policy"])
+    trained = {k: v for k, v in (base_config.get("optim") or {}).items() if v is not None}
+    return {**policy, "optim": {**(policy.get("optim") or {}), **trained}}
 
 
 def _training_fps(base_config: Mapping[str, Any], base: Path) -> int:

@@ -270,3 +270,23 @@ def test_recorded_observations_are_paired_with_the_command_they_met(tmp_path):
     frames = np.minimum(23 + 2 * np.arange(-1, 7), 39)
     np.testing.assert_allclose(batch["action"][0, :, 0].numpy(), applied[frames] / 40)  # even ticks only
     assert not batch["action_is_pad"][0, :6].any()
+
+
+def test_hg_dagger_clones_at_the_bases_own_rate_from_its_yaml():
+    # HG-DAgger is behaviour cloning: at the fine-tuning rate of apo/dpo (1e-4 x 1000 steps, a tenth of the flow
+    # base's 1e-3) a round's interventions hardly moved a 15-demo base (0.39 from 0.40); at the base's own rate 0.65
+    from pathlib import Path
+
+    import yaml
+
+    from robopolicy.config import from_mapping
+    from robopolicy.preference import HgDaggerConfig, _training_optim
+    from robopolicy.train import optimizer_settings
+
+    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "algo" / "hg_dagger.yaml").read_text())
+    algo = from_mapping(HgDaggerConfig, raw)
+    policy = {"name": "flow", "optim": {"lr": 1e-3, "weight_decay": 1e-6, "ema_decay": 0.995}}
+    assert optimizer_settings(algo.optim, _training_optim({"policy": policy})).lr == 1e-3
+    assert algo.steps >= 2000
+    trained = {"policy": policy, "optim": {"lr": 3e-4, "weight_decay": None, "ema_decay": None}}
+    assert optimizer_settings(algo.optim, _training_optim(trained)).lr == 3e-4  # the base's train override
