@@ -55,6 +55,29 @@ from robopolicy.loading import load_policy
 from robopolicy.train import EMA, OptimConfig, make_optimizer, optimizer_settings, select_episodes
 
 HELD_KEY = "action.held"  # deployment recordings: the frames where the robot held for want of an action
+OBS_TIME_KEY, COMMAND_TIME_KEY = "timing.obs_timestamp", "timing.command_time"  # deployment recordings: per tick
+
+
+def applied_frames(store: DemoStore) -> np.ndarray | None:
+    """Per frame of a deployment recording, the frame whose command the robot was executing when that frame's
+    observation was captured: the last command sent at or before the capture time (the first of the episode for
+    frames captured before any). None for stores without the timing columns (collected demonstrations, rollouts),
+    whose action already belongs to their observation.
+
+    A recording frame is a control tick: the latest observation and the command sent at that tick, which the robot
+    meets later (the simulated arm samples it at its next servo tick, half a tick on, as it captures the next
+    frame). Paired as recorded, an observation carried the command sent 1-2 ticks after the one that moved it on
+    (half a task step to one ahead; of the policy's commands, the interpolated ones the arm never sampled), so the
+    intervener's labels were taught one step early and the policy's own segments shifted likewise."""
+    if OBS_TIME_KEY not in store.features or COMMAND_TIME_KEY not in store.features:
+        return None
+    captured, sent = store.read(OBS_TIME_KEY)[:, 0], store.read(COMMAND_TIME_KEY)[:, 0]
+    applied = np.arange(len(captured))
+    for start, end in zip(store.episode_starts, store.episode_ends):
+        start, end = int(start), int(end)
+        last = np.searchsorted(sent[start:end], captured[start:end], side="right") - 1
+        applied[start:end] = start + np.maximum(last, 0)
+    return applied
 
 # ================================================================================================ configs
 
@@ -119,6 +142,13 @@ class DpoConfig(OfflineAlgoConfig):
 @dataclass
 class HgDaggerConfig(OfflineAlgoConfig):
     name: str = setting("hg_dagger", "the method")
+    # behaviour cloning, so the base's own recipe: at the fine-tuning rate (1e-4 for 1000 steps, a tenth of the flow
+    # base's 1e-3) the ~900 intervened windows of a round hardly moved the policy (0.39 from a 0.40 base; the
+    # demonstrations alone 0.37); at the base's rate and steps, 0.65 [0.55, 0.74] on the same recording
+    steps: int = setting(2000, "gradient steps (the base's own training ran 2000)")
+    optim: OptimConfig = setting(OptimConfig(lr=None, warmup_steps=100),
+                                 "AdamW, warmup + cosine, EMA (train.py's); nulls: the base's training settings "
+                                 "(its train optim, else its policy config's)")
     kinds: list[str] | None = setting(["intervention"], "label kinds trained on: the intervener's segments")
     demos_fraction: float = setting(0.5, "share of each batch drawn from the demonstrations (the rest: the "
                                          "intervened segments)")
@@ -175,6 +205,7 @@ class LabelledWindows:
         rows = []  # per window: dataset, item, label, segment id, segment [start, stop) in store frames
         self.labels: list[dict[int, dict]] = []
         self.held: list[np.ndarray | None] = []
+        self.applied: list[np.ndarray | None] = []
         self.segments: dict[tuple[int, int, int, int], int] = {}  # (dataset, episode, start, stop) -> segment id
         keys = [k for k in policy.features if k.startswith("observation.")] + ["action"]
         for d, path in enumerate(paths):
@@ -198,6 +229,8 @@ class LabelledWindows:
             self.labels.append(labels)
             # a deployment's hold ticks (waiting for a chunk) are no one's action: masked like padding
             self.held.append(store.read(HELD_KEY)[:, 0] if HELD_KEY in store.features else None)
+            # a deployment's observation paired with the command in force when it was captured
+            self.applied.append(applied_frames(store))
             dataset = WindowDataset(store, policy.n_obs_steps, policy.horizon, keys=keys, episodes=sorted(labels),
                                     frame_stride=stride)
             self.datasets.append(dataset)
@@ -235,6 +268,10 @@ class LabelledWindows:
             anchor = dataset.item_frame[picked[:, 1]][:, None]
             frames = anchor + dataset.frame_stride * np.arange(1 - dataset.n_obs_steps,
                                                                 1 - dataset.n_obs_steps + dataset.horizon)
+            if self.applied[d] is not None:  # the command each observation met, not the one sent at its tick
+                first, last = dataset.item_start[picked[:, 1]][:, None], dataset.item_end[picked[:, 1]][:, None] - 1
+                frames = self.applied[d][np.clip(frames, first, last)]
+                windows["action"] = dataset.lowdim["action"][frames]
             outside = (frames < picked[:, 4:5]) | (frames >= picked[:, 5:6])
             if self.held[d] is not None:
                 outside |= self.held[d][np.clip(frames, 0, len(self.held[d]) - 1)]
@@ -361,7 +398,7 @@ def refine_offline(run, algo: OfflineAlgoConfig, base: Path, info: Mapping[str, 
             raise PreferenceError(f"{', '.join(algo.data)} hold no preference pairs (takeovers, or rollouts of one start "
                                   "with different outcomes); record more, or pass algo.pairs=outcome.")
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    optim = optimizer_settings(algo.optim, base_config["policy"])
+    optim = optimizer_settings(algo.optim, _training_optim(base_config))
     optimizer, scheduler = make_optimizer(policy, optim, algo.steps)
     ema = EMA(policy, optim.ema_decay)
     counts = {"windows": len(data), "desirable_windows": int(data.desirable.sum()),
@@ -472,6 +509,13 @@ def _concat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str,
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float(x[mask].detach().mean()) if bool(mask.any()) else 0.0
+
+
+def _training_optim(base_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The policy config with the base's training optim settings over its own `optim:` (what a null fills)."""
+    policy = dict(base_config["policy"])
+    trained = {k: v for k, v in (base_config.get("optim") or {}).items() if v is not None}
+    return {**policy, "optim": {**(policy.get("optim") or {}), **trained}}
 
 
 def _training_fps(base_config: Mapping[str, Any], base: Path) -> int:

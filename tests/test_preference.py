@@ -239,3 +239,54 @@ def test_windows_mask_actions_outside_their_segment_and_held_ticks(tmp_path):
     np.testing.assert_allclose(batch["action"][0, :, 0].numpy(), np.minimum(frames, 39) / 40)
     pad = batch["action_is_pad"][0].numpy()
     np.testing.assert_array_equal(pad, (frames < 20) | (frames >= 40) | (frames == 24))
+
+
+def test_recorded_observations_are_paired_with_the_command_they_met(tmp_path):
+    # a 20 Hz deployment recording of a 10 Hz arm: a frame is captured at each servo tick, half a control tick after
+    # an even tick's command (which the arm samples as it captures); the odd ticks' commands are never executed
+    from robopolicy.preference import LabelledWindows, applied_frames
+
+    features = {**FEATURES, "intervention": {"dtype": "bool", "shape": [1], "names": None},
+                "timing.obs_timestamp": {"dtype": "float64", "shape": [1], "names": None},
+                "timing.command_time": {"dtype": "float64", "shape": [1], "names": None}}
+    store = DemoStore.create(tmp_path / "rec", features, fps=20)
+    ticks = np.arange(40)
+    sent = 0.05 * ticks + 0.002
+    captures = 0.025 + 0.1 * np.floor((0.05 * ticks - 0.025) / 0.1)  # the latest frame at each tick
+    captures[0] = -0.01  # the reset frame, before any command
+    flags = np.zeros((40, 1), bool)
+    flags[10:] = True
+    store.append_episode({"observation.state": np.zeros((40, 3), np.float32),
+                          "action": np.tile(ticks[:, None] / 40, (1, 2)).astype(np.float32), "intervention": flags,
+                          "timing.obs_timestamp": captures[:, None], "timing.command_time": sent[:, None]},
+                         task="t", source="intervention", success=True)
+    store.close()
+    applied = applied_frames(DemoStore.open(tmp_path / "rec"))
+    # frame 23 (tick 1.15 s) sees the frame captured at 1.125 s: the arm was executing tick 22's command then
+    assert applied[23] == 22 and applied[22] == 20 and applied[0] == 0
+    data = LabelledWindows([str(tmp_path / "rec")], small_policy("flow"), action_fps=10, lookback_s=0.5)
+    row = int(np.flatnonzero((data.rows[:, 1] == 23) & data.desirable)[0])
+    batch = data.batch(np.array([row]))
+    frames = np.minimum(23 + 2 * np.arange(-1, 7), 39)
+    np.testing.assert_allclose(batch["action"][0, :, 0].numpy(), applied[frames] / 40)  # even ticks only
+    assert not batch["action_is_pad"][0, :6].any()
+
+
+def test_hg_dagger_clones_at_the_bases_own_rate_from_its_yaml():
+    # HG-DAgger is behaviour cloning: at the fine-tuning rate of apo/dpo (1e-4 x 1000 steps, a tenth of the flow
+    # base's 1e-3) a round's interventions hardly moved a 15-demo base (0.39 from 0.40); at the base's own rate 0.65
+    from pathlib import Path
+
+    import yaml
+
+    from robopolicy.config import from_mapping
+    from robopolicy.preference import HgDaggerConfig, _training_optim
+    from robopolicy.train import optimizer_settings
+
+    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "algo" / "hg_dagger.yaml").read_text())
+    algo = from_mapping(HgDaggerConfig, raw)
+    policy = {"name": "flow", "optim": {"lr": 1e-3, "weight_decay": 1e-6, "ema_decay": 0.995}}
+    assert optimizer_settings(algo.optim, _training_optim({"policy": policy})).lr == 1e-3
+    assert algo.steps >= 2000
+    trained = {"policy": policy, "optim": {"lr": 3e-4, "weight_decay": None, "ema_decay": None}}
+    assert optimizer_settings(algo.optim, _training_optim(trained)).lr == 3e-4  # the base's train override

@@ -5,7 +5,8 @@ It plays the human with a takeover pedal: it watches the end-effector (entries `
 (without success), or when `patience_s` passed without success since the episode began or the last takeover
 ended (a person who sees the attempt going nowhere), it intervenes for `takeover_s` seconds, acting with the scripted expert from the robot's own
 observations. The expert is asked at the task's own rate (its phase machine counts task steps) and its action
-held in between. Imports `sim` lazily (the intervener runs on the workstation, beside the simulator).
+held in between. It plans from the state its command will meet, one control step after the frame it read (the
+expert's `predict`: its previous command applied), and restarts its phase machine at each takeover. Imports `sim` lazily (the intervener runs on the workstation, beside the simulator).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from robopolicy.data.spec import STATE_KEY
 
 class ScriptedIntervener(Teleoperator):
     def __init__(self, robot: Robot, task: str, *, stall_s: float = 2.0, stall_distance: float = 0.01,
-                 takeover_s: float = 3.0, patience_s: float | None = None, seed: int = 0,
+                 takeover_s: float = 3.0, patience_s: float | None = None, seed: int = 0, predict: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.robot, self.task = robot, task
         self.stall_s, self.stall_distance, self.takeover_s = stall_s, stall_distance, takeover_s
         self.patience_s = patience_s  # also take over after this long without success since the last takeover
         self.seed = seed
+        self.predict = predict  # plan from the state the command will meet (one control step on), not the frame read
         self._clock = clock
         self._expert = None
         self._ee_slice: slice | None = None
@@ -75,6 +77,9 @@ class ScriptedIntervener(Teleoperator):
             self._until = now + self.takeover_s
             self._next_expert_t = now
             self.interventions += 1
+            self._action = None  # the command in force is the policy's, not one of ours
+            if hasattr(self._expert, "restart"):
+                self._expert.restart()  # a stale phase from an earlier takeover: judge the scene afresh
         if not self.is_intervening:
             return None
         period = 1.0 / (self.robot.fps or 10)
@@ -82,7 +87,14 @@ class ScriptedIntervener(Teleoperator):
         # 20 Hz control loop whose tick came a hair early wait a third tick, so the expert ran at 6.7 Hz with each
         # action held 1.5 times as long as the task means (recorded that way, the interventions taught it too)
         if now >= self._next_expert_t - 0.25 * period:
-            self._action = np.asarray(self._expert.act({STATE_KEY: state.astype(np.float32)}))
+            # the command sent now meets the robot a control step after the frame read (the arm samples it as it
+            # captures the next frame), when our previous command has moved it once more: plan from there. Acting
+            # on the frame itself, the expert's full-gain moves circled the cube ~2 cm off, never descending, and
+            # only 6 of 37 takeovers of a weak base's deployment ended in success (3 s each; the expert needs 2.5)
+            planned = state.astype(np.float32)
+            if self.predict and self._action is not None and hasattr(self._expert, "predict"):
+                planned = self._expert.predict(planned, self._action)
+            self._action = np.asarray(self._expert.act({STATE_KEY: planned}))
             self._next_expert_t += period
             if self._next_expert_t < now:  # fell behind by more than a period: start the schedule again
                 self._next_expert_t = now + period

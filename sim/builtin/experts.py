@@ -20,7 +20,14 @@ import mujoco
 import numpy as np
 
 from robopolicy.data.spec import STATE_KEY
-from sim.builtin.base import MAX_DELTA, ROBOT_STATE_NAMES, arm_controller, ee_delta_joint_targets
+from sim.builtin.base import (
+    MAX_DELTA,
+    ROBOT_STATE_NAMES,
+    WORKSPACE_HIGH,
+    WORKSPACE_LOW,
+    arm_controller,
+    ee_delta_joint_targets,
+)
 from sim.builtin.scene import scene_xml
 from sim.builtin.tasks import BLOCK_HALF, CUBE_HALF, OBSTACLE_HALF, OBSTACLE_POS, SIDES, TASK_CLASSES
 
@@ -87,6 +94,42 @@ class Expert:
 
     def _reset_task(self, rng: np.random.Generator) -> None:
         pass
+
+    def restart(self) -> None:
+        """Forget the phase (not the episode's traits): the next action is planned from the state alone, as a person
+        taking over judges the scene afresh. A scripted intervener calls it at each takeover: the phase left from
+        an earlier takeover is stale after the policy has moved things."""
+        self.phase, self._timer, self._pause = "start", 0, 0
+        self._jerk = np.zeros(3)
+        self._detour = None
+
+    def predict(self, state: np.ndarray, action: np.ndarray) -> np.ndarray:
+        """The state one control step after `action` (ee_delta), approximately: the hand moved by the commanded
+        delta, what it holds (`_carried`) with it, the `*_from_ee` offsets by minus the delta. A controller whose
+        command meets the robot one step after the frame it read (any real-time loop: the servo samples the
+        command as the next frame is captured) plans from this prediction: the expert's full-gain moves
+        (each step aims at the goal) oscillate around the goal when they act on the frame before.
+        joint_pos control: the state unchanged."""
+        state = np.array(state, dtype=np.float32, copy=True)
+        if self.control != "ee_delta":
+            return state
+        ee = self._get(state, "ee.x", "ee.y", "ee.z")
+        moved = np.clip(ee + np.clip(np.asarray(action, np.float64)[:3], -1.0, 1.0) * MAX_DELTA,
+                        WORKSPACE_LOW, WORKSPACE_HIGH)
+        delta = moved - ee
+        carried = self._carried(state, ee)
+        for name, i in self._index.items():
+            if name.endswith((".x", ".y", ".z")):
+                base, axis = name[:-2], "xyz".index(name[-1])
+                if base == "ee" or base in carried:
+                    state[i] += delta[axis]
+                elif base.endswith("_from_ee"):
+                    state[i] -= delta[axis]
+        return state
+
+    def _carried(self, state: np.ndarray, ee: np.ndarray) -> tuple[str, ...]:
+        """Names of the objects the hand holds (they move with it)."""
+        return ()
 
     def set_goal(self, goal: dict[str, str]) -> None:
         """The goal of this episode (a language task's `env.goal`)."""
@@ -270,17 +313,26 @@ class PickPlaceExpert(Expert):
     cube_names = ("object.x", "object.y", "object.z")
     target_names = ("target.x", "target.y")
     funnel_slope = 0.0
+    _open_gripper = 0.06  # gripper.opening (m) below this: closed (0.08 open, about 0.034 on the cube)
+
+    @staticmethod
+    def _holds(cube: np.ndarray, ee: np.ndarray) -> bool:
+        return bool(np.linalg.norm(cube - ee) < 0.03 and cube[2] > CUBE_HALF - 0.005)
+
+    def _carried(self, state: np.ndarray, ee: np.ndarray) -> tuple[str, ...]:
+        cube = self._get(state, *self.cube_names)
+        return (self.cube_names[0][:-2],) if self._holds(cube, ee) else ()
 
     def _plan(self, state: np.ndarray, ee: np.ndarray) -> np.ndarray:
         cube = self._get(state, *self.cube_names)
         target = self._get(state, *self.target_names)
         grasp_xy = cube[:2] + self.aim_error
         place_xy = target + self.aim_error
-        held = np.linalg.norm(cube - ee) < 0.03 and cube[2] > CUBE_HALF - 0.005
+        held = self._holds(cube, ee)
         if self.phase in ("lift", "carry", "lower") and not held:
             self.phase = "start"  # dropped: start over
-        if self.phase == "start":
-            self.phase = "above"
+        if self.phase == "start":  # (re)started with the cube in hand (a takeover mid-carry): carry on
+            self.phase = "lift" if held and state[self._index["gripper.opening"]] < self._open_gripper else "above"
         if self.phase == "above" and self.funnel_slope:
             xy_error = float(np.linalg.norm(ee[:2] - grasp_xy))
             if xy_error < 0.01 and ee[2] < CUBE_HALF + 0.006:
