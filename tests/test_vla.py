@@ -259,3 +259,76 @@ def test_instruction_film_selects_the_entity_the_instruction_names():
     other = policy.sample_chunk(with_tasks(obs, batch["task"][1:7]), noise)
     target = batch["action"][:6]
     assert (told - target).abs().mean() < 0.5 * (other - target).abs().mean()
+
+
+def colour_batch(features: dict, n: int = 96) -> tuple[dict, torch.Tensor]:
+    """Three cubes' (x, y); the action is the instructed cube's (x, y): only the instruction says which."""
+    colours = ("red", "green", "blue")
+    batch = make_batch(features, n, seed=2)
+    pick = torch.arange(n) % 3
+    batch["task"] = [f"pick up the {colours[i]} cube" for i in pick.tolist()]
+    state = batch["observation.state"][:, -1].view(n, 3, 2)
+    batch["action"] = state[torch.arange(n), pick][:, None, :].repeat(1, 8, 2)[..., :batch["action"].shape[-1]].tanh()
+    return batch, pick
+
+
+def colour_features() -> dict:
+    features = make_features()
+    features["observation.state"]["names"] = [f"cube_{c}.{a}" for c in ("red", "green", "blue") for a in "xy"]
+    return features
+
+
+def test_pointer_tokens_keep_the_cache_exact_and_the_sampler_deterministic():
+    torch.manual_seed(0)
+    features = make_features(cameras=("front",))
+    features["observation.state"]["names"] = [f"cube_{c}.{a}" for c in ("red", "green", "blue") for a in "xy"]
+    policy = make_policy(vla_config(pointer_queries=2), features, make_stats(features))
+    pointer = policy.obs_encoder.pointer
+    assert pointer is not None and pointer.layouts == [0, 0, 0] and len(pointer.value) == 1  # one shared cube MLP
+    overfit(policy, {**make_batch(features, 8), "task": INSTRUCTIONS * 2}, steps=3)
+    policy.eval()
+    obs = with_tasks(observation(make_batch(features, 4)), INSTRUCTIONS)
+    noise = torch.randn(4, *policy.noise_shape)
+    cached = policy.sample_chunk(obs, noise)
+    assert torch.equal(policy.sample_chunk(obs, noise), cached)
+    policy.kv_cache = False
+    assert (policy.sample_chunk(obs, noise) - cached).abs().max() <= 1e-5
+    policy.kv_cache = True
+    with pytest.raises(Exception, match="pointer_queries"):
+        make_policy(vla_config(pointer_queries=-1), features, make_stats(features))
+
+
+def test_pointer_layouts_share_an_mlp_per_kind_of_entity_from_the_feature_names():
+    features = make_features(state_dim=13)
+    features["observation.state"]["names"] = (["ee.x", "ee.y", "gripper.opening"]
+                                              + [f"cube_{c}.{a}" for c in ("red", "green") for a in ("x", "y", "dx")]
+                                              + [f"pad_{p}.{a}" for p in ("left", "right") for a in ("x",)]
+                                              + ["joint1.pos", "joint2.pos"])
+    policy = make_policy(vla_config(pointer_queries=3), features, make_stats(features))
+    pointer = policy.obs_encoder.pointer
+    groups = [[features["observation.state"]["names"][i].split(".")[0] for i in idx]
+              for _, idx in policy.obs_encoder.pointer_groups]
+    assert [g[0] for g in groups] == ["ee", "gripper", "cube_red", "cube_green", "pad_left", "pad_right", "joint1"]
+    assert pointer.layouts == [0, 1, 2, 2, 3, 3, 4] and pointer.position.shape[0] == 3
+
+
+def test_pointer_points_at_the_entity_the_instruction_names():
+    """pointer_queries: the instruction's queries put their weight on the named cube's entity, and the policy fits
+    "the action is the state of the cube the instruction names" (the state alone says nothing of which)."""
+    torch.manual_seed(0)
+    features = colour_features()
+    policy = make_policy(vla_config(pointer_queries=2), features, make_stats(features))
+    batch, pick = colour_batch(features)
+    losses = overfit(policy, batch, steps=120, lr=3e-3)
+    assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:5])
+    policy.eval()
+    text, mask = text_encoder()(batch["task"][:12])
+    weights = policy.obs_encoder.pointer.weights(text, mask).detach()  # [12, queries, entities]
+    chosen = weights.max(1).values.argmax(-1)
+    assert torch.equal(chosen, pick[:12])
+    obs = observation(batch, 6)
+    noise = torch.zeros(6, *policy.noise_shape)
+    told = policy.sample_chunk(with_tasks(obs, batch["task"][:6]), noise)
+    other = policy.sample_chunk(with_tasks(obs, batch["task"][1:7]), noise)
+    target = batch["action"][:6]
+    assert (told - target).abs().mean() < 0.5 * (other - target).abs().mean()

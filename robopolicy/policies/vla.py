@@ -36,7 +36,15 @@ from robopolicy.policies.flow import FlowConfig, FlowPolicy
 from robopolicy.policies.text import text_encoder
 from robopolicy.policies.unet1d import SinusoidalEmbedding
 from robopolicy.policies.vla_backbone import BACKBONES, BackboneVLA
-from robopolicy.policies.vla_tokens import InstructionFiLM, PrefixCache, PrefixTokens, state_entities
+from robopolicy.policies.vla_tokens import (
+    EntityPointer,
+    InstructionFiLM,
+    PrefixCache,
+    PrefixTokens,
+    entity_layout,
+    entity_phrase,
+    state_entities,
+)
 
 TASK_KEY = "task"
 
@@ -61,6 +69,9 @@ class VLAConfig(FlowConfig):
                                          "token for the whole chunk", choices=("step", "chunk"))
     instruction_film: bool = setting(False, "the instruction (attention-pooled tokens) scales and shifts every state "
                                             "entity token per dimension before the first layer (FiLM)")
+    pointer_queries: int = setting(0, "> 0: that many instruction queries point at state entities (softmax over "
+                                      "their name embeddings) and add the weighted entity features, embedded by an MLP "
+                                      "shared by entities of one layout, to the prefix as tokens (EntityPointer)")
     adaln: bool = setting(True, "the flow time and the mean of the prefix's final states modulate every action-expert "
                                 "layer (DiT's adaLN-zero) beside the attention to the prefix")
     num_inference_steps: int = setting(4, "Euler steps over the cached prefix")
@@ -81,6 +92,8 @@ class VLAConfig(FlowConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.pointer_queries < 0:
+            raise PolicyConfigError(f"vla pointer_queries must be >= 0, not {self.pointer_queries}.")
         if self.d_model % self.n_heads:
             raise PolicyConfigError(f"vla d_model {self.d_model} must be divisible by n_heads {self.n_heads}.")
         if self.backbone != "none" and not self.backbone_path:
@@ -133,6 +146,20 @@ class Block(nn.Module):
         return x + mod[5] * self.mlp(self.norm2(x) * (1 + mod[4]) + mod[3])
 
 
+def build_pointer(features: Mapping[str, Mapping], groups: list[tuple[str, list[int]]], n_obs_steps: int,
+                  cfg: VLAConfig, text_width: int, d: int) -> EntityPointer:
+    """The entity pointer over `groups` (key, indices): each entity's identity is the text encoder's mean token
+    state of its name's words; entities with the same layout of names share a value MLP."""
+    encoder = text_encoder(cfg.text_model, cfg.max_text_tokens)
+    states, mask = encoder([entity_phrase(k, features[k], idx) for k, idx in groups], "cpu")
+    weights = mask.to(states.dtype)[..., None]
+    names = (states * weights).sum(1) / weights.sum(1)
+    layout_ids: dict[tuple[str, ...], int] = {}
+    layouts = [layout_ids.setdefault(entity_layout(features[k], idx), len(layout_ids)) for k, idx in groups]
+    return EntityPointer(text_width, d, names.float(), layouts, [n_obs_steps * len(idx) for _, idx in groups],
+                         cfg.pointer_queries)
+
+
 class VLATransformer(nn.Module):
     """Tokenizers of the prefix and of the action chunk, the prefix layers and the action expert's layers."""
 
@@ -159,6 +186,10 @@ class VLATransformer(nn.Module):
         self.text_in = nn.Linear(text_width, d)
         self.instruction_film = (InstructionFiLM(text_width, d, len(self.state_groups))
                                  if cfg.instruction_film and self.state_groups else None)
+        self.pointer, self.pointer_groups = None, []
+        if cfg.pointer_queries and self.state_keys:
+            self.pointer_groups = [g for k in self.state_keys for g in state_entities(k, features[k], "entity")]
+            self.pointer = build_pointer(features, self.pointer_groups, n_obs_steps, cfg, text_width, d)
         self.kind = nn.Parameter(0.02 * torch.randn(3, d))  # added to image, text and state tokens
         self.prefix_layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
         self.prefix_norm = nn.LayerNorm(d)
@@ -195,6 +226,10 @@ class VLATransformer(nn.Module):
                 entities = self.instruction_film(entities, text, text_mask)
             tokens.append(entities + self.kind[2])
             masks.append(torch.ones(batch, entities.shape[1], dtype=torch.bool, device=device))
+        if self.pointer is not None:
+            pointed = self.pointer([obs[key][..., idx].flatten(1) for key, idx in self.pointer_groups], text, text_mask)
+            tokens.append(pointed)
+            masks.append(torch.ones(pointed.shape[:2], dtype=torch.bool, device=device))
         return PrefixTokens(torch.cat(tokens, dim=1), torch.cat(masks, dim=1))
 
     def cache_prefix(self, prefix: PrefixTokens) -> PrefixCache:

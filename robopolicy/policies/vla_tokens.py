@@ -81,3 +81,60 @@ class InstructionFiLM(nn.Module):
         """entities [B, E, d] -> the same, modulated by the instruction."""
         scale, shift = self.modulation(self.code(text, mask)).view(-1, self.n_entities, 2, self.d).unbind(2)
         return torch.addcmul(shift, entities, scale + 1)
+
+
+def entity_layout(spec: Mapping, idx: list[int]) -> tuple[str, ...]:
+    """What an entity's dimensions are, whatever the entity: the names after its first dot (`cube_red.dx` -> `dx`);
+    entities of one layout (cube_red, cube_green) hold the same quantities of different objects."""
+    names = spec.get("names") or []
+    return tuple(str(names[i]).split(".", 1)[1] if i < len(names) and "." in str(names[i]) else f"#{i}" for i in idx)
+
+
+def entity_phrase(key: str, spec: Mapping, idx: list[int]) -> str:
+    """An entity's name as words (`cube_red.x` -> "cube red"), which the text encoder embeds as its identity."""
+    names = spec.get("names") or []
+    if not names or idx[0] >= len(names):
+        return key.split(".")[-1].replace("_", " ")
+    return str(names[idx[0]]).split(".")[0].rstrip("0123456789").replace("_", " ") or str(names[idx[0]])
+
+
+class EntityPointer(nn.Module):
+    """The instruction points at state entities and reads out their features: K tokens ("the named cube", "the
+    named pad") added to the prefix, as instruction-queried object tokens in object-centric language policies.
+
+    Each of K learned queries attention-pools the instruction's token states into a code; the code is compared
+    with every entity's key (the text encoder's embedding of its name, e.g. "cube red", projected, plus a learned
+    slot embedding); the softmax over entities weights their values, which a layout-shared MLP makes from the
+    entity's own features (cube_red and cube_green share one), so that a pointer token means "the cube the
+    instruction names" whatever its colour: for the action expert, one object to act on instead of a choice."""
+
+    def __init__(self, text_width: int, d: int, names: torch.Tensor, layouts: list[int], sizes: list[int],
+                 n_queries: int = 4):
+        super().__init__()
+        self.d, self.layouts = d, layouts
+        self.register_buffer("names", names, persistent=False)  # [E, text_width]: recomputed from the names at build
+        self.name_key = nn.Linear(text_width, d)
+        self.slot = nn.Parameter(torch.zeros(len(layouts), d))
+        self.text_key = nn.Linear(text_width, d)
+        self.text_value = nn.Linear(text_width, d)
+        self.pool = nn.Parameter(0.02 * torch.randn(n_queries, d))
+        self.query = nn.Linear(d, d)
+        n_layouts = max(layouts) + 1
+        size_of = {layout: size for layout, size in zip(layouts, sizes)}
+        self.value = nn.ModuleList(nn.Sequential(nn.Linear(size_of[i], d), nn.GELU(), nn.Linear(d, d))
+                                   for i in range(n_layouts))
+        self.out = nn.Linear(d, d)
+        self.position = nn.Parameter(0.02 * torch.randn(n_queries, d))
+
+    def weights(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """text [B, L, w], mask [B, L] -> each query's weights over the entities [B, K, E]."""
+        scores = torch.einsum("qd,bld->bql", self.pool, self.text_key(text)) / self.d ** 0.5
+        code = torch.einsum("bql,bld->bqd", scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1),
+                            self.text_value(text))
+        keys = self.name_key(self.names) + self.slot  # [E, d]
+        return (torch.einsum("bqd,ed->bqe", self.query(code), keys) / self.d ** 0.5).softmax(-1)
+
+    def forward(self, features: list[torch.Tensor], text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """features: each entity's normalized features [B, n_e] -> the pointer tokens [B, K, d]."""
+        values = torch.stack([self.value[layout](x) for layout, x in zip(self.layouts, features)], dim=1)  # [B, E, d]
+        return self.out(torch.einsum("bqe,bed->bqd", self.weights(text, mask), values)) + self.position
