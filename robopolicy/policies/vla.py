@@ -37,12 +37,10 @@ from robopolicy.policies.text import text_encoder
 from robopolicy.policies.unet1d import SinusoidalEmbedding
 from robopolicy.policies.vla_backbone import BACKBONES, BackboneVLA
 from robopolicy.policies.vla_tokens import (
-    EntityPointer,
     InstructionFiLM,
     PrefixCache,
     PrefixTokens,
-    entity_layout,
-    entity_phrase,
+    make_pointer,
     state_entities,
 )
 
@@ -146,20 +144,6 @@ class Block(nn.Module):
         return x + mod[5] * self.mlp(self.norm2(x) * (1 + mod[4]) + mod[3])
 
 
-def build_pointer(features: Mapping[str, Mapping], groups: list[tuple[str, list[int]]], n_obs_steps: int,
-                  cfg: VLAConfig, text_width: int, d: int) -> EntityPointer:
-    """The entity pointer over `groups` (key, indices): each entity's identity is the text encoder's mean token
-    state of its name's words; entities with the same layout of names share a value MLP."""
-    encoder = text_encoder(cfg.text_model, cfg.max_text_tokens)
-    states, mask = encoder([entity_phrase(k, features[k], idx) for k, idx in groups], "cpu")
-    weights = mask.to(states.dtype)[..., None]
-    names = (states * weights).sum(1) / weights.sum(1)
-    layout_ids: dict[tuple[str, ...], int] = {}
-    layouts = [layout_ids.setdefault(entity_layout(features[k], idx), len(layout_ids)) for k, idx in groups]
-    return EntityPointer(text_width, d, names.float(), layouts, [n_obs_steps * len(idx) for _, idx in groups],
-                         cfg.pointer_queries)
-
-
 class VLATransformer(nn.Module):
     """Tokenizers of the prefix and of the action chunk, the prefix layers and the action expert's layers."""
 
@@ -188,8 +172,9 @@ class VLATransformer(nn.Module):
                                  if cfg.instruction_film and self.state_groups else None)
         self.pointer, self.pointer_groups = None, []
         if cfg.pointer_queries and self.state_keys:
-            self.pointer_groups = [g for k in self.state_keys for g in state_entities(k, features[k], "entity")]
-            self.pointer = build_pointer(features, self.pointer_groups, n_obs_steps, cfg, text_width, d)
+            encoder = text_encoder(cfg.text_model, cfg.max_text_tokens)
+            self.pointer, self.pointer_groups = make_pointer(features, self.state_keys, n_obs_steps,
+                                                             cfg.pointer_queries, d, text_width, encoder)
         self.kind = nn.Parameter(0.02 * torch.randn(3, d))  # added to image, text and state tokens
         self.prefix_layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
         self.prefix_norm = nn.LayerNorm(d)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -138,3 +138,20 @@ class EntityPointer(nn.Module):
         """features: each entity's normalized features [B, n_e] -> the pointer tokens [B, K, d]."""
         values = torch.stack([self.value[layout](x) for layout, x in zip(self.layouts, features)], dim=1)  # [B, E, d]
         return self.out(torch.einsum("bqe,bed->bqd", self.weights(text, mask), values)) + self.position
+
+
+def make_pointer(features: Mapping[str, Mapping], state_keys: list[str], n_obs_steps: int, n_queries: int, d: int,
+                 text_width: int, embed_names: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+                 ) -> tuple[EntityPointer, list[tuple[str, list[int]]]]:
+    """The entity pointer over the state keys' entities, and those entities (key, indices). `embed_names`: phrases
+    -> token states [E, L, text_width] and mask [E, L], the same text space as the instruction's; an entity's
+    identity is the mean of its name's token states. Entities with the same layout of names share a value MLP."""
+    groups = [g for k in state_keys for g in state_entities(k, features[k], "entity")]
+    with torch.no_grad():
+        states, mask = embed_names([entity_phrase(k, features[k], idx) for k, idx in groups])
+    weights = mask.to(states.dtype)[..., None]
+    names = ((states * weights).sum(1) / weights.sum(1)).float()
+    layout_ids: dict[tuple[str, ...], int] = {}
+    layouts = [layout_ids.setdefault(entity_layout(features[k], idx), len(layout_ids)) for k, idx in groups]
+    pointer = EntityPointer(text_width, d, names, layouts, [n_obs_steps * len(idx) for _, idx in groups], n_queries)
+    return pointer, groups
