@@ -282,9 +282,9 @@ def test_pointer_tokens_keep_the_cache_exact_and_the_sampler_deterministic():
     torch.manual_seed(0)
     features = make_features(cameras=("front",))
     features["observation.state"]["names"] = [f"cube_{c}.{a}" for c in ("red", "green", "blue") for a in "xy"]
-    policy = make_policy(vla_config(pointer_queries=2), features, make_stats(features))
+    policy = make_policy(vla_config(pointer=True), features, make_stats(features))
     pointer = policy.obs_encoder.pointer
-    assert pointer is not None and pointer.layouts == [0, 0, 0] and len(pointer.value) == 1  # one shared cube MLP
+    assert pointer is not None and pointer.kinds == [[0, 1, 2]] and len(pointer.value) == 1  # one shared cube MLP
     overfit(policy, {**make_batch(features, 8), "task": INSTRUCTIONS * 2}, steps=3)
     policy.eval()
     obs = with_tasks(observation(make_batch(features, 4)), INSTRUCTIONS)
@@ -294,38 +294,43 @@ def test_pointer_tokens_keep_the_cache_exact_and_the_sampler_deterministic():
     policy.kv_cache = False
     assert (policy.sample_chunk(obs, noise) - cached).abs().max() <= 1e-5
     policy.kv_cache = True
-    with pytest.raises(Exception, match="pointer_queries"):
-        make_policy(vla_config(pointer_queries=-1), features, make_stats(features))
+    plain = make_policy(vla_config(), features, make_stats(features)).eval()
+    tokens = [p.obs_encoder.cache_prefix(p._prefix(obs)).hidden.shape[1] for p in (policy, plain)]
+    assert tokens[0] == tokens[1] + 1  # the pointer's token
 
 
-def test_pointer_layouts_share_an_mlp_per_kind_of_entity_from_the_feature_names():
+def test_pointer_kinds_are_the_entities_sharing_a_layout_of_feature_names():
+    """Only kinds with several members get a pointer token; a state with no such kind gets no pointer at all."""
     features = make_features(state_dim=13)
     features["observation.state"]["names"] = (["ee.x", "ee.y", "gripper.opening"]
                                               + [f"cube_{c}.{a}" for c in ("red", "green") for a in ("x", "y", "dx")]
                                               + [f"pad_{p}.{a}" for p in ("left", "right") for a in ("x",)]
                                               + ["joint1.pos", "joint2.pos"])
-    policy = make_policy(vla_config(pointer_queries=3), features, make_stats(features))
-    pointer = policy.obs_encoder.pointer
-    groups = [[features["observation.state"]["names"][i].split(".")[0] for i in idx]
-              for _, idx in policy.obs_encoder.pointer_groups]
-    assert [g[0] for g in groups] == ["ee", "gripper", "cube_red", "cube_green", "pad_left", "pad_right", "joint1"]
-    assert pointer.layouts == [0, 1, 2, 2, 3, 3, 4] and pointer.position.shape[0] == 3
+    policy = make_policy(vla_config(pointer=True), features, make_stats(features))
+    names = features["observation.state"]["names"]
+    entities = [names[idx[0]].split(".")[0] for _, idx in policy.obs_encoder.pointer_groups]
+    assert entities == ["ee", "gripper", "cube_red", "cube_green", "pad_left", "pad_right", "joint1"]
+    assert policy.obs_encoder.pointer.kinds == [[2, 3], [4, 5]] and policy.obs_encoder.pointer.position.shape[0] == 2
+    features["observation.state"]["names"] = names[:9] + ["pad_left.x", "joint1.pos", "joint2.pos", "joint3.pos"]
+    features["observation.state"]["names"][3:9] = [f"cube_red.{a}" for a in ("x", "y", "dx", "vx", "vy", "vz")]
+    assert make_policy(vla_config(pointer=True), features, make_stats(features)).obs_encoder.pointer is None
 
 
-def test_pointer_points_at_the_entity_the_instruction_names():
-    """pointer_queries: the instruction's queries put their weight on the named cube's entity, and the policy fits
-    "the action is the state of the cube the instruction names" (the state alone says nothing of which)."""
+def test_pointer_picks_the_entity_the_instruction_names():
+    """pointer: the instruction's weight goes to the named cube (from the start: its name matches the instruction's
+    words), and the policy fits "the action is the state of the cube the instruction names" (the state alone says
+    nothing of which) and follows the instruction."""
     torch.manual_seed(0)
     features = colour_features()
-    policy = make_policy(vla_config(pointer_queries=2), features, make_stats(features))
+    policy = make_policy(vla_config(pointer=True), features, make_stats(features))
     batch, pick = colour_batch(features)
-    losses = overfit(policy, batch, steps=120, lr=3e-3)
+    text, mask = text_encoder()(batch["task"][:12])
+    assert torch.equal(policy.obs_encoder.pointer.weights(text, mask)[0].argmax(-1), pick[:12])  # before training
+    losses = overfit(policy, batch, steps=60, lr=3e-3)
     assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:5])
     policy.eval()
-    text, mask = text_encoder()(batch["task"][:12])
-    weights = policy.obs_encoder.pointer.weights(text, mask).detach()  # [12, queries, entities]
-    chosen = weights.max(1).values.argmax(-1)
-    assert torch.equal(chosen, pick[:12])
+    weights = policy.obs_encoder.pointer.weights(text, mask)[0].detach()
+    assert torch.equal(weights.argmax(-1), pick[:12]) and weights.max(-1).values.min() > 0.5
     obs = observation(batch, 6)
     noise = torch.zeros(6, *policy.noise_shape)
     told = policy.sample_chunk(with_tasks(obs, batch["task"][:6]), noise)

@@ -67,9 +67,9 @@ class VLAConfig(FlowConfig):
                                          "token for the whole chunk", choices=("step", "chunk"))
     instruction_film: bool = setting(False, "the instruction (attention-pooled tokens) scales and shifts every state "
                                             "entity token per dimension before the first layer (FiLM)")
-    pointer_queries: int = setting(0, "> 0: that many instruction queries point at state entities (softmax over "
-                                      "their name embeddings) and add the weighted entity features, embedded by an MLP "
-                                      "shared by entities of one layout, to the prefix as tokens (EntityPointer)")
+    pointer: bool = setting(False, "per kind of state entity with several members (cube_red, cube_green, ...: the "
+                                   "same feature layout), the instruction picks the one it names (softmax over their "
+                                   "name embeddings' match) and its features join the prefix as a token (EntityPointer)")
     adaln: bool = setting(True, "the flow time and the mean of the prefix's final states modulate every action-expert "
                                 "layer (DiT's adaLN-zero) beside the attention to the prefix")
     num_inference_steps: int = setting(4, "Euler steps over the cached prefix")
@@ -90,8 +90,6 @@ class VLAConfig(FlowConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.pointer_queries < 0:
-            raise PolicyConfigError(f"vla pointer_queries must be >= 0, not {self.pointer_queries}.")
         if self.d_model % self.n_heads:
             raise PolicyConfigError(f"vla d_model {self.d_model} must be divisible by n_heads {self.n_heads}.")
         if self.backbone != "none" and not self.backbone_path:
@@ -171,10 +169,10 @@ class VLATransformer(nn.Module):
         self.instruction_film = (InstructionFiLM(text_width, d, len(self.state_groups))
                                  if cfg.instruction_film and self.state_groups else None)
         self.pointer, self.pointer_groups = None, []
-        if cfg.pointer_queries and self.state_keys:
+        if cfg.pointer and self.state_keys:
             encoder = text_encoder(cfg.text_model, cfg.max_text_tokens)
-            self.pointer, self.pointer_groups = make_pointer(features, self.state_keys, n_obs_steps,
-                                                             cfg.pointer_queries, d, text_width, encoder)
+            self.pointer, self.pointer_groups = make_pointer(features, self.state_keys, n_obs_steps, d, text_width,
+                                                             encoder)
         self.kind = nn.Parameter(0.02 * torch.randn(3, d))  # added to image, text and state tokens
         self.prefix_layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
         self.prefix_norm = nn.LayerNorm(d)

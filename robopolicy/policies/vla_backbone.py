@@ -114,9 +114,9 @@ class BackboneVLA(nn.Module):
         self.instruction_film = (InstructionFiLM(text_cfg.hidden_size, d, len(self.state_groups))
                                  if cfg.instruction_film and self.state_groups else None)
         self.pointer, self.pointer_groups = None, []
-        if cfg.pointer_queries and state_keys:  # entity names embedded as the instruction is: the VLM's input embeddings
-            self.pointer, self.pointer_groups = make_pointer(features, state_keys, n_obs_steps, cfg.pointer_queries,
-                                                             d, text_cfg.hidden_size, self._embed_text)
+        if cfg.pointer and state_keys:  # entity names embedded as the instruction is: the VLM's input embeddings
+            self.pointer, self.pointer_groups = make_pointer(features, state_keys, n_obs_steps, d,
+                                                             text_cfg.hidden_size, self._embed_text)
         self.action_in = nn.Linear(action_dim, d)
         self.time_in = nn.Sequential(SinusoidalEmbedding(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         self.action_pos = nn.Parameter(0.02 * torch.randn(horizon, d))

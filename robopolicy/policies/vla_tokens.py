@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -99,53 +100,62 @@ def entity_phrase(key: str, spec: Mapping, idx: list[int]) -> str:
 
 
 class EntityPointer(nn.Module):
-    """The instruction points at state entities and reads out their features: K tokens ("the named cube", "the
-    named pad") added to the prefix, as instruction-queried object tokens in object-centric language policies.
+    """The instruction picks, among the state entities of one kind, the one it names, and reads out its features: one
+    token per kind with several members ("the named cube" among cube_red, cube_green, cube_blue; "the named pad"),
+    added to the prefix, as instruction-queried object tokens in object-centric language policies.
 
-    Each of K learned queries attention-pools the instruction's token states into a code; the code is compared
-    with every entity's key (the text encoder's embedding of its name, e.g. "cube red", projected, plus a learned
-    slot embedding); the softmax over entities weights their values, which a layout-shared MLP makes from the
-    entity's own features (cube_red and cube_green share one), so that a pointer token means "the cube the
-    instruction names" whatever its colour: for the action expert, one object to act on instead of a choice."""
+    Entities are of one kind when their feature names have the same layout (`cube_red.dx` and `cube_green.dx`).
+    An entity's score is how much the instruction mentions it: the best match over the instruction's tokens of the
+    text encoder's embedding of its name ("cube red"), as a scaled cosine (a prior that already prefers the named
+    one) plus a learned bilinear term that starts at zero. A softmax over the kind's members weights their values,
+    which the kind's MLP makes from each member's own features, so the token means "the cube the instruction
+    names" whatever its colour: for the action expert, one object to act on instead of a choice to make."""
 
     def __init__(self, text_width: int, d: int, names: torch.Tensor, layouts: list[int], sizes: list[int],
-                 n_queries: int = 4):
+                 scale: float = 20.0):
         super().__init__()
-        self.d, self.layouts = d, layouts
+        self.d = d
+        members: dict[int, list[int]] = {}
+        for entity, layout in enumerate(layouts):
+            members.setdefault(layout, []).append(entity)
+        self.kinds = [m for m in members.values() if len(m) > 1]  # entity indices of each kind with several members
         self.register_buffer("names", names, persistent=False)  # [E, text_width]: recomputed from the names at build
+        self.log_scale = nn.Parameter(torch.tensor(float(scale)).log())
         self.name_key = nn.Linear(text_width, d)
-        self.slot = nn.Parameter(torch.zeros(len(layouts), d))
         self.text_key = nn.Linear(text_width, d)
-        self.text_value = nn.Linear(text_width, d)
-        self.pool = nn.Parameter(0.02 * torch.randn(n_queries, d))
-        self.query = nn.Linear(d, d)
-        n_layouts = max(layouts) + 1
-        size_of = {layout: size for layout, size in zip(layouts, sizes)}
-        self.value = nn.ModuleList(nn.Sequential(nn.Linear(size_of[i], d), nn.GELU(), nn.Linear(d, d))
-                                   for i in range(n_layouts))
-        self.out = nn.Linear(d, d)
-        self.position = nn.Parameter(0.02 * torch.randn(n_queries, d))
+        nn.init.zeros_(self.text_key.weight)
+        nn.init.zeros_(self.text_key.bias)
+        self.value = nn.ModuleList(nn.Sequential(nn.Linear(sizes[m[0]], d), nn.GELU(), nn.Linear(d, d))
+                                   for m in self.kinds)
+        self.position = nn.Parameter(0.02 * torch.randn(len(self.kinds), d))
 
-    def weights(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """text [B, L, w], mask [B, L] -> each query's weights over the entities [B, K, E]."""
-        scores = torch.einsum("qd,bld->bql", self.pool, self.text_key(text)) / self.d ** 0.5
-        code = torch.einsum("bql,bld->bqd", scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1),
-                            self.text_value(text))
-        keys = self.name_key(self.names) + self.slot  # [E, d]
-        return (torch.einsum("bqd,ed->bqe", self.query(code), keys) / self.d ** 0.5).softmax(-1)
+    def scores(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """text [B, L, w], mask [B, L] (True: a real token) -> how much it mentions each entity [B, E]."""
+        cosine = torch.einsum("ew,blw->bel", F.normalize(self.names, dim=-1), F.normalize(text, dim=-1))
+        learned = torch.einsum("ed,bld->bel", self.name_key(self.names), self.text_key(text)) / self.d ** 0.5
+        match = self.log_scale.exp() * cosine + learned
+        return match.masked_fill(~mask[:, None], float("-inf")).amax(-1)
+
+    def weights(self, text: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Per kind, the weights over its members [B, n_members]."""
+        scores = self.scores(text, mask)
+        return [scores[:, kind].softmax(-1) for kind in self.kinds]
 
     def forward(self, features: list[torch.Tensor], text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """features: each entity's normalized features [B, n_e] -> the pointer tokens [B, K, d]."""
-        values = torch.stack([self.value[layout](x) for layout, x in zip(self.layouts, features)], dim=1)  # [B, E, d]
-        return self.out(torch.einsum("bqe,bed->bqd", self.weights(text, mask), values)) + self.position
+        """features: each entity's normalized features [B, n_e] -> one pointer token per kind [B, K, d]."""
+        tokens = []
+        for kind, weights, value in zip(self.kinds, self.weights(text, mask), self.value):
+            values = torch.stack([value(features[e]) for e in kind], dim=1)  # [B, n_members, d]
+            tokens.append(torch.einsum("bm,bmd->bd", weights, values))
+        return torch.stack(tokens, dim=1) + self.position
 
 
-def make_pointer(features: Mapping[str, Mapping], state_keys: list[str], n_obs_steps: int, n_queries: int, d: int,
-                 text_width: int, embed_names: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
-                 ) -> tuple[EntityPointer, list[tuple[str, list[int]]]]:
-    """The entity pointer over the state keys' entities, and those entities (key, indices). `embed_names`: phrases
-    -> token states [E, L, text_width] and mask [E, L], the same text space as the instruction's; an entity's
-    identity is the mean of its name's token states. Entities with the same layout of names share a value MLP."""
+def make_pointer(features: Mapping[str, Mapping], state_keys: list[str], n_obs_steps: int, d: int, text_width: int,
+                 embed_names: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+                 ) -> tuple[EntityPointer | None, list[tuple[str, list[int]]]]:
+    """The entity pointer over the state keys' entities, and those entities (key, indices); None when no kind of
+    entity has several members (nothing to choose). `embed_names`: phrases -> token states [E, L, text_width] and
+    mask [E, L], in the instruction's text space; an entity's identity is the mean of its name's token states."""
     groups = [g for k in state_keys for g in state_entities(k, features[k], "entity")]
     with torch.no_grad():
         states, mask = embed_names([entity_phrase(k, features[k], idx) for k, idx in groups])
@@ -153,5 +163,5 @@ def make_pointer(features: Mapping[str, Mapping], state_keys: list[str], n_obs_s
     names = ((states * weights).sum(1) / weights.sum(1)).float()
     layout_ids: dict[tuple[str, ...], int] = {}
     layouts = [layout_ids.setdefault(entity_layout(features[k], idx), len(layout_ids)) for k, idx in groups]
-    pointer = EntityPointer(text_width, d, names, layouts, [n_obs_steps * len(idx) for _, idx in groups], n_queries)
-    return pointer, groups
+    pointer = EntityPointer(text_width, d, names, layouts, [n_obs_steps * len(idx) for _, idx in groups])
+    return (pointer, groups) if pointer.kinds else (None, [])
