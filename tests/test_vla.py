@@ -299,8 +299,9 @@ def test_pointer_tokens_keep_the_cache_exact_and_the_sampler_deterministic():
     assert tokens[0] == tokens[1] + 1  # the pointer's token
 
 
-def test_pointer_kinds_are_the_entities_sharing_a_layout_of_feature_names():
-    """Only kinds with several members get a pointer token; a state with no such kind gets no pointer at all."""
+def test_pointer_kinds_are_the_families_of_entities_sharing_a_layout():
+    """Only kinds with several members (cube_red, cube_green: one family, one layout of names) get a pointer token;
+    a state with no such kind gets no pointer at all, and the same model as without the setting."""
     features = make_features(state_dim=13)
     features["observation.state"]["names"] = (["ee.x", "ee.y", "gripper.opening"]
                                               + [f"cube_{c}.{a}" for c in ("red", "green") for a in ("x", "y", "dx")]
@@ -311,8 +312,18 @@ def test_pointer_kinds_are_the_entities_sharing_a_layout_of_feature_names():
     entities = [names[idx[0]].split(".")[0] for _, idx in policy.obs_encoder.pointer_groups]
     assert entities == ["ee", "gripper", "cube_red", "cube_green", "pad_left", "pad_right", "joint1"]
     assert policy.obs_encoder.pointer.kinds == [[2, 3], [4, 5]] and policy.obs_encoder.pointer.position.shape[0] == 2
-    features["observation.state"]["names"] = names[:9] + ["pad_left.x", "joint1.pos", "joint2.pos", "joint3.pos"]
-    features["observation.state"]["names"][3:9] = [f"cube_red.{a}" for a in ("x", "y", "dx", "vx", "vy", "vz")]
+    # one layout is not one kind: ee, target and object_from_ee (push_two_ways) are no family
+    features = make_features(state_dim=10)
+    features["observation.state"]["names"] = [f"{e}.{a}" for e in ("ee", "target", "object_from_ee") for a in "xyz"]
+    features["observation.state"]["names"].append("gripper.opening")
+    torch.manual_seed(0)
+    pointed = make_policy(vla_config(pointer=True), features, make_stats(features))
+    torch.manual_seed(0)
+    plain = make_policy(vla_config(), features, make_stats(features))
+    assert pointed.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(pointed.state_dict().values(), plain.state_dict().values()))
+    assert make_policy(vla_config(pointer=True), features, make_stats(features)).obs_encoder.pointer is None
+    features["observation.state"]["names"] = [f"obj{i}_{a}" for i in (1, 2) for a in "xyzqw"]  # MetaWorld's style
     assert make_policy(vla_config(pointer=True), features, make_stats(features)).obs_encoder.pointer is None
 
 

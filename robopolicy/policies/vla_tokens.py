@@ -91,6 +91,14 @@ def entity_layout(spec: Mapping, idx: list[int]) -> tuple[str, ...]:
     return tuple(str(names[i]).split(".", 1)[1] if i < len(names) and "." in str(names[i]) else f"#{i}" for i in idx)
 
 
+def entity_kind(key: str, spec: Mapping, idx: list[int]) -> tuple[str, tuple[str, ...]]:
+    """Entities of one kind are members of a named family with one layout: the name but its last `_` word, and the
+    names after the dot (`cube_red.dx`, `cube_green.dx` -> ("cube", (..., "dx"))). A name without `_` is a kind of
+    its own (`ee.x` and `target.x` share a layout, not a family)."""
+    phrase = entity_phrase(key, spec, idx).split(" ")
+    return " ".join(phrase[:-1]) or " ".join(phrase) + "#", entity_layout(spec, idx)
+
+
 def entity_phrase(key: str, spec: Mapping, idx: list[int]) -> str:
     """An entity's name as words (`cube_red.x` -> "cube red"), which the text encoder embeds as its identity."""
     names = spec.get("names") or []
@@ -104,20 +112,21 @@ class EntityPointer(nn.Module):
     token per kind with several members ("the named cube" among cube_red, cube_green, cube_blue; "the named pad"),
     added to the prefix, as instruction-queried object tokens in object-centric language policies.
 
-    Entities are of one kind when their feature names have the same layout (`cube_red.dx` and `cube_green.dx`).
+    Entities are of one kind when their names are one family with one layout (`cube_red.dx`, `cube_green.dx`:
+    `entity_kind`).
     An entity's score is how much the instruction mentions it: the best match over the instruction's tokens of the
     text encoder's embedding of its name ("cube red"), as a scaled cosine (a prior that already prefers the named
     one) plus a learned bilinear term that starts at zero. A softmax over the kind's members weights their values,
     which the kind's MLP makes from each member's own features, so the token means "the cube the instruction
     names" whatever its colour: for the action expert, one object to act on instead of a choice to make."""
 
-    def __init__(self, text_width: int, d: int, names: torch.Tensor, layouts: list[int], sizes: list[int],
+    def __init__(self, text_width: int, d: int, names: torch.Tensor, kinds: list[int], sizes: list[int],
                  scale: float = 20.0):
         super().__init__()
         self.d = d
         members: dict[int, list[int]] = {}
-        for entity, layout in enumerate(layouts):
-            members.setdefault(layout, []).append(entity)
+        for entity, kind in enumerate(kinds):
+            members.setdefault(kind, []).append(entity)
         self.kinds = [m for m in members.values() if len(m) > 1]  # entity indices of each kind with several members
         self.register_buffer("names", names, persistent=False)  # [E, text_width]: recomputed from the names at build
         self.log_scale = nn.Parameter(torch.tensor(float(scale)).log())
@@ -157,11 +166,12 @@ def make_pointer(features: Mapping[str, Mapping], state_keys: list[str], n_obs_s
     entity has several members (nothing to choose). `embed_names`: phrases -> token states [E, L, text_width] and
     mask [E, L], in the instruction's text space; an entity's identity is the mean of its name's token states."""
     groups = [g for k in state_keys for g in state_entities(k, features[k], "entity")]
+    kind_ids: dict[tuple[str, tuple[str, ...]], int] = {}
+    kinds = [kind_ids.setdefault(entity_kind(k, features[k], idx), len(kind_ids)) for k, idx in groups]
+    if len(kind_ids) == len(groups):  # no kind with several members: nothing to choose, no pointer
+        return None, []
     with torch.no_grad():
         states, mask = embed_names([entity_phrase(k, features[k], idx) for k, idx in groups])
     weights = mask.to(states.dtype)[..., None]
     names = ((states * weights).sum(1) / weights.sum(1)).float()
-    layout_ids: dict[tuple[str, ...], int] = {}
-    layouts = [layout_ids.setdefault(entity_layout(features[k], idx), len(layout_ids)) for k, idx in groups]
-    pointer = EntityPointer(text_width, d, names, layouts, [n_obs_steps * len(idx) for _, idx in groups])
-    return (pointer, groups) if pointer.kinds else (None, [])
+    return EntityPointer(text_width, d, names, kinds, [n_obs_steps * len(idx) for _, idx in groups]), groups
