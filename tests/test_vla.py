@@ -240,7 +240,7 @@ def test_instruction_film_selects_the_entity_the_instruction_names():
     colours = ("red", "green", "blue")
     features = make_features()
     features["observation.state"]["names"] = [f"cube_{c}.{a}" for c in colours for a in "xy"]
-    policy = make_policy(vla_config(instruction_film=True), features, make_stats(features))
+    policy = make_policy(vla_config(instruction_film=True, pointer=False), features, make_stats(features))
     film = policy.obs_encoder.instruction_film
     assert film is not None and film.n_entities == 3
     assert all(float(p.detach().abs().sum()) == 0.0 for p in film.modulation[-1].parameters())
@@ -294,7 +294,7 @@ def test_pointer_tokens_keep_the_cache_exact_and_the_sampler_deterministic():
     policy.kv_cache = False
     assert (policy.sample_chunk(obs, noise) - cached).abs().max() <= 1e-5
     policy.kv_cache = True
-    plain = make_policy(vla_config(), features, make_stats(features)).eval()
+    plain = make_policy(vla_config(pointer=False), features, make_stats(features)).eval()
     tokens = [p.obs_encoder.cache_prefix(p._prefix(obs)).hidden.shape[1] for p in (policy, plain)]
     assert tokens[0] == tokens[1] + 1  # the pointer's token
 
@@ -319,7 +319,7 @@ def test_pointer_kinds_are_the_families_of_entities_sharing_a_layout():
     torch.manual_seed(0)
     pointed = make_policy(vla_config(pointer=True), features, make_stats(features))
     torch.manual_seed(0)
-    plain = make_policy(vla_config(), features, make_stats(features))
+    plain = make_policy(vla_config(pointer=False), features, make_stats(features))
     assert pointed.state_dict().keys() == plain.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(pointed.state_dict().values(), plain.state_dict().values()))
     assert make_policy(vla_config(pointer=True), features, make_stats(features)).obs_encoder.pointer is None
@@ -348,3 +348,21 @@ def test_pointer_picks_the_entity_the_instruction_names():
     other = policy.sample_chunk(with_tasks(obs, batch["task"][1:7]), noise)
     target = batch["action"][:6]
     assert (told - target).abs().mean() < 0.5 * (other - target).abs().mean()
+
+
+def test_a_checkpoint_from_before_the_pointer_loads_without_it(tmp_path):
+    """Checkpoints whose config has no `pointer` setting were trained without it: they load as such, whatever the
+    default; a checkpoint with the pointer round-trips it."""
+    torch.manual_seed(0)
+    features = colour_features()
+    old = {k: v for k, v in vla_config(pointer=False).items() if k != "pointer"}
+    policy = make_policy(vla_config(pointer=False), features, make_stats(features)).eval()
+    loaded = load_policy(save_checkpoint(tmp_path / "old", policy, config={"policy": old, "task": "builtin/pick_color"}))
+    assert loaded.obs_encoder.pointer is None
+    policy = make_policy(vla_config(), features, make_stats(features)).eval()
+    assert policy.obs_encoder.pointer is not None  # on by default
+    loaded = load_policy(save_checkpoint(tmp_path / "new", policy, config={"policy": vla_config(),
+                                                                            "task": "builtin/pick_color"}))
+    obs = with_tasks(observation(make_batch(features, 2)), INSTRUCTIONS[:2])
+    noise = torch.randn(2, *policy.noise_shape)
+    assert torch.equal(loaded.sample_chunk(obs, noise), policy.sample_chunk(obs, noise))

@@ -67,7 +67,7 @@ class VLAConfig(FlowConfig):
                                          "token for the whole chunk", choices=("step", "chunk"))
     instruction_film: bool = setting(False, "the instruction (attention-pooled tokens) scales and shifts every state "
                                             "entity token per dimension before the first layer (FiLM)")
-    pointer: bool = setting(False, "per kind of state entity with several members (cube_red, cube_green, ...: the "
+    pointer: bool = setting(True, "per kind of state entity with several members (cube_red, cube_green, ...: the "
                                    "same feature layout), the instruction picks the one it names (softmax over their "
                                    "name embeddings' match) and its features join the prefix as a token (EntityPointer)")
     adaln: bool = setting(True, "the flow time and the mean of the prefix's final states modulate every action-expert "
