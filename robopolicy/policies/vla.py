@@ -9,7 +9,9 @@ itself only, the action tokens attend to the prefix and to each other. Prefix an
 per layer (the action expert). The state is one token per entity its feature names describe (`cube_red.x`,
 `cube_red.y`, ... -> one `cube_red` token; `joint1.pos` ... `joint7.vel` -> one `joint` token), so that an
 instruction naming an object can be matched to that object's token by attention (`state_tokens: one` folds the
-whole state into a single token). Since the prefix never sees the actions, its keys and values do not depend on
+whole state into a single token). With `pointer` (the default), every family of entities of one layout (cube_red,
+cube_green, cube_blue) adds one more prefix token: the features of the member the instruction names, picked by how
+well its name matches the instruction's words (EntityPointer in vla_tokens.py). Since the prefix never sees the actions, its keys and values do not depend on
 x_t or t: `condition(obs)` computes them once per chunk (`PrefixCache`) and every flow step runs only the action
 expert against them (pi0's KV cache). `kv_cache = False` runs the uncached joint pass at every step instead;
 both give the same chunk (tests/test_vla.py).
