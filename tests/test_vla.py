@@ -240,7 +240,7 @@ def test_instruction_film_selects_the_entity_the_instruction_names():
     colours = ("red", "green", "blue")
     features = make_features()
     features["observation.state"]["names"] = [f"cube_{c}.{a}" for c in colours for a in "xy"]
-    policy = make_policy(vla_config(instruction_film=True), features, make_stats(features))
+    policy = make_policy(vla_config(instruction_film=True, pointer=False), features, make_stats(features))
     film = policy.obs_encoder.instruction_film
     assert film is not None and film.n_entities == 3
     assert all(float(p.detach().abs().sum()) == 0.0 for p in film.modulation[-1].parameters())
@@ -259,3 +259,110 @@ def test_instruction_film_selects_the_entity_the_instruction_names():
     other = policy.sample_chunk(with_tasks(obs, batch["task"][1:7]), noise)
     target = batch["action"][:6]
     assert (told - target).abs().mean() < 0.5 * (other - target).abs().mean()
+
+
+def colour_batch(features: dict, n: int = 96) -> tuple[dict, torch.Tensor]:
+    """Three cubes' (x, y); the action is the instructed cube's (x, y): only the instruction says which."""
+    colours = ("red", "green", "blue")
+    batch = make_batch(features, n, seed=2)
+    pick = torch.arange(n) % 3
+    batch["task"] = [f"pick up the {colours[i]} cube" for i in pick.tolist()]
+    state = batch["observation.state"][:, -1].view(n, 3, 2)
+    batch["action"] = state[torch.arange(n), pick][:, None, :].repeat(1, 8, 2)[..., :batch["action"].shape[-1]].tanh()
+    return batch, pick
+
+
+def colour_features() -> dict:
+    features = make_features()
+    features["observation.state"]["names"] = [f"cube_{c}.{a}" for c in ("red", "green", "blue") for a in "xy"]
+    return features
+
+
+def test_pointer_tokens_keep_the_cache_exact_and_the_sampler_deterministic():
+    torch.manual_seed(0)
+    features = make_features(cameras=("front",))
+    features["observation.state"]["names"] = [f"cube_{c}.{a}" for c in ("red", "green", "blue") for a in "xy"]
+    policy = make_policy(vla_config(pointer=True), features, make_stats(features))
+    pointer = policy.obs_encoder.pointer
+    assert pointer is not None and pointer.kinds == [[0, 1, 2]] and len(pointer.value) == 1  # one shared cube MLP
+    overfit(policy, {**make_batch(features, 8), "task": INSTRUCTIONS * 2}, steps=3)
+    policy.eval()
+    obs = with_tasks(observation(make_batch(features, 4)), INSTRUCTIONS)
+    noise = torch.randn(4, *policy.noise_shape)
+    cached = policy.sample_chunk(obs, noise)
+    assert torch.equal(policy.sample_chunk(obs, noise), cached)
+    policy.kv_cache = False
+    assert (policy.sample_chunk(obs, noise) - cached).abs().max() <= 1e-5
+    policy.kv_cache = True
+    plain = make_policy(vla_config(pointer=False), features, make_stats(features)).eval()
+    tokens = [p.obs_encoder.cache_prefix(p._prefix(obs)).hidden.shape[1] for p in (policy, plain)]
+    assert tokens[0] == tokens[1] + 1  # the pointer's token
+
+
+def test_pointer_kinds_are_the_families_of_entities_sharing_a_layout():
+    """Only kinds with several members (cube_red, cube_green: one family, one layout of names) get a pointer token;
+    a state with no such kind gets no pointer at all, and the same model as without the setting."""
+    features = make_features(state_dim=13)
+    features["observation.state"]["names"] = (["ee.x", "ee.y", "gripper.opening"]
+                                              + [f"cube_{c}.{a}" for c in ("red", "green") for a in ("x", "y", "dx")]
+                                              + [f"pad_{p}.{a}" for p in ("left", "right") for a in ("x",)]
+                                              + ["joint1.pos", "joint2.pos"])
+    policy = make_policy(vla_config(pointer=True), features, make_stats(features))
+    names = features["observation.state"]["names"]
+    entities = [names[idx[0]].split(".")[0] for _, idx in policy.obs_encoder.pointer_groups]
+    assert entities == ["ee", "gripper", "cube_red", "cube_green", "pad_left", "pad_right", "joint1"]
+    assert policy.obs_encoder.pointer.kinds == [[2, 3], [4, 5]] and policy.obs_encoder.pointer.position.shape[0] == 2
+    # one layout is not one kind: ee, target and object_from_ee (push_two_ways) are no family
+    features = make_features(state_dim=10)
+    features["observation.state"]["names"] = [f"{e}.{a}" for e in ("ee", "target", "object_from_ee") for a in "xyz"]
+    features["observation.state"]["names"].append("gripper.opening")
+    torch.manual_seed(0)
+    pointed = make_policy(vla_config(pointer=True), features, make_stats(features))
+    torch.manual_seed(0)
+    plain = make_policy(vla_config(pointer=False), features, make_stats(features))
+    assert pointed.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(pointed.state_dict().values(), plain.state_dict().values()))
+    assert make_policy(vla_config(pointer=True), features, make_stats(features)).obs_encoder.pointer is None
+    features["observation.state"]["names"] = [f"obj{i}_{a}" for i in (1, 2) for a in "xyzqw"]  # MetaWorld's style
+    assert make_policy(vla_config(pointer=True), features, make_stats(features)).obs_encoder.pointer is None
+
+
+def test_pointer_picks_the_entity_the_instruction_names():
+    """pointer: the instruction's weight goes to the named cube (from the start: its name matches the instruction's
+    words), and the policy fits "the action is the state of the cube the instruction names" (the state alone says
+    nothing of which) and follows the instruction."""
+    torch.manual_seed(0)
+    features = colour_features()
+    policy = make_policy(vla_config(pointer=True), features, make_stats(features))
+    batch, pick = colour_batch(features)
+    text, mask = text_encoder()(batch["task"][:12])
+    assert torch.equal(policy.obs_encoder.pointer.weights(text, mask)[0].argmax(-1), pick[:12])  # before training
+    losses = overfit(policy, batch, steps=60, lr=3e-3)
+    assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:5])
+    policy.eval()
+    weights = policy.obs_encoder.pointer.weights(text, mask)[0].detach()
+    assert torch.equal(weights.argmax(-1), pick[:12]) and weights.max(-1).values.min() > 0.5
+    obs = observation(batch, 6)
+    noise = torch.zeros(6, *policy.noise_shape)
+    told = policy.sample_chunk(with_tasks(obs, batch["task"][:6]), noise)
+    other = policy.sample_chunk(with_tasks(obs, batch["task"][1:7]), noise)
+    target = batch["action"][:6]
+    assert (told - target).abs().mean() < 0.5 * (other - target).abs().mean()
+
+
+def test_a_checkpoint_from_before_the_pointer_loads_without_it(tmp_path):
+    """Checkpoints whose config has no `pointer` setting were trained without it: they load as such, whatever the
+    default; a checkpoint with the pointer round-trips it."""
+    torch.manual_seed(0)
+    features = colour_features()
+    old = {k: v for k, v in vla_config(pointer=False).items() if k != "pointer"}
+    policy = make_policy(vla_config(pointer=False), features, make_stats(features)).eval()
+    loaded = load_policy(save_checkpoint(tmp_path / "old", policy, config={"policy": old, "task": "builtin/pick_color"}))
+    assert loaded.obs_encoder.pointer is None
+    policy = make_policy(vla_config(), features, make_stats(features)).eval()
+    assert policy.obs_encoder.pointer is not None  # on by default
+    loaded = load_policy(save_checkpoint(tmp_path / "new", policy, config={"policy": vla_config(),
+                                                                            "task": "builtin/pick_color"}))
+    obs = with_tasks(observation(make_batch(features, 2)), INSTRUCTIONS[:2])
+    noise = torch.randn(2, *policy.noise_shape)
+    assert torch.equal(loaded.sample_chunk(obs, noise), policy.sample_chunk(obs, noise))

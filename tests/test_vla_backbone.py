@@ -148,3 +148,25 @@ def test_instruction_film_on_a_backbone_modulates_the_state_tokens(backbone):
     cached = policy.sample_chunk(obs, noise)
     policy.kv_cache = False
     assert (policy.sample_chunk(obs, noise) - cached).abs().max() <= 1e-5
+
+
+def test_pointer_tokens_on_a_backbone_join_the_suffix_and_keep_the_cache_exact(backbone):
+    """policy.pointer on a backbone: entity names embedded by the VLM's own input embeddings, the pointer token
+    leads the suffix beside the state tokens; it learns and the cached and uncached paths still agree."""
+    kind, path = backbone
+    torch.manual_seed(0)
+    features = make_features()
+    features["observation.state"]["names"] = [f"cube_{c}.{a}" for c in ("red", "green", "blue") for a in "xy"]
+    policy = make_policy(backbone_config(kind, path, pointer=True), features, make_stats(features))
+    pointer = policy.obs_encoder.pointer
+    assert pointer is not None and pointer.names.shape == (3, TEXT["hidden_size"])
+    before = pointer.value[0][0].weight.detach().clone()
+    overfit(policy, {**make_batch(features, 8), "task": INSTRUCTIONS * 2}, steps=3)
+    assert not torch.equal(pointer.value[0][0].weight, before)
+    policy.eval()
+    obs = with_tasks(observation(make_batch(features, 4)), INSTRUCTIONS)
+    noise = torch.randn(4, *policy.noise_shape)
+    cached = policy.sample_chunk(obs, noise)
+    assert policy.obs_encoder.cache_prefix(policy._prefix(obs)).suffix.shape[1] == 3 + 1  # 3 cube tokens, the pointer
+    policy.kv_cache = False
+    assert (policy.sample_chunk(obs, noise) - cached).abs().max() <= 1e-5

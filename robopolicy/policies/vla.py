@@ -9,7 +9,9 @@ itself only, the action tokens attend to the prefix and to each other. Prefix an
 per layer (the action expert). The state is one token per entity its feature names describe (`cube_red.x`,
 `cube_red.y`, ... -> one `cube_red` token; `joint1.pos` ... `joint7.vel` -> one `joint` token), so that an
 instruction naming an object can be matched to that object's token by attention (`state_tokens: one` folds the
-whole state into a single token). Since the prefix never sees the actions, its keys and values do not depend on
+whole state into a single token). With `pointer` (the default), every family of entities of one layout (cube_red,
+cube_green, cube_blue) adds one more prefix token: the features of the member the instruction names, picked by how
+well its name matches the instruction's words (EntityPointer in vla_tokens.py). Since the prefix never sees the actions, its keys and values do not depend on
 x_t or t: `condition(obs)` computes them once per chunk (`PrefixCache`) and every flow step runs only the action
 expert against them (pi0's KV cache). `kv_cache = False` runs the uncached joint pass at every step instead;
 both give the same chunk (tests/test_vla.py).
@@ -36,7 +38,13 @@ from robopolicy.policies.flow import FlowConfig, FlowPolicy
 from robopolicy.policies.text import text_encoder
 from robopolicy.policies.unet1d import SinusoidalEmbedding
 from robopolicy.policies.vla_backbone import BACKBONES, BackboneVLA
-from robopolicy.policies.vla_tokens import InstructionFiLM, PrefixCache, PrefixTokens, state_entities
+from robopolicy.policies.vla_tokens import (
+    InstructionFiLM,
+    PrefixCache,
+    PrefixTokens,
+    make_pointer,
+    state_entities,
+)
 
 TASK_KEY = "task"
 
@@ -61,6 +69,9 @@ class VLAConfig(FlowConfig):
                                          "token for the whole chunk", choices=("step", "chunk"))
     instruction_film: bool = setting(False, "the instruction (attention-pooled tokens) scales and shifts every state "
                                             "entity token per dimension before the first layer (FiLM)")
+    pointer: bool = setting(True, "per kind of state entity with several members (cube_red, cube_green, ...: the "
+                                   "same feature layout), the instruction picks the one it names (softmax over their "
+                                   "name embeddings' match) and its features join the prefix as a token (EntityPointer)")
     adaln: bool = setting(True, "the flow time and the mean of the prefix's final states modulate every action-expert "
                                 "layer (DiT's adaLN-zero) beside the attention to the prefix")
     num_inference_steps: int = setting(4, "Euler steps over the cached prefix")
@@ -159,6 +170,11 @@ class VLATransformer(nn.Module):
         self.text_in = nn.Linear(text_width, d)
         self.instruction_film = (InstructionFiLM(text_width, d, len(self.state_groups))
                                  if cfg.instruction_film and self.state_groups else None)
+        self.pointer, self.pointer_groups = None, []
+        if cfg.pointer and self.state_keys:
+            encoder = text_encoder(cfg.text_model, cfg.max_text_tokens)
+            self.pointer, self.pointer_groups = make_pointer(features, self.state_keys, n_obs_steps, d, text_width,
+                                                             encoder)
         self.kind = nn.Parameter(0.02 * torch.randn(3, d))  # added to image, text and state tokens
         self.prefix_layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
         self.prefix_norm = nn.LayerNorm(d)
@@ -195,6 +211,10 @@ class VLATransformer(nn.Module):
                 entities = self.instruction_film(entities, text, text_mask)
             tokens.append(entities + self.kind[2])
             masks.append(torch.ones(batch, entities.shape[1], dtype=torch.bool, device=device))
+        if self.pointer is not None:
+            pointed = self.pointer([obs[key][..., idx].flatten(1) for key, idx in self.pointer_groups], text, text_mask)
+            tokens.append(pointed)
+            masks.append(torch.ones(pointed.shape[:2], dtype=torch.bool, device=device))
         return PrefixTokens(torch.cat(tokens, dim=1), torch.cat(masks, dim=1))
 
     def cache_prefix(self, prefix: PrefixTokens) -> PrefixCache:

@@ -31,7 +31,13 @@ from torch import nn
 from robopolicy.data.spec import IMAGE_PREFIX
 from robopolicy.policies.base import PolicyConfigError
 from robopolicy.policies.unet1d import SinusoidalEmbedding
-from robopolicy.policies.vla_tokens import InstructionFiLM, PrefixCache, PrefixTokens, state_entities
+from robopolicy.policies.vla_tokens import (
+    InstructionFiLM,
+    PrefixCache,
+    PrefixTokens,
+    make_pointer,
+    state_entities,
+)
 
 BACKBONES = ("smolvlm", "paligemma")
 
@@ -107,6 +113,10 @@ class BackboneVLA(nn.Module):
             for _, idx in self.state_groups)
         self.instruction_film = (InstructionFiLM(text_cfg.hidden_size, d, len(self.state_groups))
                                  if cfg.instruction_film and self.state_groups else None)
+        self.pointer, self.pointer_groups = None, []
+        if cfg.pointer and state_keys:  # entity names embedded as the instruction is: the VLM's input embeddings
+            self.pointer, self.pointer_groups = make_pointer(features, state_keys, n_obs_steps, d,
+                                                             text_cfg.hidden_size, self._embed_text)
         self.action_in = nn.Linear(action_dim, d)
         self.time_in = nn.Sequential(SinusoidalEmbedding(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         self.action_pos = nn.Parameter(0.02 * torch.randn(horizon, d))
@@ -153,7 +163,17 @@ class BackboneVLA(nn.Module):
                  if self.state_groups else None)
         if self.instruction_film is not None:  # on the instruction's input embeddings (the VLM's run later)
             state = self.instruction_film(state, parts[-1], masks[-1])
+        if self.pointer is not None:  # the pointer tokens join the state tokens at the head of the suffix
+            pointed = self.pointer([obs[key][..., idx].flatten(1) for key, idx in self.pointer_groups], parts[-1],
+                                   masks[-1])
+            state = pointed if state is None else torch.cat([state, pointed], 1)
         return PrefixTokens(torch.cat(parts, 1), torch.cat(masks, 1), suffix=state)
+
+    def _embed_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phrases -> the language model's input embeddings [n, L, hidden] and mask [n, L]."""
+        text = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_tokens,
+                              return_tensors="pt")
+        return self.language_model.get_input_embeddings()(text["input_ids"]), text["attention_mask"].bool()
 
     def cache_prefix(self, prefix: PrefixTokens) -> PrefixCache:
         """One pass of the language model over the prefix: every layer's keys and values (GQA heads repeated)."""

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -81,3 +82,96 @@ class InstructionFiLM(nn.Module):
         """entities [B, E, d] -> the same, modulated by the instruction."""
         scale, shift = self.modulation(self.code(text, mask)).view(-1, self.n_entities, 2, self.d).unbind(2)
         return torch.addcmul(shift, entities, scale + 1)
+
+
+def entity_layout(spec: Mapping, idx: list[int]) -> tuple[str, ...]:
+    """What an entity's dimensions are, whatever the entity: the names after its first dot (`cube_red.dx` -> `dx`);
+    entities of one layout (cube_red, cube_green) hold the same quantities of different objects."""
+    names = spec.get("names") or []
+    return tuple(str(names[i]).split(".", 1)[1] if i < len(names) and "." in str(names[i]) else f"#{i}" for i in idx)
+
+
+def entity_kind(key: str, spec: Mapping, idx: list[int]) -> tuple[str, tuple[str, ...]]:
+    """Entities of one kind are members of a named family with one layout: the name but its last `_` word, and the
+    names after the dot (`cube_red.dx`, `cube_green.dx` -> ("cube", (..., "dx"))). A name without `_` is a kind of
+    its own (`ee.x` and `target.x` share a layout, not a family)."""
+    phrase = entity_phrase(key, spec, idx).split(" ")
+    return " ".join(phrase[:-1]) or " ".join(phrase) + "#", entity_layout(spec, idx)
+
+
+def entity_phrase(key: str, spec: Mapping, idx: list[int]) -> str:
+    """An entity's name as words (`cube_red.x` -> "cube red"), which the text encoder embeds as its identity."""
+    names = spec.get("names") or []
+    if not names or idx[0] >= len(names):
+        return key.split(".")[-1].replace("_", " ")
+    return str(names[idx[0]]).split(".")[0].rstrip("0123456789").replace("_", " ") or str(names[idx[0]])
+
+
+class EntityPointer(nn.Module):
+    """The instruction picks, among the state entities of one kind, the one it names, and reads out its features: one
+    token per kind with several members ("the named cube" among cube_red, cube_green, cube_blue; "the named pad"),
+    added to the prefix, as instruction-queried object tokens in object-centric language policies.
+
+    Entities are of one kind when their names are one family with one layout (`cube_red.dx`, `cube_green.dx`:
+    `entity_kind`).
+    An entity's score is how much the instruction mentions it: the best match over the instruction's tokens of the
+    text encoder's embedding of its name ("cube red"), as a scaled cosine (a prior that already prefers the named
+    one) plus a learned bilinear term that starts at zero. A softmax over the kind's members weights their values,
+    which the kind's MLP makes from each member's own features, so the token means "the cube the instruction
+    names" whatever its colour: for the action expert, one object to act on instead of a choice to make."""
+
+    def __init__(self, text_width: int, d: int, names: torch.Tensor, kinds: list[int], sizes: list[int],
+                 scale: float = 20.0):
+        super().__init__()
+        self.d = d
+        members: dict[int, list[int]] = {}
+        for entity, kind in enumerate(kinds):
+            members.setdefault(kind, []).append(entity)
+        self.kinds = [m for m in members.values() if len(m) > 1]  # entity indices of each kind with several members
+        self.register_buffer("names", names, persistent=False)  # [E, text_width]: recomputed from the names at build
+        self.log_scale = nn.Parameter(torch.tensor(float(scale)).log())
+        self.name_key = nn.Linear(text_width, d)
+        self.text_key = nn.Linear(text_width, d)
+        nn.init.zeros_(self.text_key.weight)
+        nn.init.zeros_(self.text_key.bias)
+        self.value = nn.ModuleList(nn.Sequential(nn.Linear(sizes[m[0]], d), nn.GELU(), nn.Linear(d, d))
+                                   for m in self.kinds)
+        self.position = nn.Parameter(0.02 * torch.randn(len(self.kinds), d))
+
+    def scores(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """text [B, L, w], mask [B, L] (True: a real token) -> how much it mentions each entity [B, E]."""
+        cosine = torch.einsum("ew,blw->bel", F.normalize(self.names, dim=-1), F.normalize(text, dim=-1))
+        learned = torch.einsum("ed,bld->bel", self.name_key(self.names), self.text_key(text)) / self.d ** 0.5
+        match = self.log_scale.exp() * cosine + learned
+        return match.masked_fill(~mask[:, None], float("-inf")).amax(-1)
+
+    def weights(self, text: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Per kind, the weights over its members [B, n_members]."""
+        scores = self.scores(text, mask)
+        return [scores[:, kind].softmax(-1) for kind in self.kinds]
+
+    def forward(self, features: list[torch.Tensor], text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """features: each entity's normalized features [B, n_e] -> one pointer token per kind [B, K, d]."""
+        tokens = []
+        for kind, weights, value in zip(self.kinds, self.weights(text, mask), self.value):
+            values = torch.stack([value(features[e]) for e in kind], dim=1)  # [B, n_members, d]
+            tokens.append(torch.einsum("bm,bmd->bd", weights, values))
+        return torch.stack(tokens, dim=1) + self.position
+
+
+def make_pointer(features: Mapping[str, Mapping], state_keys: list[str], n_obs_steps: int, d: int, text_width: int,
+                 embed_names: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+                 ) -> tuple[EntityPointer | None, list[tuple[str, list[int]]]]:
+    """The entity pointer over the state keys' entities, and those entities (key, indices); None when no kind of
+    entity has several members (nothing to choose). `embed_names`: phrases -> token states [E, L, text_width] and
+    mask [E, L], in the instruction's text space; an entity's identity is the mean of its name's token states."""
+    groups = [g for k in state_keys for g in state_entities(k, features[k], "entity")]
+    kind_ids: dict[tuple[str, tuple[str, ...]], int] = {}
+    kinds = [kind_ids.setdefault(entity_kind(k, features[k], idx), len(kind_ids)) for k, idx in groups]
+    if len(kind_ids) == len(groups):  # no kind with several members: nothing to choose, no pointer
+        return None, []
+    with torch.no_grad():
+        states, mask = embed_names([entity_phrase(k, features[k], idx) for k, idx in groups])
+    weights = mask.to(states.dtype)[..., None]
+    names = ((states * weights).sum(1) / weights.sum(1)).float()
+    return EntityPointer(text_width, d, names, kinds, [n_obs_steps * len(idx) for _, idx in groups]), groups
