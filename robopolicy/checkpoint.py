@@ -232,6 +232,8 @@ LEGACY_SHARED_DEFAULTS: dict[str, Any] = {"denoiser": "unet", "encoder": {"crop"
 # keys added after format 2 whose default changed what a checkpoint builds: a checkpoint without them was written
 # before they existed, and means the value they had then (the VIB bottleneck's head was one linear layer)
 LATER_KEYS: dict[str, dict[str, Any]] = {"encoder": {"bottleneck_hidden": 0}}
+# the same for the top-level keys of one policy: a vla written before the entity pointer was built without it
+LATER_POLICY_KEYS: dict[str, dict[str, Any]] = {"vla": {"pointer": False}}
 
 
 def policy_section(info: Mapping[str, Any]) -> dict[str, Any]:
@@ -240,6 +242,8 @@ def policy_section(info: Mapping[str, Any]) -> dict[str, Any]:
     for key, values in LATER_KEYS.items():
         if isinstance(section.get(key), Mapping):
             section[key] = {**values, **section[key]}
+    for key, value in LATER_POLICY_KEYS.get(section.get("name"), {}).items():
+        section.setdefault(key, value)
     if int(info.get("format_version", 1)) >= 2:
         return section
     legacy = {**(LEGACY_SHARED_DEFAULTS if section.get("name") in ("flow", "diffusion") else {}),

@@ -52,8 +52,6 @@ def load_policy(dir: str | os.PathLike, *, expect_features: Mapping[str, Mapping
         raise CheckpointError(
             f"{folder / CONFIG_FILE} names policy {name!r}, which is not registered (known: {sorted(POLICIES)})."
         )
-    if name == "vla":  # written before the entity pointer existed (it is on by default now): built without it
-        section.setdefault("pointer", False)
     if num_inference_steps is not None:
         if "num_inference_steps" not in section:
             raise CheckpointError(f"{folder} holds a {name!r} policy, which has no sampler steps to set "
