@@ -37,6 +37,16 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+def assert_follows_its_instruction(policy, batch: dict) -> None:
+    """Told each sample's own instruction, the chunk lands far nearer its target than told its neighbour's."""
+    obs = observation(batch, 6)
+    noise = torch.zeros(6, *policy.noise_shape)
+    told = policy.sample_chunk(with_tasks(obs, batch["task"][:6]), noise)
+    other = policy.sample_chunk(with_tasks(obs, batch["task"][1:7]), noise)
+    target = batch["action"][:6]
+    assert (told - target).abs().mean() < 0.5 * (other - target).abs().mean()
+
+
 def test_text_encoder_gives_per_token_states_cached_per_instruction():
     encoder = text_encoder()
     states, mask = encoder(["open the drawer", "close the drawer", "open the drawer"])
@@ -253,12 +263,7 @@ def test_instruction_film_selects_the_entity_the_instruction_names():
     assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:5])
     assert any(float(p.detach().abs().sum()) > 0.0 for p in film.modulation[-1].parameters())
     policy.eval()
-    obs = observation(batch, 6)
-    noise = torch.zeros(6, *policy.noise_shape)
-    told = policy.sample_chunk(with_tasks(obs, batch["task"][:6]), noise)
-    other = policy.sample_chunk(with_tasks(obs, batch["task"][1:7]), noise)
-    target = batch["action"][:6]
-    assert (told - target).abs().mean() < 0.5 * (other - target).abs().mean()
+    assert_follows_its_instruction(policy, batch)
 
 
 def colour_batch(features: dict, n: int = 96) -> tuple[dict, torch.Tensor]:
@@ -342,12 +347,7 @@ def test_pointer_picks_the_entity_the_instruction_names():
     policy.eval()
     weights = policy.obs_encoder.pointer.weights(text, mask)[0].detach()
     assert torch.equal(weights.argmax(-1), pick[:12]) and weights.max(-1).values.min() > 0.5
-    obs = observation(batch, 6)
-    noise = torch.zeros(6, *policy.noise_shape)
-    told = policy.sample_chunk(with_tasks(obs, batch["task"][:6]), noise)
-    other = policy.sample_chunk(with_tasks(obs, batch["task"][1:7]), noise)
-    target = batch["action"][:6]
-    assert (told - target).abs().mean() < 0.5 * (other - target).abs().mean()
+    assert_follows_its_instruction(policy, batch)
 
 
 def test_a_checkpoint_from_before_the_pointer_loads_without_it(tmp_path):
