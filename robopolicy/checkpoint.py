@@ -229,9 +229,11 @@ LEGACY_SHARED_DEFAULTS: dict[str, Any] = {"denoiser": "unet", "encoder": {"crop"
                                           "unet": {"down_dims": [64, 128, 256]}}
 
 
-# keys added after format 2 whose default changed what a checkpoint builds: a checkpoint without them was written
-# before they existed, and means the value they had then (the VIB bottleneck's head was one linear layer)
-LATER_KEYS: dict[str, dict[str, Any]] = {"encoder": {"bottleneck_hidden": 0}}
+# keys added after format 2 that change what a checkpoint builds or computes: a checkpoint without them was written
+# before they existed, and means the value they had then (the VIB bottleneck's head was one linear layer; the
+# normalized state was not clamped), whatever the default is now
+LATER_KEYS: dict[str, dict[str, Any]] = {"encoder": {"bottleneck_hidden": 0},
+                                         "normalization": {"state_bound": None}}
 # the same for the top-level keys of one policy: a vla written before the entity pointer was built without it
 LATER_POLICY_KEYS: dict[str, dict[str, Any]] = {"vla": {"pointer": False}}
 

@@ -53,6 +53,24 @@ def test_round_trip_gives_identical_chunks(tmp_path, config_name, cameras):
     assert {"robopolicy", "torch", "python"} <= set(info["versions"])
 
 
+def test_a_state_bound_travels_with_the_checkpoint_and_older_ones_load_without(tmp_path):
+    policy, features, batch = trained_policy("flow")
+    policy.set_state_bound(3.0)
+    path = save_checkpoint(tmp_path / "bounded", policy, config={"policy": small_config("flow")})
+    loaded = load_policy(path)
+    assert loaded.cfg.normalization.state_bound == 3.0 and loaded.normalizer.state_bound == 3.0
+    knocked = {"observation.state": batch["observation.state"][:4] * 100}
+    noise = torch.randn(4, *policy.noise_shape)
+    assert torch.equal(loaded.sample_chunk(knocked, noise), policy.sample_chunk(knocked, noise))
+
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    del config["policy"]["normalization"]["state_bound"]  # written before the key existed
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    old = load_policy(path)
+    assert old.cfg.normalization.state_bound is None and old.normalizer.state_bound is None
+    assert old.normalize_obs(knocked)["observation.state"].abs().max() > 3.0
+
+
 def test_overwrite_and_extra_tensors(tmp_path):
     policy, _, _ = trained_policy("mlp")
     extra = {"residual.weight": torch.randn(3, 4)}

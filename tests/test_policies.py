@@ -177,6 +177,42 @@ def test_normalizer_round_trip_in_robot_units():
         assert torch.allclose(policy.unnormalize_actions(normalized), actions, atol=1e-5)
 
 
+def test_state_bound_clamps_the_normalized_state_and_nothing_else():
+    """normalization.state_bound: min_max from demos in which a feature hardly moved scales it by hundreds, so a
+    state outside their range reached the network as +-250; the bound clamps it, in training and in sampling, and
+    leaves states inside it, images and actions as they were."""
+    features = make_features(cameras=("front",))
+    stats = make_stats(features)
+    stats["observation.state"].update(min=np.full(STATE_DIM, -0.01, np.float32), max=np.full(STATE_DIM, 0.01, np.float32))
+    stats["observation.images.front"].update(std=np.full(3, 0.01, np.float32))  # images normalized up to +-100
+    torch.manual_seed(0)
+    free = make_policy(small_config("flow"), features, stats).eval()
+    bounded = make_policy(small_config("flow", normalization={"state_bound": 3.0}), features, stats).eval()
+    bounded.load_state_dict(free.state_dict())
+    batch = make_batch(features, 4)
+    inside = {**observation(batch), "observation.state": batch["observation.state"] * 0.01}  # normalized [-1, 1]
+    assert torch.equal(bounded.encode(inside), free.encode(inside))
+    knocked = {**inside, "observation.state": batch["observation.state"] * 2.5}
+    assert free.normalize_obs(knocked)["observation.state"].abs().max() > 200
+    clamped = bounded.normalize_obs(knocked)
+    assert clamped["observation.state"].abs().max() == 3.0
+    image = "observation.images.front"
+    assert torch.equal(clamped[image], free.normalize_obs(knocked)[image]) and clamped[image].abs().max() > 3.0
+    actions = torch.full((1, 8, ACTION_DIM), 100.0)
+    assert torch.equal(bounded.normalized_actions({"action": actions}), free.normalized_actions({"action": actions}))
+    # what the network gets is the state at the bound, in raw units +-0.03
+    at_bound = {**knocked, "observation.state": knocked["observation.state"].clamp(-0.03, 0.03)}
+    noise = torch.randn(4, *free.noise_shape)
+    assert torch.allclose(bounded.sample_chunk(knocked, noise), free.sample_chunk(at_bound, noise), atol=1e-5)
+    losses = []
+    for policy, obs in ((bounded.train(), knocked), (free.train(), at_bound)):
+        torch.manual_seed(1)
+        losses.append(policy.loss({**batch, **obs})[0])
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    with pytest.raises(PolicyConfigError, match="state_bound"):
+        make_policy(small_config("flow", normalization={"state_bound": 0.0}), features, stats)
+
+
 def test_mlp_learns_actions_in_robot_units():
     torch.manual_seed(0)
     features = make_features()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import last_json, run_cli
 
+from robopolicy.checkpoint import read_checkpoint_info
 from robopolicy.data import DemoStore
 from robopolicy.data.preferences import (
     derive_labels,
@@ -193,6 +194,9 @@ def test_apo_dpo_hg_dagger_write_plain_checkpoints_that_need_no_base(tmp_path):
             assert counts["desirable_windows"] > 0 and counts["undesirable_windows"] > 0
         if algo == "dpo":
             assert counts["pairs"] == 5  # 4 takeovers + 1 same-start pair
+        refined = read_checkpoint_info(summary["checkpoint"])["config"]["policy"]
+        assert refined["normalization"]["state_bound"] == 3.0  # algo.state_bound's default, saved with the policy
+    assert read_checkpoint_info(base / "checkpoints" / "last")["config"]["policy"]["normalization"]["state_bound"] is None
     shutil.rmtree(base)  # plain checkpoints: the base is not needed any more
     for algo in ("apo", "dpo", "hg_dagger"):
         evaluated = last_json(run_cli("eval", f"ckpt={tmp_path / algo}", "episodes=2", "num_envs=2", check=True))
@@ -272,21 +276,68 @@ def test_recorded_observations_are_paired_with_the_command_they_met(tmp_path):
     assert not batch["action_is_pad"][0, :6].any()
 
 
-def test_hg_dagger_clones_at_the_bases_own_rate_from_its_yaml():
+@pytest.mark.parametrize("name", ["hg_dagger", "apo"])
+def test_hg_dagger_and_apo_train_at_the_bases_own_rate_from_their_yaml(name):
     # HG-DAgger is behaviour cloning: at the fine-tuning rate of apo/dpo (1e-4 x 1000 steps, a tenth of the flow
-    # base's 1e-3) a round's interventions hardly moved a 15-demo base (0.39 from 0.40); at the base's own rate 0.65
+    # base's 1e-3) a round's interventions hardly moved a 15-demo base (0.39 from 0.40); at the base's own rate 0.65.
+    # apo likewise: at 3e-4 0.40 from a 0.41 base on the offline line, at the base's 1e-3 0.57
     from pathlib import Path
 
     import yaml
 
     from robopolicy.config import from_mapping
-    from robopolicy.preference import HgDaggerConfig, _training_optim
+    from robopolicy.preference import OFFLINE_ALGOS, _training_optim
     from robopolicy.train import optimizer_settings
 
-    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "algo" / "hg_dagger.yaml").read_text())
-    algo = from_mapping(HgDaggerConfig, raw)
+    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "algo" / f"{name}.yaml").read_text())
+    algo = from_mapping(OFFLINE_ALGOS[name], raw)
+    assert algo.optim.lr is None
     policy = {"name": "flow", "optim": {"lr": 1e-3, "weight_decay": 1e-6, "ema_decay": 0.995}}
     assert optimizer_settings(algo.optim, _training_optim({"policy": policy})).lr == 1e-3
     assert algo.steps >= 2000
     trained = {"policy": policy, "optim": {"lr": 3e-4, "weight_decay": None, "ema_decay": None}}
     assert optimizer_settings(algo.optim, _training_optim(trained)).lr == 3e-4  # the base's train override
+
+
+@pytest.mark.parametrize("base_bound, algo_bound, refined_bound", [(None, 3.0, 3.0), (2.0, None, 2.0)])
+def test_offline_refinement_clamps_the_refined_state_and_measures_the_base_as_loaded(
+        tmp_path, monkeypatch, base_bound, algo_bound, refined_bound):
+    """algo.state_bound (null: the base's) is set on the policy refined and on the reference of its implicit reward
+    (the reward compares the same inputs) and saved in the refined checkpoint; base_eval measures the base as it
+    was loaded."""
+    import robopolicy.preference as preference
+    from robopolicy.checkpoint import save_checkpoint
+    from robopolicy.finetune import finetune
+    from robopolicy.loading import load_policy
+
+    base = small_policy("flow")
+    base.set_state_bound(base_bound)
+    base = save_checkpoint(tmp_path / "base", base, config={"task": "t"})
+    features = {**FEATURES, "intervention": {"dtype": "bool", "shape": [1], "names": None}}
+    store = DemoStore.create(tmp_path / "rec", features, fps=10)
+    flags = np.zeros((40, 1), bool)
+    flags[20:] = True
+    rng = np.random.default_rng(0)
+    store.append_episode({"observation.state": rng.normal(size=(40, 3)).astype(np.float32),
+                          "action": rng.uniform(-1, 1, size=(40, 2)).astype(np.float32), "intervention": flags},
+                         task="t", source="intervention", success=True)
+    store.close()
+    evaluated, compared = [], []
+    monkeypatch.setattr(preference, "_evaluate",
+                        lambda make_envs, policy, episodes, num_envs: evaluated.append(policy.normalizer.state_bound))
+    apo_step = preference._apo_step
+
+    def recording_step(policy, reference, *args, **kwargs):
+        compared.append((policy.normalizer.state_bound, reference.normalizer.state_bound))
+        return apo_step(policy, reference, *args, **kwargs)
+
+    monkeypatch.setattr(preference, "_apo_step", recording_step)
+    algo = {"name": "apo", "data": [str(tmp_path / "rec")], "steps": 2, "batch_size": 4, "action_fps": 10,
+            "demos_fraction": 0.0, "state_bound": algo_bound}
+    summary = finetune({"ckpt": str(base), "out": str(tmp_path / "apo"), "algo": algo,
+                        "eval": {"base_episodes": 2, "final_episodes": 2}}, make_envs=lambda n: None, log=lambda m: None)
+    assert evaluated == [base_bound, refined_bound]  # the base as loaded, then the refined policy
+    assert compared == [(refined_bound, refined_bound)] * 2
+    info = read_checkpoint_info(summary["checkpoint"])
+    assert info["config"]["policy"]["normalization"]["state_bound"] == refined_bound
+    assert load_policy(summary["checkpoint"]).normalizer.state_bound == refined_bound

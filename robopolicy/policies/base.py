@@ -23,6 +23,7 @@ policy was trained on committed prefixes, so the control node runs real-time chu
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -52,6 +53,12 @@ class NormalizationConfig:
     action: str = setting("min_max", "min_max keeps actions in [-1, 1], the scale of the noise (and clips samples)",
                           choices=NORM_MODES)
     images: str = setting("mean_std", "per channel; unit: [0, 1] -> [-1, 1]", choices=NORM_MODES)
+    state_bound: float | None = setting(None, "clamp the normalized low-dim observations to [-b, b] (min_max from "
+                                              "few demos can scale a barely moving feature 100x); null: no clamp")
+
+    def __post_init__(self) -> None:
+        if self.state_bound is not None and self.state_bound <= 0:
+            raise PolicyConfigError(f"normalization.state_bound={self.state_bound} must be positive, or null.")
 
 
 @dataclass
@@ -207,8 +214,14 @@ class ActionChunkPolicy(ChunkPolicy):
         modes = {"action": norm.action}
         for key in self.obs_keys:
             modes[key] = norm.images if key.startswith(IMAGE_PREFIX) else norm.state
-        self.normalizer = Normalizer(self.features, modes, stats)
+        self.normalizer = Normalizer(self.features, modes, stats, state_bound=norm.state_bound)
         self.obs_encoder = self.build_obs_encoder(config)
+
+    def set_state_bound(self, bound: float | None) -> None:
+        """Clamp the normalized low-dim observations to [-bound, bound] from now on (None: no clamp); kept in the
+        config too, so a checkpoint saved afterwards applies it wherever it is loaded."""
+        self.cfg.normalization = dataclasses.replace(self.cfg.normalization, state_bound=bound)
+        self.normalizer.state_bound = bound
 
     def build_obs_encoder(self, config: PolicyConfig) -> nn.Module:
         """The module turning normalized observations into the policy's condition (the vla policy's differs)."""

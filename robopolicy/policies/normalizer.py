@@ -8,6 +8,11 @@ lose them. Modes:
 - `mean_std`: zero mean, unit variance (std floored at `eps`).
 - images (uint8 HWC) are first scaled to [0, 1]; `mean_std` then uses the per-channel statistics and
   `unit` maps [0, 1] to [-1, 1] without statistics.
+
+`state_bound` (the policy config's `normalization.state_bound`, not a buffer: it travels in config.yaml) clamps
+the normalized low-dimensional observations to [-b, b]: statistics from a few demonstrations can scale a feature
+that hardly moved in them by hundreds (min_max on a cube's quaternion from 15 demos: 200-400x), so a state outside
+their range would otherwise reach the network as values of +-250.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from robopolicy.data.spec import is_image_key
+from robopolicy.data.spec import OBSERVATION_PREFIX, is_image_key
 
 NORM_MODES = ("min_max", "mean_std", "unit", "identity")
 
@@ -43,7 +48,8 @@ class Normalizer(nn.Module):
     """Per-key affine normalization with statistics stored as buffers.
 
     `modes` maps feature key -> mode. With `stats=None` the buffers are placeholders (identity); loading a
-    checkpoint's state dict then fills them.
+    checkpoint's state dict then fills them. `state_bound`: the clamp of the normalized low-dim observations
+    (None: none).
     """
 
     def __init__(
@@ -52,10 +58,13 @@ class Normalizer(nn.Module):
         modes: Mapping[str, str],
         stats: Mapping[str, Mapping[str, np.ndarray]] | None,
         eps: float = 1e-4,
+        state_bound: float | None = None,
     ):
         super().__init__()
         self.modes = dict(modes)
         self.image_keys = {k for k in modes if is_image_key(k)}
+        self.state_keys = {k for k in modes if k.startswith(OBSERVATION_PREFIX) and k not in self.image_keys}
+        self.state_bound = state_bound
         self.norms = nn.ModuleDict()
         for key, mode in self.modes.items():
             if mode not in NORM_MODES:
@@ -81,7 +90,10 @@ class Normalizer(nn.Module):
             x = x.float().div(255.0)
             x = (x - norm.center) * norm.scale  # broadcast over the channel (last) axis
             return x.movedim(-1, -3)  # "... h w c -> ... c h w"
-        return (x.float() - norm.center) * norm.scale
+        x = (x.float() - norm.center) * norm.scale
+        if self.state_bound is not None and key in self.state_keys:
+            x = x.clamp(-self.state_bound, self.state_bound)
+        return x
 
     def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         norm = self._get(key)
