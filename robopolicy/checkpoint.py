@@ -234,8 +234,11 @@ LEGACY_SHARED_DEFAULTS: dict[str, Any] = {"denoiser": "unet", "encoder": {"crop"
 # normalized state was not clamped), whatever the default is now
 LATER_KEYS: dict[str, dict[str, Any]] = {"encoder": {"bottleneck_hidden": 0},
                                          "normalization": {"state_bound": None}}
-# the same for the top-level keys of one policy: a vla written before the entity pointer was built without it
-LATER_POLICY_KEYS: dict[str, dict[str, Any]] = {"vla": {"pointer": False}}
+# the same for the top-level keys of one policy: a vla written before the entity pointer was built without it, and
+# one written before its hard selection, instruction dropout and cosine-only match had a soft, learned-match pointer
+# trained on every instruction
+LATER_POLICY_KEYS: dict[str, dict[str, Any]] = {"vla": {"pointer": False, "pointer_selection": "soft",
+                                                        "pointer_learned_match": True, "instruction_dropout": 0.0}}
 
 
 def policy_section(info: Mapping[str, Any]) -> dict[str, Any]:

@@ -176,9 +176,9 @@ def test_refinement_of_a_vla_base_hands_each_episode_instruction_to_the_base(tmp
     seen: list[str] = []
     prefix = VLAPolicy._prefix
 
-    def spy(self, obs):
+    def spy(self, obs, *args):
         seen.extend(obs.get("task") or [])
-        return prefix(self, obs)
+        return prefix(self, obs, *args)
 
     monkeypatch.setattr(VLAPolicy, "_prefix", spy)
     base = vla_base(tmp_path / "base")
@@ -283,11 +283,12 @@ def colour_features() -> dict:
     return features
 
 
-def test_pointer_tokens_keep_the_cache_exact_and_the_sampler_deterministic():
+@pytest.mark.parametrize("selection", ["hard", "soft"])
+def test_pointer_tokens_keep_the_cache_exact_and_the_sampler_deterministic(selection):
     torch.manual_seed(0)
     features = make_features(cameras=("front",))
     features["observation.state"]["names"] = [f"cube_{c}.{a}" for c in ("red", "green", "blue") for a in "xy"]
-    policy = make_policy(vla_config(pointer=True), features, make_stats(features))
+    policy = make_policy(vla_config(pointer=True, pointer_selection=selection), features, make_stats(features))
     pointer = policy.obs_encoder.pointer
     assert pointer is not None and pointer.kinds == [[0, 1, 2]] and len(pointer.value) == 1  # one shared cube MLP
     overfit(policy, {**make_batch(features, 8), "task": INSTRUCTIONS * 2}, steps=3)
@@ -366,3 +367,92 @@ def test_a_checkpoint_from_before_the_pointer_loads_without_it(tmp_path):
     obs = with_tasks(observation(make_batch(features, 2)), INSTRUCTIONS[:2])
     noise = torch.randn(2, *policy.noise_shape)
     assert torch.equal(loaded.sample_chunk(obs, noise), policy.sample_chunk(obs, noise))
+
+
+def pointer_inputs(n: int = 12) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each cube's features [n, 4] (x, y over two steps), and instructions naming cube `pick` [n]: (text, mask)."""
+    g = torch.Generator().manual_seed(3)
+    features = [torch.randn(n, 4, generator=g) for _ in range(3)]
+    pick = torch.arange(n) % 3
+    text, mask = text_encoder()([f"pick up the {('red', 'green', 'blue')[i]} cube" for i in pick.tolist()])
+    return features, text, mask, pick
+
+
+def test_hard_pointer_passes_the_named_members_value_exactly_and_still_trains_the_match():
+    """pointer_selection hard: the token is the named cube's value token, not a blend; the straight-through weights
+    still carry the softmax's gradient to the match (log_scale). The default match is the cosine alone."""
+    torch.manual_seed(0)
+    features, text, mask, pick = pointer_inputs()
+    policy = make_policy(vla_config(), colour_features(), make_stats(colour_features()))
+    pointer = policy.obs_encoder.pointer
+    assert pointer.selection == "hard" and pointer.text_key is None and pointer.name_key is None
+    assert not any("text_key" in k or "name_key" in k for k in policy.state_dict())
+    tokens = pointer(features, text, mask)  # [B, 1, d]
+    values = torch.stack([pointer.value[0](f) for f in features], dim=1)  # [B, 3, d]
+    named = values[torch.arange(len(pick)), pick] + pointer.position[0]
+    assert torch.equal(tokens[:, 0], named)
+    tokens.square().sum().backward()
+    assert pointer.log_scale.grad is not None and float(pointer.log_scale.grad.abs()) > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pointer.value.parameters())
+    soft = make_policy(vla_config(pointer_selection="soft", pointer_learned_match=True), colour_features(),
+                       make_stats(colour_features())).obs_encoder.pointer
+    soft.load_state_dict(pointer.state_dict(), strict=False)  # the same values; soft adds the zero learned term
+    assert soft.text_key is not None and not torch.equal(soft(features, text, mask), tokens)  # a blend
+
+
+def test_instruction_dropout_masks_the_instruction_only_while_training():
+    """instruction_dropout: in train mode the loss's prefix loses whole samples' instruction tokens (never the state
+    or pointer tokens); eval mode's loss and any sampling see the whole prefix, so the chunk is the same with and
+    without the setting. Without a pointer nothing carries the instruction in its place, and nothing is dropped."""
+    torch.manual_seed(0)
+    features = colour_features()
+    batch, _ = colour_batch(features, 64)
+    policy = make_policy(vla_config(instruction_dropout=0.5), features, make_stats(features))
+    policy.kv_cache = False  # the condition is then the prefix before any layer: its tokens and their mask
+    text_len = text_encoder()(batch["task"])[1].shape[1]  # the prefix: [instruction | state entities | pointer]
+    whole = policy.condition(batch)
+    torch.manual_seed(1)
+    dropped = policy.train().condition_for_loss(batch)[0]
+    assert torch.equal(dropped.tokens, whole.tokens)  # the pointer read the whole instruction
+    assert torch.equal(dropped.mask[:, text_len:], whole.mask[:, text_len:])
+    lost = ~dropped.mask[:, :text_len].any(-1)
+    assert 10 < int(lost.sum()) < 54  # about half of the 64 samples
+    assert torch.equal(dropped.mask[~lost], whole.mask[~lost])
+    assert torch.equal(policy.eval().condition_for_loss(batch)[0].mask, whole.mask)
+    always = make_policy(vla_config(instruction_dropout=1.0), features, make_stats(features)).train()
+    loss, _ = always.loss(batch)
+    assert torch.isfinite(loss)  # every instruction dropped, the state and pointer tokens remain
+    never = make_policy(vla_config(instruction_dropout=0.0), features, make_stats(features))
+    never.load_state_dict(always.state_dict())
+    obs = with_tasks(observation(batch, 6), batch["task"][:6])
+    noise = torch.randn(6, *always.noise_shape)
+    assert torch.equal(always.sample_chunk(obs, noise), never.eval().sample_chunk(obs, noise))
+    assert torch.equal(always.eval().sample_chunk(obs, noise), never.sample_chunk(obs, noise))
+    assert make_policy(vla_config(instruction_dropout=0.5), make_features(), make_stats(make_features())
+                       ).instruction_dropout == 0.0  # no pointer
+    with pytest.raises(Exception, match="instruction_dropout"):
+        make_policy(vla_config(instruction_dropout=1.5), features, make_stats(features))
+
+
+def test_a_checkpoint_from_before_hard_selection_loads_as_it_was_trained(tmp_path):
+    """A vla saved before pointer_selection, pointer_learned_match and instruction_dropout had a soft pointer with
+    the learned match, trained on every instruction: it loads as such, with its learned-match weights."""
+    torch.manual_seed(0)
+    features = colour_features()
+    settings = {"pointer_selection": "soft", "pointer_learned_match": True, "instruction_dropout": 0.0}
+    policy = make_policy(vla_config(**settings), features, make_stats(features))
+    overfit(policy, colour_batch(features, 8)[0], steps=3)  # the learned match leaves zero
+    policy.eval()
+    assert float(policy.obs_encoder.pointer.text_key.weight.detach().abs().sum()) > 0
+    old = {k: v for k, v in vla_config().items() if k not in settings}
+    loaded = load_policy(save_checkpoint(tmp_path / "old", policy, config={"policy": old,
+                                                                          "task": "builtin/pick_color"}))
+    pointer = loaded.obs_encoder.pointer
+    assert pointer.selection == "soft" and pointer.text_key is not None and loaded.instruction_dropout == 0.0
+    obs = with_tasks(observation(make_batch(features, 3)), INSTRUCTIONS[:3])
+    noise = torch.randn(3, *policy.noise_shape)
+    assert torch.equal(loaded.sample_chunk(obs, noise), policy.sample_chunk(obs, noise))
+    new = load_policy(save_checkpoint(tmp_path / "new", make_policy(vla_config(), features, make_stats(features)),
+                                      config={"policy": vla_config(), "task": "builtin/pick_color"}))
+    assert new.obs_encoder.pointer.selection == "hard" and new.obs_encoder.pointer.text_key is None
+    assert new.instruction_dropout == 0.5

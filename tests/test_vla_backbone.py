@@ -4,6 +4,7 @@ build, train a few steps (the frozen backbone stays as it was), save, load, samp
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_policies import make_batch, make_features, make_stats, observation, overfit, small_config
@@ -170,3 +171,20 @@ def test_pointer_tokens_on_a_backbone_join_the_suffix_and_keep_the_cache_exact(b
     assert policy.obs_encoder.cache_prefix(policy._prefix(obs)).suffix.shape[1] == 3 + 1  # 3 cube tokens, the pointer
     policy.kv_cache = False
     assert (policy.sample_chunk(obs, noise) - cached).abs().max() <= 1e-5
+
+
+def test_instruction_dropout_on_a_backbone_keeps_the_image_tokens(backbone):
+    """instruction_dropout on a backbone: the prefix is images and instruction, so a dropped instruction leaves the
+    image tokens (the state and pointer tokens lead the suffix); training stays finite, sampling drops nothing."""
+    kind, path = backbone
+    torch.manual_seed(0)
+    features = make_features(cameras=("front",))
+    features["observation.state"]["names"] = [f"cube_{c}.{a}" for c in ("red", "green", "blue") for a in "xy"]
+    policy = make_policy(backbone_config(kind, path, instruction_dropout=1.0), features, make_stats(features))
+    batch = {**make_batch(features, 4), "task": INSTRUCTIONS}
+    policy.kv_cache = False
+    whole = policy.condition(batch).mask
+    dropped = policy.train().condition_for_loss(batch)[0].mask
+    assert dropped.any(1).all() and (dropped.sum(1) < whole.sum(1)).all() and not (dropped & ~whole).any()
+    assert all(np.isfinite(overfit(policy, batch, steps=2)))
+    assert torch.equal(policy.eval().condition_for_loss(batch)[0].mask, whole)

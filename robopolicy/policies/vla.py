@@ -42,6 +42,7 @@ from robopolicy.policies.vla_tokens import (
     InstructionFiLM,
     PrefixCache,
     PrefixTokens,
+    drop_instruction,
     make_pointer,
     state_entities,
 )
@@ -72,6 +73,15 @@ class VLAConfig(FlowConfig):
     pointer: bool = setting(True, "per kind of state entity with several members (cube_red, cube_green, ...: the "
                                    "same feature layout), the instruction picks the one it names (softmax over their "
                                    "name embeddings' match) and its features join the prefix as a token (EntityPointer)")
+    pointer_selection: str = setting("hard", "hard: the pointer token is the best-matched member's alone (straight-"
+                                             "through: the softmax's gradient trains the match); soft: the "
+                                             "softmax-weighted mix of the members", choices=("hard", "soft"))
+    pointer_learned_match: bool = setting(False, "the pointer's match adds a learned bilinear term to the scaled "
+                                                 "cosine of instruction and name embeddings (false: the cosine only)")
+    instruction_dropout: float = setting(0.5, "with a pointer, while training: the probability per sample that "
+                                              "the instruction's tokens are masked out of the prefix (the pointer "
+                                              "and FiLM still read it), so that the expert acts on the pointer's "
+                                              "tokens rather than on the phrasing; never when sampling")
     adaln: bool = setting(True, "the flow time and the mean of the prefix's final states modulate every action-expert "
                                 "layer (DiT's adaLN-zero) beside the attention to the prefix")
     num_inference_steps: int = setting(4, "Euler steps over the cached prefix")
@@ -96,6 +106,9 @@ class VLAConfig(FlowConfig):
             raise PolicyConfigError(f"vla d_model {self.d_model} must be divisible by n_heads {self.n_heads}.")
         if self.backbone != "none" and not self.backbone_path:
             raise PolicyConfigError(f"vla backbone={self.backbone} needs backbone_path=<the folder it was saved to>.")
+        if not 0.0 <= self.instruction_dropout <= 1.0:
+            raise PolicyConfigError(f"vla instruction_dropout {self.instruction_dropout} must be a probability in "
+                                    "[0, 1].")
         if self.max_delay:
             raise PolicyConfigError("vla max_delay must be 0: delay-aware training conditions a tensor of "
                                     "observation features, which the vla's prefix cache is not; use rtc.")
@@ -174,7 +187,7 @@ class VLATransformer(nn.Module):
         if cfg.pointer and self.state_keys:
             encoder = text_encoder(cfg.text_model, cfg.max_text_tokens)
             self.pointer, self.pointer_groups = make_pointer(features, self.state_keys, n_obs_steps, d, text_width,
-                                                             encoder)
+                                                             encoder, cfg.pointer_selection, cfg.pointer_learned_match)
         self.kind = nn.Parameter(0.02 * torch.randn(3, d))  # added to image, text and state tokens
         self.prefix_layers = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
         self.prefix_norm = nn.LayerNorm(d)
@@ -193,8 +206,10 @@ class VLATransformer(nn.Module):
         self.out_dim = d
 
     # ---- the prefix ----------------------------------------------------------------------------------------
-    def prefix_tokens(self, obs: Mapping[str, torch.Tensor], instructions: list[str]) -> PrefixTokens:
-        """obs: normalized observations (low-dim [B, To, D], images [B, To, 3, H, W]) -> tokens [B, P, d]."""
+    def prefix_tokens(self, obs: Mapping[str, torch.Tensor], instructions: list[str],
+                      instruction_dropout: float = 0.0) -> PrefixTokens:
+        """obs: normalized observations (low-dim [B, To, D], images [B, To, 3, H, W]) -> tokens [B, P, d];
+        `instruction_dropout`: drop_instruction's rate (training only)."""
         device, batch = self.kind.device, len(instructions)
         tokens, masks = [], []
         for i, key in enumerate(self.image_keys):
@@ -203,7 +218,8 @@ class VLATransformer(nn.Module):
             masks.append(torch.ones(patches.shape[:2], dtype=torch.bool, device=device))
         text, text_mask = text_encoder(self.text_model, self.max_text_tokens)(instructions, device)
         tokens.append(self.text_in(text) + self.kind[1])
-        masks.append(text_mask)
+        others = bool(self.image_keys or self.state_groups or self.pointer is not None)
+        masks.append(drop_instruction(text_mask, instruction_dropout, others))  # the FiLM and pointer read it all
         if self.state_groups:
             entities = torch.stack([embed(obs[key][..., idx].flatten(1))
                                     for (key, idx), embed in zip(self.state_groups, self.state_in)], dim=1)
@@ -290,6 +306,11 @@ class VLAPolicy(FlowPolicy):
     language = True
     kv_cache = True  # False: the uncached joint pass at every flow step (same chunk, slower)
 
+    def __init__(self, config: VLAConfig, features: Mapping[str, Mapping], stats):
+        super().__init__(config, features, stats)
+        # without a pointer the instruction's tokens are all that carries it to the expert: nothing to drop
+        self.instruction_dropout = config.instruction_dropout if self.obs_encoder.pointer is not None else 0.0
+
     def build_obs_encoder(self, config: VLAConfig) -> nn.Module:
         if config.backbone != "none":
             return BackboneVLA(self.features, self.n_obs_steps, config, self.action_dim, self.horizon)
@@ -298,21 +319,24 @@ class VLAPolicy(FlowPolicy):
     def build_denoiser(self, config: VLAConfig):
         return self.obs_encoder.expert  # a bound method: the weights live once, in obs_encoder
 
-    def _prefix(self, obs: Mapping[str, torch.Tensor]) -> PrefixTokens:
+    def _prefix(self, obs: Mapping[str, torch.Tensor], instruction_dropout: float = 0.0) -> PrefixTokens:
         instructions = obs.get(TASK_KEY)
         if instructions is None:
             raise KeyError("the vla policy reads obs['task'], one instruction string per batch element; "
                            "this observation has none.")
         instructions = [str(t) for t in instructions]
-        return self.obs_encoder.prefix_tokens(self.normalize_obs(obs), instructions)
+        return self.obs_encoder.prefix_tokens(self.normalize_obs(obs), instructions, instruction_dropout)
 
-    def condition(self, obs: Mapping[str, torch.Tensor]) -> PrefixCache | PrefixTokens:
-        prefix = self._prefix(obs)
+    def condition(self, obs: Mapping[str, torch.Tensor], instruction_dropout: float = 0.0
+                  ) -> PrefixCache | PrefixTokens:
+        prefix = self._prefix(obs, instruction_dropout)
         return self.obs_encoder.cache_prefix(prefix) if self.kv_cache else prefix
 
     def condition_for_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[PrefixCache | PrefixTokens, torch.Tensor]:
-        """The condition as sampling computes it, and no encoder penalty (no VIB bottleneck on this encoder)."""
-        return self.condition(batch), torch.zeros((), device=self.device)
+        """The condition as sampling computes it, but for the instruction dropout in train mode; and no encoder
+        penalty (no VIB bottleneck on this encoder)."""
+        dropout = self.instruction_dropout if self.training else 0.0
+        return self.condition(batch, dropout), torch.zeros((), device=self.device)
 
     def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Features [B, d]: the mean of the prefix's final states over its real tokens (for residual/value heads)."""

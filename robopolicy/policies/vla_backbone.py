@@ -35,6 +35,7 @@ from robopolicy.policies.vla_tokens import (
     InstructionFiLM,
     PrefixCache,
     PrefixTokens,
+    drop_instruction,
     make_pointer,
     state_entities,
 )
@@ -116,7 +117,8 @@ class BackboneVLA(nn.Module):
         self.pointer, self.pointer_groups = None, []
         if cfg.pointer and state_keys:  # entity names embedded as the instruction is: the VLM's input embeddings
             self.pointer, self.pointer_groups = make_pointer(features, state_keys, n_obs_steps, d,
-                                                             text_cfg.hidden_size, self._embed_text)
+                                                             text_cfg.hidden_size, self._embed_text,
+                                                             cfg.pointer_selection, cfg.pointer_learned_match)
         self.action_in = nn.Linear(action_dim, d)
         self.time_in = nn.Sequential(SinusoidalEmbedding(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         self.action_pos = nn.Parameter(0.02 * torch.randn(horizon, d))
@@ -148,9 +150,10 @@ class BackboneVLA(nn.Module):
             return torch.stack(list(self.backbone.get_image_features(images[:, None]).pooler_output))
         return self.backbone.get_image_features(images).pooler_output
 
-    def prefix_tokens(self, obs: Mapping[str, torch.Tensor], instructions: list[str]) -> PrefixTokens:
+    def prefix_tokens(self, obs: Mapping[str, torch.Tensor], instructions: list[str],
+                      instruction_dropout: float = 0.0) -> PrefixTokens:
         """obs normalized -> the language model's input embeddings [B, P, hidden] and mask [B, P] (and the state
-        tokens of the suffix, computed here once per chunk)."""
+        tokens of the suffix, computed here once per chunk); `instruction_dropout`: drop_instruction's rate."""
         device = self.action_pos.device
         parts = [self._image_features(obs[key][:, -1]) for key in self.image_keys]
         masks = [torch.ones(p.shape[:2], dtype=torch.bool, device=device) for p in parts]
@@ -167,6 +170,8 @@ class BackboneVLA(nn.Module):
             pointed = self.pointer([obs[key][..., idx].flatten(1) for key, idx in self.pointer_groups], parts[-1],
                                    masks[-1])
             state = pointed if state is None else torch.cat([state, pointed], 1)
+        # the prefix is images and instruction (the state is in the suffix): without images nothing is dropped
+        masks[-1] = drop_instruction(masks[-1], instruction_dropout, bool(self.image_keys))
         return PrefixTokens(torch.cat(parts, 1), torch.cat(masks, 1), suffix=state)
 
     def _embed_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

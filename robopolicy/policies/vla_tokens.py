@@ -116,24 +116,29 @@ class EntityPointer(nn.Module):
     `entity_kind`).
     An entity's score is how much the instruction mentions it: the best match over the instruction's tokens of the
     text encoder's embedding of its name ("cube red"), as a scaled cosine (a prior that already prefers the named
-    one) plus a learned bilinear term that starts at zero. A softmax over the kind's members weights their values,
-    which the kind's MLP makes from each member's own features, so the token means "the cube the instruction
-    names" whatever its colour: for the action expert, one object to act on instead of a choice to make."""
+    one), plus with `learned_match` a learned bilinear term that starts at zero (it can drift from the names and
+    confuse two colours under a phrasing it was not trained on). A softmax over the kind's members weights their
+    values, which the kind's MLP makes from each member's own features, so the token means "the cube the
+    instruction names" whatever its colour: for the action expert, one object to act on instead of a choice to
+    make. `selection` "hard" passes on the best-scored member's value alone (straight-through: the softmax's
+    gradient still trains the scores), so the token is exactly one object's, never a blend of two."""
 
     def __init__(self, text_width: int, d: int, names: torch.Tensor, kinds: list[int], sizes: list[int],
-                 scale: float = 20.0):
+                 scale: float = 20.0, selection: str = "soft", learned_match: bool = True):
         super().__init__()
-        self.d = d
+        self.d, self.selection = d, selection
         members: dict[int, list[int]] = {}
         for entity, kind in enumerate(kinds):
             members.setdefault(kind, []).append(entity)
         self.kinds = [m for m in members.values() if len(m) > 1]  # entity indices of each kind with several members
         self.register_buffer("names", names, persistent=False)  # [E, text_width]: recomputed from the names at build
         self.log_scale = nn.Parameter(torch.tensor(float(scale)).log())
-        self.name_key = nn.Linear(text_width, d)
-        self.text_key = nn.Linear(text_width, d)
-        nn.init.zeros_(self.text_key.weight)
-        nn.init.zeros_(self.text_key.bias)
+        self.name_key = self.text_key = None
+        if learned_match:
+            self.name_key = nn.Linear(text_width, d)
+            self.text_key = nn.Linear(text_width, d)
+            nn.init.zeros_(self.text_key.weight)
+            nn.init.zeros_(self.text_key.bias)
         self.value = nn.ModuleList(nn.Sequential(nn.Linear(sizes[m[0]], d), nn.GELU(), nn.Linear(d, d))
                                    for m in self.kinds)
         self.position = nn.Parameter(0.02 * torch.randn(len(self.kinds), d))
@@ -141,14 +146,20 @@ class EntityPointer(nn.Module):
     def scores(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """text [B, L, w], mask [B, L] (True: a real token) -> how much it mentions each entity [B, E]."""
         cosine = torch.einsum("ew,blw->bel", F.normalize(self.names, dim=-1), F.normalize(text, dim=-1))
-        learned = torch.einsum("ed,bld->bel", self.name_key(self.names), self.text_key(text)) / self.d ** 0.5
-        match = self.log_scale.exp() * cosine + learned
+        match = self.log_scale.exp() * cosine
+        if self.text_key is not None:
+            match = match + torch.einsum("ed,bld->bel", self.name_key(self.names), self.text_key(text)) / self.d ** 0.5
         return match.masked_fill(~mask[:, None], float("-inf")).amax(-1)
 
     def weights(self, text: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """Per kind, the weights over its members [B, n_members]."""
+        """Per kind, the weights over its members [B, n_members]: the softmax of their scores, or (hard) its
+        argmax one-hot in the forward pass and the softmax's gradient in the backward one."""
         scores = self.scores(text, mask)
-        return [scores[:, kind].softmax(-1) for kind in self.kinds]
+        soft = [scores[:, kind].softmax(-1) for kind in self.kinds]
+        if self.selection == "soft":
+            return soft
+        # (w - w.detach()) is exactly 0 in the forward pass, so the weights are exactly one-hot: 1 + w - w is not
+        return [(w - w.detach()) + F.one_hot(w.argmax(-1), w.shape[-1]).to(w.dtype) for w in soft]
 
     def forward(self, features: list[torch.Tensor], text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """features: each entity's normalized features [B, n_e] -> one pointer token per kind [B, K, d]."""
@@ -160,11 +171,12 @@ class EntityPointer(nn.Module):
 
 
 def make_pointer(features: Mapping[str, Mapping], state_keys: list[str], n_obs_steps: int, d: int, text_width: int,
-                 embed_names: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
-                 ) -> tuple[EntityPointer | None, list[tuple[str, list[int]]]]:
+                 embed_names: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]], selection: str = "soft",
+                 learned_match: bool = True) -> tuple[EntityPointer | None, list[tuple[str, list[int]]]]:
     """The entity pointer over the state keys' entities, and those entities (key, indices); None when no kind of
     entity has several members (nothing to choose). `embed_names`: phrases -> token states [E, L, text_width] and
-    mask [E, L], in the instruction's text space; an entity's identity is the mean of its name's token states."""
+    mask [E, L], in the instruction's text space; an entity's identity is the mean of its name's token states.
+    `selection`, `learned_match`: EntityPointer's."""
     groups = [g for k in state_keys for g in state_entities(k, features[k], "entity")]
     kind_ids: dict[tuple[str, tuple[str, ...]], int] = {}
     kinds = [kind_ids.setdefault(entity_kind(k, features[k], idx), len(kind_ids)) for k, idx in groups]
@@ -174,4 +186,16 @@ def make_pointer(features: Mapping[str, Mapping], state_keys: list[str], n_obs_s
         states, mask = embed_names([entity_phrase(k, features[k], idx) for k, idx in groups])
     weights = mask.to(states.dtype)[..., None]
     names = ((states * weights).sum(1) / weights.sum(1)).float()
-    return EntityPointer(text_width, d, names, kinds, [n_obs_steps * len(idx) for _, idx in groups]), groups
+    return EntityPointer(text_width, d, names, kinds, [n_obs_steps * len(idx) for _, idx in groups],
+                         selection=selection, learned_match=learned_match), groups
+
+
+def drop_instruction(text_mask: torch.Tensor, rate: float, others: bool) -> torch.Tensor:
+    """Instruction dropout: text_mask [B, L] with every token of a sample masked out, with probability `rate` per
+    sample, so that the layers after it learn to act from what the pointer read of the instruction rather than
+    from its phrasing. `others`: whether the prefix holds other tokens; without any, nothing is dropped (a sample's
+    prefix is never all masked)."""
+    if rate <= 0.0 or not others:
+        return text_mask
+    keep = torch.rand(text_mask.shape[0], device=text_mask.device) >= rate
+    return text_mask & keep[:, None]
