@@ -28,7 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from robopolicy.commands import CollectConfig, DataConfig, EvalConfig, ObsConfig, QuickstartConfig
 from robopolicy.config import CONFIGS, ConfigError, describe, from_mapping, to_dict
-from robopolicy.data.spec import camera_name, feature_mismatch, image_key, is_image_key, policy_features
+from robopolicy.data.spec import (
+    camera_name,
+    feature_mismatch,
+    image_key,
+    is_image_key,
+    policy_features,
+    renamed_features,
+)
 from robopolicy.rollout import RolloutConfig
 
 if TYPE_CHECKING:
@@ -286,11 +293,21 @@ def _check_env_matches(task: str, kwargs: dict, features: Mapping[str, Mapping],
     from robopolicy.features import features_from_env
 
     env = sim.make_env(task, **kwargs)
-    env_features = features_from_env(env.observation_space, env.action_space)
+    env_features = features_from_env(env.observation_space, env.action_space,
+                                     getattr(env.unwrapped, "feature_names", None))
     env.close()
     mismatch = feature_mismatch(policy_features(features), env_features, f"features of {what} and of task {task}")
     if mismatch:
         raise UserError(mismatch)
+    _note_renamed(policy_features(features), env_features, what, task)
+
+
+def _note_renamed(features: Mapping[str, Mapping], env_features: Mapping[str, Mapping], what: str, task: str) -> None:
+    """Says on stderr when `what` names dimensions otherwise than the task does now; the data still fit."""
+    for key, (old, new) in renamed_features(features, env_features).items():
+        print(f"note: {what} names {key}'s dimensions otherwise than {task} does now ({old!r} where it has {new!r}); "
+              "it keeps its own names, which a policy that reads them (the vla's state tokens) uses; collect anew "
+              "(and retrain) for the task's.", file=sys.stderr)
 
 
 # -------------------------------------------------------------------------------------------------- commands
@@ -335,6 +352,7 @@ def cmd_collect(cfg: CollectConfig) -> dict:
         if mismatch:
             raise UserError(f"{out} already holds a store with other features ({mismatch}); "
                             "pick another out= or pass overwrite=true.")
+        _note_renamed(store.features, features, f"the store {out}", task)
     else:
         store = DemoStore.create(out, features=features, fps=fps, overwrite=cfg.overwrite,
                                  info={"task": task, "robot": task.split("/")[0]})

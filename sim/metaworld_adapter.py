@@ -16,11 +16,16 @@ import numpy as np
 from robopolicy.data.spec import ACTION_KEY, STATE_KEY, image_key
 from sim.rendering import OffscreenRenderer
 
-# MetaWorld's 39-d observation: hand, gripper, two object poses, the previous frame of those, goal.
-_FRAME_NAMES = ["hand_x", "hand_y", "hand_z", "gripper"] + [
-    f"obj{i}_{c}" for i in (1, 2) for c in ("x", "y", "z", "qw", "qx", "qy", "qz")
-]
-STATE_NAMES = _FRAME_NAMES + [f"prev_{n}" for n in _FRAME_NAMES] + ["goal_x", "goal_y", "goal_z"]
+# MetaWorld's 39-d observation (SawyerXYZEnv._get_obs): this frame's hand position, gripper opening and two object
+# poses (`_get_curr_obs_combined_no_goal`, a quaternion after each position; zeros where a task has one object), the
+# previous frame's 18, then the goal. Named `entity.field`, so a policy that groups dimensions by entity (the vla: one
+# token per entity) sees 7 entities: hand, gripper, obj (both objects: names drop trailing digits), their prev_
+# copies, and goal. The quaternion is named xyzw, scipy's order, which most tasks use (push, reach, door-open); about
+# 20 tasks (drawer-open, button-press-topdown, ...) give MuJoCo's wxyz there instead.
+_FRAME_ENTITIES = {"hand": ("x", "y", "z"), "gripper": ("opening",),
+                   **{f"obj{i}": ("x", "y", "z", "qx", "qy", "qz", "qw") for i in (1, 2)}}
+_FRAME_NAMES = [f"{entity}.{field}" for entity, fields in _FRAME_ENTITIES.items() for field in fields]
+STATE_NAMES = _FRAME_NAMES + [f"prev_{n}" for n in _FRAME_NAMES] + ["goal.x", "goal.y", "goal.z"]
 ACTION_NAMES = ["dx", "dy", "dz", "gripper"]
 DEFAULT_CAMERAS = ("corner4",)  # an oblique view of the whole table (corner2 renders upside down)
 # Long enough for every scripted expert (the slowest need ~250 steps); MetaWorld's own limit is 500.
@@ -125,7 +130,10 @@ class MetaWorldTask(gym.Env):
         self._env.close()
 
 
-def make_metaworld_env(name: str, **kwargs) -> MetaWorldTask:
+def make_metaworld_env(name: str, *, misinstruct: bool = False, **kwargs) -> MetaWorldTask:
+    if misinstruct:
+        raise ValueError(f"misinstruct needs a task whose instruction names a goal; metaworld/{name} has none "
+                         "(metaworld/mt10 and mt50 do).")
     return MetaWorldTask(name, **kwargs)
 
 
@@ -231,13 +239,15 @@ def task_variations(name: str) -> dict[str, list[np.ndarray]]:
 class MetaWorldMultiTask(gym.Env):
     """MetaWorld's MT10 or MT50 as one language-conditioned problem.
 
-    At every reset the env draws one of the set's tasks uniformly and one of that task's 50 variations of
-    `metaworld.MT10(seed=0)` (MT50 likewise), both from the reset's seed, and an instruction: one of the task's
-    written phrasings (`sim.metaworld_language`). `goal` is `{"task": name}` (the goal field a scripted expert
-    reads and evaluation groups by), `instruction` the text. The observation is MetaWorld's 39-d state whatever the
-    task (goal observable), so nothing but the scene and the instruction tells the tasks apart. `misinstruct` phrases
-    the instruction of another task than the one success checks. `reset(options={"instruction": text})` (deployment
-    on the simulated robot) makes the episode's task the one whose written phrasing `text` is.
+    A reset with seed `s` runs task `s mod n_tasks` (in `multi_task_names` order), so n consecutive seeds, as
+    collect and eval use, run every task once: 500 episodes of MT10 are exactly 50 per task. The seed also draws
+    one of the task's 50 variations of `metaworld.MT10(seed=0)` (MT50 likewise) and an instruction, one of the
+    task's written phrasings (`sim.metaworld_language`); an unseeded reset draws the task too. `goal` is
+    `{"task": name}` (the goal field a scripted expert reads and evaluation groups by), `instruction` the text. The
+    observation is MetaWorld's 39-d state whatever the task (goal observable), so nothing but the scene and the
+    instruction tells the tasks apart. `misinstruct` phrases the instruction of another task than the one success
+    checks (`goal_from_instruction(env.instruction)` is that other task). `reset(options={"instruction": text})`
+    (deployment on the simulated robot) makes the episode's task the one whose written phrasing `text` is.
     """
 
     metadata = {"render_modes": ["rgb_array"]}
@@ -271,12 +281,13 @@ class MetaWorldMultiTask(gym.Env):
         self.goal: dict[str, str] = {"task": self.task_name}
         self.instruction = self.instruction_templates[self.task_name][0]
 
-    def task_from_instruction(self, text: str) -> str:
-        """The task whose written phrasing `text` is (case and final punctuation aside)."""
+    def goal_from_instruction(self, text: str) -> dict[str, str]:
+        """The goal an instruction names, `{"task": name}`: the task whose written phrasing `text` is (case and
+        final punctuation aside), as builtin language tasks read a goal from a person's instruction."""
         key = text.strip().rstrip(".!").lower()
         for task in self.tasks:
             if key in (p.lower() for p in self.instruction_templates[task]):
-                return task
+                return {"task": task}
         raise ValueError(f"The instruction {text!r} is none of metaworld/{self.set_name}'s written phrasings "
                          f"(sim/metaworld_language.py), e.g. {self.instruction_templates[self.tasks[0]][0]!r}.")
 
@@ -292,10 +303,11 @@ class MetaWorldMultiTask(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         rng = self.np_random
-        self.task_name = self.tasks[int(rng.integers(len(self.tasks)))]
+        n = len(self.tasks)
+        self.task_name = self.tasks[int(rng.integers(n)) if seed is None else seed % n]  # seeded: balanced
         given = (options or {}).get("instruction")
         if given:
-            self.task_name = self.task_from_instruction(given)
+            self.task_name = self.goal_from_instruction(given)["task"]
         variations = self.variations[self.task_name]
         rand_vec = variations[int(rng.integers(len(variations)))]
         named = self.task_name

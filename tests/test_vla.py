@@ -329,7 +329,7 @@ def test_pointer_kinds_are_the_families_of_entities_sharing_a_layout():
     assert pointed.state_dict().keys() == plain.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(pointed.state_dict().values(), plain.state_dict().values()))
     assert make_policy(vla_config(pointer=True), features, make_stats(features)).obs_encoder.pointer is None
-    features["observation.state"]["names"] = [f"obj{i}_{a}" for i in (1, 2) for a in "xyzqw"]  # MetaWorld's style
+    features["observation.state"]["names"] = [f"obj{i}.{a}" for i in (1, 2) for a in "xyzqw"]  # MetaWorld's style
     assert make_policy(vla_config(pointer=True), features, make_stats(features)).obs_encoder.pointer is None
 
 

@@ -62,3 +62,16 @@ def feature_mismatch(needed: Mapping[str, Mapping], offered: Mapping[str, Mappin
     """One sentence naming how `offered` fails `needed` ("The features of X do not match: ..."), or None."""
     problems = feature_problems(needed, offered, extra_ok=extra_ok, check_dtype=check_dtype)
     return f"The {what} do not match: {'; '.join(problems)}." if problems else None
+
+
+def renamed_features(needed: Mapping[str, Mapping], offered: Mapping[str, Mapping]) -> dict[str, tuple[str, str]]:
+    """Keys of both whose dimensions are named differently (a store collected before a simulator renamed them): the
+    first name that differs on each side, per key. Shapes fitting, the data still fit; only a policy that reads
+    names (the vla groups state dimensions into entity tokens by them) sees the difference."""
+    renamed = {}
+    for key in sorted(set(needed) & set(offered)):
+        differ = [(str(w), str(h)) for w, h in zip(needed[key].get("names") or [], offered[key].get("names") or [])
+                  if w != h]
+        if differ:
+            renamed[key] = differ[0]
+    return renamed
