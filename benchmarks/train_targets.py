@@ -44,10 +44,30 @@ def load() -> float:
 
 
 def collect(task: str, store: Path, episodes: int, images: bool) -> dict:
-    if (store / "zarr.json").exists():  # reuse: collection is deterministic given the seeds
+    """The store of `episodes` expert demonstrations, reused when an earlier run collected the same one with the same
+    task code: collection is deterministic given the seeds, but not across changes to the tasks or experts (a store
+    left in a work folder by older code once made diffusion on builtin/push read 0.77 where fresh data gave 0.99)."""
+    stamp_path = store.parent / f"{store.name}.stamp.json"
+    stamp = {"task": task, "episodes": episodes, "images": images, "sim": _sim_version()}
+    if stamp["sim"] and (store / "zarr.json").exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
         return {"store": str(store), "reused": True}
-    return run("collect", f"task={task}", f"episodes={episodes}", f"out={store}", f"obs.images={str(images).lower()}",
-               "overwrite=true")
+    summary = run("collect", f"task={task}", f"episodes={episodes}", f"out={store}",
+                  f"obs.images={str(images).lower()}", "overwrite=true")
+    stamp_path.write_text(json.dumps(stamp))
+    return summary
+
+
+def _sim_version() -> str | None:
+    """The git tree hash of sim/ (tasks, experts), or None outside a git checkout or with uncommitted changes there
+    (never reused then)."""
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "sim"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.strip()
+        tree = subprocess.run(["git", "rev-parse", "HEAD:sim"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return None if dirty else tree
 
 
 def train_and_eval(task: str, policy: str | None, store: Path, run_dir: Path, eval_episodes: int,
