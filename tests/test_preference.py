@@ -194,6 +194,8 @@ def test_apo_dpo_hg_dagger_write_plain_checkpoints_that_need_no_base(tmp_path):
             assert counts["desirable_windows"] > 0 and counts["undesirable_windows"] > 0
         if algo == "dpo":
             assert counts["pairs"] == 5  # 4 takeovers + 1 same-start pair
+        if algo == "apo":  # a recording with takeovers: the person's signal alone, not the unassisted episodes
+            assert counts["kinds"] == ["intervention", "pre_takeover"]
         refined = read_checkpoint_info(summary["checkpoint"])["config"]["policy"]
         assert refined["normalization"]["state_bound"] == 3.0  # algo.state_bound's default, saved with the policy
     assert read_checkpoint_info(base / "checkpoints" / "last")["config"]["policy"]["normalization"]["state_bound"] is None
@@ -341,3 +343,34 @@ def test_offline_refinement_clamps_the_refined_state_and_measures_the_base_as_lo
     info = read_checkpoint_info(summary["checkpoint"])
     assert info["config"]["policy"]["normalization"]["state_bound"] == refined_bound
     assert load_policy(summary["checkpoint"]).normalizer.state_bound == refined_bound
+
+
+def test_apos_null_kinds_are_the_takeovers_where_there_are_any_and_every_kind_otherwise(tmp_path):
+    from robopolicy.preference import TAKEOVER_KINDS, LabelledWindows, default_kinds
+
+    def store_of(path, with_takeover: bool):
+        features = {**FEATURES, "intervention": {"dtype": "bool", "shape": [1], "names": None}}
+        store = DemoStore.create(path, features, fps=10)
+        for i, success in enumerate((True, False)):  # the policy alone: a success and a failure
+            store.append_episode({"observation.state": np.zeros((30, 3), np.float32),
+                                  "action": np.zeros((30, 2), np.float32), "intervention": np.zeros((30, 1), bool)},
+                                 task="t", source="policy", success=success, extra={"seed": i})
+        if with_takeover:
+            flags = np.zeros((30, 1), bool)
+            flags[15:] = True
+            store.append_episode({"observation.state": np.zeros((30, 3), np.float32),
+                                  "action": np.zeros((30, 2), np.float32), "intervention": flags},
+                                 task="t", source="intervention", success=True, extra={"seed": 2})
+        store.close()
+        return str(path)
+
+    rollouts = store_of(tmp_path / "rollouts", with_takeover=False)
+    recording = store_of(tmp_path / "recording", with_takeover=True)
+    assert default_kinds([rollouts], 0.5) is None
+    assert default_kinds([rollouts, recording], 0.5) == list(TAKEOVER_KINDS)
+    policy = small_policy("flow")
+    takeovers = LabelledWindows([recording], policy, action_fps=10, lookback_s=0.5, kinds=list(TAKEOVER_KINDS))
+    assert {s[3] for v in takeovers.labels[0].values() for s in v["segments"]} == set(TAKEOVER_KINDS)
+    every = LabelledWindows([recording], policy, action_fps=10, lookback_s=0.5)
+    assert {s[3] for v in every.labels[0].values() for s in v["segments"]} == {
+        "intervention", "pre_takeover", "success", "failure"}
