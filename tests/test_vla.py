@@ -455,4 +455,4 @@ def test_a_checkpoint_from_before_hard_selection_loads_as_it_was_trained(tmp_pat
     new = load_policy(save_checkpoint(tmp_path / "new", make_policy(vla_config(), features, make_stats(features)),
                                       config={"policy": vla_config(), "task": "builtin/pick_color"}))
     assert new.obs_encoder.pointer.selection == "hard" and new.obs_encoder.pointer.text_key is None
-    assert new.instruction_dropout == 0.5
+    assert new.instruction_dropout == 0.0

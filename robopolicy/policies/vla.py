@@ -78,7 +78,9 @@ class VLAConfig(FlowConfig):
                                              "softmax-weighted mix of the members", choices=("hard", "soft"))
     pointer_learned_match: bool = setting(False, "the pointer's match adds a learned bilinear term to the scaled "
                                                  "cosine of instruction and name embeddings (false: the cosine only)")
-    instruction_dropout: float = setting(0.5, "with a pointer, while training: the probability per sample that "
+    # 0 by default: on pick_color (300 demos, 4,500 steps of 64; hard selection, cosine match) 0.5 scored 0.88 / 0.71 /
+    # 0.78 on seeds 0-2 and 0 scored 0.84 / 0.85 / 0.91, with unseen phrasings held as well (seed 1: 0.87-0.89)
+    instruction_dropout: float = setting(0.0, "with a pointer, while training: the probability per sample that "
                                               "the instruction's tokens are masked out of the prefix (the pointer "
                                               "and FiLM still read it), so that the expert acts on the pointer's "
                                               "tokens rather than on the phrasing; never when sampling")
