@@ -79,6 +79,19 @@ def test_sync_holds_while_waiting_and_starts_chunk_on_arrival():
     assert ex.action_at(0.3 + 0.8) is None and ex.wants_inference(0.3 + 0.8)
 
 
+def test_sync_asks_for_the_next_chunk_once_the_plans_end_is_observed():
+    """Evaluation observes after a chunk's last action; so must sync. Slots on the command instants (origin 0.025
+    + k * 0.1), frames captured a servo phase later: at the plan's end (0.525) the newest frame is the one captured
+    as its last action began (0.427), a state one action behind the arm's. The request waits for the end's frame."""
+    ex = SyncExecutor(2, 16, 4, 0.1)
+    ex.origin = 0.025
+    ex.add_chunk(ramp_chunk(), t_obs=0.0, now=0.075)  # starts at the slot at 0.125; 4 actions end at 0.525
+    assert not ex.wants_inference(0.475, latest_obs=0.427)  # still executing
+    assert not ex.wants_inference(0.525, latest_obs=0.427)  # ran out, but its last action is not observed yet
+    assert ex.wants_inference(0.575, latest_obs=0.527)
+    assert ex.wants_inference(0.525)  # a caller that does not know the frame's time asks at the end
+
+
 def test_ensemble_averages_overlapping_chunks_with_exponential_weights():
     ex = EnsembleExecutor(1, 8, 4, 0.1, decay=0.5)
     ex.add_chunk(np.zeros((8, ACTION_DIM)), t_obs=0.0, now=0.0)
