@@ -110,6 +110,11 @@ class Executor(ABC):
             return now
         return self.origin + math.ceil((now - self.origin) / self.dt - 1e-6) * self.dt
 
+    def observed(self, t: float, latest_obs: float | None) -> bool:
+        """Whether the newest frame shows the robot at time t: captured at most a quarter slot before it (the servo
+        captures a phase after the command instant; None: the caller does not know, so yes)."""
+        return latest_obs is None or latest_obs >= t - 0.25 * self.dt
+
     @abstractmethod
     def reset(self) -> None: ...
 
@@ -147,8 +152,7 @@ class SyncExecutor(Executor):
         if self.plan is None:
             return True
         end = self.plan.end_time()
-        observed = latest_obs is None or latest_obs >= end - 0.25 * self.dt
-        return now >= end - _EPS and observed
+        return now >= end - _EPS and self.observed(end, latest_obs)
 
     def add_chunk(self, chunk: np.ndarray, t_obs: float, now: float) -> None:
         # naive: the robot held while waiting, so the chunk starts when it arrives, not at its observation
@@ -230,8 +234,7 @@ class RTCExecutor(Executor):
         if self.plan is None:
             return True
         boundary = self.plan.time_of(self.n_obs_steps - 1 + self.n_action_steps) - self.delay_steps * self.dt
-        observed = latest_obs is None or latest_obs >= boundary - 0.25 * self.dt
-        return now >= boundary - _EPS and observed
+        return now >= boundary - _EPS and self.observed(boundary, latest_obs)
 
     def prefix_for(self, t_obs: float) -> np.ndarray | None:
         if self.plan is None or not self.supports_prefix or self.plan.sample(t_obs) is None:
