@@ -237,10 +237,16 @@ def test_node_runs_each_mode_within_limits_and_records(robot, tmp_path, mode):
     assert robot.status["stopped"] or _wait_for(lambda: robot.status["stopped"])
     if mode == "rtc":
         # every chunk after the first continued a frozen prefix; the prefix covered the slots the robot executed
-        # from the old chunk before the new one's first command (an off-by-one in what is frozen would make none
-        # match; a loaded machine can make a chunk late, so not necessarily all)
-        assert len(result.prefix_slots) == result.counts["chunks"] - 1
-        assert sum(sent == actual for sent, actual in result.prefix_slots) >= len(result.prefix_slots) / 2
+        # from the old chunk before the new one's first command. A loaded machine can make a chunk late (it meets
+        # more slots than were frozen), and the delay estimate (the median of the latest chunks') then freezes one
+        # slot too many for the next chunk; any other mismatch is an off-by-one in what is frozen (one too few
+        # leaves no match at all, one too many shows up without a late chunk before it)
+        slots = result.prefix_slots
+        assert len(slots) == result.counts["chunks"] - 1
+        assert any(sent == actual for sent, actual in slots), slots
+        for i, (sent, actual) in enumerate(slots):
+            after_a_late_chunk = any(a > s for s, a in slots[max(i - 2, 0):i])
+            assert sent <= actual or after_a_late_chunk, slots
     else:
         assert result.prefix_slots == []
 
