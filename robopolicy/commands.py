@@ -72,7 +72,7 @@ class EvalConfig:
     task: str | None = setting(None, "null: the task the checkpoint was trained for")
     episodes: int = setting(100, "evaluation episodes")
     num_envs: int = setting(8, "envs stepped in parallel (one worker process per core); the same episodes and "
-                                      "noises whatever it is, up to a batch's float rounding (compare at one num_envs)")
+                               "noises whatever it is, up to a batch's float rounding (compare at one num_envs)")
     seed: int = setting(100000, "episode k runs with seed seed+k (collection uses 0, 1, ...: unseen episodes)")
     out: str | None = setting(None, "folder for summary.json and videos; null: <ckpt>/eval_<task>")
     videos: int = setting(0, "number of episodes saved as videos (image tasks)")

@@ -5,10 +5,11 @@ worker's observation history (`n_obs_steps`) and queue of actions, and asks the 
 the workers whose queue ran out, in one batch. The initial noise of each worker comes from a generator seeded by
 its episode seed, so an evaluation is reproducible given its seeds and `num_envs` (a batch's float rounding
 depends on its size, ~1e-6 in the actions, which a contact-rich task can turn into another outcome: a weak vla on
-builtin/push_two_ways scored 0.41 over 100 episodes at num_envs=2 and 0.46 at 8; compare checkpoints at one). A policy that declares `language` gets each
-worker's instruction as `obs["task"]` (the envs' `instruction`, read by the rollout at every reset). The evaluation
-of a language policy, or of any policy on a task with goals (`goal_fields`: the language tasks, MetaWorld's
-`metaworld/mt10` whose goal is the task), reports success per goal beside the total.
+builtin/push_two_ways scored 0.41 over 100 episodes at num_envs=2 and 0.46 at 8; compare checkpoints at one).
+A policy that declares `language` gets each worker's instruction as `obs["task"]` (the envs' `instruction`, read
+by the rollout at every reset). The evaluation of a language policy, or of any policy on a task with goals
+(`goal_fields`: the language tasks, MetaWorld's `metaworld/mt10` whose goal is the task), reports success per goal
+beside the total.
 """
 
 from __future__ import annotations
