@@ -103,7 +103,7 @@ class QuickstartRefineConfig:
                              choices=("sloppy", "expert"))
     base_demos: int = setting(30, "the weak base trains on the first base_demos of those demonstrations ...")
     base_steps: int = setting(1000, "... for base_steps steps")
-    env_steps: int = setting(80000, "refinement budget in env steps (0: skip the stage)")
+    env_steps: int = setting(60000, "refinement budget in env steps (0: skip the stage)")
     eval_every: int = setting(10000, "env steps between 20-episode evaluations (the curve in refine/curves.png)")
     eval_episodes: int = setting(100, "episodes evaluating the base and the refined policy, on the same seeds")
     finetune: list[str] = setting([], "more `robopolicy finetune` overrides (none: finetune derives the reward "
