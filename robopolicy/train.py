@@ -398,6 +398,9 @@ def _ddp_rank(rank: int, world: int, store_file: str, cfg: dict, policy_cfg: dic
                    rank=rank, world=world)
         if progress is not None:
             progress.close()
+        # finished ranks meet before tearing gloo down (one that destroyed its group while the other still used
+        # their pair could make the other abort); not on an error: a barrier would wait for a dead rank
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -33,12 +33,25 @@ def policy_and_batch():
     return policy, make_batch(features, 2 * B, seed=3)
 
 
+def rank_processes(root) -> list:
+    """The live DDP ranks (multiprocessing spawn children) under `root`; a zombie or vanished process is dead
+    already (one left unreaped by another test once made psutil raise here)."""
+    found = []
+    for p in root.children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            pass
+    return found
+
+
 def test_two_ranks_of_batch_b_give_the_gradients_of_one_rank_of_batch_2b(tmp_path):
     store, out = str(tmp_path / "rendezvous"), str(tmp_path / "grads.safetensors")
     ranks = [subprocess.Popen([sys.executable, str(HELPER), str(rank), "2", store, out], stderr=subprocess.PIPE,
                               text=True) for rank in range(2)]
-    for proc in ranks:
-        _, err = proc.communicate(timeout=120)
+    errors = [proc.communicate(timeout=120)[1] for proc in ranks]  # both reaped before any assertion
+    for proc, err in zip(ranks, errors):
         assert proc.returncode == 0, err[-2000:]
     distributed = load_file(out)
     policy, batch = policy_and_batch()
@@ -105,7 +118,7 @@ def test_a_killed_rank_ends_the_run_cleanly_and_resume_finishes_it_exactly(store
     while not list((killed / "checkpoints").glob("step_*/train_state.json")):
         assert proc.poll() is None and time.monotonic() < deadline, "training ended before its first checkpoint"
         time.sleep(0.01)
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    ranks = rank_processes(psutil.Process(proc.pid))
     assert len(ranks) == 2, [p.cmdline() for p in ranks]
     listening = [c.laddr.ip for p in ranks for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in listening), listening
@@ -113,7 +126,7 @@ def test_a_killed_rank_ends_the_run_cleanly_and_resume_finishes_it_exactly(store
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "resume=true" in err and "Traceback" not in err, err[-2000:]
     assert not (killed / "summary.json").exists(), "the run finished before the kill: nothing was interrupted"
-    assert not [p for p in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    assert not rank_processes(psutil.Process()), "a rank outlived the run"
 
     resumed = last_json(train(store, killed, *args, "resume=true"))
     assert 0 < resumed["resumed_from_step"] < 300

@@ -30,5 +30,8 @@ try:
     loss.backward()
     if rank == 0:
         save_file({n: p.grad.contiguous() for n, p in policy.named_parameters()}, out)
+    # neither rank tears gloo down while the other may still use its pair: a rank that destroyed its group first
+    # once left the other to abort ("terminate called without an active exception")
+    dist.barrier()
 finally:
     dist.destroy_process_group()
