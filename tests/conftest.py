@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,17 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
     lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]
     assert lines, f"no output; stderr:\n{proc.stderr[-3000:]}"
     return json.loads(lines[-1])
+
+
+def wait_until(condition, timeout_s: float = 3.0) -> bool:
+    """Whether `condition()` holds within `timeout_s` (polled): for state another thread or process reports a
+    little later on a loaded machine, where a fixed sleep flakes."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def load_benchmark(name: str):

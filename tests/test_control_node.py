@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import wait_until
 
 from real.host.local_inference import LocalInference
 from real.host.server import PolicyServer
@@ -234,7 +234,7 @@ def test_node_runs_each_mode_within_limits_and_records(robot, tmp_path, mode):
     # latency compensation: every chunk in use was computed from an observation before its command
     used = episode["timing.chunk_obs_timestamp"][:, 0] > 0
     assert (episode["timing.chunk_obs_timestamp"][used, 0] < episode["timing.command_time"][used, 0]).all()
-    assert robot.status["stopped"] or _wait_for(lambda: robot.status["stopped"])
+    assert robot.status["stopped"] or wait_until(lambda: robot.status["stopped"], 1.0)
     if mode == "rtc":
         # every chunk after the first continued a frozen prefix; the prefix covered the slots the robot executed
         # from the old chunk before the new one's first command. A loaded machine can make a chunk late (it meets
@@ -249,15 +249,6 @@ def test_node_runs_each_mode_within_limits_and_records(robot, tmp_path, mode):
             assert sent <= actual or after_a_late_chunk, slots
     else:
         assert result.prefix_slots == []
-
-
-def _wait_for(condition, timeout_s: float = 1.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_robot_is_stopped_when_the_episode_raises(robot):
@@ -283,7 +274,7 @@ def test_robot_is_stopped_when_the_episode_raises(robot):
             node.run_episode(seed=0)
     finally:
         node.close()
-    assert _wait_for(lambda: robot.status["stopped"])
+    assert wait_until(lambda: robot.status["stopped"], 1.0)
 
 
 def test_estop_ends_the_episode_and_stops_the_robot(robot):
@@ -296,7 +287,7 @@ def test_estop_ends_the_episode_and_stops_the_robot(robot):
     finally:
         node.close()
     assert result.aborted == "operator button" and result.duration_s < 2.0
-    assert _wait_for(lambda: robot.status["stopped"])
+    assert wait_until(lambda: robot.status["stopped"], 1.0)
 
 
 def test_policy_that_does_not_fit_the_robot_is_refused(robot):

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import wait_until
 
 import real.robot.control_node as control_node_module
 from real.host.server import PolicyServer
@@ -346,17 +347,6 @@ def run_node(rig: Rig, tmp_path, *, fault_at: float | None = None, fault: str = 
     return outcome, frames, log, {"stop_times": stop_times, "estop_time": estop_time, "policy": policy}
 
 
-def comes_to_rest(rig: Rig, timeout_s: float = 3.0) -> bool:
-    """Whether the robot is at rest within `timeout_s` (a loaded CI machine can take longer than a fixed sleep for
-    the stand-in's controller or the twin's server to report it; an arm that never stops still fails)."""
-    deadline = time.monotonic() + timeout_s
-    while not rig.stopped():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def check_recording(rig: Rig, frames: dict) -> None:
     """The recorded commands are what the robot got, within its limits from where it rested."""
     limits = rig.robot.limits
@@ -385,7 +375,7 @@ def test_hold_in_the_first_control_period_without_a_policy_action(rig, tmp_path)
         np.testing.assert_allclose(requested[k], expected, atol=1e-5)
     # and the robot comes to rest: the last commands no longer move, and the arm stops
     np.testing.assert_allclose(sent[-1], sent[-2], atol=1e-5)
-    assert comes_to_rest(rig), "the robot did not come to rest after the node stopped it"
+    assert wait_until(rig.stopped, 3.0), "the robot did not come to rest after the node stopped it"
     assert rig.hardware_violations() == []
 
 
@@ -409,5 +399,5 @@ def test_stopped_on_every_exit_path(rig, tmp_path, exit_path):
         assert outcome.counts["stops"] >= 1  # the watchdog stopped the robot while no action came
     assert info["stop_times"], "the robot was never stopped"
     check_recording(rig, frames)
-    assert comes_to_rest(rig), "the robot did not come to rest after the node stopped it"
+    assert wait_until(rig.stopped, 3.0), "the robot did not come to rest after the node stopped it"
     assert rig.hardware_violations() == []

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wait_until
 
 pytest.importorskip("lerobot.robots.so_follower", reason="runs in LeRobot's virtualenv (tests/test_so100.py)")
 
@@ -131,13 +132,6 @@ def hold(channel: str, pose) -> None:
         assert json.loads(f.readline()) == {"ok": True}
 
 
-def wait_for(condition, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert condition()
-
-
 @pytest.fixture(scope="module")
 def leader_twin(tmp_path_factory):
     """A second twin playing the leader arm (its torque off, held by a hand through the side channel)."""
@@ -174,17 +168,17 @@ def test_leader_arm_reads_the_hand_held_pose_only_while_the_pedal_is_down(twin, 
             hold(leader_twin.scene, pose)
             assert leader.get_action() is None and not leader.is_intervening
             os.write(write_fd, b" ")
-            wait_for(lambda: leader.is_intervening)
+            assert wait_until(lambda: leader.is_intervening)
             assert np.abs(leader.get_action() - pose).max() <= tick.max() + 1e-6
             moved = pose + np.array([-10.0, 12.0, -8.0, 5.0, 15.0, -20.0])
             hold(leader_twin.scene, moved)
             time.sleep(0.1)
             assert (np.abs(leader.get_action() - moved) <= tick + 1e-6).all()
             os.write(write_fd, b" ")
-            wait_for(lambda: not leader.is_intervening)
+            assert wait_until(lambda: not leader.is_intervening)
             assert leader.get_action() is None
             os.write(write_fd, b"y")
-            wait_for(lambda: leader.outcome is True)
+            assert wait_until(lambda: leader.outcome is True)
             leader.reset()
             assert leader.outcome is None
             hold(leader_twin.scene, None)
