@@ -232,7 +232,7 @@ LEGACY_SHARED_DEFAULTS: dict[str, Any] = {"denoiser": "unet", "encoder": {"crop"
 # keys added after format 2 that change what a checkpoint builds or computes: a checkpoint without them was written
 # before they existed, and means the value they had then (the VIB bottleneck's head was one linear layer; the
 # normalized state was not clamped), whatever the default is now
-LATER_KEYS: dict[str, dict[str, Any]] = {"encoder": {"bottleneck_hidden": 0},
+LATER_KEYS: dict[str, dict[str, Any]] = {"encoder": {"bottleneck_hidden": 0, "bottleneck_mean": "learned"},
                                          "normalization": {"state_bound": None}}
 # the same for the top-level keys of one policy: a vla written before the entity pointer was built without it, and
 # one written before its hard selection, instruction dropout and cosine-only match had a soft, learned-match pointer

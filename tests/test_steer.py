@@ -96,7 +96,8 @@ def test_noise_authority_is_zero_for_a_base_that_ignores_its_noise(base_ckpt):  
 
 
 def vib_base(folder, **encoder):
-    """A small (untrained) flow policy with a VIB bottleneck on its encoder, saved as a checkpoint."""
+    """A small (untrained) flow policy with a VIB bottleneck on its encoder (a learned 8-d mean unless `encoder`
+    says otherwise), saved as a checkpoint."""
     from test_policies import make_stats, small_config
     from test_rl_core import TASK
 
@@ -110,7 +111,8 @@ def vib_base(folder, **encoder):
     env.close()
     torch.manual_seed(0)
     cfg = small_config("flow", num_inference_steps=2)
-    cfg["encoder"] = {**cfg.get("encoder", {}), "bottleneck": "vib", "bottleneck_dim": 8, **encoder}
+    cfg["encoder"] = {**cfg.get("encoder", {}), "bottleneck": "vib", "bottleneck_mean": "learned", "bottleneck_dim": 8,
+                      **encoder}
     policy = make_policy(cfg, features, make_stats(features, -1.0, 1.0)).eval()
     return save_checkpoint(folder, policy, config={"policy": cfg, "task": TASK})
 
@@ -220,14 +222,16 @@ def test_vib_latent_comes_from_an_mlp_of_the_features_or_one_linear_layer(tmp_pa
 
 
 def test_a_vib_checkpoint_from_before_bottleneck_hidden_loads_with_its_linear_head(tmp_path):
-    """Checkpoints written before `bottleneck_hidden` existed had one linear layer; the new default (an MLP) must
-    not change what they build (robopolicy/checkpoint.py: LATER_KEYS)."""
+    """Checkpoints written before `bottleneck_hidden` and `bottleneck_mean` existed had one linear layer to a learned
+    mean; the new defaults (an MLP, the identity mean) must not change what they build (robopolicy/checkpoint.py:
+    LATER_KEYS)."""
     import yaml
 
     folder = vib_base(tmp_path / "old_vib", bottleneck_hidden=0)
     saved = load_policy(folder)
     config = yaml.safe_load((folder / "config.yaml").read_text())
     del config["policy"]["encoder"]["bottleneck_hidden"]
+    del config["policy"]["encoder"]["bottleneck_mean"]
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     policy = load_policy(folder)
     assert isinstance(policy.obs_encoder.vib, torch.nn.Linear)
@@ -242,3 +246,24 @@ def test_noise_authority_reports_a_vib_latent_spread(tmp_path):
     moved = bench.latent_authority(base, obs, residuals=8, latent_scale=2.0, seed=0)
     assert moved["observations"] == 4 and moved["mean_std"] > 0
     assert bench.latent_authority(base, obs, residuals=8, latent_scale=0.0, seed=0)["mean_std"] == 0
+
+
+def test_identity_vib_latent_is_the_features_with_a_learned_noise(tmp_path):
+    """`bottleneck_mean: identity` (the default): the latent's mean is the encoder's features, unchanged, and only
+    its log-variance is learned; its KL still enters the loss, and steering perturbs the features themselves."""
+    policy = load_policy(vib_base(tmp_path / "vib_id", bottleneck_mean="identity", bottleneck_hidden=16))
+    encoder = policy.obs_encoder
+    obs = {"observation.state": torch.randn(4, 2, *policy.features["observation.state"]["shape"])}
+    features = encoder.features(policy.normalize_obs(obs))
+    width = features.shape[-1]
+    assert encoder.out_dim == width and encoder.vib[-1].out_features == width  # log-variance only
+    assert torch.equal(policy.encode(obs), features)  # eval: the mean, i.e. the features
+    policy.train()
+    z, kl = encoder.encode_with_kl(policy.normalize_obs(obs))
+    assert not torch.equal(z, features) and (z - features).abs().max() < 1.0  # a sample, std ~e^-2 at first
+    loss, metrics = policy.loss({**obs, "action": torch.rand(4, policy.horizon, policy.action_dim) * 2 - 1})
+    loss.backward()
+    assert metrics["encoder_penalty"] > 0 and encoder.vib[-1].bias.grad.abs().sum() > 0
+    steer = refined(SteerPolicy, vib_base(tmp_path / "vib_id2", bottleneck_mean="identity"), latent="bottleneck",
+                    hidden=[16])
+    assert steer.latent_dim == steer.feature_dim == width

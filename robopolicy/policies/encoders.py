@@ -148,10 +148,15 @@ class EncoderConfig:
     bottleneck: str = setting("none", "none | vib: the features pass through a variational information bottleneck "
                               "(ZPRL), a latent that `algo=steer algo.latent=bottleneck` steers",
                               choices=("none", "vib"))
-    bottleneck_dim: int = setting(32, "vib: width of the Gaussian latent (the features the policy sees)")
-    bottleneck_hidden: int = setting(256, "vib: width of the MLP from the features to the latent's mean and "
-                                     "log-variance; 0: one linear layer")
-    bottleneck_beta: float = setting(1.0e-4, "vib: weight of KL(q(z | obs) || N(0, I)) in the training loss")
+    bottleneck_mean: str = setting("identity", "vib: identity: the latent's mean is the features themselves (the "
+                                   "latent has their width; an MLP learns each feature's noise, whose KL limits "
+                                   "what it carries) | learned: an MLP maps the features to a bottleneck_dim latent",
+                                   choices=("identity", "learned"))
+    bottleneck_dim: int = setting(32, "vib, bottleneck_mean learned: width of the Gaussian latent (the features the "
+                                      "policy sees)")
+    bottleneck_hidden: int = setting(256, "vib: width of the MLP from the features to the latent's log-variance "
+                                     "(and mean, when learned); 0: one linear layer")
+    bottleneck_beta: float = setting(1.0e-5, "vib: weight of KL(q(z | obs) || N(0, I)) in the training loss")
     film_key: str | None = setting(None, "a low-dim observation key (a goal or task code) that scales and shifts "
                                          "the other state features per dimension (FiLM) before the denoiser; null: "
                                          "none")
@@ -164,9 +169,10 @@ class ObservationEncoder(nn.Module):
     Low-dim keys (every non-image `observation.*`) are concatenated per frame and flattened over time
     ("b t d -> b (t d)"), optionally through an MLP (`state_dim > 0`). Each camera gets its own CNN (or one
     shared CNN with `share_image_encoder`); per-frame image features are flattened over time and concatenated
-    after the state features. With `bottleneck: vib` they are then compressed into a Gaussian latent
-    q(z | obs) = N(mu, sigma^2) of `bottleneck_dim` (sampled while training, its mean at eval), whose KL to N(0, I)
-    the policy's loss adds (`encode_with_kl`): a compact, smooth latent that a steering method can perturb.
+    after the state features. With `bottleneck: vib` they then pass through a Gaussian latent q(z | obs) =
+    N(mu, sigma^2) (sampled while training, its mean at eval), whose KL to N(0, I) the policy's loss adds
+    (`encode_with_kl`): a smooth latent that a steering method can perturb. Its mean is the features themselves
+    (`bottleneck_mean: identity`) or an MLP of them of width `bottleneck_dim` (`learned`, ZPRL's compact latent).
     """
 
     def __init__(self, features: Mapping[str, Mapping], n_obs_steps: int, cfg: EncoderConfig):
@@ -209,16 +215,21 @@ class ObservationEncoder(nn.Module):
         self.out_dim += len(self.image_keys) * n_obs_steps * cfg.image_feature_dim
         self.bottleneck = cfg.bottleneck
         if self.bottleneck == "vib":
-            # A linear map of the raw state to the latent cost imitation (builtin/pick_place, 50 expert demos, 3000
-            # steps: 0.47 at beta 1e-4, 0.65 at 1e-6, plain base 0.87); an MLP first recovers most of it (0.81 over
-            # 300 episodes against the plain base's 0.86), and beta 1e-4 beats 1e-6 there (0.86 vs 0.72 with
-            # encoder.state_dim=256 before a linear bottleneck): the latent's noise regularizes.
+            # Any learned map between the state and the denoiser costs imitation, bottleneck or not (builtin/
+            # pick_place, 50 expert demos, 6000 steps, 300 episodes: a learned mean 0.63-0.80 for beta 1e-4..1e-6
+            # and width 32..128; a plain base with encoder.state_dim=256 0.67; the plain base 0.93-0.96; earlier, a
+            # linear learned mean 0.47-0.65 at 3000 steps). So by default the latent's mean is the features
+            # themselves and only its variance is learned: a noisy channel whose KL limits what each feature
+            # carries, steered in the features' own units.
             hidden = cfg.bottleneck_hidden
-            head = nn.Linear(hidden or self.out_dim, 2 * cfg.bottleneck_dim)  # -> [mu, log variance]
+            self.bottleneck_mean = cfg.bottleneck_mean
+            dim = self.out_dim if self.bottleneck_mean == "identity" else cfg.bottleneck_dim
+            outputs = dim if self.bottleneck_mean == "identity" else 2 * dim  # -> ([mu,] log variance)
+            head = nn.Linear(hidden or self.out_dim, outputs)
             with torch.no_grad():  # start nearly deterministic (std ~0.14): the KL term widens q only as it pays
-                head.bias[cfg.bottleneck_dim:].fill_(-4.0)
+                head.bias[outputs - dim:].fill_(-4.0)
             self.vib = nn.Sequential(nn.Linear(self.out_dim, hidden), nn.Mish(), head) if hidden > 0 else head
-            self.out_dim = cfg.bottleneck_dim
+            self.out_dim = dim
 
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.encode_with_kl(obs)[0]
@@ -228,7 +239,10 @@ class ObservationEncoder(nn.Module):
         features = self.features(obs)
         if self.bottleneck != "vib":
             return features, features.new_zeros(features.shape[0])
-        mu, log_var = self.vib(features).chunk(2, dim=-1)
+        if self.bottleneck_mean == "identity":
+            mu, log_var = features, self.vib(features)
+        else:
+            mu, log_var = self.vib(features).chunk(2, dim=-1)
         log_var = log_var.clamp(-10.0, 4.0)
         kl = 0.5 * (mu.pow(2) + log_var.exp() - 1.0 - log_var).sum(-1)
         z = mu + (0.5 * log_var).exp() * torch.randn_like(mu) if self.training else mu
