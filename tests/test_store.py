@@ -345,3 +345,19 @@ def test_open_names_a_damaged_array(filled):
     with pytest.raises(StoreError, match="cannot be opened.*validate_store"):
         DemoStore.open(path)
     assert any("array data/action cannot be opened" in p for p in validate_store(path))
+
+
+def test_a_store_that_fails_to_open_leaves_no_error_behind(tmp_path, monkeypatch):
+    """A store that fails to open (a missing store, or a call without its mode) raises its one error; the half-built
+    object's cleanup raises nothing more."""
+    import gc
+    import sys
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(StoreError):
+        DemoStore.open(tmp_path / "missing")
+    with pytest.raises(TypeError):
+        DemoStore(tmp_path / "missing")  # __init__ never ran
+    gc.collect()
+    assert not unraisable

@@ -130,6 +130,8 @@ def _read_root_attrs(path: Path) -> dict:
 class DemoStore:
     """Episodes of robot demonstrations in a zarr v3 directory (see the module docstring for the layout)."""
 
+    _lock_fd: int | None = None  # also on the class: __del__ runs even when __init__ failed before setting it
+
     def __init__(self, path: Path, mode: str):
         self.path = Path(path)
         self.mode = mode
