@@ -605,16 +605,17 @@ def cmd_quickstart(cfg: QuickstartConfig) -> dict:
             f"task={task}", f"episodes={cfg.episodes}", f"out={store}", f"seed={cfg.seed}", "overwrite=true"])
     if out.exists():
         shutil.rmtree(out)
-    stages["train"] = run("train", [
-        f"task={task}", f"data={store}", f"out={out / 'train'}", f"policy={cfg.policy}",
-        f"steps={cfg.train_steps}", "eval.episodes=0", "eval.final_episodes=0", f"seed={cfg.seed}"])
-    stages["eval"] = run("eval", [f"ckpt={out / 'train'}", f"episodes={cfg.eval_episodes}", f"out={out / 'eval'}"])
+    background = _start_background_refine(cfg) if refine.env_steps > 0 and refine.background else None
+    try:
+        _quickstart_main_stages(cfg, stages)
+        if refine.env_steps > 0:
+            stages["refine"] = _finish_background_refine(*background) if background else \
+                _quickstart_refine(cfg, store, out)
+    finally:
+        if background is not None and background[0].poll() is None:  # the main stages failed: stop it too
+            background[0].terminate()
+            background[0].wait()
     ev = stages["eval"]
-    if cfg.deploy_episodes > 0:  # the simulated robot in real time, the policy behind a server on loopback
-        stages["deploy"] = run("deploy", [
-            f"ckpt={out / 'train'}", f"episodes={cfg.deploy_episodes}", f"out={out / 'deploy'}"])
-    if refine.env_steps > 0:
-        stages["refine"] = _quickstart_refine(cfg, store, out)
     rows = [
         ("task", task),
         ("demonstrations", f"{stages['collect']['episodes']} (expert success {stages['collect']['success_rate']:.2f})"),
@@ -650,6 +651,51 @@ def cmd_quickstart(cfg: QuickstartConfig) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["summary"] = str(out / "summary.json")
     return summary
+
+
+def _quickstart_main_stages(cfg: QuickstartConfig, stages: dict[str, dict]) -> None:
+    """train -> eval -> deploy of the default policy on the collected store."""
+    store, out, task = Path(cfg.store), Path(cfg.out), cfg.task
+    stages["train"] = run("train", [
+        f"task={task}", f"data={store}", f"out={out / 'train'}", f"policy={cfg.policy}",
+        f"steps={cfg.train_steps}", "eval.episodes=0", "eval.final_episodes=0", f"seed={cfg.seed}"])
+    stages["eval"] = run("eval", [f"ckpt={out / 'train'}", f"episodes={cfg.eval_episodes}", f"out={out / 'eval'}"])
+    if cfg.deploy_episodes > 0:  # the simulated robot in real time, the policy behind a server on loopback
+        stages["deploy"] = run("deploy", [
+            f"ckpt={out / 'train'}", f"episodes={cfg.deploy_episodes}", f"out={out / 'deploy'}"])
+
+
+def _start_background_refine(cfg: QuickstartConfig):
+    """The refinement stage in a second Python process (`quickstart_refine_main` on the config written beside it),
+    its output in <out>/refine.log: it shares nothing with the other stages but the task and the store. Returns
+    (process, log)."""
+    import subprocess
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config, log = out / "refine_stage.json", out / "refine.log"
+    config.write_text(json.dumps(to_dict(cfg), indent=2))
+    print(f"refining a weak base in the background (progress: {log})", file=sys.stderr)
+    with open(log, "w") as stream:  # the child keeps its own handle
+        entry = "import sys; from robopolicy.cli import quickstart_refine_main; quickstart_refine_main(sys.argv[1])"
+        process = subprocess.Popen([sys.executable, "-c", entry, str(config)], stdout=stream,
+                                   stderr=subprocess.STDOUT)
+    return process, log
+
+
+def _finish_background_refine(process, log: Path) -> dict:
+    """Wait for the background refinement; its finetune summary, or its log's last lines as the error."""
+    print(f"waiting for the background refinement (progress: {log})", file=sys.stderr)
+    if process.wait() != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:])
+        raise UserError(f"the quickstart's refinement stage failed (exit {process.returncode}; {log}):\n{tail}")
+    return json.loads(log.read_text().strip().splitlines()[-1])
+
+
+def quickstart_refine_main(config_path: str) -> None:
+    """The background refinement's entry point: the stage of `cmd_quickstart` for the config it wrote."""
+    cfg = from_mapping(QuickstartConfig, json.loads(Path(config_path).read_text()))
+    emit(_quickstart_refine(cfg, Path(cfg.store), Path(cfg.out)))
 
 
 def _rate(ev: dict) -> str:

@@ -103,11 +103,14 @@ class QuickstartRefineConfig:
                              choices=("sloppy", "expert"))
     base_demos: int = setting(30, "the weak base trains on the first base_demos of those demonstrations ...")
     base_steps: int = setting(1000, "... for base_steps steps")
-    env_steps: int = setting(60000, "refinement budget in env steps (0: skip the stage)")
+    env_steps: int = setting(80000, "refinement budget in env steps (0: skip the stage)")
     eval_every: int = setting(10000, "env steps between 20-episode evaluations (the curve in refine/curves.png)")
     eval_episodes: int = setting(100, "episodes evaluating the base and the refined policy, on the same seeds")
     finetune: list[str] = setting([], "more `robopolicy finetune` overrides (none: finetune derives the reward "
                                       "settings from the task and the base, and prints them)")
+    background: bool = setting(True, "run this stage in a second process beside collect/train/eval/deploy (its "
+                                     "output goes to <out>/refine.log): on 2 cores the quickstart then takes its "
+                                     "longest stage's time, not the sum")
 
 
 @register_config("command", "quickstart")

@@ -29,3 +29,17 @@ def test_quickstart_collects_trains_evaluates_deploys_and_refines(cli, tmp_path)
     for row in ("success rate", "deployed", "refinement"):
         assert row in proc.stderr
     assert json.loads((out / "summary.json").read_text())["refine"] == refine
+    # the refinement ran in its own process beside the other stages, its output in its log
+    assert "background" in proc.stderr and "finetune residual" in (out / "refine.log").read_text()
+
+
+def test_quickstart_reports_a_failed_background_refinement(cli, tmp_path):
+    store, out = tmp_path / "store", tmp_path / "run"
+    proc = cli(
+        "quickstart", f"store={store}", f"out={out}", "episodes=2", "train_steps=5", "eval_episodes=1",
+        "deploy_episodes=0", "refine.base_demos=2", "refine.base_steps=5", "refine.env_steps=300",
+        "refine.eval_episodes=1", "refine.finetune=['algo.no_such_setting=1']", timeout=600,
+    )
+    assert proc.returncode != 0
+    assert "refinement stage failed" in proc.stderr and "refine.log" in proc.stderr
+    assert (out / "train" / "summary.json").exists()  # the other stages ran to the end
