@@ -689,7 +689,11 @@ def _finish_background_refine(process, log: Path) -> dict:
     if process.wait() != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:])
         raise UserError(f"the quickstart's refinement stage failed (exit {process.returncode}; {log}):\n{tail}")
-    return json.loads(log.read_text().strip().splitlines()[-1])
+    # its summary is the last JSON line (a warning printed at the child's exit may follow it)
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise UserError(f"the quickstart's refinement stage printed no summary; see {log}.")
 
 
 def quickstart_refine_main(config_path: str) -> None:

@@ -108,7 +108,7 @@ class QuickstartRefineConfig:
     eval_episodes: int = setting(100, "episodes evaluating the base and the refined policy, on the same seeds")
     finetune: list[str] = setting([], "more `robopolicy finetune` overrides (none: finetune derives the reward "
                                       "settings from the task and the base, and prints them)")
-    background: bool = setting(True, "run this stage in a second process beside collect/train/eval/deploy (its "
+    background: bool = setting(True, "run this stage in a second process beside train/eval/deploy (its "
                                      "output goes to <out>/refine.log): on 2 cores the quickstart then takes its "
                                      "longest stage's time, not the sum")
 
