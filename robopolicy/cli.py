@@ -609,7 +609,7 @@ def cmd_quickstart(cfg: QuickstartConfig) -> dict:
     try:
         _quickstart_main_stages(cfg, stages)
         if refine.env_steps > 0:
-            stages["refine"] = _finish_background_refine(*background) if background else \
+            stages["refine"] = _finish_background_refine(*background, out / "refine") if background else \
                 _quickstart_refine(cfg, store, out)
     finally:
         if background is not None and background[0].poll() is None:  # the main stages failed: stop it too
@@ -683,23 +683,22 @@ def _start_background_refine(cfg: QuickstartConfig):
     return process, log
 
 
-def _finish_background_refine(process, log: Path) -> dict:
-    """Wait for the background refinement; its finetune summary, or its log's last lines as the error."""
+def _finish_background_refine(process, log: Path, run_dir: Path) -> dict:
+    """Wait for the background refinement; its finetune summary (run_dir/summary.json), or its log's last lines as
+    the error."""
     print(f"waiting for the background refinement (progress: {log})", file=sys.stderr)
-    if process.wait() != 0:
+    summary = run_dir / "summary.json"
+    if process.wait() != 0 or not summary.exists():
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:])
         raise UserError(f"the quickstart's refinement stage failed (exit {process.returncode}; {log}):\n{tail}")
-    # its summary is the last JSON line (a warning printed at the child's exit may follow it)
-    for line in reversed(log.read_text(errors="replace").splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise UserError(f"the quickstart's refinement stage printed no summary; see {log}.")
+    return json.loads(summary.read_text())
 
 
 def quickstart_refine_main(config_path: str) -> None:
-    """The background refinement's entry point: the stage of `cmd_quickstart` for the config it wrote."""
+    """The background refinement's entry point: the stage of `cmd_quickstart` for the config it wrote (its finetune
+    writes <out>/refine/summary.json, which the quickstart reads)."""
     cfg = from_mapping(QuickstartConfig, json.loads(Path(config_path).read_text()))
-    emit(_quickstart_refine(cfg, Path(cfg.store), Path(cfg.out)))
+    _quickstart_refine(cfg, Path(cfg.store), Path(cfg.out))
 
 
 def _rate(ev: dict) -> str:
