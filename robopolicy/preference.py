@@ -18,7 +18,9 @@ writes a plain checkpoint: no base is needed to load or deploy it.
                lambda_U = exp(-eta_U w): desirable actions the policy does not reproduce yet weigh more,
                undesirable ones it is already far from weigh less.
     dpo        Diffusion-DPO (Wallace et al. 2023) for flow and diffusion heads: winner and loser share the noise
-               and the time, loss -log sigmoid(beta ((err_ref_w - err_w) - (err_ref_l - err_l))).
+               and the time, loss -log sigmoid(beta ((err_ref_w - err_w) - (err_ref_l - err_l))), plus the
+               winners' denoising loss weighted on the order of beta (DPO with an NLL term, as RPO), which keeps
+               the policy on its data at the base's own learning rate.
     hg_dagger  HG-DAgger's update (Kelly et al. 2019): behaviour cloning on the intervened segments (only the
                intervener's actions count, the rest of each window is masked).
 All three mix the base's own demonstrations into every batch (`demos_fraction`; desirable for apo, behaviour
@@ -132,8 +134,13 @@ class ApoConfig(OfflineAlgoConfig):
     eta_undesirable: float = setting(1.0, "lambda_U = exp(-eta_U w) (adaptive); KTO's lambda_U otherwise")
     bc_weight: float = setting(1.0, "plus this times the denoising loss on desirable samples (keeps the policy on "
                                     "the data while the preference term pushes)")
-    desirable_fraction: float | None = setting(0.5, "share of desirable windows per batch (KTO balances the two "
-                                                    "labels; failures are long); null: as they come in the data")
+    # 0.8, not KTO's balance: a failed rollout is labelled as a whole, and most of its frames do what a success's do,
+    # so an even share pushes the policy off its ordinary behaviour. Offline from 200 success-labelled rollouts
+    # (benchmarks/preference_offline.py, 100 episodes): 15-demo base 0.40 -> 0.46 at 0.5, 0.58 at 0.8; sloppy base
+    # 0.56 -> 0.40 / 0.37 at 0.5 (seeds 0 / 1), 0.81 / 0.75 / 0.79 at 0.8 (seeds 0 / 1 / 2); refit on the
+    # preference loop's recordings (takeovers): round 1 0.67 -> 0.73, rounds 1-3 0.89 -> 0.88
+    desirable_fraction: float | None = setting(0.8, "share of desirable windows per batch (failures are labelled "
+                                                    "whole and run long); null: as they come in the data")
 
 
 @register_config("algo", "dpo")
@@ -142,13 +149,24 @@ class DpoConfig(OfflineAlgoConfig):
     name: str = setting("dpo", "the method")
     batch_size: int = setting(64, "pairs per step")
     beta: float = setting(300.0, "Diffusion-DPO's temperature (beta T w(t) folded into one number)")
-    pairs: str = setting("ranked", "ranked: takeover pairs and same-start pairs, a success over a failure | return: "
-                                   "also same-outcome pairs by return | outcome: also any desirable segment against "
-                                   "any undesirable one (rollouts of different starts)",
+    steps: int = setting(2000, "gradient steps")
+    # outcome by default: rollouts of one start state rarely differ in outcome (7 of 100 starts of the 15-demo base,
+    # 32 of the sloppy one), and two attempts from one start compared frame by frame are near-duplicates whose
+    # difference the loss amplifies (aligned from the start: 0.56 -> 0.18)
+    pairs: str = setting("outcome", "ranked: takeover pairs and same-start pairs, a success over a failure | "
+                                    "return: also same-outcome pairs by return | outcome: also any desirable "
+                                    "segment against any undesirable one (rollouts of different starts)",
                          choices=("ranked", "return", "outcome"))
-    optim: OptimConfig = setting(OptimConfig(lr=1.0e-5, warmup_steps=50),
-                                 "AdamW, warmup + cosine, EMA (train.py's); nulls: the policy config's")
-    bc_weight: float = setting(1.0, "plus this times the denoising loss on the winners")
+    optim: OptimConfig = setting(OptimConfig(lr=None, warmup_steps=50),
+                                 "AdamW, warmup + cosine, EMA (train.py's); nulls: the base's training settings "
+                                 "(its train optim, else its policy config's)")
+    # The DPO term's gradient is about beta/2 times the denoising loss's, so at bc_weight 1 it alone moves the
+    # weights: at 1e-4..1e-3 it wrecked the policy (0.56 -> 0.03-0.34); 1e-5 kept it near its base (0.51-0.65).
+    # Weighted on the order of beta, the winners' loss anchors the policy at the base's rate. Offline, 200 rollouts
+    # (pairs outcome, 2000 steps, 100 episodes): 15-demo base 0.40 -> 0.58 at bc_weight 150, 0.48 with the DPO term
+    # off (beta 0.001); sloppy base 0.56 -> 0.74 (150) / 0.76 (500), 0.76 with it off
+    bc_weight: float = setting(150.0, "plus this times the denoising loss on the winners and the demonstrations "
+                                      "(of the order of beta)")
 
 
 @register_config("algo", "hg_dagger")
@@ -427,8 +445,10 @@ def refine_offline(run, algo: OfflineAlgoConfig, base: Path, info: Mapping[str, 
     if algo.name == "dpo":
         pairs = np.asarray(data.pairs(algo.pairs), dtype=np.int64).reshape(-1, 2)
         if not len(pairs):
-            raise PreferenceError(f"{', '.join(algo.data)} hold no preference pairs (takeovers, or rollouts of one start "
-                                  "with different outcomes); record more, or pass algo.pairs=outcome.")
+            what = ("no desirable segment or no undesirable one" if algo.pairs == "outcome" else
+                    "no preference pairs (takeovers, or rollouts of one start with different outcomes)")
+            raise PreferenceError(f"{', '.join(algo.data)} hold {what}; dpo needs both a winner and a loser: record "
+                                  f"more{'' if algo.pairs == 'outcome' else ', or pass algo.pairs=outcome'}.")
     # the base as loaded, for base_eval; the policy refined (and the reference of its implicit reward) see the
     # clamped state from here on
     base_policy = copy.deepcopy(policy).eval().requires_grad_(False)
