@@ -141,8 +141,8 @@ class ApoConfig(OfflineAlgoConfig):
     #   pick_place, sloppy flow base 0.56:   0.40, 0.37 / 0.81, 0.75, 0.79 / 0.79
     #   pick_place, 15-demo diffusion 0.42:  - / 0.63 / 0.62
     #   push, 6-demo flow base 0.39:         - / 0.30, 0.29 / 0.52, 0.50
-    # 0.9 is the one share that improved every base (0.8 lost 9-10 points on push); refit on the preference loop's
-    # recordings (takeovers), rounds 1-3: 0.89 / 0.88 / 0.91
+    # 0.9 is the one share that improved every base (0.8 lost 9-10 points on push). Refits on the preference loop's
+    # recordings (takeovers), rounds 1-3, at 0.5 / 0.8 / 0.9: one loop's 0.89 / 0.88 / 0.91, another's - / 0.92 / 0.85
     desirable_fraction: float | None = setting(0.9, "share of desirable windows per batch (failures are labelled "
                                                     "whole and run long); null: as they come in the data")
 
