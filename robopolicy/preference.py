@@ -13,10 +13,11 @@ writes a plain checkpoint: no base is needed to load or deploy it.
                the Diffusion-KTO surrogate of log pi/pi_ref: r = err_ref - err_policy, the drop of its denoising
                error against the frozen reference under the same noise and time. Value: lambda * sigmoid(beta (r -
                z0)) for desirable samples, lambda * sigmoid(beta (z0 - r)) for undesirable ones, z0 the batch's
-               mean reward clipped at 0 (KTO's KL reference point, not differentiated). APO's adaptive weights:
-               w_i = l_i / mean(l) from the policy's own regression error l_i, lambda_D = 1 - exp(-eta_D w) and
-               lambda_U = exp(-eta_U w): desirable actions the policy does not reproduce yet weigh more,
-               undesirable ones it is already far from weigh less.
+               mean reward clipped at 0 (KTO's KL reference point, not differentiated). APO's adaptive weights
+               (algo.adaptive=true): w_i = l_i / mean(l) from the policy's own regression error l_i, lambda_D = 1 -
+               exp(-eta_D w) and lambda_U = exp(-eta_U w): desirable actions the policy does not reproduce yet weigh
+               more, undesirable ones it is already far from weigh less. By default adaptive on recordings with
+               takeovers, KTO's even weights on rollouts labelled whole by outcome (ApoConfig.adaptive).
     dpo        Diffusion-DPO (Wallace et al. 2023) for flow and diffusion heads: winner and loser share the noise
                and the time, loss -log sigmoid(beta ((err_ref_w - err_w) - (err_ref_l - err_l))), plus the
                winners' denoising loss weighted on the order of beta (DPO with an NLL term, as RPO), which keeps
@@ -35,6 +36,7 @@ on the same unseen seeds, the refined checkpoint); only the data differ (stores 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -129,7 +131,18 @@ class ApoConfig(OfflineAlgoConfig):
                                             "null: intervention and pre_takeover where the stores hold takeovers, "
                                             "every kind otherwise (default_kinds)")
     beta: float = setting(100.0, "temperature of the implicit reward (the denoising error drop, per element)")
-    adaptive: bool = setting(True, "APO's adaptive weights from the policy's per-sample error; false: plain KTO")
+    # null: APO's adaptive weights on recordings with takeovers (the setting APO was made for: a short segment of
+    # the policy's own mistake before each takeover), KTO's even weights on rollouts labelled whole by outcome.
+    # Measured on the same data (100 episodes): the preference loop's rounds 1-2 recordings 0.87 [0.79, 0.92]
+    # adaptive, 0.73 [0.64, 0.81] even; offline from 200 success-labelled rollouts (benchmarks/preference_offline.py,
+    # seeds 0 / 1) the pick_place 15-demo base 0.40 -> 0.58 / 0.54 even, 0.51 adaptive (0.56 / 0.53 at eta_D 2,
+    # eta_U 0.5; 0.56 rescaled to mean weight 1), builtin/push 6-demo 0.28 -> 0.41 / 0.39 even, 0.27 / 0.24 / 0.25
+    # adaptive: there most windows of a failed rollout are ordinary motion the policy reproduces, and the adaptive
+    # weights push hardest on exactly those.
+    adaptive: bool | None = setting(None, "APO's adaptive weights from the policy's per-sample error (lambda_D = 1 - "
+                                          "exp(-eta_D w), lambda_U = exp(-eta_U w)); false: KTO's even weights "
+                                          "(eta_desirable, eta_undesirable); null: adaptive where the stores hold "
+                                          "takeovers, even otherwise")
     eta_desirable: float = setting(1.0, "lambda_D = 1 - exp(-eta_D w) (adaptive); KTO's lambda_D otherwise")
     eta_undesirable: float = setting(1.0, "lambda_U = exp(-eta_U w) (adaptive); KTO's lambda_U otherwise")
     bc_weight: float = setting(1.0, "plus this times the denoising loss on desirable samples (keeps the policy on "
@@ -238,11 +251,16 @@ def default_kinds(paths: list[str], lookback_s: float) -> list[str] | None:
     by outcome). In deployment recordings the policy's own unassisted successes are labelled desirable too, but they
     only repeat what the policy already does: on the preference loop's three rounds apo trained on every kind scored
     0.74 [0.65, 0.82], on the takeover kinds alone 0.90 [0.83, 0.94] (same recordings, 100 episodes)."""
+    return list(TAKEOVER_KINDS) if has_takeovers(paths, lookback_s) else None
+
+
+def has_takeovers(paths: list[str], lookback_s: float) -> bool:
+    """Whether any of the stores holds an intervener's segment (a deployment recording with takeovers)."""
     for path in paths:
         labels, _ = store_labels(_open(path), lookback_s)
         if any(segment[3] == "intervention" for episode in labels.values() for segment in episode["segments"]):
-            return list(TAKEOVER_KINDS)
-    return None
+            return True
+    return False
 
 
 class LabelledWindows:
@@ -430,8 +448,12 @@ def refine_offline(run, algo: OfflineAlgoConfig, base: Path, info: Mapping[str, 
     base_config = dict(info["config"])
     action_fps = algo.action_fps or _training_fps(base_config, base)
     kinds = algo.kinds
-    if kinds is None and algo.name == "apo":  # dpo's pairs need every kind: same-start pairs rank unassisted episodes
-        kinds = default_kinds(list(algo.data), algo.lookback_s)
+    if algo.name == "apo" and (kinds is None or algo.adaptive is None):
+        takeovers = has_takeovers(list(algo.data), algo.lookback_s)
+        if kinds is None:  # dpo's pairs need every kind: same-start pairs rank unassisted episodes
+            kinds = list(TAKEOVER_KINDS) if takeovers else None
+        if algo.adaptive is None:
+            algo = dataclasses.replace(algo, adaptive=takeovers)
     data = LabelledWindows(list(algo.data), policy, action_fps, algo.lookback_s, kinds=kinds) if algo.data else None
     if data is None:
         raise PreferenceError("algo=hg_dagger needs algo.data=[STORE, ...]: deployment recordings with interventions.")
@@ -466,6 +488,8 @@ def refine_offline(run, algo: OfflineAlgoConfig, base: Path, info: Mapping[str, 
               "undesirable_windows": int((~data.desirable).sum()), "pairs": None if pairs is None else len(pairs),
               "demonstration_windows": None if demos is None else len(demos),
               "demonstration_episodes": None if demos is None else len(demos.labels[0])}
+    if algo.name == "apo":
+        counts["weights"] = "adaptive" if algo.adaptive else "even"
     log(f"finetune {algo.name} offline: base {base} ({policy.name}), {counts}, {algo.steps} steps")
 
     started, load_started = time.perf_counter(), os.getloadavg()[0]

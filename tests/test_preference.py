@@ -195,7 +195,7 @@ def test_apo_dpo_hg_dagger_write_plain_checkpoints_that_need_no_base(tmp_path):
         if algo == "dpo":  # pairs outcome (the default): the 4 takeovers and 1 same-start pair, and every
             assert counts["pairs"] > 5  # desirable segment against every undesirable one
         if algo == "apo":  # a recording with takeovers: the person's signal alone, not the unassisted episodes
-            assert counts["kinds"] == ["intervention", "pre_takeover"]
+            assert counts["kinds"] == ["intervention", "pre_takeover"] and counts["weights"] == "adaptive"
         refined = read_checkpoint_info(summary["checkpoint"])["config"]["policy"]
         assert refined["normalization"]["state_bound"] == 3.0  # algo.state_bound's default, saved with the policy
     assert read_checkpoint_info(base / "checkpoints" / "last")["config"]["policy"]["normalization"]["state_bound"] is None
@@ -303,6 +303,9 @@ def test_offline_methods_train_at_the_bases_own_rate_from_their_yaml(name):
     if name == "dpo":  # the DPO term's gradient is ~beta/2 times the denoising loss's: at the base's rate the
         # winners' loss must weigh as much, or the pairs alone move the weights (0.56 -> 0.03-0.34 at 1e-4..1e-3)
         assert algo.bc_weight >= algo.beta / 4
+    if name == "apo":  # APO's adaptive weights where there are takeovers (loop recordings 0.87, even 0.73), KTO's
+        # even ones on rollouts labelled whole (offline pick_place 0.58 even / 0.51 adaptive, push 0.41 / 0.27)
+        assert algo.adaptive is None and algo.eta_desirable == algo.eta_undesirable == 1.0
 
 
 @pytest.mark.parametrize("base_bound, algo_bound, refined_bound", [(None, 3.0, 3.0), (2.0, None, 2.0)])
