@@ -245,13 +245,15 @@ def kto_loss(reward: torch.Tensor, desirable: torch.Tensor, weight: torch.Tensor
 TAKEOVER_KINDS = ("intervention", "pre_takeover")
 
 
-def default_kinds(paths: list[str], lookback_s: float) -> list[str] | None:
+def default_kinds(paths: list[str], lookback_s: float, takeovers: bool | None = None) -> list[str] | None:
     """The label kinds apo trains on when `kinds` is null: where the stores hold takeovers, a person's signal
     alone (the intervener's segments and the policy's before each takeover); otherwise every kind (rollouts labelled
     by outcome). In deployment recordings the policy's own unassisted successes are labelled desirable too, but they
     only repeat what the policy already does: on the preference loop's three rounds apo trained on every kind scored
     0.74 [0.65, 0.82], on the takeover kinds alone 0.90 [0.83, 0.94] (same recordings, 100 episodes)."""
-    return list(TAKEOVER_KINDS) if has_takeovers(paths, lookback_s) else None
+    if takeovers is None:  # `takeovers`: has_takeovers(paths, lookback_s) when the caller already knows it
+        takeovers = has_takeovers(paths, lookback_s)
+    return list(TAKEOVER_KINDS) if takeovers else None
 
 
 def has_takeovers(paths: list[str], lookback_s: float) -> bool:
@@ -451,7 +453,7 @@ def refine_offline(run, algo: OfflineAlgoConfig, base: Path, info: Mapping[str, 
     if algo.name == "apo" and (kinds is None or algo.adaptive is None):
         takeovers = has_takeovers(list(algo.data), algo.lookback_s)
         if kinds is None:  # dpo's pairs need every kind: same-start pairs rank unassisted episodes
-            kinds = list(TAKEOVER_KINDS) if takeovers else None
+            kinds = default_kinds(list(algo.data), algo.lookback_s, takeovers)
         if algo.adaptive is None:
             algo = dataclasses.replace(algo, adaptive=takeovers)
     data = LabelledWindows(list(algo.data), policy, action_fps, algo.lookback_s, kinds=kinds) if algo.data else None
