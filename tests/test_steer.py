@@ -267,3 +267,29 @@ def test_identity_vib_latent_is_the_features_with_a_learned_noise(tmp_path):
     steer = refined(SteerPolicy, vib_base(tmp_path / "vib_id2", bottleneck_mean="identity"), latent="bottleneck",
                     hidden=[16])
     assert steer.latent_dim == steer.feature_dim == width
+
+
+def test_bottleneck_steering_through_the_base_differentiates_its_sampler_and_trains(tmp_path):
+    from robopolicy.rl.steer import SteerNAConfig, SteerNoiseAliased
+
+    base = vib_base(tmp_path / "vib_base")
+    cfg = SteerNAConfig(latent="bottleneck", actor_gradient="through_base", latent_scale=0.5, hidden=[16])
+    policy = SteerPolicy(cfg, load_policy(base), {"path": "x", "sha256": "y"})
+    obs = {"observation.state": torch.randn(5, 2, *policy.features["observation.state"]["shape"])}
+    latent = (torch.rand(5, policy.latent_dim) * 2 - 1).requires_grad_(True)
+    torch.manual_seed(3)
+    executed = policy.normalized_executed(obs, latent)
+    torch.manual_seed(3)  # the same base noise: what the runtime executes for this latent, in normalized units
+    chunk = policy.steered_chunk(obs, latent.detach(), policy.base.draw_noise(5))
+    assert torch.allclose(executed.detach(), policy.normalize_actions(chunk)[:, policy.exec_slice].flatten(1),
+                          atol=1e-5)
+    executed.sum().backward()
+    assert latent.grad is not None and latent.grad.abs().sum() > 0  # the actor's gradient reaches the latent
+    noise_cfg = SteerNAConfig(latent="executed", actor_gradient="through_base", hidden=[16])
+    with pytest.raises(ValueError, match="latent: bottleneck"):
+        SteerNoiseAliased(refined(SteerPolicy, base_ckpt_plain(tmp_path), hidden=[16]), noise_cfg)
+    summary = finetune(finetune_cfg({"name": "steer_na", "latent": "bottleneck", "actor_gradient": "through_base"},
+                                    base, tmp_path / "run"), make_envs, log=lambda m: None)
+    metrics = summary["last_metrics"]
+    assert summary["updates"] > 0 and all(math.isfinite(v) for v in metrics.values())
+    assert "action_critic_loss" in metrics and "distil_loss" not in metrics  # no distillation on this path

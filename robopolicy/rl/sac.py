@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -146,8 +146,9 @@ class SAC:
         self.critic_optim.step()
         return loss.item()
 
-    def update_actor_and_alpha(self, obs: torch.Tensor, critic: nn.Module | None = None) -> dict[str, float]:
-        """Maximize min Q(s, pi(s)) + alpha H(pi(.|s)) under `critic` (default: our own), then tune alpha."""
+    def update_actor_and_alpha(self, obs: torch.Tensor, critic: Callable | None = None) -> dict[str, float]:
+        """Maximize min Q(s, pi(s)) + alpha H(pi(.|s)) under `critic(obs, action) -> (q1, q2)` (default: our own),
+        then tune alpha."""
         critic = critic or self.critic
         action, log_prob = self.actor.sample(obs)
         q = torch.min(*critic(obs, action))

@@ -33,7 +33,7 @@ from robopolicy.policies.base import PolicyConfigError
 from robopolicy.rl.buffer import ReplayBuffer
 from robopolicy.rl.collector import RewardSpec, raw_dtypes, raw_obs, transition_shapes
 from robopolicy.rl.online import AlgoConfig
-from robopolicy.rl.refined import RefinedPolicy
+from robopolicy.rl.refined import RefinedPolicy, dummy_observation
 from robopolicy.rl.sac import SAC, SACConfig, TanhGaussianActor, TwinQ, soft_update
 
 
@@ -70,6 +70,9 @@ class SteerNAConfig(SteerConfig):
     name: str = setting("steer_na", "steer (DSRL-SAC) | steer_na (DSRL-NA)")
     batch_size: int = setting(128, "each update runs the base sampler on 3 x batch_size observations")
     updates_per_step: float = setting(0.125, "gradient updates per env step")
+    actor_gradient: str = setting("distilled", "distilled: the actor climbs Q_W(s, noise), distilled from Q_A (DSRL-NA)"
+                                  " | through_base: the actor climbs Q_A(s, base(s, latent)) through the base's "
+                                  "sampler (a flow base with latent: bottleneck)", choices=("distilled", "through_base"))
 
 
 @register_policy("steer")
@@ -98,6 +101,23 @@ class SteerPolicy(RefinedPolicy):
         # does); a noise actor starts spread, as DSRL's
         init_scale = 0.01 if self.latent == "bottleneck" else 1.0
         self.actor = TanhGaussianActor(self.feature_dim, self.latent_dim, list(config.hidden), init_scale=init_scale)
+
+    def normalized_executed(self, obs: Mapping[str, torch.Tensor], latent: torch.Tensor) -> torch.Tensor:
+        """The executed actions [B, n_exec * A] in the base's normalized units for latent residuals [B, latent_dim],
+        differentiable in the latent: the flow base's ODE run with gradients (bottleneck steering only)."""
+        base = self.base
+        if self.latent != "bottleneck" or not hasattr(base, "integrate"):
+            raise PolicyConfigError("algo.actor_gradient=through_base differentiates a flow base's sampler in its VIB "
+                                    "latent: use latent: bottleneck on a flow base.")
+        with torch.no_grad():
+            features = self.encode(obs)
+        cond = features + self.latent_scale * latent
+        if base.delay_aware:  # as sample_from_features conditions a delay-aware base with no committed prefix
+            cond = base.with_prefix_mask(cond, base.prefix_mask(torch.zeros(len(cond), dtype=torch.long)))
+        x = base.integrate(base.draw_noise(len(cond), self.device), cond)
+        if base.clip_sample:
+            x = x.clamp(-1.0, 1.0)
+        return x[:, self.exec_slice].flatten(1)
 
     def latent_to_noise(self, latent: torch.Tensor) -> torch.Tensor:
         """[B, latent_dim] in [-1, 1] -> the base's initial noise [B, H, A]."""
@@ -194,6 +214,10 @@ class SteerNoiseAliased(Steer):
         self.action_critic_target = TwinQ(policy.feature_dim, self.chunk_dim, hidden).requires_grad_(False)
         self.action_critic_target.load_state_dict(self.action_critic.state_dict())
         self.action_critic_optim = torch.optim.Adam(self.action_critic.parameters(), lr=cfg.lr)
+        self.through_base = cfg.actor_gradient == "through_base"
+        if self.through_base:
+            policy.normalized_executed(dummy_observation(policy.features, policy.n_obs_steps),
+                                       torch.zeros(1, policy.latent_dim))  # a clear error now, not at the first update
 
     def normalized_chunk(self, obs: Mapping[str, torch.Tensor], latent: torch.Tensor) -> torch.Tensor:
         """Executed actions in the base's normalized units, flattened: [b, n_exec * A]."""
@@ -204,6 +228,25 @@ class SteerNoiseAliased(Steer):
         return latent, actions, {"chunk": self.policy.normalize_actions(actions).flatten(1)}
 
     def update(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        action_critic_loss = self.update_action_critic(batch)
+        if self.through_base:  # no distillation: the actor's gradient runs through the base into Q_A
+            raw = raw_obs(batch)
+            metrics = self.sac.update_actor_and_alpha(
+                batch["obs"], critic=lambda obs, latent: self.action_critic(obs, self.policy.normalized_executed(raw, latent)))
+            return {"action_critic_loss": action_critic_loss, **metrics}
+        sac, obs = self.sac, batch["obs"]
+        with torch.no_grad():  # distillation targets on the actor's noises and on uniform ones
+            raw = raw_obs(batch)
+            latent = torch.cat([sac.actor.sample(obs)[0], torch.rand_like(batch["action"]) * 2 - 1])
+            obs2 = torch.cat([obs, obs])
+            raw2 = {k: torch.cat([v, v]) for k, v in raw.items()}
+            distil_target = torch.min(*self.action_critic(obs2, self.normalized_chunk(raw2, latent)))
+        distil_loss = sac.update_critic(obs2, latent, distil_target)
+        metrics = sac.update_actor_and_alpha(obs)
+        return {"action_critic_loss": action_critic_loss, "distil_loss": distil_loss, **metrics}
+
+    def update_action_critic(self, batch: Mapping[str, torch.Tensor]) -> float:
+        """One TD step of Q_A(s, executed chunk), the next chunk from the current actor; the loss."""
         sac, obs = self.sac, batch["obs"]
         with torch.no_grad():  # TD target of Q_A with the next chunk the current noise actor would produce
             next_latent, next_log_prob = sac.actor.sample(batch["next_obs"])
@@ -216,16 +259,7 @@ class SteerNoiseAliased(Steer):
         action_critic_loss.backward()
         self.action_critic_optim.step()
         soft_update(self.action_critic_target, self.action_critic, sac.tau)
-
-        with torch.no_grad():  # distillation targets on the actor's noises and on uniform ones
-            raw = raw_obs(batch)
-            latent = torch.cat([sac.actor.sample(obs)[0], torch.rand_like(batch["action"]) * 2 - 1])
-            obs2 = torch.cat([obs, obs])
-            raw2 = {k: torch.cat([v, v]) for k, v in raw.items()}
-            distil_target = torch.min(*self.action_critic(obs2, self.normalized_chunk(raw2, latent)))
-        distil_loss = sac.update_critic(obs2, latent, distil_target)
-        metrics = sac.update_actor_and_alpha(obs)
-        return {"action_critic_loss": action_critic_loss.item(), "distil_loss": distil_loss, **metrics}
+        return action_critic_loss.item()
 
 
 def make_method(base: ChunkPolicy, base_ref: Mapping[str, str], algo: SteerConfig, reward: RewardSpec, seed: int
