@@ -1,6 +1,7 @@
 """Sample efficiency of online refinement on one task and budget, side by side in one run: steer (DSRL-SAC),
 steer_na (DSRL-NA), residual, value-guided selection (all on the same frozen base), bottleneck steering
-(`steer_bottleneck`: steer with latent=bottleneck, on a base trained with policy.encoder.bottleneck=vib), PPO
+(`steer_bottleneck`: steer with latent=bottleneck, on a base trained with policy.encoder.bottleneck=vib;
+`steer_bottleneck_through_base`: steer_na with latent=bottleneck and actor_gradient=through_base), PPO
 through the sampling chain (`reinflow` on a flow base, `dppo` on a diffusion base), refinement inside a learned
 world model (`world_model`: its real env steps are the budget, one round per --eval-every real steps; its imagined
 steps are reported apart, as `imagined_env_steps`; `world_model_visited`: imagined rollouts of 10 chunk steps
@@ -167,6 +168,10 @@ def reward_settings(args, overrides: dict) -> dict:
 
 # benchmark names that are a method with settings of its own
 VARIANTS = {"steer_bottleneck": ("steer", {"latent": "bottleneck"}),
+            # the actor climbs the executed-action critic through the flow base's sampler (steer_na's critic, no
+            # distillation), at the residual's update rate and SAC's -(latent dimension) entropy target
+            "steer_bottleneck_through_base": ("steer_na", {"latent": "bottleneck", "actor_gradient": "through_base",
+                                                            "target_entropy": None, "updates_per_step": 0.5}),
             "world_model_visited": ("world_model", {"start_states": "visited", "horizon_chunks": 10})}
 
 
