@@ -96,7 +96,7 @@ def rollout_batch(method, n: int = 16, adv: torch.Tensor | None = None) -> dict[
     inputs = method.observe(obs)
     with torch.no_grad():
         _, _, extras = method.act(obs, inputs, list(range(n)), explore=True)
-    return {"obs": inputs, "u": extras["u"], "log_prob": extras["log_prob"], "mask": torch.ones(n),
+    return {"obs": inputs, "value_in": inputs, "u": extras["u"], "log_prob": extras["log_prob"], "mask": torch.ones(n),
             "adv": torch.zeros(n) if adv is None else adv, "ret": torch.randn(n)}
 
 
@@ -149,6 +149,39 @@ def test_normalized_returns_scale_the_value_targets(base_ckpt):  # noqa: F811
         fitted = ppo.value(batch["obs"]).squeeze(-1) * ppo.return_scale
     ret = torch.from_numpy(episode["reward"])
     assert (fitted - ret).pow(2).mean() < 0.5 * ret.var()  # V(s) tracks returns of std ~100
+
+
+@pytest.mark.parametrize("name", ["reinflow", "dppo"])
+def test_value_on_noise_takes_the_spread_x0_causes_out_of_the_advantages(name, base_ckpt, diffusion_ckpt):  # noqa: F811
+    """From one state, returns that depend only on the chain's first element x_0: V(s, x_0) learns them and the
+    advantages shrink to their residual noise; V(s) cannot, and the advantages keep the returns' spread."""
+
+    def advantage_spread(on_noise: bool) -> float:
+        torch.manual_seed(5)
+        settings = {k: v for k, v in SMALL.items() if k != "noise_hidden" or name == "reinflow"}
+        settings |= {"ppo_minibatch": 64, "ppo_epochs": 4}
+        method = chain_method(name, base_ckpt if name == "reinflow" else diffusion_ckpt, value_on_noise=on_noise,
+                              value_warmup=1000, lr=3e-3, **settings)
+        n = 64
+        obs = {k: v[:1].expand(n, *v.shape[1:]) for k, v in observation(method.policy, 1).items()}
+        inputs = method.observe(obs)
+        with torch.no_grad():
+            _, _, extras = method.act(obs, inputs, list(range(n)), explore=True)
+        x0 = extras["u"][:, :method.chunk_size]
+        reward = 10.0 * torch.sign(x0[:, 0]) + 0.1 * torch.randn(n)
+        episode = {"obs": inputs.numpy(), "next_obs": inputs.numpy(), "u": extras["u"].numpy(),
+                   "log_prob": extras["log_prob"].numpy(), "policy_mask": torch.ones(n).numpy(),
+                   "reward": reward.numpy(), "steps": torch.full((n,), 4.0).numpy(),
+                   "done": torch.ones(n).numpy()}  # one-decision episodes: the return is the reward
+        for _ in range(15):  # value-only updates (value_warmup)
+            method.ppo.rollouts.add(episode)
+            method.ppo.update()
+        method.ppo.rollouts.add(episode)
+        return method.ppo.advantages()["adv"].std().item()
+
+    with_noise, without = advantage_spread(True), advantage_spread(False)
+    assert without > 8.0  # V(s) is one number here: the advantages are the returns' spread (std ~10)
+    assert with_noise < 0.3 * without
 
 
 def test_separate_grad_clip_keeps_the_value_loss_from_shrinking_the_actor_step(base_ckpt):  # noqa: F811

@@ -58,6 +58,11 @@ class ChainPPOConfig(AlgoConfig, PPOConfig):
     log_prob_average: bool = setting(True, "PPO's ratio from the chain's log-likelihood averaged over the chunk's "
                                      "H x A elements (DPPO's practice: summed, a tiny shift of a 64-element "
                                      "Gaussian's mean already moves the ratio past ppo_clip); false: the exact sum")
+    value_on_noise: bool = setting(False, "the baseline is V(s, x_0): the value network also sees the chain's "
+                                   "first element x_0 (reinflow: the sampler's initial noise; dppo: the sample "
+                                   "entering the fine-tuned steps), drawn before any step PPO scores, so the spread "
+                                   "of returns that x_0 causes leaves the advantages; the gradient stays unbiased, "
+                                   "as x_0 is part of the decision's state in the chain's MDP")
 
 
 class ChainPolicy(RefinedPolicy):
@@ -125,11 +130,20 @@ class ChainPPO:
         self.policy = policy
         self.gamma = cfg.gamma
         self.log_prob_scale = 1.0 / (policy.horizon * policy.action_dim) if cfg.log_prob_average else 1.0
+        self.chunk_size = policy.horizon * policy.action_dim
         self.ppo = PPO(policy.feature_dim, 0, cfg, actor=policy, seed=seed, log_prob=self.log_prob,
                        step_weights=None if policy.joint_ratio else step_weights, actor_lr=cfg.actor_lr,
                        value_warmup=cfg.value_warmup, normalize_returns=cfg.normalize_returns,
-                       separate_grad_clip=cfg.separate_grad_clip)
+                       separate_grad_clip=cfg.separate_grad_clip,
+                       value_inputs=self.value_inputs if cfg.value_on_noise else None,
+                       value_dim=policy.feature_dim + self.chunk_size if cfg.value_on_noise else None)
         self.generator = torch.Generator().manual_seed(seed)
+
+    def value_inputs(self, episode: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[features, x_0] at each decision, and at each next decision: the next row's x_0 (after the episode's last
+        decision, whose bootstrap counts only when the time limit cut it, its own x_0 stands in for the next)."""
+        x0 = episode["u"][:, :self.chunk_size]
+        return (torch.cat([episode["obs"], x0], -1), torch.cat([episode["next_obs"], torch.cat([x0[1:], x0[-1:]])], -1))
 
     def log_prob(self, cond: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """PPO's score of stored chains `u` [B, (K + 1) H A]: [B] (joint) or [B, K] (per step), and entropy."""

@@ -27,6 +27,8 @@ from robopolicy.config import setting
 from robopolicy.rl.sac import TanhGaussianActor, adam, mlp
 
 LogProb = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# one stored episode -> the value network's inputs at each decision and at each next observation
+ValueInputs = Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -80,13 +82,16 @@ class PPO:
     `separate_grad_clip` clips the actor's and the value network's gradients each to `max_grad_norm` (as DPPO's
     separate optimizers do) rather than their joint norm: a value loss on returns of ~100 has a gradient far larger
     than the actor's, so the joint clip rescales the actor's gradient by a factor that changes with the value loss
-    from minibatch to minibatch (Adam undoes a constant scale, not a varying one).
+    from minibatch to minibatch (Adam undoes a constant scale, not a varying one). `value_inputs` (with
+    `value_dim`) gives the value network more than the observation: a chain method's baseline V(s, x_0) also sees
+    the sampler's initial noise, drawn before any parameterized step (see `chain_ppo.ChainPPOConfig.value_on_noise`).
     """
 
     def __init__(self, obs_dim: int, action_dim: int, cfg: PPOConfig, actor: torch.nn.Module, seed: int = 0,
                  action_penalty: float = 0.0, log_prob: LogProb | None = None,
                  step_weights: torch.Tensor | None = None, actor_lr: float | None = None,
-                 value_warmup: int = 0, normalize_returns: bool = False, separate_grad_clip: bool = False):
+                 value_warmup: int = 0, normalize_returns: bool = False, separate_grad_clip: bool = False,
+                 value_inputs: ValueInputs | None = None, value_dim: int | None = None):
         self.value_warmup, self.updates = value_warmup, 0
         self.separate_grad_clip = separate_grad_clip
         self.normalize_returns, self.return_scale = normalize_returns, 1.0  # V(s) = return_scale * value(s)
@@ -97,7 +102,8 @@ class PPO:
         self.actor = actor
         self.log_prob = log_prob or (lambda obs, u: gaussian_log_prob(actor, obs, u))
         self.step_weights = step_weights
-        self.value = mlp(obs_dim, list(cfg.hidden), 1)
+        self.value_inputs = value_inputs or (lambda ep: (ep["obs"], ep["next_obs"]))
+        self.value = mlp(value_dim or obs_dim, list(cfg.hidden), 1)
         self.params = [p for p in [*actor.parameters(), *self.value.parameters()] if p.requires_grad]
         self.actor_params = [p for p in actor.parameters() if p.requires_grad]
         self.optim = torch.optim.Adam([{"params": [p for p in actor.parameters() if p.requires_grad],
@@ -126,9 +132,9 @@ class PPO:
         """The stored episodes as one batch with GAE advantages `adv` and value targets `ret`."""
         parts = []
         for ep in self.rollouts.episodes:
-            obs, next_obs = torch.from_numpy(ep["obs"]), torch.from_numpy(ep["next_obs"])
-            value = self.value(obs).squeeze(-1) * self.return_scale
-            next_value = self.value(next_obs).squeeze(-1) * self.return_scale
+            value_in, next_value_in = self.value_inputs({k: torch.from_numpy(v) for k, v in ep.items()})
+            value = self.value(value_in).squeeze(-1) * self.return_scale
+            next_value = self.value(next_value_in).squeeze(-1) * self.return_scale
             discount = self.gamma ** torch.from_numpy(ep["steps"]) * (1.0 - torch.from_numpy(ep["done"]))
             delta = torch.from_numpy(ep["reward"]) + discount * next_value - value
             adv = torch.zeros_like(delta)
@@ -136,8 +142,8 @@ class PPO:
             for t in reversed(range(len(delta))):  # A_t = delta_t + gamma^steps lambda A_{t+1}
                 running = delta[t] + discount[t] * self.lam * running
                 adv[t] = running
-            parts.append({"obs": obs, "u": torch.from_numpy(ep["u"]), "log_prob": torch.from_numpy(ep["log_prob"]),
-                          "mask": torch.from_numpy(ep["policy_mask"]), "adv": adv, "ret": adv + value})
+            parts.append({"obs": torch.from_numpy(ep["obs"]), "value_in": value_in, "u": torch.from_numpy(ep["u"]),
+                          "log_prob": torch.from_numpy(ep["log_prob"]), "mask": torch.from_numpy(ep["policy_mask"]), "adv": adv, "ret": adv + value})
         data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         if self.normalize_returns and len(data["ret"]) > 1:  # a running std of the value targets
             std = data["ret"].std().clamp_min(1e-3).item()
@@ -165,18 +171,19 @@ class PPO:
         for _ in range(self.epochs):
             for idx in np.array_split(self.rng.permutation(n), max(1, n // self.minibatch)):
                 b = {k: v[idx] for k, v in data.items()}
-                log_prob, entropy = self.log_prob(b["obs"], b["u"])
-                ratio = (log_prob - b["log_prob"]).exp()
-                adv = b["adv"] if ratio.dim() == 1 else b["adv"][:, None] * self.step_weights  # [B] or [B, K]
-                surrogate = torch.min(ratio * adv, ratio.clamp(1 - self.clip, 1 + self.clip) * adv)
-                if surrogate.dim() > 1:  # one ratio per denoising step: their mean per decision
-                    surrogate = surrogate.mean(-1)
-                weight = b["mask"] / b["mask"].sum().clamp_min(1.0)  # decisions without the residual: value only
-                policy_loss = -(surrogate * weight).sum() - self.entropy_coef * (entropy * weight).sum()
-                if self.action_penalty:
-                    policy_loss = policy_loss + self.action_penalty * (
-                        torch.tanh(self.actor(b["obs"])[0]).pow(2).sum(-1) * weight).sum()
-                value_loss = F.mse_loss(self.value(b["obs"]).squeeze(-1), b["ret"] / self.return_scale)
+                with torch.set_grad_enabled(actor):  # warm-up: the policy's loss is only reported
+                    log_prob, entropy = self.log_prob(b["obs"], b["u"])
+                    ratio = (log_prob - b["log_prob"]).exp()
+                    adv = b["adv"] if ratio.dim() == 1 else b["adv"][:, None] * self.step_weights  # [B] or [B, K]
+                    surrogate = torch.min(ratio * adv, ratio.clamp(1 - self.clip, 1 + self.clip) * adv)
+                    if surrogate.dim() > 1:  # one ratio per denoising step: their mean per decision
+                        surrogate = surrogate.mean(-1)
+                    weight = b["mask"] / b["mask"].sum().clamp_min(1.0)  # decisions without the residual: value only
+                    policy_loss = -(surrogate * weight).sum() - self.entropy_coef * (entropy * weight).sum()
+                    if self.action_penalty:
+                        policy_loss = policy_loss + self.action_penalty * (
+                            torch.tanh(self.actor(b["obs"])[0]).pow(2).sum(-1) * weight).sum()
+                value_loss = F.mse_loss(self.value(b["value_in"]).squeeze(-1), b["ret"] / self.return_scale)
                 loss = policy_loss + self.value_coef * value_loss if actor else self.value_coef * value_loss
                 self.optim.zero_grad(set_to_none=True)
                 loss.backward()
