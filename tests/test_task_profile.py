@@ -29,6 +29,15 @@ def test_the_metaworld_residual_recipe_follows_from_its_reward_and_episode_lengt
         "reward": "dense", "reward_scale": 0.21, "step_penalty": 2.0, "algo.n_action_steps": 1, "algo.n_step": 10}
 
 
+def test_reinflow_updates_on_more_decisions_on_long_episodes():
+    mw = profile(mean_length=215.0, horizon=300, step_reward=9.6)
+    assert chosen(derive_defaults(mw, "reinflow", set())) == {
+        "reward": "dense", "reward_scale": 0.21, "step_penalty": 2.0, "algo.ppo_rollout": 2048,
+        "algo.ppo_minibatch": 512}
+    assert chosen(derive_defaults(mw, "dppo", set())) == {"reward": "dense", "reward_scale": 0.21, "step_penalty": 2.0}
+    assert chosen(derive_defaults(mw, "reinflow", {"algo.ppo_rollout"})).get("algo.ppo_rollout") is None
+
+
 def test_the_builtin_recipes_follow_from_theirs():
     builtin = profile(mean_length=115.0, horizon=150, step_reward=1.9)
     assert chosen(derive_defaults(builtin, "residual", set())) == {

@@ -15,6 +15,9 @@ give, printing each choice and why; settings given on the command line always wi
     the task's episode limit (env steps)       residual and bottleneck steering on long-horizon tasks
                                                (> LONG_EPISODE steps: MetaWorld's 300; the built-in tasks' 60-200):
                                                per-step decisions (n_action_steps 1, as ResiP) with 10-step TD
+                                               reinflow on long-horizon tasks: PPO updates on 2048 chunk decisions
+                                               (minibatches of 512), as many episodes per update as 512 decisions
+                                               hold on the built-in tasks
     the base's noise authority                 steer / value_guided on a base whose sampler noise barely moves its
                                                actions: says so and names the method that will work
 
@@ -40,6 +43,13 @@ DENSE_STEP_PENALTY = 2.0  # the README's recipes on the shaped reward
 # latent (ZPRL) that moves the base's actions as a residual on them does
 SHAPED_METHODS = ("residual", "residual_ppo", "reinflow", "dppo", "steer_bottleneck")
 PER_STEP_METHODS = ("residual", "residual_ppo", "steer_bottleneck")  # per-step decisions on long episodes
+# chunk decisions per PPO update (and per minibatch) for reinflow on long episodes; measured on the push-v3 noisy
+# weak base (README): with 512 / 128 (the defaults, ~10 of its episodes per update) reinflow fell from 0.48 to 0.16
+# by 250k env steps, with 2048 / 512 it climbed to 0.75-0.89 by 1M. dppo, whose ratio is per denoising step and
+# whose updates moved it a tenth as far (approx_kl), did not fall with 512 / 128 (0.40-0.54 through 250k): it keeps
+# its defaults
+LARGE_ROLLOUT_METHODS = ("reinflow",)
+LONG_ROLLOUT, LONG_MINIBATCH = 2048, 512
 STEERING_METHODS = ("steer", "steer_na", "value_guided")  # choose among the base's own chunks
 
 
@@ -125,6 +135,13 @@ def derive_defaults(profile: TaskProfile, method: str, explicit: set[str], given
         elif method != "steer_bottleneck":  # steering keeps its n-decision targets over chunks
             out.set(explicit, "algo.n_step", 1, f"the task's episodes run up to {horizon:.0f} env steps: one "
                                                 "decision per chunk, one-decision TD")
+    if method in LARGE_ROLLOUT_METHODS and (profile.horizon or profile.mean_length) > LONG_EPISODE:
+        horizon = profile.horizon or profile.mean_length
+        out.set(explicit, "algo.ppo_rollout", LONG_ROLLOUT,
+                f"the task's episodes run up to {horizon:.0f} env steps: each PPO update sees {LONG_ROLLOUT} chunk "
+                "decisions, enough whole episodes that its gradient is not one of a few episodes' luck")
+        out.set(explicit, "algo.ppo_minibatch", LONG_MINIBATCH, f"{LONG_ROLLOUT} decisions per update: minibatches "
+                f"of {LONG_MINIBATCH}")
     if method in STEERING_METHODS and profile.noise_authority is not None and \
             profile.noise_authority < LOW_AUTHORITY:
         out.advice.append(
