@@ -45,9 +45,9 @@ SHAPED_METHODS = ("residual", "residual_ppo", "reinflow", "dppo", "steer_bottlen
 PER_STEP_METHODS = ("residual", "residual_ppo", "steer_bottleneck")  # per-step decisions on long episodes
 # chunk decisions per PPO update (and per minibatch) for reinflow on long episodes; measured on the push-v3 noisy
 # weak base (README): with 512 / 128 (the defaults, ~10 of its episodes per update) reinflow fell from 0.48 to 0.16
-# by 250k env steps, with 2048 / 512 it climbed to 0.75-0.89 by 1M. dppo, whose ratio is per denoising step and
-# whose updates moved it a tenth as far (approx_kl), did not fall with 512 / 128 (0.40-0.54 through 250k): it keeps
-# its defaults
+# by 250k env steps, with 2048 / 512 it climbed to 0.75-0.89 by 1M (seed 0; seed 1 held at 0.44-0.56 through 550k).
+# dppo, whose ratio is per denoising step and whose updates moved it a tenth as far (approx_kl), did not fall with
+# 512 / 128 and ended higher with them (0.79 against 0.68 at 1M): it keeps its defaults
 LARGE_ROLLOUT_METHODS = ("reinflow",)
 LONG_ROLLOUT, LONG_MINIBATCH = 2048, 512
 STEERING_METHODS = ("steer", "steer_na", "value_guided")  # choose among the base's own chunks
