@@ -143,7 +143,8 @@ class ChainPPO:
         """[features, x_0] at each decision, and at each next decision: the next row's x_0 (after the episode's last
         decision, whose bootstrap counts only when the time limit cut it, its own x_0 stands in for the next)."""
         x0 = episode["u"][:, :self.chunk_size]
-        return (torch.cat([episode["obs"], x0], -1), torch.cat([episode["next_obs"], torch.cat([x0[1:], x0[-1:]])], -1))
+        next_x0 = torch.cat([x0[1:], x0[-1:]])
+        return torch.cat([episode["obs"], x0], -1), torch.cat([episode["next_obs"], next_x0], -1)
 
     def log_prob(self, cond: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """PPO's score of stored chains `u` [B, (K + 1) H A]: [B] (joint) or [B, K] (per step), and entropy."""

@@ -143,7 +143,8 @@ class PPO:
                 running = delta[t] + discount[t] * self.lam * running
                 adv[t] = running
             parts.append({"obs": torch.from_numpy(ep["obs"]), "value_in": value_in, "u": torch.from_numpy(ep["u"]),
-                          "log_prob": torch.from_numpy(ep["log_prob"]), "mask": torch.from_numpy(ep["policy_mask"]), "adv": adv, "ret": adv + value})
+                          "log_prob": torch.from_numpy(ep["log_prob"]), "mask": torch.from_numpy(ep["policy_mask"]),
+                          "adv": adv, "ret": adv + value})
         data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         if self.normalize_returns and len(data["ret"]) > 1:  # a running std of the value targets
             std = data["ret"].std().clamp_min(1e-3).item()
