@@ -188,6 +188,12 @@ class FlowPolicy(ActionChunkPolicy):
                              prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
         """`sample_chunk` from the denoiser's condition (observation features [B, F]: what bottleneck steering
         perturbs)."""
+        return self.unnormalize_actions(self.normalized_sample(global_cond, noise, prefix_actions))
+
+    def normalized_sample(self, global_cond, noise: torch.Tensor | None = None,
+                          prefix_actions: torch.Tensor | None = None) -> torch.Tensor:
+        """`sample_from_features` in normalized action units, differentiable in `global_cond` and the denoiser
+        (bottleneck steering's actor climbs its critic through it)."""
         device = self.device
         if noise is None:
             noise = self.draw_noise(global_cond.shape[0], device)
@@ -213,4 +219,4 @@ class FlowPolicy(ActionChunkPolicy):
             x = constrain(x, 1.0)
         if self.clip_sample:
             x = x.clamp(-1.0, 1.0)
-        return self.unnormalize_actions(x)
+        return x

@@ -105,19 +105,12 @@ class SteerPolicy(RefinedPolicy):
     def normalized_executed(self, obs: Mapping[str, torch.Tensor], latent: torch.Tensor) -> torch.Tensor:
         """The executed actions [B, n_exec * A] in the base's normalized units for latent residuals [B, latent_dim],
         differentiable in the latent: the flow base's ODE run with gradients (bottleneck steering only)."""
-        base = self.base
-        if self.latent != "bottleneck" or not hasattr(base, "integrate"):
+        if self.latent != "bottleneck" or not hasattr(self.base, "normalized_sample"):
             raise PolicyConfigError("algo.actor_gradient=through_base differentiates a flow base's sampler in its VIB "
                                     "latent: use latent: bottleneck on a flow base.")
         with torch.no_grad():
             features = self.encode(obs)
-        cond = features + self.latent_scale * latent
-        if base.delay_aware:  # as sample_from_features conditions a delay-aware base with no committed prefix
-            cond = base.with_prefix_mask(cond, base.prefix_mask(torch.zeros(len(cond), dtype=torch.long)))
-        x = base.integrate(base.draw_noise(len(cond), self.device), cond)
-        if base.clip_sample:
-            x = x.clamp(-1.0, 1.0)
-        return x[:, self.exec_slice].flatten(1)
+        return self.base.normalized_sample(features + self.latent_scale * latent)[:, self.exec_slice].flatten(1)
 
     def latent_to_noise(self, latent: torch.Tensor) -> torch.Tensor:
         """[B, latent_dim] in [-1, 1] -> the base's initial noise [B, H, A]."""

@@ -125,8 +125,8 @@ def derive_defaults(profile: TaskProfile, method: str, explicit: set[str], given
                                                "finishing")
     else:
         out.set(explicit, "step_penalty", 1.0, "sparse reward: -1 per step, 0 on success (DSRL's offset)")
+    horizon = profile.horizon or profile.mean_length  # the episode limit; the base's mean length when unknown
     if method in PER_STEP_METHODS:
-        horizon = profile.horizon or profile.mean_length
         if horizon > LONG_EPISODE and "algo.n_action_steps" not in explicit:
             why = (f"the task's episodes run up to {horizon:.0f} env steps: a per-step residual (ResiP's; ZPRL's on "
                    "the latent) corrects each move as it happens")
@@ -135,8 +135,7 @@ def derive_defaults(profile: TaskProfile, method: str, explicit: set[str], given
         elif method != "steer_bottleneck":  # steering keeps its n-decision targets over chunks
             out.set(explicit, "algo.n_step", 1, f"the task's episodes run up to {horizon:.0f} env steps: one "
                                                 "decision per chunk, one-decision TD")
-    if method in LARGE_ROLLOUT_METHODS and (profile.horizon or profile.mean_length) > LONG_EPISODE:
-        horizon = profile.horizon or profile.mean_length
+    if method in LARGE_ROLLOUT_METHODS and horizon > LONG_EPISODE:
         out.set(explicit, "algo.ppo_rollout", LONG_ROLLOUT,
                 f"the task's episodes run up to {horizon:.0f} env steps: each PPO update sees {LONG_ROLLOUT} chunk "
                 "decisions, enough whole episodes that its gradient is not one of a few episodes' luck")
