@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from einops import rearrange
 from test_policies import make_stats, small_config
 from test_rl_core import TASK, base_ckpt, finetune_cfg, make_envs  # noqa: F401  (base_ckpt is a fixture)
 
@@ -89,6 +90,32 @@ def test_recomputed_chain_log_prob_equals_the_recorded_one(method):
     other = extras["u"][idx].roll(1, dims=0)
     with torch.no_grad():
         assert (method.log_prob(inputs[idx], other)[0] - recomputed).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["reinflow", "dppo"])
+def test_score_executed_scores_only_the_executed_chunk_steps(base_ckpt, diffusion_ckpt, name):  # noqa: F811
+    """score_executed: the recomputed score still equals the recorded one; moving a final-step element outside the
+    executed slice leaves it unchanged, moving an executed one does not."""
+    torch.manual_seed(1)
+    settings = {k: v for k, v in SMALL.items() if k != "noise_hidden" or name == "reinflow"}
+    method = chain_method(name, base_ckpt if name == "reinflow" else diffusion_ckpt, score_executed=True, **settings)
+    policy = method.policy
+    assert method.log_prob_scale == 1.0 / (policy.n_exec * policy.action_dim) < 1.0 / policy.action_dim
+    obs = observation(policy, 8)
+    inputs = method.observe(obs)
+    with torch.no_grad():
+        _, _, extras = method.act(obs, inputs, list(range(8)), explore=True)
+        recomputed, _ = method.log_prob(inputs, extras["u"])
+        assert (recomputed - extras["log_prob"]).abs().max() <= 1e-5
+        chain = rearrange(extras["u"], "b (k h a) -> b k h a", h=policy.horizon, a=policy.action_dim)
+        unexecuted = [h for h in range(policy.horizon) if h not in range(policy.horizon)[policy.exec_slice]]
+        moved = chain.clone()
+        moved[:, -1, unexecuted] += 0.5
+        assert torch.allclose(method.log_prob(inputs, moved.flatten(1))[0], recomputed, atol=1e-6)
+        moved = chain.clone()
+        moved[:, -1, policy.exec_slice] += 0.5
+        changed = method.log_prob(inputs, moved.flatten(1))[0] - recomputed  # dppo: [B, K], only the last step moved
+        assert changed.reshape(8, -1)[:, -1].abs().min() > 1e-3
 
 
 def rollout_batch(method, n: int = 16, adv: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -9,6 +9,9 @@ PPO surrogate (`ppo.PPO`, GAE over whole episodes, a value network on the encode
     log-prob   reinflow: the chain's joint log-likelihood (one ratio per decision)
                dppo: one per denoising step (a ratio per step, DPPO's two-level MDP), with the denoising discount
                (each divided by the chunk's H x A elements with `log_prob_average`, as DPPO's code averages)
+    scored     with `score_executed`, only each step's executed slice (n_action_steps of the horizon H): a base
+               trained on chunks of 16 that runs 4 of them otherwise puts 3/4 of every ratio on elements no
+               action carries (DPPO and ReinFlow fine-tune bases whose whole chunk runs)
 
 The observation encoder and the normalizer stay frozen (the value network and the chain are conditioned on the
 features recorded at collection). The result needs no base: `standalone()` is the fine-tuned copy, which
@@ -63,6 +66,12 @@ class ChainPPOConfig(AlgoConfig, PPOConfig):
                                    "entering the fine-tuned steps), drawn before any step PPO scores, so the spread "
                                    "of returns that x_0 causes leaves the advantages; the gradient stays unbiased, "
                                    "as x_0 is part of the decision's state in the chain's MDP")
+    score_executed: bool = setting(False, "PPO's ratio scores only the chunk steps that run (each chain step's "
+                                   "executed slice, n_action_steps of the horizon's steps); the rest of the chunk "
+                                   "stays in the chain as part of the state its next step sees. Not the chain's "
+                                   "exact likelihood (the fine-tuned network also moves the unscored elements, "
+                                   "which this ignores); it drops the score of elements no action carries, which "
+                                   "otherwise add variance to the gradient and spend the clip range")
 
 
 class ChainPolicy(RefinedPolicy):
@@ -81,7 +90,17 @@ class ChainPolicy(RefinedPolicy):
         self.model = copy.deepcopy(self.base)  # the weights PPO fine-tunes; the base stays the frozen reference
         self.model.requires_grad_(False)
         self.model.denoiser.requires_grad_(True)
+        self.scored = self.exec_slice if config.score_executed else slice(None)
         self.build_chain(config)
+
+    @property
+    def scored_elements(self) -> int:
+        """How many elements of each chain step PPO's log-likelihood scores."""
+        return len(range(self.horizon)[self.scored]) * self.action_dim
+
+    def step_log_prob(self, x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """log N(x_next; mean, std^2) of one chain step over its scored chunk steps: [B, H, A] -> [B]."""
+        return gaussian_step_log_prob(x_next[:, self.scored], mean[:, self.scored], std[:, self.scored])
 
     def build_chain(self, config: ChainPPOConfig) -> None:
         raise NotImplementedError
@@ -129,7 +148,7 @@ class ChainPPO:
                  step_weights: torch.Tensor | None = None):
         self.policy = policy
         self.gamma = cfg.gamma
-        self.log_prob_scale = 1.0 / (policy.horizon * policy.action_dim) if cfg.log_prob_average else 1.0
+        self.log_prob_scale = 1.0 / policy.scored_elements if cfg.log_prob_average else 1.0
         self.chunk_size = policy.horizon * policy.action_dim
         self.ppo = PPO(policy.feature_dim, 0, cfg, actor=policy, seed=seed, log_prob=self.log_prob,
                        step_weights=None if policy.joint_ratio else step_weights, actor_lr=cfg.actor_lr,

@@ -29,7 +29,6 @@ from robopolicy.rl.chain_ppo import (
     ChainPolicy,
     ChainPPO,
     ChainPPOConfig,
-    gaussian_step_log_prob,
     make_chain_method,
 )
 from robopolicy.rl.collector import RewardSpec
@@ -96,15 +95,15 @@ class DPPOPolicy(ChainPolicy):
             mean = self.step_mean(cond, x, t)
             x = mean + self.std * torch.randn(mean.shape, generator=generator)
             chain.append(x)
-            log_probs.append(gaussian_step_log_prob(x, mean, torch.full_like(mean, self.logprob_std)))
+            log_probs.append(self.step_log_prob(x, mean, torch.full_like(mean, self.logprob_std)))
         return torch.stack(chain, 1), torch.stack(log_probs, 1)
 
     def chain_log_prob(self, cond: torch.Tensor, chain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_probs = []
         for k, t in enumerate(self.timesteps[len(self.timesteps) - self.ft_steps:]):
             mean = self.step_mean(cond, chain[:, k], t)
-            log_probs.append(gaussian_step_log_prob(chain[:, k + 1], mean, torch.full_like(mean, self.logprob_std)))
-        entropy = torch.distributions.Normal(0.0, self.logprob_std).entropy() * chain[0, 0].numel() * self.ft_steps
+            log_probs.append(self.step_log_prob(chain[:, k + 1], mean, torch.full_like(mean, self.logprob_std)))
+        entropy = torch.distributions.Normal(0.0, self.logprob_std).entropy() * self.scored_elements * self.ft_steps
         return torch.stack(log_probs, 1), entropy.expand(chain.shape[0])
 
 

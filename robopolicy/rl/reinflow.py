@@ -24,7 +24,6 @@ from robopolicy.rl.chain_ppo import (
     ChainPolicy,
     ChainPPO,
     ChainPPOConfig,
-    gaussian_step_log_prob,
     make_chain_method,
 )
 from robopolicy.rl.collector import RewardSpec
@@ -88,15 +87,15 @@ class ReinFlowPolicy(ChainPolicy):
             mean, std = self.step(cond, x, k)
             x = mean + std * torch.randn(mean.shape, generator=generator)
             chain.append(x)
-            log_probs.append(gaussian_step_log_prob(x, mean, std))
+            log_probs.append(self.step_log_prob(x, mean, std))
         return torch.stack(chain, 1), torch.stack(log_probs, 1)
 
     def chain_log_prob(self, cond: torch.Tensor, chain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_probs, entropy = [], 0.0
         for k in range(chain.shape[1] - 1):
             mean, std = self.step(cond, chain[:, k], k)
-            log_probs.append(gaussian_step_log_prob(chain[:, k + 1], mean, std))
-            entropy = entropy + torch.distributions.Normal(mean, std).entropy().flatten(1).sum(-1)
+            log_probs.append(self.step_log_prob(chain[:, k + 1], mean, std))
+            entropy = entropy + torch.distributions.Normal(mean, std).entropy()[:, self.scored].flatten(1).sum(-1)
         return torch.stack(log_probs, 1), entropy
 
 
