@@ -43,14 +43,14 @@ DENSE_STEP_PENALTY = 2.0  # the README's recipes on the shaped reward
 # latent (ZPRL) that moves the base's actions as a residual on them does
 SHAPED_METHODS = ("residual", "residual_ppo", "reinflow", "dppo", "steer_bottleneck")
 PER_STEP_METHODS = ("residual", "residual_ppo", "steer_bottleneck")  # per-step decisions on long episodes
-# chunk decisions per PPO update (and per minibatch) for reinflow on long episodes, and the wider trust region and
-# step that a gradient over 4x the decisions affords; measured on the push-v3 noisy weak base (README, seed 0, 1M env
-# steps): with 512 / 128 (the defaults, ~10 of its episodes per update) reinflow fell from 0.48 to 0.16 by 250k;
-# with 2048 / 512 it ended at 0.83 (0.80 in a rerun); with 2048 / 512, ppo_clip 0.03 and actor_lr 4.5e-5 at 0.89 (with
-# value_on_noise); these with score_executed (its default) reached 0.91 over 100 episodes at 550k and ended at 0.99.
-# dppo, whose ratio is per denoising step and whose updates moved it a tenth as far (approx_kl), did not fall with
-# 512 / 128 and ended higher with them (0.79 against 0.68 at 1M): it keeps its defaults
-LARGE_ROLLOUT_METHODS = ("reinflow",)
+# chunk decisions per PPO update (and per minibatch) for the chain methods on long episodes, and the wider trust
+# region and step that a gradient over 4x the decisions affords; measured on the push-v3 noisy weak bases (README,
+# seed 0, 1M env steps): with 512 / 128 (the defaults, ~10 of its episodes per update) reinflow fell from 0.48 to
+# 0.16 by 250k; scoring the whole chunk, 2048 / 512 ended at 0.83 (0.80 in a rerun) and with ppo_clip 0.03 and
+# actor_lr 4.5e-5 at 0.89; scoring the executed steps (score_executed, the default), these reached 0.91 over 100
+# episodes at 550k and ended at 0.99. dppo with them: 0.91 at 750k (with 512 / 128 it swung between 0.24 and 0.64
+# through 450k)
+LARGE_ROLLOUT_METHODS = ("reinflow", "dppo")
 LONG_ROLLOUT, LONG_MINIBATCH = 2048, 512
 LONG_CLIP, LONG_ACTOR_LR = 0.03, 4.5e-5
 STEERING_METHODS = ("steer", "steer_na", "value_guided")  # choose among the base's own chunks
