@@ -92,15 +92,18 @@ def test_recomputed_chain_log_prob_equals_the_recorded_one(method):
         assert (method.log_prob(inputs[idx], other)[0] - recomputed).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("executed", [True, False], ids=["executed", "whole-chunk"])
 @pytest.mark.parametrize("name", ["reinflow", "dppo"])
-def test_score_executed_scores_only_the_executed_chunk_steps(base_ckpt, diffusion_ckpt, name):  # noqa: F811
-    """score_executed: the recomputed score still equals the recorded one; moving a final-step element outside the
-    executed slice leaves it unchanged, moving an executed one does not."""
+def test_score_executed_scores_only_the_executed_chunk_steps(base_ckpt, diffusion_ckpt, name, executed):  # noqa: F811
+    """score_executed (default): moving a final-step element outside the executed slice leaves the score unchanged,
+    moving an executed one does not; scoring the whole chunk, both move it. Recomputed = recorded either way."""
     torch.manual_seed(1)
     settings = {k: v for k, v in SMALL.items() if k != "noise_hidden" or name == "reinflow"}
-    method = chain_method(name, base_ckpt if name == "reinflow" else diffusion_ckpt, score_executed=True, **settings)
+    method = chain_method(name, base_ckpt if name == "reinflow" else diffusion_ckpt, score_executed=executed,
+                          **settings)
     policy = method.policy
-    assert method.log_prob_scale == 1.0 / (policy.n_exec * policy.action_dim) < 1.0 / policy.action_dim
+    scored_steps = policy.n_exec if executed else policy.horizon
+    assert policy.n_exec < policy.horizon and method.log_prob_scale == 1.0 / (scored_steps * policy.action_dim)
     obs = observation(policy, 8)
     inputs = method.observe(obs)
     with torch.no_grad():
@@ -109,13 +112,12 @@ def test_score_executed_scores_only_the_executed_chunk_steps(base_ckpt, diffusio
         assert (recomputed - extras["log_prob"]).abs().max() <= 1e-5
         chain = rearrange(extras["u"], "b (k h a) -> b k h a", h=policy.horizon, a=policy.action_dim)
         unexecuted = [h for h in range(policy.horizon) if h not in range(policy.horizon)[policy.exec_slice]]
-        moved = chain.clone()
-        moved[:, -1, unexecuted] += 0.5
-        assert torch.allclose(method.log_prob(inputs, moved.flatten(1))[0], recomputed, atol=1e-6)
-        moved = chain.clone()
-        moved[:, -1, policy.exec_slice] += 0.5
-        changed = method.log_prob(inputs, moved.flatten(1))[0] - recomputed  # dppo: [B, K], only the last step moved
-        assert changed.reshape(8, -1)[:, -1].abs().min() > 1e-3
+        for steps, moves in ((unexecuted, not executed), (policy.exec_slice, True)):
+            moved = chain.clone()
+            moved[:, -1, steps] += 0.5
+            changed = method.log_prob(inputs, moved.flatten(1))[0] - recomputed  # dppo [B, K]: its last step moved
+            changed = changed.reshape(8, -1)[:, -1].abs()
+            assert changed.min() > 1e-3 if moves else changed.max() < 1e-6
 
 
 def rollout_batch(method, n: int = 16, adv: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

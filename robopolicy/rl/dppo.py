@@ -51,10 +51,6 @@ class DPPOConfig(ChainPPOConfig):
     lr: float = setting(1.0e-3, "Adam learning rate of the value network")
     value_warmup: int = setting(2, "the first this many PPO updates train the value network only")
     normalize_returns: bool = setting(True, "fit the value network to returns over a running std of them")
-    # push-v3's noisy weak diffusion base (horizon 16, 4 executed; README): with the 2048-decision updates finetune
-    # derives there, 0.91 over 100 episodes at 750k env steps scoring the executed steps; scoring the whole chunk it
-    # ended at 0.79 (512 / 128) and 0.68 (2048 / 512, value_on_noise) at 1M
-    score_executed: bool = setting(True, "PPO's ratio scores only the chunk steps that run (see ChainPPOConfig)")
 
     def __post_init__(self) -> None:
         if self.ft_denoising_steps < 1 or self.min_sampling_std <= 0.0:

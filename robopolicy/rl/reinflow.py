@@ -44,9 +44,6 @@ class ReinFlowConfig(ChainPPOConfig):
     lr: float = setting(1.0e-3, "Adam learning rate of the value network")
     value_warmup: int = setting(2, "the first this many PPO updates train the value network only")
     normalize_returns: bool = setting(True, "fit the value network to returns over a running std of them")
-    # push-v3's noisy weak base (horizon 16, 4 executed; README): 0.80 at 1M env steps scoring the whole chunk, 0.91
-    # over 100 episodes at 550k and 0.99 at 1M scoring the executed steps (seed 0, the same settings otherwise)
-    score_executed: bool = setting(True, "PPO's ratio scores only the chunk steps that run (see ChainPPOConfig)")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_std <= self.max_std:
