@@ -9,9 +9,9 @@ PPO surrogate (`ppo.PPO`, GAE over whole episodes, a value network on the encode
     log-prob   reinflow: the chain's joint log-likelihood (one ratio per decision)
                dppo: one per denoising step (a ratio per step, DPPO's two-level MDP), with the denoising discount
                (each divided by the elements it scores with `log_prob_average`, as DPPO's code averages)
-    scored     with `score_executed` (the default), only each step's executed slice (n_action_steps of the horizon H): a base
-               trained on chunks of 16 that runs 4 of them otherwise puts 3/4 of every ratio on elements no
-               action carries (DPPO and ReinFlow fine-tune bases whose whole chunk runs)
+    scored     with `score_executed` (the default), only each step's executed slice (n_action_steps of the
+               horizon H): a base trained on chunks of 16 that runs 4 of them otherwise puts 3/4 of every ratio
+               on elements no action carries (DPPO and ReinFlow fine-tune bases whose whole chunk runs)
 
 The observation encoder and the normalizer stay frozen (the value network and the chain are conditioned on the
 features recorded at collection). The result needs no base: `standalone()` is the fine-tuned copy, which

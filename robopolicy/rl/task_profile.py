@@ -15,9 +15,9 @@ give, printing each choice and why; settings given on the command line always wi
     the task's episode limit (env steps)       residual and bottleneck steering on long-horizon tasks
                                                (> LONG_EPISODE steps: MetaWorld's 300; the built-in tasks' 60-200):
                                                per-step decisions (n_action_steps 1, as ResiP) with 10-step TD
-                                               reinflow on long-horizon tasks: PPO updates on 2048 chunk decisions
-                                               (minibatches of 512), as many episodes per update as 512 decisions
-                                               hold on the built-in tasks
+                                               reinflow and dppo on long-horizon tasks: PPO updates on 2048 chunk
+                                               decisions (minibatches of 512), as many episodes per update as 512
+                                               hold on the built-in tasks, with ppo_clip 0.03 and actor_lr 4.5e-5
     the base's noise authority                 steer / value_guided on a base whose sampler noise barely moves its
                                                actions: says so and names the method that will work
 
