@@ -23,6 +23,7 @@ from robopolicy.loading import load_policy
 from robopolicy.policies import make_policy
 from robopolicy.policies.base import PolicyConfigError
 from robopolicy.rl import METHODS
+from robopolicy.rl.ppo import PPO
 
 SMALL = {"hidden": [32, 32], "noise_hidden": [32], "ppo_rollout": 8, "ppo_minibatch": 4, "ppo_epochs": 2}
 
@@ -339,3 +340,34 @@ def test_dppo_runs_a_ddpm_base_as_its_ddim_chain(tmp_path):
         noise = torch.randn(3, *method.policy.noise_shape, generator=torch.Generator().manual_seed(2))
         plain = method.policy.normalize_actions(tuned.sample_chunk(obs, noise))
     assert torch.allclose(method.policy.final_chunk(chain), plain, atol=1e-4)
+
+
+def test_dppo_clip_schedule_holds_the_early_denoising_steps_tighter(diffusion_ckpt):
+    """first_step_clip (DPPO's clip_ploss_coef_base): the first fine-tuned step's ratio bound is that fraction of
+    ppo_clip, growing to ppo_clip at the final step; a ratio the final step's bound admits is clipped at the first
+    step, so PPO's update moves the final step's parameters and not the first's."""
+    small = {k: v for k, v in SMALL.items() if k != "noise_hidden"}
+    default = chain_method("dppo", diffusion_ckpt, ppo_clip=0.03, **small)
+    assert default.ppo.step_clip.tolist() == pytest.approx([0.03] * default.policy.ft_steps)
+    scheduled = chain_method("dppo", diffusion_ckpt, ppo_clip=0.03, first_step_clip=0.1, **small)
+    clip = scheduled.ppo.step_clip
+    assert clip[0].item() == pytest.approx(0.003) and clip[-1].item() == pytest.approx(0.03)
+    assert (clip.diff() > 0).all()
+
+    def moved_steps(step_clip: torch.Tensor) -> torch.Tensor:
+        """One PPO pass of a two-step 'chain' whose log-probabilities are theta_k * u_k (stored ones 0: ratio
+        exp(u_k)); u = +-log 1.02 with advantages of the same sign, so each ratio leaves a bound of 0.01."""
+        theta = torch.nn.Parameter(torch.ones(2))
+        actor = torch.nn.Module()
+        actor.theta = theta
+        cfg = from_mapping(config_class("algo", "dppo"), {"name": "dppo", "ppo_epochs": 1, "ppo_minibatch": 2,
+                                                          "hidden": [4]})
+        ppo = PPO(3, 0, cfg, actor=actor, log_prob=lambda obs, u: (theta * u, torch.zeros(len(u))),
+                  step_weights=torch.ones(2), step_clip=step_clip, actor_lr=1e-2)
+        u = torch.tensor([[math.log(1.02)] * 2, [math.log(0.98)] * 2])
+        ppo.optimize({"obs": torch.zeros(2, 3), "value_in": torch.zeros(2, 3), "u": u, "log_prob": torch.zeros(2, 2),
+                      "mask": torch.ones(2), "adv": torch.tensor([1.0, -1.0]), "ret": torch.zeros(2)})
+        return (theta.detach() - 1.0).abs() > 1e-6
+
+    assert moved_steps(torch.tensor([0.01, 0.03])).tolist() == [False, True]
+    assert moved_steps(torch.tensor([0.03, 0.03])).tolist() == [True, True]

@@ -148,13 +148,14 @@ class ChainPPO:
     n_step = 1
 
     def __init__(self, policy: ChainPolicy, cfg: ChainPPOConfig, seed: int = 0,
-                 step_weights: torch.Tensor | None = None):
+                 step_weights: torch.Tensor | None = None, step_clip: torch.Tensor | None = None):
         self.policy = policy
         self.gamma = cfg.gamma
         self.log_prob_scale = 1.0 / policy.scored_elements if cfg.log_prob_average else 1.0
         self.chunk_size = policy.horizon * policy.action_dim
         self.ppo = PPO(policy.feature_dim, 0, cfg, actor=policy, seed=seed, log_prob=self.log_prob,
-                       step_weights=None if policy.joint_ratio else step_weights, actor_lr=cfg.actor_lr,
+                       step_weights=None if policy.joint_ratio else step_weights,
+                       step_clip=None if policy.joint_ratio else step_clip, actor_lr=cfg.actor_lr,
                        value_warmup=cfg.value_warmup, normalize_returns=cfg.normalize_returns,
                        separate_grad_clip=cfg.separate_grad_clip,
                        value_inputs=self.value_inputs if cfg.value_on_noise else None,
@@ -207,6 +208,7 @@ class ChainPPO:
 
 
 def make_chain_method(policy: ChainPolicy, cfg: ChainPPOConfig, seed: int,
-                      step_weights: torch.Tensor | None = None) -> tuple[ChainPPO, RolloutStore]:
-    method = ChainPPO(policy, cfg, seed, step_weights)
+                      step_weights: torch.Tensor | None = None, step_clip: torch.Tensor | None = None
+                      ) -> tuple[ChainPPO, RolloutStore]:
+    method = ChainPPO(policy, cfg, seed, step_weights, step_clip)
     return method, method.ppo.rollouts

@@ -17,6 +17,7 @@ the sampler). One network serves every step: the earlier, deterministic steps fo
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -45,6 +46,12 @@ class DPPOConfig(ChainPPOConfig):
     min_logprob_std: float = setting(0.1, "the std is clamped to at least this in the log-probability")
     denoising_discount: float = setting(0.99, "a denoising step k steps before the final chunk has its advantage "
                                         "discounted by this ** k")
+    first_step_clip: float = setting(1.0, "the first fine-tuned step's PPO clip as a fraction of ppo_clip, growing "
+                                     "exponentially (rate clip_rate) to ppo_clip at the final step: DPPO's schedule "
+                                     "(0.1: its clip_ploss_coef_base 1e-3 under 1e-2), which keeps the early steps, "
+                                     "whose change moves every later step's input, closer to the base; 1: ppo_clip "
+                                     "at every step")
+    clip_rate: float = setting(3.0, "the exponential rate of the per-step clip schedule (DPPO's clip_ploss_coef_rate)")
     # measured on the pick_place sloppy diffusion base (README): 0.46 -> 0.94 over 100 episodes at 140k env steps
     # with these; the shared defaults (actor_lr 1e-5, value network at 3e-4 on unscaled returns) reached 0.76 at 100k
     actor_lr: float = setting(3.0e-5, "Adam learning rate of the fine-tuned denoiser")
@@ -56,6 +63,8 @@ class DPPOConfig(ChainPPOConfig):
         if self.ft_denoising_steps < 1 or self.min_sampling_std <= 0.0:
             raise ValueError(f"dppo needs ft_denoising_steps >= 1 and min_sampling_std > 0, got "
                              f"{self.ft_denoising_steps} and {self.min_sampling_std}.")
+        if not 0.0 < self.first_step_clip <= 1.0:
+            raise ValueError(f"dppo's first_step_clip is a fraction of ppo_clip in (0, 1], got {self.first_step_clip}.")
 
 
 class DPPOPolicy(ChainPolicy):
@@ -78,6 +87,7 @@ class DPPOPolicy(ChainPolicy):
         self.std, self.logprob_std = config.min_sampling_std, max(config.min_sampling_std, config.min_logprob_std)
         k = torch.arange(self.ft_steps, dtype=torch.float32)
         self.step_weights = config.denoising_discount ** (self.ft_steps - 1 - k)  # [K], 1 at the final step
+        self.step_clip = config.ppo_clip * clip_schedule(self.ft_steps, config.first_step_clip, config.clip_rate)
 
     def step_mean(self, cond: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The deterministic DDIM step from x_t (differentiable in the denoiser)."""
@@ -107,7 +117,15 @@ class DPPOPolicy(ChainPolicy):
         return torch.stack(log_probs, 1), entropy.expand(chain.shape[0])
 
 
+def clip_schedule(steps: int, first: float, rate: float) -> torch.Tensor:
+    """[steps] fractions of ppo_clip: `first` at the first fine-tuned step, exponentially up to 1 at the final one."""
+    if steps == 1:
+        return torch.ones(1)
+    t = torch.linspace(0.0, 1.0, steps)
+    return first + (1.0 - first) * torch.expm1(rate * t) / math.expm1(rate)
+
+
 def make_method(base: ChunkPolicy, base_ref: Mapping[str, str], algo: DPPOConfig, reward: RewardSpec, seed: int
                 ) -> tuple[ChainPPO, RolloutStore]:
     policy = DPPOPolicy(algo, base, base_ref)
-    return make_chain_method(policy, algo, seed, step_weights=policy.step_weights)
+    return make_chain_method(policy, algo, seed, step_weights=policy.step_weights, step_clip=policy.step_clip)

@@ -6,7 +6,8 @@ log-probability of a saturated tanh cannot be recovered from the action) and its
 time; the tanh Jacobian does not depend on the parameters, so the probability ratio needs only log N(u; mu, sigma).
 Methods whose decision is a whole sampling chain (`reinflow`, `dppo`) give their own `log_prob(obs, u)`: one
 log-likelihood per decision [B] (one ratio), or one per denoising step [B, K] (a ratio per step, each step's
-advantage weighted by `step_weights`, DPPO's denoising discount).
+advantage weighted by `step_weights`, DPPO's denoising discount, and its ratio clipped to `step_clip`, DPPO's
+per-step clip schedule).
 
 Rollouts arrive as whole episodes (the collector flushes an episode's chunk transitions together, in order), so
 GAE runs backwards over each episode with the chunk discount gamma ** steps; an episode cut by the time limit
@@ -89,7 +90,8 @@ class PPO:
 
     def __init__(self, obs_dim: int, action_dim: int, cfg: PPOConfig, actor: torch.nn.Module, seed: int = 0,
                  action_penalty: float = 0.0, log_prob: LogProb | None = None,
-                 step_weights: torch.Tensor | None = None, actor_lr: float | None = None,
+                 step_weights: torch.Tensor | None = None, step_clip: torch.Tensor | None = None,
+                 actor_lr: float | None = None,
                  value_warmup: int = 0, normalize_returns: bool = False, separate_grad_clip: bool = False,
                  value_inputs: ValueInputs | None = None, value_dim: int | None = None):
         self.value_warmup, self.updates = value_warmup, 0
@@ -102,6 +104,7 @@ class PPO:
         self.actor = actor
         self.log_prob = log_prob or (lambda obs, u: gaussian_log_prob(actor, obs, u))
         self.step_weights = step_weights
+        self.step_clip = step_clip  # [K]: per-step ratio bounds (None: ppo_clip at every step)
         self.value_inputs = value_inputs or (lambda ep: (ep["obs"], ep["next_obs"]))
         self.value = mlp(value_dim or obs_dim, list(cfg.hidden), 1)
         self.params = [p for p in [*actor.parameters(), *self.value.parameters()] if p.requires_grad]
@@ -176,7 +179,8 @@ class PPO:
                     log_prob, entropy = self.log_prob(b["obs"], b["u"])
                     ratio = (log_prob - b["log_prob"]).exp()
                     adv = b["adv"] if ratio.dim() == 1 else b["adv"][:, None] * self.step_weights  # [B] or [B, K]
-                    surrogate = torch.min(ratio * adv, ratio.clamp(1 - self.clip, 1 + self.clip) * adv)
+                    clip = self.clip if ratio.dim() == 1 or self.step_clip is None else self.step_clip
+                    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
                     if surrogate.dim() > 1:  # one ratio per denoising step: their mean per decision
                         surrogate = surrogate.mean(-1)
                     weight = b["mask"] / b["mask"].sum().clamp_min(1.0)  # decisions without the residual: value only
@@ -200,7 +204,7 @@ class PPO:
                 stats["policy_loss"].append(policy_loss.item())
                 stats["value_loss"].append(value_loss.item())
                 stats["entropy"].append((entropy * weight).sum().item())
-                stats["clip_frac"].append(((ratio - 1).abs() > self.clip).float().mean().item())
+                stats["clip_frac"].append(((ratio - 1).abs() > clip).float().mean().item())
                 stats["actor_grad_norm"].append(actor_norm.item())  # before clipping
                 stats["value_grad_norm"].append(value_norm.item())
                 with torch.no_grad():  # KL(old || new), Schulman's unbiased estimator, per ratio
