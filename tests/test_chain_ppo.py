@@ -353,6 +353,9 @@ def test_dppo_clip_schedule_holds_the_early_denoising_steps_tighter(diffusion_ck
     clip = scheduled.ppo.step_clip
     assert clip[0].item() == pytest.approx(0.003) and clip[-1].item() == pytest.approx(0.03)
     assert (clip.diff() > 0).all()
+    for bad in ({"first_step_clip": 0.0}, {"first_step_clip": 1.5}, {"clip_rate": 0.0}):
+        with pytest.raises(ValueError, match="first_step_clip"):
+            from_mapping(config_class("algo", "dppo"), {"name": "dppo", **bad})
 
     def moved_steps(step_clip: torch.Tensor) -> torch.Tensor:
         """One PPO pass of a two-step 'chain' whose log-probabilities are theta_k * u_k (stored ones 0: ratio

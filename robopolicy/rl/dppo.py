@@ -65,8 +65,9 @@ class DPPOConfig(ChainPPOConfig):
         if self.ft_denoising_steps < 1 or self.min_sampling_std <= 0.0:
             raise ValueError(f"dppo needs ft_denoising_steps >= 1 and min_sampling_std > 0, got "
                              f"{self.ft_denoising_steps} and {self.min_sampling_std}.")
-        if not 0.0 < self.first_step_clip <= 1.0:
-            raise ValueError(f"dppo's first_step_clip is a fraction of ppo_clip in (0, 1], got {self.first_step_clip}.")
+        if not 0.0 < self.first_step_clip <= 1.0 or self.clip_rate <= 0.0:
+            raise ValueError(f"dppo's first_step_clip is a fraction of ppo_clip in (0, 1] and its clip_rate is > 0, "
+                             f"got {self.first_step_clip} and {self.clip_rate}.")
 
 
 class DPPOPolicy(ChainPolicy):
