@@ -123,7 +123,9 @@ def test_twin_scene_channel_replays_the_pick_and_its_success():
             # the twin runs on in real time: placed at rest, the arm dips for a few physics steps before the servo
             # loop takes its weight (0.33 at 40 ms, 0.07 at 200 ms, a 0.04 steady sag after 0.5 s, measured), so
             # whether an immediate read fell in that dip depended on the machine's load; compare the settled pose
+            deadline = time.monotonic() + 10.0
             while server.call(lambda t: t.sim_time) < channel.reset_time + 0.5:
+                assert time.monotonic() < deadline, "the twin's clock stopped"
                 time.sleep(0.05)
             twin_pose = server.call(lambda t: t.encoders.to_lerobot(t.joint_positions()))
             env.reset(seed=7)
