@@ -26,13 +26,22 @@ def test_the_metaworld_residual_recipe_follows_from_its_reward_and_episode_lengt
     # MetaWorld's shaped reward reaches 10 per step; a weak base's episodes run long
     mw = profile(mean_length=215.0, horizon=300, step_reward=9.6)
     assert chosen(derive_defaults(mw, "residual", set())) == {
-        "reward": "dense", "reward_scale": 0.21, "step_penalty": 2.0, "algo.n_action_steps": 1, "algo.n_step": 10}
+        "reward": "dense", "reward_scale": 0.2, "step_penalty": 2.0, "algo.n_action_steps": 1, "algo.n_step": 10}
+
+
+@pytest.mark.parametrize("step_reward", [2.01, 2.5, 3.0, 7.3, 9.5, 9.6, 9.71, 10.0, 18.2, 33.3, 250.0])
+def test_the_scaled_reward_of_a_step_short_of_success_stays_under_the_step_penalty(step_reward):
+    """The scale is 2 / m rounded down to two digits: rounded to nearest, MetaWorld's 9.6 got 0.21 (2.016 per step:
+    hovering by the goal paid); two digits keep the scale within 10% of 2 / m."""
+    scale = chosen(derive_defaults(profile(step_reward=step_reward), "residual", set()))["reward_scale"]
+    assert scale * step_reward <= 2.0 + 1e-9
+    assert scale * step_reward >= 0.9 * 2.0
 
 
 def test_chain_methods_update_on_more_decisions_on_long_episodes():
     mw = profile(mean_length=215.0, horizon=300, step_reward=9.6)
     assert chosen(derive_defaults(mw, "reinflow", set())) == {
-        "reward": "dense", "reward_scale": 0.21, "step_penalty": 2.0, "algo.ppo_rollout": 2048,
+        "reward": "dense", "reward_scale": 0.2, "step_penalty": 2.0, "algo.ppo_rollout": 2048,
         "algo.ppo_minibatch": 512, "algo.ppo_clip": 0.03, "algo.actor_lr": 4.5e-5}
     assert chosen(derive_defaults(mw, "dppo", set())) == chosen(derive_defaults(mw, "reinflow", set()))
     assert chosen(derive_defaults(mw, "reinflow", {"algo.ppo_rollout"})).get("algo.ppo_rollout") is None
@@ -66,7 +75,7 @@ def test_bottleneck_steering_gets_the_residual_recipe_it_acts_like():
     on short ones."""
     mw = profile(mean_length=215.0, horizon=300, step_reward=9.6)
     assert chosen(derive_defaults(mw, "steer_bottleneck", set())) == {
-        "reward": "dense", "reward_scale": 0.21, "step_penalty": 2.0, "algo.n_action_steps": 1, "algo.n_step": 10}
+        "reward": "dense", "reward_scale": 0.2, "step_penalty": 2.0, "algo.n_action_steps": 1, "algo.n_step": 10}
     builtin = profile(mean_length=115.0, horizon=150, step_reward=1.9)
     assert chosen(derive_defaults(builtin, "steer_bottleneck", set())) == {
         "reward": "dense", "reward_scale": 1.0, "step_penalty": 2.0}

@@ -7,7 +7,7 @@ give, printing each choice and why; settings given on the command line always wi
     measured (TaskProfile)                     sets (when not given)
     the task's reward: shaped or 0/1           reward: dense for the methods that learn from a shaped reward
                                                (residual, reinflow, dppo, steer with latent=bottleneck), else sparse
-    the largest reward of a step short of      reward_scale: 2 / m when m > 2 (MetaWorld's shaped reward nears 10
+    the largest reward of a step short of      reward_scale: 2 / m rounded down when m > 2 (MetaWorld's shaped reward nears 10
     success, m (90th percentile over episodes)  per step close to the goal: ~0.2), else 1, so no step's reward
                                                outweighs the step penalty: hovering near the goal never pays
     the reward family                          step_penalty: 2 on the shaped reward (hovering near the goal must
@@ -27,6 +27,7 @@ actions at the tasks' first observations, as benchmarks/noise_authority.py measu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,13 @@ class Derived:
             self.choices.append(Choice(key, value, why))
 
 
+def floor_2_digits(x: float) -> float:
+    """x (> 0) rounded down to two significant digits: a reward scale rounded up (2 / 9.6 = 0.208 to 0.21) would put
+    the largest step's scaled reward above the step penalty, so that hovering there pays."""
+    unit = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return round(math.floor(x / unit + 1e-9) * unit, 12)
+
+
 def profile_task(base_eval: dict, policy, first_observations: dict[str, np.ndarray] | None = None,
                  horizon: int | None = None) -> TaskProfile:
     """The profile from the base's evaluation (`evaluate`'s summary with per_episode), the task's first
@@ -120,7 +128,7 @@ def derive_defaults(profile: TaskProfile, method: str, explicit: set[str], given
                 else f"{method} works from success alone (DSRL's setting)")
     if reward == "dense":
         m = profile.step_reward
-        scale = 1.0 if m <= DENSE_STEP_PENALTY else float(f"{DENSE_STEP_PENALTY / m:.2g}")
+        scale = 1.0 if m <= DENSE_STEP_PENALTY else floor_2_digits(DENSE_STEP_PENALTY / m)
         out.set(explicit, "reward_scale", scale,
                 f"the task's reward reaches {m:.2f} in one step short of success on the base's episodes" + (
                     f": x{scale} keeps every step under the step penalty" if scale < 1 else ""))
