@@ -58,14 +58,18 @@ def randomize(module: torch.nn.Module, scale: float = 0.3) -> None:
             p.add_(torch.randn_like(p) * scale)
 
 
-@pytest.fixture(params=[("reinflow", True), ("reinflow", False), ("dppo", True), ("dppo", False)],
+@pytest.fixture(params=[("reinflow", True), ("reinflow", False), ("dppo", True), ("dppo", False),
+                        ("dppo-ddpm", True), ("dppo-ddpm", False)],
                 ids=lambda p: f"{p[0]}-{'average' if p[1] else 'sum'}")
 def method(request, base_ckpt, diffusion_ckpt):  # noqa: F811
-    """The method on a small base; log_prob_average: PPO's ratio on the per-element average or the exact sum."""
+    """The method on a small base; log_prob_average: PPO's ratio on the per-element average or the exact sum;
+    dppo-ddpm: dppo's DDPM chain (posterior means and stds)."""
     name, average = request.param
     ckpt = base_ckpt if name == "reinflow" else diffusion_ckpt
     torch.manual_seed(1)
     settings = {k: v for k, v in SMALL.items() if k != "noise_hidden" or name == "reinflow"}
+    if name == "dppo-ddpm":
+        name, settings = "dppo", {**settings, "chain": "ddpm"}
     m = chain_method(name, ckpt, log_prob_average=average, **settings)
     if name == "reinflow":
         randomize(m.policy.noise_net)
@@ -133,13 +137,18 @@ def rollout_batch(method, n: int = 16, adv: torch.Tensor | None = None) -> dict[
 def test_ppo_step_with_zero_advantages_leaves_sampled_chunks_unchanged(method):
     policy = method.policy
     obs, noise = observation(policy, 8), torch.randn(8, *policy.noise_shape)
-    before = policy.sample_chunk(obs, noise)
+
+    def sampled() -> torch.Tensor:
+        torch.manual_seed(5)  # the same draws for a stochastic sampler (dppo's ddpm chain) too
+        return policy.sample_chunk(obs, noise)
+
+    before = sampled()
     metrics = method.ppo.optimize(rollout_batch(method))
     assert all(math.isfinite(v) for v in metrics.values())
-    assert torch.allclose(policy.sample_chunk(obs, noise), before, atol=1e-6)
+    assert torch.allclose(sampled(), before, atol=1e-6)
     # the same step with advantages does move them (the check above can fail)
     method.ppo.optimize(rollout_batch(method, adv=torch.randn(16)))
-    assert not torch.allclose(policy.sample_chunk(obs, noise), before, atol=1e-6)
+    assert not torch.allclose(sampled(), before, atol=1e-6)
 
 
 def test_value_warmup_trains_only_the_value_network(base_ckpt):  # noqa: F811
@@ -340,6 +349,34 @@ def test_dppo_runs_a_ddpm_base_as_its_ddim_chain(tmp_path):
         noise = torch.randn(3, *method.policy.noise_shape, generator=torch.Generator().manual_seed(2))
         plain = method.policy.normalize_actions(tuned.sample_chunk(obs, noise))
     assert torch.allclose(method.policy.final_chunk(chain), plain, atol=1e-4)
+
+
+def test_dppo_ddpm_chain_is_the_ddpm_samplers_own(diffusion_ckpt):
+    """chain=ddpm: each fine-tuned step's mean and std are the DDPM posterior's that diffusers' DDPMScheduler.step
+    samples from (its std raised to min_sampling_std where smaller), so the refined checkpoint, saved with the DDPM
+    sampler, runs the chain without the exploration floor."""
+    method = chain_method("dppo", diffusion_ckpt, chain="ddpm", min_sampling_std=1e-9, min_logprob_std=1e-9,
+                          ft_denoising_steps=3)
+    policy = method.policy
+    scheduler = policy.model.sample_scheduler
+    assert policy.standalone().sampler == "ddpm" and policy.standalone().config["sampler"] == "ddpm"
+    assert load_policy(diffusion_ckpt).sampler == "ddim"
+    obs = observation(policy, 4)
+    cond = policy.encode(obs)
+    stds = []
+    for k, t in enumerate(policy.timesteps[-policy.ft_steps:]):
+        x = torch.randn(4, *policy.noise_shape)
+        with torch.no_grad():
+            sampled = scheduler.step(policy.model.denoiser(x, t.expand(4), cond), t, x,
+                                     generator=torch.Generator().manual_seed(k)).prev_sample
+            mean = policy.step_mean(cond, x, t, k)
+        noise = torch.randn(sampled.shape, generator=torch.Generator().manual_seed(k))
+        std = policy.stds[k] if t > 0 else 0.0  # the final step adds no noise in diffusers
+        assert torch.allclose(mean + std * noise, sampled, atol=1e-5)
+        stds.append(float(policy.stds[k]))
+    assert stds[0] > stds[1] > 0.01  # the posterior's std shrinks toward the clean chunk
+    floored = chain_method("dppo", diffusion_ckpt, chain="ddpm", min_sampling_std=0.3, ft_denoising_steps=3).policy
+    assert floored.stds.min().item() == pytest.approx(0.3) and floored.stds.max().item() >= stds[0] - 1e-6
 
 
 def test_dppo_clip_schedule_holds_the_early_denoising_steps_tighter(diffusion_ckpt):
