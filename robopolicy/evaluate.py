@@ -87,8 +87,12 @@ def evaluate(envs, policy, n_episodes: int, *, seed: int = EVAL_SEED, chunk_fn: 
         if progress is not None:
             progress.update(1)
 
-    episodes = run_episodes(envs, agent, n_episodes, seed=seed, record=lambda index: index < n_videos,
-                            on_episode=done, instructions=instructed)
+    # a sampler that draws inside its steps (DDPM's) draws from torch's global generator: seeded here, the evaluation
+    # is the seed's alone; forked, so the caller's stream (a training run's) does not depend on it
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        episodes = run_episodes(envs, agent, n_episodes, seed=seed, record=lambda index: index < n_videos,
+                                on_episode=done, instructions=instructed)
     summary = success_summary([ep.success for ep in episodes])
     if instructed:
         summary["per_goal"] = per_group(episodes, lambda ep: goal_name(ep.goal))

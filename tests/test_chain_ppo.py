@@ -280,7 +280,7 @@ def test_finetune_saves_a_plain_checkpoint_that_runs_without_its_base(tmp_path, 
 @pytest.mark.parametrize("name", ["reinflow", "dppo"])
 def test_chain_mean_is_the_plain_sampler(base_ckpt, diffusion_ckpt, name):  # noqa: F811
     """With (almost) no injected noise the chain ends where the saved checkpoint's deterministic sampler does."""
-    tiny = {"min_std": 1e-7, "max_std": 1e-7} if name == "reinflow" else {"min_sampling_std": 1e-7}
+    tiny = {"min_std": 1e-7, "max_std": 1e-7} if name == "reinflow" else {"chain": "ddim", "min_sampling_std": 1e-7}
     method = chain_method(name, base_ckpt if name == "reinflow" else diffusion_ckpt, **tiny)
     randomize(method.policy.model.denoiser, 0.05)
     policy = method.policy
@@ -332,15 +332,15 @@ def test_refine_benchmark_runs_chain_methods_on_their_own_bases(tmp_path, monkey
 
 
 def test_dppo_runs_a_ddpm_base_as_its_ddim_chain(tmp_path):
-    """The weights do not depend on the sampler: a base sampled with ancestral DDPM is fine-tuned (and saved) with
-    the DDIM chain whose steps are the fine-tuned Gaussian steps' means."""
+    """The weights do not depend on the sampler: with chain=ddim, a base sampled with ancestral DDPM is fine-tuned
+    (and saved) with the DDIM chain whose steps are the fine-tuned Gaussian steps' means."""
     env = sim.make_env(TASK)
     features = features_from_env(env.observation_space, env.action_space)
     env.close()
     cfg = small_config("diffusion", num_inference_steps=4, sampler="ddpm")
     policy = make_policy(cfg, features, make_stats(features, -1.0, 1.0)).eval()
     ckpt = save_checkpoint(tmp_path / "ddpm", policy, config={"policy": cfg, "task": TASK})
-    method = chain_method("dppo", ckpt, min_sampling_std=1e-7)
+    method = chain_method("dppo", ckpt, chain="ddim", min_sampling_std=1e-7)
     tuned = method.policy.standalone()
     assert tuned.sampler == "ddim" and tuned.config["sampler"] == "ddim" and load_policy(ckpt).sampler == "ddpm"
     obs = observation(method.policy, 3)
@@ -377,6 +377,27 @@ def test_dppo_ddpm_chain_is_the_ddpm_samplers_own(diffusion_ckpt):
     assert stds[0] > stds[1] > 0.01  # the posterior's std shrinks toward the clean chunk
     floored = chain_method("dppo", diffusion_ckpt, chain="ddpm", min_sampling_std=0.3, ft_denoising_steps=3).policy
     assert floored.stds.min().item() == pytest.approx(0.3) and floored.stds.max().item() >= stds[0] - 1e-6
+
+
+def test_a_ddpm_checkpoint_evaluates_the_same_twice_and_leaves_the_callers_stream(diffusion_ckpt, tmp_path):
+    """dppo's ddpm chain saves a checkpoint whose sampler draws inside its steps (from torch's global generator):
+    evaluate seeds those draws with its seed (the same per-episode returns twice, whatever came before) and hands the
+    caller's stream back as it was."""
+    policy = chain_method("dppo", diffusion_ckpt, chain="ddpm").policy.standalone()
+    randomize(policy.denoiser, 0.05)
+    envs = make_envs(2)
+    try:
+        runs = []
+        for before in (1, 2):
+            torch.manual_seed(before)
+            expected_next = torch.rand(3)
+            torch.manual_seed(before)
+            runs.append([e["return"] for e in evaluate(envs, policy, 4, seed=3)["per_episode"]])
+            assert torch.equal(torch.rand(3), expected_next)
+        other = [e["return"] for e in evaluate(envs, policy, 4, seed=4)["per_episode"]]
+    finally:
+        envs.close()
+    assert runs[0] == runs[1] and other != runs[0]
 
 
 def test_dppo_clip_schedule_holds_the_early_denoising_steps_tighter(diffusion_ckpt):

@@ -49,8 +49,9 @@ PER_STEP_METHODS = ("residual", "residual_ppo", "steer_bottleneck")  # per-step 
 # seed 0, 1M env steps): with 512 / 128 (the defaults, ~10 of its episodes per update) reinflow fell from 0.48 to
 # 0.16 by 250k; scoring the whole chunk, 2048 / 512 ended at 0.83 (0.80 in a rerun) and with ppo_clip 0.03 and
 # actor_lr 4.5e-5 at 0.89; scoring the executed steps (score_executed, the default), these reached 0.91 over 100
-# episodes at 550k and ended at 0.99 (seeds 1 and 2: 0.91 at 1M, 0.92 at 750k). dppo with them: 0.91 at 750k (seeds
-# 1 and 2 did not reach it: 0.78 and 0.84 at 1M; with 512 / 128 it swung between 0.24 and 0.64 through 450k)
+# episodes at 550k and ended at 0.99 (seeds 1 and 2: 0.91 at 1M, 0.92 at 750k). dppo's DDIM chain with them: 0.91 at
+# 750k (seeds 1 and 2 did not reach it: 0.78 and 0.84 at 1M; with 512 / 128 it swung between 0.24 and 0.64 through
+# 450k); its DDPM chain (the default now) with them: 0.9 on seeds 0 / 1 / 2 at 600k / 250k / 500k
 LARGE_ROLLOUT_METHODS = ("reinflow", "dppo")
 LONG_ROLLOUT, LONG_MINIBATCH = 2048, 512
 LONG_CLIP, LONG_ACTOR_LR = 0.03, 4.5e-5
