@@ -89,7 +89,7 @@ def evaluate(envs, policy, n_episodes: int, *, seed: int = EVAL_SEED, chunk_fn: 
 
     # a sampler that draws inside its steps (DDPM's) draws from torch's global generator: seeded here, the evaluation
     # is the seed's alone; forked, so the caller's stream (a training run's) does not depend on it
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng():  # the CPU's generator and, where CUDA runs, each GPU's
         torch.manual_seed(seed)
         episodes = run_episodes(envs, agent, n_episodes, seed=seed, record=lambda index: index < n_videos,
                                 on_episode=done, instructions=instructed)

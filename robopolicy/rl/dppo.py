@@ -61,16 +61,16 @@ class DPPOConfig(ChainPPOConfig):
     min_logprob_std: float = setting(0.1, "the std is clamped to at least this in the log-probability")
     denoising_discount: float = setting(0.99, "a denoising step k steps before the final chunk has its advantage "
                                         "discounted by this ** k")
-    # push-v3 noisy weak base, seed 1 (README): 0.1 did not beat 1 (50-episode evaluations 0.52-0.66 against
-    # 0.66-0.78 over 300k-550k env steps), so DPPO's schedule is an option here, not the default
+    # push-v3 noisy weak base, seed 1, DDIM chain (README): 0.1 did not beat 1 (50-episode evaluations 0.52-0.66
+    # against 0.66-0.78 over 300k-550k env steps), so DPPO's schedule is an option here, not the default
     first_step_clip: float = setting(1.0, "the first fine-tuned step's PPO clip as a fraction of ppo_clip, growing "
                                      "exponentially (rate clip_rate) to ppo_clip at the final step: DPPO's schedule "
                                      "(0.1: its clip_ploss_coef_base 1e-3 under 1e-2), which keeps the early steps, "
                                      "whose change moves every later step's input, closer to the base; 1: ppo_clip "
                                      "at every step")
     clip_rate: float = setting(3.0, "the exponential rate of the per-step clip schedule (DPPO's clip_ploss_coef_rate)")
-    # measured on the pick_place sloppy diffusion base (README): 0.46 -> 0.94 over 100 episodes at 140k env steps
-    # with these; the shared defaults (actor_lr 1e-5, value network at 3e-4 on unscaled returns) reached 0.76 at 100k
+    # measured on the pick_place sloppy diffusion base (README; DDIM chain): 0.46 -> 0.94 over 100 episodes at 140k
+    # env steps with these; the shared defaults (actor_lr 1e-5, value network at 3e-4 on unscaled returns) reached 0.76 at 100k
     actor_lr: float = setting(3.0e-5, "Adam learning rate of the fine-tuned denoiser")
     lr: float = setting(1.0e-3, "Adam learning rate of the value network")
     value_warmup: int = setting(2, "the first this many PPO updates train the value network only")

@@ -7,9 +7,10 @@ give, printing each choice and why; settings given on the command line always wi
     measured (TaskProfile)                     sets (when not given)
     the task's reward: shaped or 0/1           reward: dense for the methods that learn from a shaped reward
                                                (residual, reinflow, dppo, steer with latent=bottleneck), else sparse
-    the largest reward of a step short of      reward_scale: 2 / m rounded down when m > 2 (MetaWorld's shaped reward nears 10
-    success, m (90th percentile over episodes)  per step close to the goal: ~0.2), else 1, so no step's reward
-                                               outweighs the step penalty: hovering near the goal never pays
+    the largest reward of a step short of      reward_scale: 2 / m rounded down to two digits when m > 2
+    success, m (90th percentile over episodes)  (MetaWorld's shaped reward nears 10 per step close to the goal:
+                                               0.2), else 1, so no step's reward outweighs the step penalty:
+                                               hovering near the goal never pays
     the reward family                          step_penalty: 2 on the shaped reward (hovering near the goal must
                                                cost more than finishing), 1 on the sparse one (DSRL's offset)
     the task's episode limit (env steps)       residual and bottleneck steering on long-horizon tasks
