@@ -70,7 +70,8 @@ class DPPOConfig(ChainPPOConfig):
                                      "at every step")
     clip_rate: float = setting(3.0, "the exponential rate of the per-step clip schedule (DPPO's clip_ploss_coef_rate)")
     # measured on the pick_place sloppy diffusion base (README; DDIM chain): 0.46 -> 0.94 over 100 episodes at 140k
-    # env steps with these; the shared defaults (actor_lr 1e-5, value network at 3e-4 on unscaled returns) reached 0.76 at 100k
+    # env steps with these; the shared defaults (actor_lr 1e-5, value network at 3e-4 on unscaled returns) reached
+    # 0.76 at 100k
     actor_lr: float = setting(3.0e-5, "Adam learning rate of the fine-tuned denoiser")
     lr: float = setting(1.0e-3, "Adam learning rate of the value network")
     value_warmup: int = setting(2, "the first this many PPO updates train the value network only")
