@@ -15,10 +15,7 @@ chain with its own posterior stds (the minimum std is exploration only). The wei
 so either chain fine-tunes a base trained with either.
 
 One network serves every step: the earlier, unscored steps follow the fine-tuned weights too (DPPO keeps a frozen
-copy for them, which a standalone checkpoint would have to carry). Measured with the ddim chain on push-v3's noisy
-weak base after 1M env steps (seed 1, 0.78 over 100 episodes): the fine-tuned early steps move the first fine-tuned
-step's input by 0.08 (mean |x|: 0.58) and the executed actions by 0.03 (normalized units) against the base's early
-steps, and the chain run from the base's early steps scores the same 0.78.
+copy for them, which a standalone checkpoint would have to carry).
 """
 
 from __future__ import annotations
